@@ -1,0 +1,5 @@
+"""`python -m rehydrate`: the same command as `rehydrate`."""
+
+from rehydrate.cli import main
+
+main()

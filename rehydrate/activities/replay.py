@@ -1,0 +1,235 @@
+"""The replay's activities: plan, apply one chunk of a lane, finish the tables, catch up, swap, drop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from rehydrate import catalog
+from rehydrate.apply import apply_events
+from rehydrate.errors import UserError
+from rehydrate.models import (
+    CatchUpInput,
+    CatchUpResult,
+    ChunkInput,
+    ChunkResult,
+    GenerationRef,
+    LaneState,
+    Plan,
+    PlanInput,
+    SwapResult,
+)
+from rehydrate.projections import Registry
+from rehydrate.settings import Settings
+from rehydrate.store import EventStore, is_held
+
+log = logging.getLogger("rehydrate.activities")
+T = TypeVar("T")
+
+
+async def _user_errors_fail_the_replay(work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work`; a UserError (bad projection, bad event) fails the replay instead of retrying forever."""
+    try:
+        return await work()
+    except UserError as error:
+        raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+
+
+class ReplayActivities:
+    """Holds the worker's database pool and projections; each method is one activity."""
+
+    def __init__(self, pool: asyncpg.Pool, registry: Registry, settings: Settings) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.settings = settings
+        self.schema = settings.schema_name
+        self.read_schema = settings.read_model_schema
+        self.store = EventStore(pool, self.schema)
+
+    # -- plan ----------------------------------------------------------------------------------------
+
+    @activity.defn(name="rehydrate.plan_replay")
+    async def plan_replay(self, input: PlanInput) -> Plan:
+        """Take the high-water mark as the target, create the generation's table and its lane checkpoints."""
+        return await _user_errors_fail_the_replay(lambda: self._plan(input))
+
+    async def _plan(self, input: PlanInput) -> Plan:
+        projection = self.registry.get(input.projection)
+        lanes = input.lanes or self.settings.lanes
+        chunk_size = input.chunk_size or self.settings.chunk_size
+        max_parallel = input.max_parallel or self.settings.max_parallel
+        if not 1 <= lanes <= 256:
+            raise UserError(f"lanes={lanes} is out of range", fix="use 1 to 256 lanes")
+        if chunk_size < 1:
+            raise UserError(f"chunk size {chunk_size} is not positive", fix="use a chunk size of at least 1")
+        if max_parallel < 1:
+            raise UserError(f"max_parallel={max_parallel} is not positive", fix="use at least 1")
+        async with self.pool.acquire() as conn:
+            building = await catalog.building_generation(conn, self.schema, projection.name)
+            if building is not None and building["workflow_id"] != input.workflow_id:
+                raise UserError(
+                    f"projection {projection.name!r} is already being rebuilt by workflow "
+                    f"{building['workflow_id']!r} (generation {building['generation']})",
+                    fix="wait for it, or cancel it with `rehydrate replay cancel`",
+                )
+            if building is None:
+                mark = await self.store.high_water_mark(conn)
+                building = await catalog.create_generation(
+                    conn,
+                    schema=self.schema,
+                    read_schema=self.read_schema,
+                    projection=projection,
+                    mark=mark,
+                    lanes=lanes,
+                    chunk_size=chunk_size,
+                    workflow_id=input.workflow_id,
+                    run_id=input.run_id,
+                )
+            counts = await self.store.count_lanes(
+                conn,
+                mark=building["target_xmin"],
+                types=projection.event_types,
+                key=projection.key,
+                lanes=building["lanes"],
+            )
+            total = sum(count for count, _ in counts)
+            await catalog.set_total(conn, self.schema, projection.name, building["generation"], total)
+            checkpoints = await catalog.lane_checkpoints(conn, self.schema, projection.name, building["generation"])
+        return Plan(
+            generation=building["generation"],
+            physical_table=building["physical_table"],
+            mark=building["target_xmin"],
+            lanes=[
+                LaneState(lane=lane, position=pos, applied=applied, total=counts[lane][0], done=done)
+                for lane, pos, applied, done in checkpoints
+            ],
+            chunk_size=building["chunk_size"],
+            max_parallel=max_parallel,
+            events_total=total,
+        )
+
+    # -- build ---------------------------------------------------------------------------------------
+
+    @activity.defn(name="rehydrate.apply_chunk")
+    async def apply_chunk(self, input: ChunkInput) -> ChunkResult:
+        """Apply the next `chunk_size` events of one lane, with its checkpoint, in one transaction."""
+        return await _user_errors_fail_the_replay(lambda: self._apply_chunk(input))
+
+    async def _apply_chunk(self, input: ChunkInput) -> ChunkResult:
+        projection = self.registry.get(input.projection)
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The row lock makes a retry wait for a zombie attempt of the same lane (a worker that lost its
+            # heartbeat but still runs); the retry then starts from whatever that attempt committed.
+            checkpoint = await catalog.lock_lane(conn, self.schema, input.projection, input.generation, input.lane)
+            if checkpoint is None or checkpoint["state"] != "building":
+                raise UserError(
+                    f"generation {input.generation} of {input.projection!r} is no longer being built",
+                    fix="it was cancelled or failed; start a new replay",
+                )
+            if checkpoint["done"]:
+                return ChunkResult(checkpoint["position"], checkpoint["events_applied"], 0, True)
+            held = await self.store.held_back(conn, input.mark)
+            events = []
+            fetched = 0
+            position = checkpoint["position"]
+            async for batch in self.store.read_lane(
+                conn,
+                after_position=position,
+                mark=input.mark,
+                types=projection.event_types,
+                key=projection.key,
+                lane=input.lane,
+                lanes=input.lanes,
+                limit=input.chunk_size,
+            ):
+                fetched += len(batch)
+                position = batch[-1].global_position
+                events.extend(e for e in batch if not held or not is_held(held, e.stream_id, e.stream_version))
+                activity.heartbeat(position)
+            physical = catalog.physical_table_name(projection, input.generation)
+            applied = await apply_events(conn, projection, self.read_schema, physical, events)
+            done = fetched < input.chunk_size
+            total_applied = checkpoint["events_applied"] + applied.events
+            await catalog.save_lane(
+                conn, self.schema, input.projection, input.generation, input.lane, position, total_applied, done
+            )
+        return ChunkResult(position=position, applied=total_applied, chunk_events=applied.events, done=done)
+
+    # -- finish, catch up, swap ----------------------------------------------------------------------
+
+    @activity.defn(name="rehydrate.finish_tables")
+    async def finish_tables(self, input: GenerationRef) -> int:
+        """Create the secondary indexes and ANALYZE; returns the row count."""
+
+        async def work() -> int:
+            projection = self.registry.get(input.projection)
+            async with self.pool.acquire() as conn:
+                return await catalog.finish_generation(
+                    conn, self.schema, self.read_schema, projection, input.generation
+                )
+
+        return await _user_errors_fail_the_replay(work)
+
+    @activity.defn(name="rehydrate.catch_up")
+    async def catch_up(self, input: CatchUpInput) -> CatchUpResult:
+        """Apply the events that became visible since the generation's checkpoint, up to the current mark."""
+
+        async def work() -> CatchUpResult:
+            projection = self.registry.get(input.projection)
+            async with self.pool.acquire() as conn, conn.transaction():
+                applied, mark = await catalog.catch_up(
+                    conn, self.store, self.read_schema, projection, input.generation
+                )
+            return CatchUpResult(applied=applied, mark=mark)
+
+        return await _user_errors_fail_the_replay(work)
+
+    @activity.defn(name="rehydrate.swap")
+    async def swap(self, input: GenerationRef) -> SwapResult:
+        """Apply the last delta and switch readers to the new generation, in one short transaction."""
+
+        async def work() -> SwapResult:
+            projection = self.registry.get(input.projection)
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    async with self.pool.acquire() as conn:
+                        result = await catalog.swap(
+                            conn, self.store, self.read_schema, projection, input.generation
+                        )
+                        result.dropped_generations = await catalog.retire_old(
+                            conn, self.schema, self.read_schema, projection, self.settings.retain_generations
+                        )
+                        return result
+                except asyncpg.LockNotAvailableError:
+                    # A long reader holds the view; we gave up the lock quickly so readers were not queued
+                    # behind us. Try again shortly.
+                    activity.heartbeat(f"swap lock busy, attempt {attempt}")
+                    await asyncio.sleep(min(0.2 * attempt, 2.0))
+
+        return await _user_errors_fail_the_replay(work)
+
+    @activity.defn(name="rehydrate.drop_generation")
+    async def drop_generation(self, input: GenerationRef) -> None:
+        """Drop a cancelled or failed generation's table; the active generation is never touched."""
+        async with self.pool.acquire() as conn:
+            await catalog.drop_generation(
+                conn, self.schema, self.read_schema, input.projection, input.generation, input.reason
+            )
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.plan_replay,
+            self.apply_chunk,
+            self.finish_tables,
+            self.catch_up,
+            self.swap,
+            self.drop_generation,
+        ]

@@ -1,0 +1,211 @@
+"""Folds a batch of events into a projection's rows and writes them to one generation's table.
+
+The caller owns the transaction: it writes its checkpoint in the same one, so a batch applied twice (a retry
+after a crash between commit and acknowledgement) finds the checkpoint already past it and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from rehydrate.errors import ProjectionError
+from rehydrate.identifiers import quote
+from rehydrate.projections import Projection, Row
+from rehydrate.store import Event
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    events: int
+    rows_written: int
+    rows_deleted: int
+
+
+def _fail(projection: Projection, event: Event, problem: str, fix: str) -> ProjectionError:
+    return ProjectionError(projection.name, event.global_position, event.stream_id, event.type, problem, fix)
+
+
+def fold(
+    projection: Projection, events: Sequence[Event], existing: dict[Any, Row]
+) -> tuple[dict[Any, Row | None], dict[Any, Event], int]:
+    """Apply `events` in order over `existing` rows. Returns final rows by key (None: deleted), the last event
+    that touched each key (to name it in an error), and how many events a handler applied."""
+    handlers = projection.handlers
+    key_field = projection.key.field
+    key_column = projection.table.key_column
+    strict = projection.strict
+    ignored = projection.ignore
+    blank = projection.table.blank_row
+    state: dict[Any, Row | None] = dict(existing)
+    last: dict[Any, Event] = {}
+    applied = 0
+    for event in events:
+        handler = handlers.get(event.type)
+        if handler is None:
+            if strict and event.type not in ignored:
+                raise _fail(
+                    projection,
+                    event,
+                    "no handler for this event type and the projection is strict",
+                    f"add a handler with @{projection.name}.on({event.type!r}), or list it in ignore=",
+                )
+            continue
+        if key_field is None:
+            key = event.stream_id
+        else:
+            key = event.data.get(key_field, _MISSING)
+            if key is _MISSING or key is None or isinstance(key, (dict, list)):
+                raise _fail(
+                    projection,
+                    event,
+                    f"the payload has no usable key field {key_field!r}",
+                    "fix the event (or an upcaster), or key the projection by another field",
+                )
+        previous = state.get(key)
+        try:
+            row = handler(previous, event)
+        except Exception as error:
+            raise _fail(
+                projection,
+                event,
+                f"handler {getattr(handler, '__name__', handler)!r} raised {type(error).__name__}: {error}",
+                "fix the handler (or the event), then start the replay again",
+            ) from error
+        if row is not None:
+            if not isinstance(row, dict):
+                raise _fail(
+                    projection,
+                    event,
+                    f"handler returned {type(row).__name__}, not a dict or None",
+                    "return the new row as a dict, or None to delete it",
+                )
+            if previous is None:
+                # A new row starts from the table's defaults, so the next handler sees every column.
+                row = {**blank, key_column: key, **row}
+            current_key = row.get(key_column, _MISSING)
+            if current_key is _MISSING:
+                row[key_column] = key
+            elif current_key != key:
+                raise _fail(
+                    projection,
+                    event,
+                    f"handler set {key_column!r} to {current_key!r}, but the event's key is {key!r}",
+                    "a handler may not move a row to another key",
+                )
+        state[key] = row
+        last[key] = event
+        applied += 1
+    return state, last, applied
+
+
+def _record(projection: Projection, row: Row, event: Event) -> tuple[Any, ...]:
+    shape = projection.table
+    if len(row) > len(shape.columns) or not row.keys() <= shape.column_set:
+        unknown = sorted(set(row) - set(shape.columns))
+        raise _fail(
+            projection,
+            event,
+            f"handler returned unknown column(s) {unknown} for table {shape.name!r}",
+            f"return only the table's columns: {', '.join(shape.columns)}",
+        )
+    values = tuple(row.get(c) for c in shape.columns)
+    for column in shape.required:
+        if row.get(column) is None:
+            raise _fail(
+                projection,
+                event,
+                f"column {column!r} of table {shape.name!r} is required but the row has no value",
+                "set it in the handler that creates the row, or give the column a default",
+            )
+    return values
+
+
+async def apply_events(
+    conn: asyncpg.Connection, projection: Projection, schema: str, physical_table: str, events: Sequence[Event]
+) -> Applied:
+    """Fold `events` into `schema.physical_table`. Must run inside the caller's transaction."""
+    if not events:
+        return Applied(0, 0, 0)
+    shape = projection.table
+    target = f"{quote(schema)}.{quote(physical_table)}"
+    key_column = quote(shape.key_column)
+    keys: list[Any] = []
+    seen: set[Any] = set()
+    key_field = projection.key.field
+    handled = projection.handlers
+    for event in events:
+        if event.type not in handled:
+            continue
+        key = event.stream_id if key_field is None else event.data.get(key_field)
+        if key is not None and not isinstance(key, (dict, list)) and key not in seen:
+            seen.add(key)
+            keys.append(key)
+    existing: dict[Any, Row] = {}
+    if keys:
+        rows = await conn.fetch(
+            f"SELECT * FROM {target} WHERE {key_column} = ANY($1::{shape.key_sql_type}[])", keys
+        )
+        existing = {row[shape.key_column]: dict(row) for row in rows}
+    state, last, applied = fold(projection, events, existing)
+    records = [_record(projection, row, last[key]) for key, row in state.items() if row is not None and key in last]
+    gone = [key for key in existing if key in last]
+    if gone:
+        await conn.execute(f"DELETE FROM {target} WHERE {key_column} = ANY($1::{shape.key_sql_type}[])", gone)
+    if records:
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    physical_table, schema_name=schema, columns=list(shape.columns), records=records
+                )
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, TypeError) as error:
+            raise await _name_bad_row(conn, projection, schema, physical_table, state, last, error) from None
+    return Applied(applied, len(records), sum(1 for key in gone if state.get(key) is None))
+
+
+async def _name_bad_row(
+    conn: asyncpg.Connection,
+    projection: Projection,
+    schema: str,
+    physical_table: str,
+    state: dict[Any, Row | None],
+    last: dict[Any, Event],
+    error: Exception,
+) -> ProjectionError:
+    """A COPY failed: write the rows one by one (in savepoints) to find the event whose row is wrong."""
+    for key, row in state.items():
+        if row is None or key not in last:
+            continue
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    physical_table,
+                    schema_name=schema,
+                    columns=list(projection.table.columns),
+                    records=[_record(projection, row, last[key])],
+                )
+                raise _Rollback
+        except _Rollback:
+            continue
+        except Exception as row_error:
+            return _fail(
+                projection,
+                last[key],
+                f"its row cannot be stored in table {projection.table.name!r}: {row_error}",
+                "return values of the column types the table declares",
+            )
+    return _fail(
+        projection,
+        next(iter(last.values())),
+        f"the rows of this batch cannot be stored: {error}",
+        "return values of the column types the table declares",
+    )
+
+
+class _Rollback(Exception):
+    pass

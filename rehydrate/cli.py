@@ -1,0 +1,438 @@
+"""The `rehydrate` command: demo, dev stack, worker, event import, replays and projections."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from rehydrate.errors import UserError
+from rehydrate.settings import Settings, load_settings
+
+T = TypeVar("T")
+DEMO_PROJECTIONS = ["rehydrate.examples.orders"]
+
+app = typer.Typer(
+    help="rehydrate: durable, zero-downtime rebuilds of event-sourced read models, on Temporal and Postgres.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="The event store's schema.", no_args_is_help=True)
+events_app = typer.Typer(help="Load events into the event store.", no_args_is_help=True)
+replay_app = typer.Typer(help="Start, watch and cancel replays.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(events_app, name="events")
+app.add_typer(replay_app, name="replay")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _registry(settings: Settings, fallback: list[str] | None = None) -> Any:
+    from rehydrate.projections import Registry
+
+    return Registry.from_modules(settings.projections or fallback or [])
+
+
+def _run(work: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(work())  # type: ignore[arg-type]
+
+
+# -- demo and dev ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(help="Events in the example history (loaded once, then reused).")] = 250_000,
+    lanes: Annotated[int | None, typer.Option(help="Lanes per replay (default: REHYDRATE_LANES).")] = None,
+) -> None:
+    """Bring up Temporal and Postgres, load an order history, replay the example projections, then exit."""
+    settings = _settings()
+    registry = _registry(settings, DEMO_PROJECTIONS)
+    _run(lambda: _demo(settings, registry, events, lanes))
+
+
+async def _demo(settings: Settings, registry: Any, events: int, lanes: int | None) -> None:
+    from rehydrate.database import create_pool, ensure_schema
+    from rehydrate.dev import dev_stack
+    from rehydrate.examples.orders import generate
+    from rehydrate.importer import import_events
+    from rehydrate.models import ReplayInput
+    from rehydrate.starter import start_replay, wait_for_replay
+    from rehydrate.store import EventStore
+    from rehydrate.temporal import connect_client
+    from rehydrate.worker import running_worker
+
+    out.print("[bold]rehydrate demo[/]: starting Temporal (dev server) and Postgres …")
+    async with AsyncExitStack() as stack:
+        server, url = await stack.enter_async_context(dev_stack(settings))
+        pool = await create_pool(url)
+        stack.push_async_callback(pool.close)
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, settings.schema_name)
+        store = EventStore(pool, settings.schema_name)
+        existing = await store.head()
+        if existing == 0:
+            out.print(f"Loading an order history of {events:,} events …")
+            report = await import_events(store, enumerate(generate(events), start=1), source="demo history")
+            out.print(
+                f"  imported {report.events:,} events in {report.streams:,} streams in {report.seconds:.1f} s "
+                f"({report.events_per_second:,.0f} events/s)"
+            )
+        else:
+            out.print(f"Reusing the {existing:,} events already in the store ({settings.data_dir}).")
+        client = await connect_client(settings)
+        await stack.enter_async_context(running_worker(settings, registry, client=client, database_url=url))
+        for projection in registry:
+            handle = await start_replay(client, settings, ReplayInput(projection.name, lanes=lanes))
+            result = await _watch(handle, projection.name)
+            _print_result(settings, result, handle.id, handle.result_run_id)
+        out.print(
+            f"\nLook at the runs in the Temporal Web UI: run [bold]rehydrate dev[/] (it keeps the history in "
+            f"{settings.data_dir}/temporal.db), then open {server.ui_url}/namespaces/{settings.temporal_namespace}"
+            "/workflows\nQuery the read models: "
+            "[bold]SELECT * FROM order_summary LIMIT 5;[/] and [bold]SELECT * FROM customer_stats LIMIT 5;[/]"
+        )
+
+
+@app.command()
+def dev(
+    worker: Annotated[bool, typer.Option(help="Also run a worker in this process.")] = True,
+) -> None:
+    """Run a Temporal dev server (Web UI included), Postgres and a worker on this machine until Ctrl-C."""
+    settings = _settings()
+    registry = _registry(settings, DEMO_PROJECTIONS)
+
+    async def work() -> None:
+        from rehydrate.dev import dev_stack
+        from rehydrate.settings import redact_url
+        from rehydrate.worker import run_worker
+
+        async with dev_stack(settings) as (server, url):
+            out.print(f"Temporal: {server.address}   Web UI: {server.ui_url}")
+            out.print(f"Postgres: {redact_url(url)}")
+            out.print(f"Projections: {', '.join(registry.names()) or 'none'}   Ctrl-C to stop.")
+            if worker:
+                await run_worker(settings.model_copy(update={"database_url": url}), registry)
+            else:
+                await asyncio.Event().wait()
+
+    _run(work)
+
+
+# -- worker and database -----------------------------------------------------------------------------------
+
+
+@app.command("worker")
+def worker_command(
+    max_concurrent_activities: Annotated[int | None, typer.Option(help="Chunks this worker runs at once.")] = None,
+) -> None:
+    """Run a worker: replays and their activities, until SIGINT or SIGTERM."""
+    settings = _settings(max_concurrent_activities=max_concurrent_activities)
+    registry = _registry(settings)
+    if not len(registry):
+        raise UserError("no projections registered", fix="set REHYDRATE_PROJECTIONS=your.module[,other.module]")
+    from rehydrate.worker import run_worker
+
+    _run(lambda: run_worker(settings, registry))
+
+
+@db_app.command("init")
+def db_init() -> None:
+    """Create rehydrate's schema and tables (idempotent)."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.database import connect, ensure_schema, resolve_url
+        from rehydrate.settings import redact_url
+
+        url = resolve_url(settings)
+        conn = await connect(url)
+        try:
+            await ensure_schema(conn, settings.schema_name)
+        finally:
+            await conn.close()
+        out.print(f"schema {settings.schema_name!r} is ready in {redact_url(url)}")
+
+    _run(work)
+
+
+@events_app.command("import")
+def events_import(
+    file: Annotated[Path, typer.Argument(help="A JSON Lines file: one {stream_id, type, data, …} a line.")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Events per COPY batch.")] = 20_000,
+) -> None:
+    """Import events from a JSON Lines file through COPY, all or nothing."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.database import create_pool, ensure_schema, resolve_url
+        from rehydrate.importer import import_events, read_jsonl
+        from rehydrate.store import EventStore
+
+        pool = await create_pool(resolve_url(settings))
+        try:
+            async with pool.acquire() as conn:
+                await ensure_schema(conn, settings.schema_name)
+            store = EventStore(pool, settings.schema_name)
+            report = await import_events(store, read_jsonl(file), source=str(file), batch_size=batch_size)
+        finally:
+            await pool.close()
+        out.print(
+            f"imported {report.events:,} events in {report.streams:,} streams in {report.seconds:.2f} s "
+            f"({report.events_per_second:,.0f} events/s)"
+        )
+
+    _run(work)
+
+
+# -- replays -------------------------------------------------------------------------------------------------
+
+
+@replay_app.command("start")
+def replay_start(
+    name: Annotated[str, typer.Argument(help="The projection to rebuild.")],
+    lanes: Annotated[int | None, typer.Option(help="Key partitions applied in parallel (1-256).")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Events per chunk activity.")] = None,
+    max_parallel: Annotated[int | None, typer.Option(help="Chunks running at once, over all lanes.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress and wait for the swap.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Start a replay of NAME: build a new generation from the events, then swap it in."""
+    settings = _settings()
+    registry = _registry(settings)
+
+    async def work() -> None:
+        from rehydrate.models import ReplayInput
+        from rehydrate.starter import start_replay, wait_for_replay
+        from rehydrate.temporal import connect_client
+
+        client = await connect_client(settings)
+        handle = await start_replay(
+            client,
+            settings,
+            ReplayInput(name, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel),
+            registry=registry if len(registry) else None,
+        )
+        url = settings.workflow_url(handle.id, handle.result_run_id)
+        if not wait:
+            if as_json:
+                _print_json({"workflow_id": handle.id, "run_id": handle.result_run_id, "url": url})
+            else:
+                out.print(f"started the replay of {name}: {url}")
+            return
+        if as_json:
+            _print_json(await wait_for_replay(handle))
+            return
+        out.print(f"replay of [bold]{name}[/]: {url}")
+        _print_result(settings, await _watch(handle, name), handle.id, handle.result_run_id)
+
+    _run(work)
+
+
+@replay_app.command("status")
+def replay_status_command(
+    name: Annotated[str, typer.Argument(help="The projection.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show the state of NAME's latest replay: progress while it runs, the result or error after."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import replay_status
+        from rehydrate.temporal import connect_client
+
+        status = await replay_status(await connect_client(settings), name)
+        if as_json:
+            _print_json(status)
+            return
+        out.print(f"{name}: {status.status.lower()}")
+        if status.run_id:
+            out.print(f"  {settings.workflow_url(status.workflow_id, status.run_id)}")
+        if status.progress is not None:
+            p = status.progress
+            eta = f", ETA {p.eta_seconds:.0f} s" if p.eta_seconds is not None else ""
+            out.print(
+                f"  phase {p.phase}, generation {p.generation}: {p.events_applied:,} of {p.events_total:,} events"
+                f" ({p.rate:,.0f}/s{eta})"
+            )
+            for lane in p.lanes:
+                out.print(f"    lane {lane.lane}: position {lane.position}, {lane.applied:,}/{lane.total:,}"
+                          f"{' done' if lane.done else ''}")
+        if status.result is not None:
+            r = status.result
+            out.print(f"  generation {r.generation}: {r.events_applied:,} events in {r.seconds:.1f} s, {r.rows:,} rows")
+        if status.error:
+            out.print(f"  {status.error}")
+
+    _run(work)
+
+
+@replay_app.command("cancel")
+def replay_cancel(name: Annotated[str, typer.Argument(help="The projection whose replay to cancel.")]) -> None:
+    """Cancel NAME's running replay: its half-built generation is dropped, the active one stays."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import cancel_replay
+        from rehydrate.temporal import connect_client
+
+        workflow_id = await cancel_replay(await connect_client(settings), name)
+        out.print(f"cancellation requested for {workflow_id}")
+
+    _run(work)
+
+
+@app.command()
+def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List registered projections: version, active generation, rows, last replay."""
+    settings = _settings()
+    registry = _registry(settings)
+
+    async def work() -> None:
+        from rehydrate import catalog
+        from rehydrate.database import connect, ensure_schema, resolve_url
+
+        conn = await connect(resolve_url(settings))
+        try:
+            await ensure_schema(conn, settings.schema_name)
+            known = await catalog.projection_rows(conn, settings.schema_name)
+        finally:
+            await conn.close()
+        rows = []
+        for name in sorted(set(registry.names()) | set(known)):
+            row = known.get(name, {})
+            registered = name in registry.names()
+            rows.append(
+                {
+                    "name": name,
+                    "registered": registered,
+                    "version": registry.get(name).version if registered else row.get("version"),
+                    "active_generation": row.get("active_generation"),
+                    "rows": row.get("rows_count"),
+                    "last_replay": row.get("last_generation")
+                    and {
+                        "generation": row["last_generation"],
+                        "state": row["last_state"],
+                        "started_at": row["last_started"],
+                        "ended_at": row["last_ended"],
+                        "error": row["last_error"],
+                    },
+                }
+            )
+        if as_json:
+            _print_json(rows)
+            return
+        table = Table("projection", "version", "active", "rows", "last replay")
+        for r in rows:
+            last = r["last_replay"]
+            table.add_row(
+                r["name"] + ("" if r["registered"] else " (not registered)"),
+                str(r["version"] or "-"),
+                f"g{r['active_generation']}" if r["active_generation"] else "-",
+                f"{r['rows']:,}" if r["rows"] is not None else "-",
+                f"g{last['generation']} {last['state']} {last['ended_at'] or last['started_at']:%Y-%m-%d %H:%M:%S}"
+                if last
+                else "never",
+            )
+        out.print(table)
+
+    _run(work)
+
+
+# -- output -----------------------------------------------------------------------------------------------------
+
+
+async def _watch(handle: Any, name: str) -> Any:
+    from rehydrate.starter import wait_for_replay
+
+    with Progress(
+        TextColumn(f"[bold]{name}[/]"),
+        TextColumn("{task.fields[phase]:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>10} ev/s"),
+        TimeRemainingColumn(),
+        console=out,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(name, total=None, phase="planning", rate="")
+
+        def show(progress: Any) -> None:
+            bar.update(
+                task,
+                total=progress.events_total or None,
+                completed=progress.events_applied,
+                phase=progress.phase,
+                rate=f"{progress.rate:,.0f}",
+            )
+
+        result = await wait_for_replay(handle, show)
+        bar.update(task, total=max(result.events_applied - result.caught_up, 1),
+                   completed=result.events_applied - result.caught_up, phase="done", rate=f"{result.events_per_second:,.0f}")
+    return result
+
+
+def _print_result(settings: Settings, result: Any, workflow_id: str, run_id: str | None) -> None:
+    previous = f" (was g{result.previous_generation})" if result.previous_generation else ""
+    out.print(
+        f"[green]✓[/] {result.projection}: generation {result.generation} active{previous} — "
+        f"{result.events_applied:,} events in {result.seconds:.1f} s ({result.events_per_second:,.0f} events/s), "
+        f"{result.rows:,} rows, {result.caught_up:,} caught up, swap lock {result.swap_lock_ms:.1f} ms"
+    )
+    out.print(f"  {settings.workflow_url(workflow_id, run_id)}")
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, default=_default, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# -- entry point ------------------------------------------------------------------------------------------------
+
+
+def _exit_code(args: list[str] | None) -> int:
+    try:
+        app(args=args, prog_name="rehydrate")  # standalone: usage errors print themselves and exit 2
+        return 0
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except UserError as error:
+        err.print(f"[red]error:[/] {error.message}", soft_wrap=True)
+        if error.fix:
+            err.print(f"  fix: {error.fix}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(args: list[str] | None = None) -> None:
+    """The console entry point: runs a command, then exits without interpreter finalisers (sdk-python#300)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rehydrate").setLevel(logging.INFO)
+    from rehydrate.dev import quiet_exit
+
+    quiet_exit(_exit_code(args))
+
+

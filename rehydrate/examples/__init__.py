@@ -1,0 +1,1 @@
+"""Example projections shipped with rehydrate: the order domain the demo replays."""

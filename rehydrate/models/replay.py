@@ -1,0 +1,144 @@
+"""The replay workflow's input, its carried state, its progress, and its activities' inputs and outputs."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LaneState:
+    lane: int
+    position: int = 0
+    applied: int = 0
+    total: int = 0
+    done: bool = False
+
+
+@dataclass
+class ReplayState:
+    """What a replay carries across continue-as-new: numbers and names only."""
+
+    generation: int
+    physical_table: str
+    mark: int
+    lanes: list[LaneState]
+    chunk_size: int
+    max_parallel: int
+    events_total: int
+    started_at: str
+    phase: str = "building"
+    chunks_done: int = 0
+    runs: int = 1
+
+
+@dataclass
+class ReplayInput:
+    """Start a replay: `{"projection": "order_summary"}` is a complete input (e.g. from the Temporal Web UI).
+
+    Unset tuning values take the worker's settings (REHYDRATE_LANES, REHYDRATE_CHUNK_SIZE, …).
+    `state` is for continue-as-new only.
+    """
+
+    projection: str
+    lanes: int | None = None
+    chunk_size: int | None = None
+    max_parallel: int | None = None
+    catch_up_threshold: int = 1_000
+    heartbeat_timeout_seconds: float = 30.0
+    state: ReplayState | None = None
+
+
+@dataclass
+class PlanInput:
+    projection: str
+    workflow_id: str
+    run_id: str
+    lanes: int | None = None
+    chunk_size: int | None = None
+    max_parallel: int | None = None
+
+
+@dataclass
+class Plan:
+    generation: int
+    physical_table: str
+    mark: int
+    lanes: list[LaneState]
+    chunk_size: int
+    max_parallel: int
+    events_total: int
+
+
+@dataclass
+class ChunkInput:
+    projection: str
+    generation: int
+    lane: int
+    lanes: int
+    mark: int
+    chunk_size: int
+
+
+@dataclass
+class ChunkResult:
+    position: int
+    applied: int
+    chunk_events: int
+    done: bool
+
+
+@dataclass
+class GenerationRef:
+    projection: str
+    generation: int
+    reason: str = ""
+
+
+@dataclass
+class CatchUpInput:
+    projection: str
+    generation: int
+
+
+@dataclass
+class CatchUpResult:
+    applied: int
+    mark: int
+
+
+@dataclass
+class SwapResult:
+    generation: int
+    previous_generation: int | None
+    final_delta: int
+    lock_ms: float
+    rows: int
+    dropped_generations: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ReplayProgress:
+    projection: str
+    phase: str
+    generation: int | None = None
+    events_applied: int = 0
+    events_total: int = 0
+    caught_up: int = 0
+    lanes: list[LaneState] = field(default_factory=list)
+    started_at: str | None = None
+    elapsed_seconds: float = 0.0
+    rate: float = 0.0
+    eta_seconds: float | None = None
+    runs: int = 1
+
+
+@dataclass
+class ReplayResult:
+    projection: str
+    generation: int
+    previous_generation: int | None
+    events_applied: int
+    caught_up: int
+    rows: int
+    seconds: float
+    events_per_second: float
+    swap_lock_ms: float
+    runs: int

@@ -1,0 +1,258 @@
+"""The projection API: a name, a version, one SQLModel table, the key that partitions its rows, and handlers.
+
+A handler receives the current row for the event's key as a plain dict (or None) and the event, and returns
+the new row (a dict) or None to delete it. Rows stay dicts on the hot path; the SQLModel class only
+describes the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlmodel import SQLModel
+
+from rehydrate.errors import UnknownProjectionError, UserError
+from rehydrate.identifiers import check_identifier, derived_name, qualified, quote
+from rehydrate.store import Event, KeySpec
+
+Row = dict[str, Any]
+Handler = Callable[[Row | None, Event], Row | None]
+
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """What rehydrate needs of a read-model table, read once from its SQLModel class."""
+
+    name: str
+    columns: tuple[str, ...]
+    key_column: str
+    key_sql_type: str
+    defaults: dict[str, Any]
+    required: frozenset[str]
+    sa_table: sa.Table
+
+    @cached_property
+    def blank_row(self) -> Row:
+        """Every column, at its default or None: what a new row starts from."""
+        return {column: self.defaults.get(column) for column in self.columns}
+
+    @cached_property
+    def column_set(self) -> frozenset[str]:
+        return frozenset(self.columns)
+
+    @classmethod
+    def of(cls, model: type[SQLModel], projection: str) -> TableShape:
+        table = getattr(model, "__table__", None)
+        if not isinstance(table, sa.Table):
+            raise UserError(
+                f"projection {projection!r}: {model.__name__} is not a table model",
+                fix="declare it as `class X(SQLModel, table=True)`",
+            )
+        check_identifier(table.name, f"table name of projection {projection!r}")
+        keys = list(table.primary_key.columns)
+        if len(keys) != 1:
+            raise UserError(
+                f"projection {projection!r}: table {table.name!r} needs exactly one primary-key column "
+                f"(it has {len(keys)})",
+                fix="mark the column that holds the projection's key with Field(primary_key=True)",
+            )
+        defaults: dict[str, Any] = {}
+        required: set[str] = set()
+        for column in table.columns:
+            check_identifier(column.name, f"column of table {table.name!r}")
+            default = column.default
+            if default is not None and getattr(default, "is_scalar", False):
+                defaults[column.name] = default.arg  # type: ignore[attr-defined]
+            elif not column.nullable and column.server_default is None and not column.primary_key:
+                required.add(column.name)
+        key = keys[0]
+        return cls(
+            name=table.name,
+            columns=tuple(column.name for column in table.columns),
+            key_column=key.name,
+            key_sql_type=key.type.compile(dialect=_DIALECT),
+            defaults=defaults,
+            required=frozenset(required),
+            sa_table=table,
+        )
+
+    def physical_name(self, generation: int) -> str:
+        return derived_name(self.name, f"__g{generation}")
+
+    def create_table_sql(self, schema: str, generation: int) -> str:
+        """The generation's table, with its primary key but no secondary index (those come after the load)."""
+        clone = sa.Table(
+            self.physical_name(generation),
+            sa.MetaData(),
+            *(
+                sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                for c in self.sa_table.columns
+            ),
+            schema=schema,
+        )
+        return str(sa.schema.CreateTable(clone).compile(dialect=_DIALECT))
+
+    def create_index_sql(self, schema: str, generation: int) -> list[str]:
+        physical = self.physical_name(generation)
+        statements = []
+        indexes: list[tuple[list[str], bool]] = [
+            ([c.name for c in index.columns], bool(index.unique)) for index in self.sa_table.indexes
+        ]
+        indexes += [([c.name], bool(c.unique)) for c in self.sa_table.columns if c.unique and not c.index]
+        for columns, unique in indexes:
+            name = derived_name(physical, "_" + "_".join(columns) + "_idx")
+            statements.append(
+                f"CREATE {'UNIQUE ' if unique else ''}INDEX IF NOT EXISTS {quote(name)} "
+                f"ON {qualified(schema, physical)} ({', '.join(quote(c) for c in columns)})"
+            )
+        return statements
+
+
+class Projection:
+    """A read model built from events.
+
+    Example::
+
+        order_summary = Projection("order_summary", version=1, table=OrderSummary, key="stream")
+
+        @order_summary.on("OrderPlaced")
+        def placed(row, event):
+            return {"customer_id": event.data["customer_id"], "status": "placed"}
+
+    Args:
+        name: the projection's name, a plain identifier.
+        version: bump it when the handlers change meaning; shown with each generation.
+        table: the SQLModel table class; its single primary-key column holds the key.
+        key: "stream" to keep a row per stream, or the name of a payload field present in every handled event.
+        strict: read every event type and fail on one without a handler (unless listed in `ignore`).
+        ignore: event types a strict projection skips on purpose.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: int,
+        table: type[SQLModel],
+        key: str = "stream",
+        strict: bool = False,
+        ignore: Iterable[str] = (),
+        description: str = "",
+    ) -> None:
+        self.name = check_identifier(name, "projection name")
+        if not isinstance(version, int) or version < 1:
+            raise UserError(f"projection {name!r}: version {version!r} is not a positive integer", fix="use 1, 2, …")
+        self.version = version
+        self.table = TableShape.of(table, name)
+        self.model = table
+        self.key = KeySpec(None if key == "stream" else key)
+        self.strict = strict
+        self.ignore = frozenset(ignore)
+        self.description = description or (inspect.getdoc(table) or "").split("\n")[0]
+        self.handlers: dict[str, Handler] = {}
+
+    def on(self, *event_types: str) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of `event_types`."""
+
+        def register(handler: Handler) -> Handler:
+            for event_type in event_types:
+                if event_type in self.handlers:
+                    raise UserError(
+                        f"projection {self.name!r} has two handlers for {event_type!r}", fix="keep one of them"
+                    )
+                self.handlers[event_type] = handler
+            return handler
+
+        return register
+
+    @property
+    def event_types(self) -> list[str] | None:
+        """The event types to read from the store; None for a strict projection, which reads them all."""
+        if self.strict:
+            return None
+        return sorted(self.handlers)
+
+    def key_of(self, event: Event) -> Any:
+        if self.key.field is None:
+            return event.stream_id
+        return event.data[self.key.field]
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what decides the rows: name, version, key, table shape and handler code."""
+        digest = hashlib.sha256()
+        digest.update(f"{self.name}:{self.version}:{self.key.field}:{self.table.columns}".encode())
+        for event_type in sorted(self.handlers):
+            handler = self.handlers[event_type]
+            try:
+                source = inspect.getsource(handler)
+            except (OSError, TypeError):
+                source = repr(getattr(handler, "__code__", handler))
+            digest.update(f"{event_type}:{source}".encode())
+        return digest.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"Projection({self.name!r}, version={self.version})"
+
+
+class Registry:
+    """The projections a process knows, loaded from the modules named in settings."""
+
+    def __init__(self, projections: Iterable[Projection] = ()) -> None:
+        self._by_name: dict[str, Projection] = {}
+        for projection in projections:
+            self.add(projection)
+
+    def add(self, projection: Projection) -> None:
+        existing = self._by_name.get(projection.name)
+        if existing is not None and existing is not projection:
+            raise UserError(
+                f"two projections are named {projection.name!r}", fix="rename one of them; names are unique"
+            )
+        self._by_name[projection.name] = projection
+
+    def get(self, name: str) -> Projection:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UnknownProjectionError(name, list(self._by_name)) from None
+
+    def __iter__(self) -> Any:
+        return iter(sorted(self._by_name.values(), key=lambda p: p.name))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    @classmethod
+    def from_modules(cls, modules: Iterable[str]) -> Registry:
+        registry = cls()
+        for module_name in modules:
+            try:
+                module = importlib.import_module(module_name)
+            except Exception as error:
+                raise UserError(
+                    f"projection module {module_name!r} failed to import: {type(error).__name__}: {error}",
+                    fix="fix the module, or correct REHYDRATE_PROJECTIONS",
+                ) from None
+            found = [value for value in vars(module).values() if isinstance(value, Projection)]
+            if not found:
+                raise UserError(
+                    f"projection module {module_name!r} defines no Projection",
+                    fix="define one at module level, or remove the module from REHYDRATE_PROJECTIONS",
+                )
+            for projection in found:
+                registry.add(projection)
+        return registry

@@ -1,0 +1,106 @@
+"""Settings for every rehydrate process, read from `REHYDRATE_*` variables, Temporal's `TEMPORAL_*` and `.env`."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rehydrate.errors import UserError
+from rehydrate.identifiers import check_identifier
+
+
+class Settings(BaseSettings):
+    """Where rehydrate finds Postgres, Temporal and the user's projections.
+
+    Leaving `database_url` unset means the embedded Postgres in `data_dir`; the Temporal address defaults
+    to the dev server that `rehydrate dev` runs on localhost.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="REHYDRATE_", env_file=".env", extra="ignore")
+
+    database_url: str | None = Field(default=None, description="Postgres URL; unset: embedded Postgres")
+    schema_name: str = Field(default="rehydrate", validation_alias=AliasChoices("REHYDRATE_SCHEMA", "schema_name"))
+    read_model_schema: str = "public"
+    data_dir: Path = Path(".rehydrate")
+
+    temporal_address: str = Field(
+        default="localhost:7233", validation_alias=AliasChoices("REHYDRATE_TEMPORAL_ADDRESS", "TEMPORAL_ADDRESS")
+    )
+    temporal_namespace: str = Field(
+        default="default", validation_alias=AliasChoices("REHYDRATE_TEMPORAL_NAMESPACE", "TEMPORAL_NAMESPACE")
+    )
+    temporal_task_queue: str = Field(
+        default="rehydrate", validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TASK_QUEUE", "TEMPORAL_TASK_QUEUE")
+    )
+    temporal_ui_url: str | None = Field(default=None, description="Base URL of the Temporal Web UI for links")
+
+    projections: list[str] = Field(default_factory=list, description="Modules that define projections")
+    lanes: int = Field(default=4, ge=1, le=256)
+    chunk_size: int = Field(default=20_000, ge=1)
+    max_parallel: int = Field(default=8, ge=1, le=500)
+    retain_generations: int = Field(default=1, ge=0, description="Retired generations kept for rollback")
+    max_concurrent_activities: int = Field(default=4, ge=1)
+
+    @field_validator("projections", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("schema_name", "read_model_schema")
+    @classmethod
+    def _plain_identifier(cls, value: str) -> str:
+        return check_identifier(value, "schema name")
+
+    @cached_property
+    def ui_url(self) -> str:
+        """The Temporal Web UI's base URL: set, or the dev server's (its gRPC port + 1000)."""
+        if self.temporal_ui_url:
+            return self.temporal_ui_url.rstrip("/")
+        host, _, port = self.temporal_address.rpartition(":")
+        try:
+            return f"http://{host or 'localhost'}:{int(port) + 1000}"
+        except ValueError:
+            return f"http://{self.temporal_address}"
+
+    def workflow_url(self, workflow_id: str, run_id: str | None = None) -> str:
+        """A link to one run in the Temporal Web UI."""
+        tail = f"/{run_id}" if run_id else ""
+        return f"{self.ui_url}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}{tail}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning a validation failure into one line naming the variable and the fix."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except Exception as error:  # pydantic.ValidationError, but keep the message short
+        from pydantic import ValidationError
+
+        if isinstance(error, ValidationError):
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "settings"
+            raise UserError(
+                f"setting {field!r} is invalid: {first['msg']}",
+                fix=f"check REHYDRATE_{field.upper()} in the environment or .env",
+            ) from None
+        raise
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced, fit for logs and errors."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def is_ci() -> bool:
+    return bool(os.environ.get("CI"))

