@@ -42,6 +42,7 @@ def fold(
     strict = projection.strict
     ignored = projection.ignore
     blank = projection.table.blank_row
+    width = len(blank)
     state: dict[Any, Row | None] = dict(existing)
     last: dict[Any, Event] = {}
     applied = 0
@@ -85,8 +86,8 @@ def fold(
                     f"handler returned {type(row).__name__}, not a dict or None",
                     "return the new row as a dict, or None to delete it",
                 )
-            if previous is None:
-                # A new row starts from the table's defaults, so the next handler sees every column.
+            if len(row) < width:
+                # Columns a handler leaves out take their defaults, so the next handler sees every column.
                 row = {**blank, key_column: key, **row}
             current_key = row.get(key_column, _MISSING)
             if current_key is _MISSING:

@@ -100,7 +100,7 @@ async def _demo(settings: Settings, registry: Any, events: int, lanes: int | Non
         client = await connect_client(settings)
         await stack.enter_async_context(running_worker(settings, registry, client=client, database_url=url))
         for projection in registry:
-            handle = await start_replay(client, settings, ReplayInput(projection.name, lanes=lanes))
+            handle = await start_replay(client, settings, ReplayInput(projection.name, lanes=lanes), attach=True)
             result = await _watch(handle, projection.name)
             _print_result(settings, result, handle.id, handle.result_run_id)
         out.print(

@@ -38,8 +38,12 @@ async def start_replay(
     *,
     registry: Registry | None = None,
     task_queue: str | None = None,
+    attach: bool = False,
 ) -> WorkflowHandle[ReplayWorkflow, ReplayResult]:
-    """Start the projection's replay under its fixed workflow id; a second start while one runs is refused."""
+    """Start the projection's replay under its fixed workflow id.
+
+    A second start while one runs is refused with a clear error, or, with `attach`, returns the running one.
+    """
     if registry is not None:
         registry.get(input.projection)  # an unknown name fails here, before anything is started
     _check_tuning(input)
@@ -50,7 +54,7 @@ async def start_replay(
             input,
             id=workflow_id,
             task_queue=task_queue or settings.temporal_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING if attach else WorkflowIDConflictPolicy.FAIL,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             static_summary=f"Replay of {input.projection}",
         )

