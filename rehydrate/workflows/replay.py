@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from rehydrate.activities.replay import ReplayActivities
@@ -71,11 +71,14 @@ class ReplayWorkflow:
                     workflow.continue_as_new(ReplayInput(**{**vars(input), "state": state}))
                 state.phase = "finishing"
             return await self._finish(input, state)
-        except (asyncio.CancelledError, CancelledError):
-            self._phase = "cancelled"
-            await self._drop(state, "cancelled")
-            raise
-        except ActivityError as error:
+        except BaseException as error:
+            if is_cancelled_exception(error):
+                # Raising the cancellation again ends the run as CANCELED (not FAILED) in Temporal.
+                self._phase = "cancelled"
+                await self._drop(state, "cancelled")
+                raise
+            if not isinstance(error, ActivityError):
+                raise
             self._phase = "failed"
             message = _cause(error)
             await self._drop(state, message)
