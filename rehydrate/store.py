@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from rehydrate.errors import ConcurrencyError, UserError
 from rehydrate.identifiers import quote
@@ -138,15 +139,16 @@ class EventStore:
                 await conn.execute(
                     f"""INSERT INTO {self.table}
                           (stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at)
-                        SELECT $1, v, t, s, p, m, coalesce(r, now())
-                        FROM unnest($2::bigint[], $3::text[], $4::int[], $5::jsonb[], $6::jsonb[],
+                        SELECT $1, v, t, s, p::jsonb, m::jsonb, coalesce(r, now())
+                        FROM unnest($2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[],
                                     $7::timestamptz[]) AS u(v, t, s, p, m, r)""",
                     stream_id,
                     versions,
                     [e.type for e in events],
                     [e.schema_version for e in events],
-                    [e.data for e in events],
-                    [e.metadata for e in events],
+                    # JSON goes as text so that a caller's own connection needs no codec.
+                    [orjson.dumps(e.data).decode() for e in events],
+                    [orjson.dumps(e.metadata).decode() for e in events],
                     [e.recorded_at for e in events],
                 )
         except asyncpg.UniqueViolationError:

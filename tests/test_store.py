@@ -1,0 +1,158 @@
+"""The event store: optimistic concurrency, the high-water mark, held-back events, and bulk import."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+from temporalio.client import Client
+
+from rehydrate.errors import ConcurrencyError
+from rehydrate.importer import import_events, read_jsonl
+from rehydrate.models import ReplayInput
+from rehydrate.settings import Settings
+from rehydrate.starter import start_replay, wait_for_replay
+from rehydrate.store import NO_STREAM, EventStore, KeySpec, NewEvent
+from rehydrate.worker import running_worker
+from tests import support
+
+
+async def test_append_checks_the_expected_version_and_numbers_the_stream(store: EventStore) -> None:
+    assert await store.append("s", [NewEvent("A", {}), NewEvent("B", {})], expected_version=NO_STREAM) == 2
+    assert await store.append("s", [NewEvent("C", {})], expected_version=2) == 3
+    with pytest.raises(ConcurrencyError, match="version 3, not the expected 1"):
+        await store.append("s", [NewEvent("D", {})], expected_version=1)
+    assert [e.stream_version for e in await store.read_stream("s")] == [1, 2, 3]
+
+
+async def test_concurrent_appends_to_one_stream_let_exactly_one_win(store: EventStore) -> None:
+    await store.append("s", [NewEvent("Opened", {})])
+    results = await asyncio.gather(
+        *(store.append("s", [NewEvent("Moved", {"n": n})], expected_version=1) for n in range(5)),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if r == 2) == 1
+    assert all(isinstance(r, ConcurrencyError) for r in results if r != 2)
+    assert len(await store.read_stream("s")) == 2
+
+
+async def test_the_mark_never_passes_an_event_whose_transaction_commits_late(
+    store: EventStore, database_url: str
+) -> None:
+    """A appends first (lower position) and stays open while B appends and commits: neither is below the mark
+    until A commits, then both are, in position order."""
+    a = await asyncpg.connect(database_url)
+    try:
+        tx = a.transaction()
+        await tx.start()
+        await store.append("late", [NewEvent("Opened", {"owner": "a"})], connection=a)
+        await store.append("early", [NewEvent("Opened", {"owner": "b"})])
+        mark = await store.high_water_mark()
+        async with store.pool.acquire() as conn:
+            delta = await store.read_delta(conn, from_mark=0, to_mark=mark, types=["Opened"])
+        assert delta == [], "B committed, but it is not below the mark while A is open"
+        await tx.commit()
+    finally:
+        await a.close()
+    mark = await store.high_water_mark()
+    async with store.pool.acquire() as conn:
+        delta = await store.read_delta(conn, from_mark=0, to_mark=mark, types=["Opened"])
+    assert [e.stream_id for e in delta] == ["late", "early"]
+
+
+async def test_an_event_whose_predecessor_is_above_the_mark_is_held_back(
+    store: EventStore, database_url: str, client: Client, settings: Settings
+) -> None:
+    """T1 takes its transaction id early and appends version 2 after T2 (a later id) appended version 1;
+    while a transaction between them runs, version 2 is below the mark and version 1 is not. Version 2 must
+    wait for version 1: applying it first would fold a stream out of order."""
+    t1, blocker = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        t1_tx, blocker_tx = t1.transaction(), blocker.transaction()
+        await t1_tx.start()
+        xid1 = await t1.fetchval("SELECT pg_current_xact_id()::text::bigint")
+        await blocker_tx.start()
+        xid_blocker = await blocker.fetchval("SELECT pg_current_xact_id()::text::bigint")
+        await store.append("acct-1", [NewEvent("Opened", {"owner": "x", "group": "g"})])  # T2, a later id
+        await store.append(
+            "acct-1", [NewEvent("Deposited", {"amount": 5, "group": "g"})], expected_version=1, connection=t1
+        )
+        await t1_tx.commit()
+        assert xid1 < xid_blocker
+        mark = await store.high_water_mark()
+        assert mark == xid_blocker
+        async with store.pool.acquire() as conn, conn.transaction():
+            held = await store.held_back(conn, mark)
+            delta = await store.read_delta(conn, from_mark=0, to_mark=mark, types=["Opened", "Deposited"])
+            lane = [
+                e
+                async for batch in store.read_lane(
+                    conn, after_position=0, mark=mark, types=["Opened", "Deposited"], key=KeySpec(),
+                    lane=0, lanes=1, limit=100,
+                )
+                for e in batch
+            ]
+        assert held == {"acct-1": 1}
+        assert delta == [], "version 2 is below the mark but held back until version 1 is"
+        assert [e.stream_version for e in lane] == [2], "the lane read sees it; the chunk drops it (held)"
+
+        # A replay now must not contain version 2 without version 1.
+        async with running_worker(settings, support.registry(), client=client):
+            await wait_for_replay(await start_replay(client, settings, ReplayInput("accounts")))
+            assert await support.read_model(store.pool, support.accounts) == {}
+            await blocker_tx.commit()
+            result = await wait_for_replay(await start_replay(client, settings, ReplayInput("accounts")))
+        rows = await support.read_model(store.pool, support.accounts)
+        assert rows["acct-1"]["history"] == "oD" and rows["acct-1"]["balance"] == 5
+        assert result.events_applied == 2
+    finally:
+        await t1.close()
+        await blocker.close()
+
+
+async def test_catch_up_after_the_target_moves_the_held_back_event_in_after_its_predecessor(
+    store: EventStore, database_url: str
+) -> None:
+    t1, blocker = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        t1_tx, blocker_tx = t1.transaction(), blocker.transaction()
+        await t1_tx.start()
+        await t1.fetchval("SELECT pg_current_xact_id()")
+        await blocker_tx.start()
+        await blocker.fetchval("SELECT pg_current_xact_id()")
+        await store.append("s", [NewEvent("Opened", {})])
+        await store.append("s", [NewEvent("Deposited", {"amount": 1})], expected_version=1, connection=t1)
+        await t1_tx.commit()
+        first = await store.high_water_mark()
+        await blocker_tx.commit()
+        second = await store.high_water_mark()
+        async with store.pool.acquire() as conn:
+            assert await store.read_delta(conn, from_mark=0, to_mark=first, types=["Opened", "Deposited"]) == []
+            moved = await store.read_delta(conn, from_mark=first, to_mark=second, types=["Opened", "Deposited"])
+        assert [(e.stream_version, e.type) for e in moved] == [(1, "Opened"), (2, "Deposited")]
+    finally:
+        await t1.close()
+        await blocker.close()
+
+
+async def test_import_streams_a_file_through_copy_and_continues_stream_versions(
+    store: EventStore, tmp_path: Path
+) -> None:
+    await store.append("order-1", [NewEvent("OrderPlaced", {"customer_id": "c"})])
+    lines = [
+        {"stream_id": "order-1", "type": "ItemAdded", "data": {"sku": "a"}},
+        {"stream_id": "order-2", "type": "OrderPlaced", "data": {"customer_id": "d"}, "stream_version": 1},
+        {"stream_id": "order-1", "type": "OrderPaid", "data": {}, "schema_version": 2,
+         "metadata": {"by": "import"}, "recorded_at": "2025-01-02T03:04:05+00:00"},
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n\n")
+    report = await import_events(store, read_jsonl(path), source=str(path), batch_size=2)
+    assert (report.events, report.streams) == (3, 2)
+    order1 = await store.read_stream("order-1")
+    assert [(e.stream_version, e.type, e.schema_version) for e in order1] == [
+        (1, "OrderPlaced", 1), (2, "ItemAdded", 1), (3, "OrderPaid", 2)]
+    assert order1[2].metadata == {"by": "import"} and order1[2].recorded_at.year == 2025
