@@ -1,6 +1,12 @@
 """rehydrate: durable, zero-downtime rebuilds of event-sourced read models, on Temporal and Postgres."""
 
-from rehydrate.errors import ConcurrencyError, ProjectionError, RehydrateError, UnknownProjectionError, UserError
+from rehydrate.errors import (
+    ConcurrencyError,
+    ProjectionError,
+    RehydrateError,
+    UnknownProjectionError,
+    UserError,
+)
 from rehydrate.projections import Projection, Registry, Row
 from rehydrate.settings import Settings
 from rehydrate.store import NO_STREAM, Event, EventStore, NewEvent
@@ -13,8 +19,8 @@ __all__ = [
     "NewEvent",
     "Projection",
     "ProjectionError",
-    "RehydrateError",
     "Registry",
+    "RehydrateError",
     "Row",
     "Settings",
     "UnknownProjectionError",

@@ -128,7 +128,11 @@ def _record(projection: Projection, row: Row, event: Event) -> tuple[Any, ...]:
 
 
 async def apply_events(
-    conn: asyncpg.Connection, projection: Projection, schema: str, physical_table: str, events: Sequence[Event]
+    conn: asyncpg.Connection,
+    projection: Projection,
+    schema: str,
+    physical_table: str,
+    events: Sequence[Event],
 ) -> Applied:
     """Fold `events` into `schema.physical_table`. Must run inside the caller's transaction."""
     if not events:
@@ -149,9 +153,7 @@ async def apply_events(
             keys.append(key)
     existing: dict[Any, Row] = {}
     if keys:
-        rows = await conn.fetch(
-            f"SELECT * FROM {target} WHERE {key_column} = ANY($1::{shape.key_sql_type}[])", keys
-        )
+        rows = await conn.fetch(f"SELECT * FROM {target} WHERE {key_column} = ANY($1::{shape.key_sql_type}[])", keys)
         existing = {row[shape.key_column]: dict(row) for row in rows}
     state, last, applied = fold(projection, events, existing)
     records = [_record(projection, row, last[key]) for key, row in state.items() if row is not None and key in last]

@@ -55,7 +55,8 @@ async def create_generation(
     async with conn.transaction():
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(read_schema)}")
         number = await conn.fetchval(
-            f"SELECT coalesce(max(generation), 0) + 1 FROM {s}.generations WHERE projection = $1", projection.name
+            f"SELECT coalesce(max(generation), 0) + 1 FROM {s}.generations WHERE projection = $1",
+            projection.name,
         )
         physical = physical_table_name(projection, number)
         try:
@@ -173,9 +174,7 @@ async def finish_generation(
     return rows
 
 
-async def _lock_generation(
-    conn: asyncpg.Connection, schema: str, projection: str, generation: int
-) -> asyncpg.Record:
+async def _lock_generation(conn: asyncpg.Connection, schema: str, projection: str, generation: int) -> asyncpg.Record:
     row = await conn.fetchrow(
         f"""SELECT state, physical_table, checkpoint_xmin::text::bigint AS checkpoint
             FROM {quote(schema)}.generations WHERE projection = $1 AND generation = $2 FOR UPDATE""",
@@ -193,9 +192,7 @@ async def catch_up(
     """Move a generation's checkpoint to the current high-water mark, applying the delta. In a transaction."""
     row = await _lock_generation(conn, store.schema, projection.name, generation)
     if row["state"] not in ("building", "active"):
-        raise UserError(
-            f"generation {generation} of {projection.name!r} is {row['state']}", fix="start a new replay"
-        )
+        raise UserError(f"generation {generation} of {projection.name!r} is {row['state']}", fix="start a new replay")
     checkpoint = row["checkpoint"]
     mark = await store.high_water_mark(conn)
     if mark <= checkpoint:
@@ -239,8 +236,7 @@ async def _point_view(conn: asyncpg.Connection, read_schema: str, projection: Pr
             await conn.execute(f"DROP VIEW {view}")
         except asyncpg.DependentObjectsStillExistError as error:
             raise UserError(
-                f"the columns of {read_schema}.{projection.table.name} changed and other objects depend on it: "
-                f"{error}",
+                f"the columns of {read_schema}.{projection.table.name} changed and other objects depend on it: {error}",
                 fix="drop or adapt the dependent views, then start the replay again",
             ) from None
         await conn.execute(f"CREATE VIEW {view} AS {select}")

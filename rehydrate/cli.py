@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -74,7 +74,7 @@ async def _demo(settings: Settings, registry: Any, events: int, lanes: int | Non
     from rehydrate.examples.orders import generate
     from rehydrate.importer import import_events
     from rehydrate.models import ReplayInput
-    from rehydrate.starter import start_replay, wait_for_replay
+    from rehydrate.starter import start_replay
     from rehydrate.store import EventStore
     from rehydrate.temporal import connect_client
     from rehydrate.worker import running_worker
@@ -273,8 +273,10 @@ def replay_status_command(
                 f" ({p.rate:,.0f}/s{eta})"
             )
             for lane in p.lanes:
-                out.print(f"    lane {lane.lane}: position {lane.position}, {lane.applied:,}/{lane.total:,}"
-                          f"{' done' if lane.done else ''}")
+                out.print(
+                    f"    lane {lane.lane}: position {lane.position}, {lane.applied:,}/{lane.total:,}"
+                    f"{' done' if lane.done else ''}"
+                )
         if status.result is not None:
             r = status.result
             out.print(f"  generation {r.generation}: {r.events_applied:,} events in {r.seconds:.1f} s, {r.rows:,} rows")
@@ -285,7 +287,9 @@ def replay_status_command(
 
 
 @replay_app.command("cancel")
-def replay_cancel(name: Annotated[str, typer.Argument(help="The projection whose replay to cancel.")]) -> None:
+def replay_cancel(
+    name: Annotated[str, typer.Argument(help="The projection whose replay to cancel.")],
+) -> None:
     """Cancel NAME's running replay: its half-built generation is dropped, the active one stays."""
     settings = _settings()
 
@@ -384,8 +388,13 @@ async def _watch(handle: Any, name: str) -> Any:
             )
 
         result = await wait_for_replay(handle, show)
-        bar.update(task, total=max(result.events_applied - result.caught_up, 1),
-                   completed=result.events_applied - result.caught_up, phase="done", rate=f"{result.events_per_second:,.0f}")
+        bar.update(
+            task,
+            total=max(result.events_applied - result.caught_up, 1),
+            completed=result.events_applied - result.caught_up,
+            phase="done",
+            rate=f"{result.events_per_second:,.0f}",
+        )
     return result
 
 
@@ -434,5 +443,3 @@ def main(args: list[str] | None = None) -> None:
     from rehydrate.dev import quiet_exit
 
     quiet_exit(_exit_code(args))
-
-

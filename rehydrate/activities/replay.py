@@ -157,7 +157,14 @@ class ReplayActivities:
             done = fetched < input.chunk_size
             total_applied = checkpoint["events_applied"] + applied.events
             await catalog.save_lane(
-                conn, self.schema, input.projection, input.generation, input.lane, position, total_applied, done
+                conn,
+                self.schema,
+                input.projection,
+                input.generation,
+                input.lane,
+                position,
+                total_applied,
+                done,
             )
         return ChunkResult(position=position, applied=total_applied, chunk_events=applied.events, done=done)
 
@@ -183,9 +190,7 @@ class ReplayActivities:
         async def work() -> CatchUpResult:
             projection = self.registry.get(input.projection)
             async with self.pool.acquire() as conn, conn.transaction():
-                applied, mark = await catalog.catch_up(
-                    conn, self.store, self.read_schema, projection, input.generation
-                )
+                applied, mark = await catalog.catch_up(conn, self.store, self.read_schema, projection, input.generation)
             return CatchUpResult(applied=applied, mark=mark)
 
         return await _user_errors_fail_the_replay(work)
@@ -201,9 +206,7 @@ class ReplayActivities:
                 attempt += 1
                 try:
                     async with self.pool.acquire() as conn:
-                        result = await catalog.swap(
-                            conn, self.store, self.read_schema, projection, input.generation
-                        )
+                        result = await catalog.swap(conn, self.store, self.read_schema, projection, input.generation)
                         result.dropped_generations = await catalog.retire_old(
                             conn, self.schema, self.read_schema, projection, self.settings.retain_generations
                         )

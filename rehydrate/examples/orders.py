@@ -124,7 +124,10 @@ def generate(events: int, *, seed: int = 7, start: datetime | None = None) -> It
             yield "ItemRemoved", {"sku": sku, "quantity": quantity, "unit_price_cents": price}
         total = sum(quantity * price for _, quantity, price in lines)
         if rng.random() < 0.12:
-            yield "OrderCancelled", {"customer_id": customer, "reason": rng.choice(["changed mind", "too slow"])}
+            yield (
+                "OrderCancelled",
+                {"customer_id": customer, "reason": rng.choice(["changed mind", "too slow"])},
+            )
         else:
             yield "OrderPaid", {"customer_id": customer, "amount_cents": total}
             yield "OrderShipped", {"carrier": rng.choice(["dhl", "ups", "post"])}
@@ -147,5 +150,10 @@ def generate(events: int, *, seed: int = 7, start: datetime | None = None) -> It
             continue
         clock += timedelta(seconds=rng.randint(1, 90))
         event_type, data = step
-        yield {"stream_id": stream_ids[index], "type": event_type, "data": data, "recorded_at": clock.isoformat()}
+        yield {
+            "stream_id": stream_ids[index],
+            "type": event_type,
+            "data": data,
+            "recorded_at": clock.isoformat(),
+        }
         emitted += 1
