@@ -319,7 +319,7 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
             known = await catalog.projection_rows(conn, settings.schema_name)
         finally:
             await conn.close()
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name in sorted(set(registry.names()) | set(known)):
             row = known.get(name, {})
             registered = name in registry.names()

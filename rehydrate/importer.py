@@ -123,10 +123,14 @@ async def import_events(
 
         async def flush() -> None:
             nonlocal total
-            new_streams = list(
-                {line.get("stream_id") for _, line in batch if isinstance(line, dict)} - known.keys() - {None}
+            new_streams = sorted(
+                {
+                    line["stream_id"]
+                    for _, line in batch
+                    if isinstance(line, dict) and isinstance(line.get("stream_id"), str)
+                }
+                - known.keys()
             )
-            new_streams = [s for s in new_streams if isinstance(s, str)]
             if new_streams:
                 rows = await conn.fetch(
                     f"""SELECT stream_id, max(stream_version) FROM {store.table}

@@ -72,7 +72,7 @@ class TableShape:
             check_identifier(column.name, f"column of table {table.name!r}")
             default = column.default
             if default is not None and getattr(default, "is_scalar", False):
-                defaults[column.name] = default.arg  # type: ignore[attr-defined]
+                defaults[column.name] = default.arg
             elif not column.nullable and column.server_default is None and not column.primary_key:
                 required.add(column.name)
         key = keys[0]

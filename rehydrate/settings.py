@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
+import orjson
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rehydrate.errors import UserError
 from rehydrate.identifiers import check_identifier
@@ -40,7 +42,10 @@ class Settings(BaseSettings):
     )
     temporal_ui_url: str | None = Field(default=None, description="Base URL of the Temporal Web UI for links")
 
-    projections: list[str] = Field(default_factory=list, description="Modules that define projections")
+    # NoDecode: the variable is a comma-separated list, not JSON (the validator below splits it).
+    projections: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Modules that define projections"
+    )
     lanes: int = Field(default=4, ge=1, le=256)
     chunk_size: int = Field(default=20_000, ge=1)
     max_parallel: int = Field(default=8, ge=1, le=500)
@@ -51,6 +56,11 @@ class Settings(BaseSettings):
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                try:
+                    return orjson.loads(value)
+                except orjson.JSONDecodeError:
+                    pass
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
@@ -82,7 +92,10 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except Exception as error:  # pydantic.ValidationError, but keep the message short
         from pydantic import ValidationError
+        from pydantic_settings import SettingsError
 
+        if isinstance(error, SettingsError):
+            raise UserError(f"settings are invalid: {error}", fix="check the REHYDRATE_* variables and .env") from None
         if isinstance(error, ValidationError):
             first = error.errors()[0]
             field = ".".join(str(part) for part in first["loc"]) or "settings"

@@ -85,6 +85,11 @@ def is_held(held: HeldBack, stream_id: str, stream_version: int) -> bool:
 _COLUMNS = "global_position, stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at"
 
 
+def _types(types: Sequence[str] | None) -> list[str] | None:
+    """The event types to read; None reads every type (a strict projection)."""
+    return None if types is None else list(types)
+
+
 def _event(row: Sequence[Any]) -> Event:
     return Event(*row)
 
@@ -182,7 +187,7 @@ class EventStore:
         *,
         after_position: int,
         mark: int,
-        types: Sequence[str],
+        types: Sequence[str] | None,
         key: KeySpec,
         lane: int,
         lanes: int,
@@ -194,7 +199,7 @@ class EventStore:
         Held-back events are *not* filtered here: the caller drops them with `is_held` (it knows the mark's
         held-back streams once per chunk). Must run inside a transaction (server-side cursor).
         """
-        args: list[Any] = [after_position, str(mark), list(types), limit]
+        args: list[Any] = [after_position, str(mark), _types(types), limit]
         lane_filter = ""
         if lanes > 1:
             args += [lanes, lane]
@@ -202,7 +207,8 @@ class EventStore:
             if key.field is not None:
                 args.append(key.field)
         query = f"""SELECT {_COLUMNS} FROM {self.table}
-                    WHERE global_position > $1 AND tx_id < $2::text::xid8 AND event_type = ANY($3::text[])
+                    WHERE global_position > $1 AND tx_id < $2::text::xid8
+                      AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
                     {lane_filter}
                     ORDER BY global_position LIMIT $4"""
         cursor = await conn.cursor(query, *args)
@@ -213,7 +219,7 @@ class EventStore:
             yield [_event(row) for row in rows]
 
     async def read_delta(
-        self, conn: asyncpg.Connection, *, from_mark: int, to_mark: int, types: Sequence[str]
+        self, conn: asyncpg.Connection, *, from_mark: int, to_mark: int, types: Sequence[str] | None
     ) -> list[Event]:
         """Events delivered by moving a checkpoint from `from_mark` to `to_mark`, in position order.
 
@@ -235,37 +241,28 @@ class EventStore:
                       ON e.stream_id = h.stream_id AND e.stream_version > h.version
                     WHERE e.tx_id < $1::text::xid8)
                 SELECT {_COLUMNS} FROM delta d
-                WHERE d.event_type = ANY($3::text[])
+                WHERE ($3::text[] IS NULL OR d.event_type = ANY($3::text[]))
                   AND NOT EXISTS (SELECT 1 FROM held_to h
                                   WHERE h.stream_id = d.stream_id AND d.stream_version > h.version)
                 ORDER BY d.global_position""",
             str(from_mark),
             str(to_mark),
-            list(types),
+            _types(types),
         )
         return [_event(row) for row in rows]
 
-    async def count_below(self, conn: asyncpg.Connection, *, mark: int, types: Sequence[str]) -> int:
-        return int(
-            await conn.fetchval(
-                f"SELECT count(*) FROM {self.table} WHERE tx_id < $1::text::xid8 AND event_type = ANY($2::text[])",
-                str(mark),
-                list(types),
-            )
-        )
-
     async def count_lanes(
-        self, conn: asyncpg.Connection, *, mark: int, types: Sequence[str], key: KeySpec, lanes: int
+        self, conn: asyncpg.Connection, *, mark: int, types: Sequence[str] | None, key: KeySpec, lanes: int
     ) -> list[tuple[int, int]]:
         """Per lane: events below `mark` of the given types, and the highest such position."""
-        args: list[Any] = [str(mark), list(types), lanes]
+        args: list[Any] = [str(mark), _types(types), lanes]
         if key.field is not None:
             args.append(key.field)
         rows = await conn.fetch(
             f"""SELECT (hashtextextended({key.sql(4)}, 0) & 9223372036854775807) % $3 AS lane,
                        count(*), max(global_position)
                 FROM {self.table}
-                WHERE tx_id < $1::text::xid8 AND event_type = ANY($2::text[])
+                WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))
                 GROUP BY 1""",
             *args,
         )

@@ -27,7 +27,7 @@ from rehydrate.models import (
 )
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
-from rehydrate.store import EventStore, is_held
+from rehydrate.store import Event, EventStore, is_held
 
 log = logging.getLogger("rehydrate.activities")
 T = TypeVar("T")
@@ -135,7 +135,7 @@ class ReplayActivities:
             if checkpoint["done"]:
                 return ChunkResult(checkpoint["position"], checkpoint["events_applied"], 0, True)
             held = await self.store.held_back(conn, input.mark)
-            events = []
+            events: list[Event] = []
             fetched = 0
             position = checkpoint["position"]
             async for batch in self.store.read_lane(
