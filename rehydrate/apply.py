@@ -153,7 +153,13 @@ async def apply_events(
             keys.append(key)
     existing: dict[Any, Row] = {}
     if keys:
-        rows = await conn.fetch(f"SELECT * FROM {target} WHERE {key_column} = ANY($1::{shape.key_sql_type}[])", keys)
+        try:
+            rows = await conn.fetch(
+                f"SELECT * FROM {target} WHERE {key_column} = ANY($1::{shape.key_sql_type}[])", keys
+            )
+        except (asyncpg.DataError, ValueError, TypeError) as error:
+            # A key of the wrong type (say a number for a text column) would fail every retry the same way.
+            raise await _name_bad_key(conn, projection, events, error) from None
         existing = {row[shape.key_column]: dict(row) for row in rows}
     state, last, applied = fold(projection, events, existing)
     records = [_record(projection, row, last[key]) for key, row in state.items() if row is not None and key in last]
@@ -169,6 +175,38 @@ async def apply_events(
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, TypeError) as error:
             raise await _name_bad_row(conn, projection, schema, physical_table, state, last, error) from None
     return Applied(applied, len(records), sum(1 for key in gone if state.get(key) is None))
+
+
+async def _name_bad_key(
+    conn: asyncpg.Connection, projection: Projection, events: Sequence[Event], error: Exception
+) -> ProjectionError:
+    """The keys did not fit the key column: find the first event whose key does not (in savepoints)."""
+    shape = projection.table
+    field = projection.key.field
+    source = "the stream id" if field is None else f"field {field!r}"
+    checked: set[Any] = set()
+    for event in events:
+        if event.type not in projection.handlers:
+            continue
+        key = event.stream_id if field is None else event.data.get(field)
+        if key is None or isinstance(key, (dict, list)) or key in checked:
+            continue
+        checked.add(key)
+        try:
+            async with conn.transaction():
+                await conn.fetchval(f"SELECT $1::{shape.key_sql_type}", key)
+        except (asyncpg.DataError, ValueError, TypeError) as key_error:
+            return _fail(
+                projection,
+                event,
+                f"its key {key!r} ({source}) does not fit the key column {shape.key_column!r} "
+                f"({shape.key_sql_type}): {key_error}",
+                "fix the event (or an upcaster), or give the key column a type that fits",
+            )
+        except asyncpg.PostgresError:
+            break  # the transaction is unusable (the first error was the server's): name the batch instead
+    first = next(event for event in events if event.type in projection.handlers)
+    return _fail(projection, first, f"the keys of this batch cannot be read: {error}", "check the key column's type")
 
 
 async def _name_bad_row(

@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -218,18 +219,18 @@ def replay_start(
     settings = _settings()
     registry = _registry(settings)
 
+    from rehydrate.models import ReplayInput
+    from rehydrate.starter import check_replay_input
+
+    input = ReplayInput(name, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel)
+    check_replay_input(input, registry if len(registry) else None)  # before Temporal: name the mistake itself
+
     async def work() -> None:
-        from rehydrate.models import ReplayInput
         from rehydrate.starter import start_replay, wait_for_replay
         from rehydrate.temporal import connect_client
 
         client = await connect_client(settings)
-        handle = await start_replay(
-            client,
-            settings,
-            ReplayInput(name, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel),
-            registry=registry if len(registry) else None,
-        )
+        handle = await start_replay(client, settings, input, registry=registry if len(registry) else None)
         url = settings.workflow_url(handle.id, handle.result_run_id)
         if not wait:
             if as_json:
@@ -428,9 +429,10 @@ def _exit_code(args: list[str] | None) -> int:
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except UserError as error:
-        err.print(f"[red]error:[/] {error.message}", soft_wrap=True)
+        # escape: a message quotes user input (a stream id, a path) that may look like Rich markup.
+        err.print(f"[red]error:[/] {escape(error.message)}", soft_wrap=True)
         if error.fix:
-            err.print(f"  fix: {error.fix}", soft_wrap=True)
+            err.print(f"  fix: {escape(error.fix)}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -60,17 +60,29 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("json", schema="pg_catalog", encoder=orjson.dumps, decoder=orjson.loads, format="binary")
 
 
+def _unreachable(url: str, error: Exception) -> UserError:
+    """One line for a database that cannot be reached, or a URL that cannot be parsed (ValueError); the
+    password is shown neither in the URL nor in the driver's message."""
+    from urllib.parse import urlsplit
+
+    detail = str(error)
+    password = urlsplit(url).password
+    if password:
+        detail = detail.replace(password, "***")
+    return UserError(
+        f"cannot connect to Postgres at {redact_url(url)}: {detail}",
+        fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
+    )
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """A pool whose connections decode JSON with orjson; an unreachable database is one clear line."""
     try:
         pool = await asyncpg.create_pool(
             url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=None
         )
-    except (TimeoutError, OSError, asyncpg.PostgresError) as error:
-        raise UserError(
-            f"cannot connect to Postgres at {redact_url(url)}: {error}",
-            fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
-        ) from None
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as error:
+        raise _unreachable(url, error) from None
     assert pool is not None
     return pool
 
@@ -78,11 +90,8 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
 async def connect(url: str) -> asyncpg.Connection:
     try:
         conn = await asyncpg.connect(url)
-    except (TimeoutError, OSError, asyncpg.PostgresError) as error:
-        raise UserError(
-            f"cannot connect to Postgres at {redact_url(url)}: {error}",
-            fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
-        ) from None
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as error:
+        raise _unreachable(url, error) from None
     await _init_connection(conn)
     return conn
 

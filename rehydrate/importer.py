@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 
 from rehydrate.errors import UserError
-from rehydrate.store import EventStore
+from rehydrate.store import EventStore, has_nul
 
 _COPY_COLUMNS = [
     "stream_id",
@@ -62,16 +62,6 @@ def _bad(where: str, problem: str) -> UserError:
     return UserError(f"{where}: {problem}", fix="fix that line and import the file again (nothing was written)")
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
 def _record(where: str, line: Any, version: int) -> tuple[Any, ...]:
     if not isinstance(line, dict):
         raise _bad(where, f"expected a JSON object, got {type(line).__name__}")
@@ -101,7 +91,7 @@ def _record(where: str, line: Any, version: int) -> tuple[Any, ...]:
             raise _bad(where, f"'recorded_at' {recorded!r} is not an ISO 8601 timestamp") from None
         if recorded_at.tzinfo is None:
             recorded_at = recorded_at.replace(tzinfo=UTC)
-    if _has_nul(stream_id) or _has_nul(event_type) or _has_nul(data) or _has_nul(metadata):
+    if has_nul(stream_id) or has_nul(event_type) or has_nul(data) or has_nul(metadata):
         raise _bad(where, "contains a NUL character, which Postgres cannot store in text or JSON")
     return (stream_id, version, event_type, schema_version, data, metadata, recorded_at)
 

@@ -22,10 +22,12 @@ class Settings(BaseSettings):
     to the dev server that `rehydrate dev` runs on localhost.
     """
 
-    model_config = SettingsConfigDict(env_prefix="REHYDRATE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="REHYDRATE_", env_file=".env", extra="ignore", populate_by_name=True)
 
     database_url: str | None = Field(default=None, description="Postgres URL; unset: embedded Postgres")
-    schema_name: str = Field(default="rehydrate", validation_alias=AliasChoices("REHYDRATE_SCHEMA", "schema_name"))
+    schema_name: str = Field(
+        default="rehydrate", validation_alias=AliasChoices("REHYDRATE_SCHEMA", "REHYDRATE_SCHEMA_NAME")
+    )
     read_model_schema: str = "public"
     data_dir: Path = Path(".rehydrate")
 

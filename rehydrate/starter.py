@@ -53,9 +53,7 @@ async def start_replay(
 
     A second start while one runs is refused with a clear error, or, with `attach`, returns the running one.
     """
-    if registry is not None:
-        registry.get(input.projection)  # an unknown name fails here, before anything is started
-    _check_tuning(input)
+    check_replay_input(input, registry)
     workflow_id = replay_workflow_id(input.projection)
     try:
         return await client.start_workflow(
@@ -73,6 +71,13 @@ async def start_replay(
             fix=f"watch it with `rehydrate replay status {input.projection}` or stop it with "
             f"`rehydrate replay cancel {input.projection}`",
         ) from None
+
+
+def check_replay_input(input: ReplayInput, registry: Registry | None = None) -> None:
+    """Refuse an unknown projection (when a registry is given) or out-of-range tuning, before anything starts."""
+    if registry is not None:
+        registry.get(input.projection)
+    _check_tuning(input)
 
 
 def _check_tuning(input: ReplayInput) -> None:

@@ -71,7 +71,9 @@ class KeySpec:
     field: str | None = None  # None: the stream id
 
     def sql(self, param: int) -> str:
-        return "stream_id" if self.field is None else f"(payload ->> ${param})"
+        # coalesce: an event without the field still lands in a lane, where the fold names it; a NULL
+        # here would drop it from every lane (and break the per-lane count).
+        return "stream_id" if self.field is None else f"coalesce(payload ->> ${param}, '')"
 
 
 HeldBack = dict[str, int]  # stream id -> lowest version at or above the mark
@@ -293,6 +295,28 @@ def _check_new_event(event: NewEvent, *, where: str) -> None:
             f"event {event.type!r} in {where}: schema_version {event.schema_version!r} is not a positive integer",
             fix="use 1 for the first shape of an event type",
         )
+    if not isinstance(event.metadata, dict):
+        raise UserError(
+            f"event {event.type!r} in {where}: metadata must be a JSON object, not {type(event.metadata).__name__}",
+            fix="wrap the value in an object",
+        )
+    if has_nul(event.data) or has_nul(event.metadata):
+        raise UserError(
+            f"event {event.type!r} in {where}: data or metadata contains a NUL character, "
+            "which Postgres cannot store in JSON",
+            fix="remove it, or encode the value (e.g. base64)",
+        )
+
+
+def has_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character anywhere (Postgres stores none in text or jsonb)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_nul(v) for v in value)
+    return False
 
 
 def replace_data(event: Event, data: dict[str, Any]) -> Event:

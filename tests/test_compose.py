@@ -387,7 +387,10 @@ esac
         assert (state / f"dir-{database}").read_text().strip() == directory
     first_calls = log.read_text().splitlines()
     assert [c.split()[2] for c in first_calls if c.split()[1] == "temporal"] == [
-        "update-schema", "create", "setup-schema", "update-schema",
+        "update-schema",
+        "create",
+        "setup-schema",
+        "update-schema",
     ]
 
     log.unlink()
@@ -601,4 +604,3 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_image() -> None:
     }
     assert {".git", ".env", ".rehydrate"} <= patterns
     assert "pyproject.toml" not in patterns and "rehydrate" not in patterns
-

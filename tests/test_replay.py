@@ -11,7 +11,7 @@ from rehydrate.errors import UserError
 from rehydrate.models import ReplayInput
 from rehydrate.settings import Settings
 from rehydrate.starter import cancel_replay, replay_status, start_replay, wait_for_replay
-from rehydrate.store import EventStore, NewEvent
+from rehydrate.store import EventStore
 from rehydrate.worker import running_worker
 from rehydrate.workflows import ReplayWorkflow
 from tests import support
@@ -65,8 +65,7 @@ async def test_second_replay_swaps_a_new_generation_and_keeps_the_previous_for_r
     )
     assert states == {1: "dropped", 2: "retired", 3: "active"}
     tables = {
-        r[0]
-        for r in await store.pool.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE 'account__g%'")
+        r[0] for r in await store.pool.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE 'account__g%'")
     }
     assert tables == {"account__g2", "account__g3"}
     indexes = await store.pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'account__g3'")
@@ -126,9 +125,7 @@ async def test_cancel_drops_the_half_built_generation_and_keeps_the_active_one(
     async with running_worker(settings, registry, client=client):
         await replay(client, settings, ReplayInput("accounts"))
         before = await support.read_model(store.pool, support.accounts)
-        handle = await start_replay(
-            client, settings, ReplayInput("accounts", lanes=1, chunk_size=1, max_parallel=1)
-        )
+        handle = await start_replay(client, settings, ReplayInput("accounts", lanes=1, chunk_size=1, max_parallel=1))
         while (await handle.query(ReplayWorkflow.progress)).events_applied < 5:
             await asyncio.sleep(0.05)
         await cancel_replay(client, "accounts")

@@ -90,8 +90,14 @@ async def test_an_event_whose_predecessor_is_above_the_mark_is_held_back(
             lane = [
                 e
                 async for batch in store.read_lane(
-                    conn, after_position=0, mark=mark, types=["Opened", "Deposited"], key=KeySpec(),
-                    lane=0, lanes=1, limit=100,
+                    conn,
+                    after_position=0,
+                    mark=mark,
+                    types=["Opened", "Deposited"],
+                    key=KeySpec(),
+                    lane=0,
+                    lanes=1,
+                    limit=100,
                 )
                 for e in batch
             ]
@@ -145,8 +151,14 @@ async def test_import_streams_a_file_through_copy_and_continues_stream_versions(
     lines = [
         {"stream_id": "order-1", "type": "ItemAdded", "data": {"sku": "a"}},
         {"stream_id": "order-2", "type": "OrderPlaced", "data": {"customer_id": "d"}, "stream_version": 1},
-        {"stream_id": "order-1", "type": "OrderPaid", "data": {}, "schema_version": 2,
-         "metadata": {"by": "import"}, "recorded_at": "2025-01-02T03:04:05+00:00"},
+        {
+            "stream_id": "order-1",
+            "type": "OrderPaid",
+            "data": {},
+            "schema_version": 2,
+            "metadata": {"by": "import"},
+            "recorded_at": "2025-01-02T03:04:05+00:00",
+        },
     ]
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n\n")
@@ -154,5 +166,8 @@ async def test_import_streams_a_file_through_copy_and_continues_stream_versions(
     assert (report.events, report.streams) == (3, 2)
     order1 = await store.read_stream("order-1")
     assert [(e.stream_version, e.type, e.schema_version) for e in order1] == [
-        (1, "OrderPlaced", 1), (2, "ItemAdded", 1), (3, "OrderPaid", 2)]
+        (1, "OrderPlaced", 1),
+        (2, "ItemAdded", 1),
+        (3, "OrderPaid", 2),
+    ]
     assert order1[2].metadata == {"by": "import"} and order1[2].recorded_at.year == 2025

@@ -61,9 +61,10 @@ class ReplayActivities:
 
     async def _plan(self, input: PlanInput) -> Plan:
         projection = self.registry.get(input.projection)
-        lanes = input.lanes or self.settings.lanes
-        chunk_size = input.chunk_size or self.settings.chunk_size
-        max_parallel = input.max_parallel or self.settings.max_parallel
+        # `is None`, not `or`: a 0 from a hand-written input (the Web UI) is refused below, not replaced.
+        lanes = self.settings.lanes if input.lanes is None else input.lanes
+        chunk_size = self.settings.chunk_size if input.chunk_size is None else input.chunk_size
+        max_parallel = self.settings.max_parallel if input.max_parallel is None else input.max_parallel
         if not 1 <= lanes <= 256:
             raise UserError(f"lanes={lanes} is out of range", fix="use 1 to 256 lanes")
         if chunk_size < 1:

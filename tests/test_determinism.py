@@ -1,0 +1,87 @@
+"""The replay workflow's code stays deterministic against histories it has already written.
+
+A worker that is upgraded while replays run must replay their histories without a nondeterminism error, so
+besides a fresh history this replays one recorded by an earlier version of the code, committed in
+tests/histories/. Record it again (only when a change to the workflow is meant to break running replays) with
+
+    REHYDRATE_RECORD_HISTORY=1 /tmp/venv/bin/python -m pytest tests/test_determinism.py
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHistory
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
+
+from rehydrate.models import ReplayInput, ReplayResult
+from rehydrate.settings import Settings
+from rehydrate.starter import start_replay, wait_for_replay
+from rehydrate.store import EventStore
+from rehydrate.worker import running_worker, workflow_runner
+from rehydrate.workflows import ReplayWorkflow
+from rehydrate.workflows.replay import replay_workflow_id
+from tests import support
+
+RECORDED = Path(__file__).parent / "histories" / "replay_accounts.json"
+WORKFLOW_ID = replay_workflow_id("accounts")
+
+
+def replayer() -> Replayer:
+    return Replayer(workflows=[ReplayWorkflow], workflow_runner=workflow_runner())
+
+
+def recorded_history() -> WorkflowHistory:
+    if not RECORDED.exists():
+        pytest.fail(f"{RECORDED} is missing: record it with REHYDRATE_RECORD_HISTORY=1 (see this module's docstring)")
+    return WorkflowHistory.from_json(WORKFLOW_ID, RECORDED.read_text())
+
+
+def event_types(history: WorkflowHistory) -> list[int]:
+    return [event.event_type for event in history.events]
+
+
+async def test_replay_workflow_is_deterministic_against_a_recorded_history(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    # Small enough to keep the committed JSON short, big enough for several chunks per lane, then finish,
+    # catch-up and swap: every activity the workflow schedules.
+    await support.append_all(store, support.random_history(41, streams=20, events=300))
+    async with running_worker(settings, support.registry(), client=client):
+        handle = await start_replay(client, settings, ReplayInput("accounts", lanes=2, chunk_size=50))
+        await wait_for_replay(handle)
+    fresh = await handle.fetch_history()
+    types = event_types(fresh)
+    assert types[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    assert types.count(EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED) >= 6, "plan, chunks, finish, catch-up, swap"
+
+    await replayer().replay_workflow(fresh)
+
+    if os.environ.get("REHYDRATE_RECORD_HISTORY") == "1":
+        RECORDED.parent.mkdir(parents=True, exist_ok=True)
+        RECORDED.write_text(fresh.to_json())
+    recorded = recorded_history()
+    assert event_types(recorded)[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    await replayer().replay_workflow(recorded)
+
+
+@workflow.defn(name="Replay")
+class ReplayWithAnExtraTimer(ReplayWorkflow):
+    """The replay workflow with one command added before its first activity: a change that breaks runs in flight."""
+
+    @workflow.run
+    async def run(self, input: ReplayInput) -> ReplayResult:
+        await workflow.sleep(timedelta(seconds=1))
+        return await super().run(input)
+
+
+async def test_the_recorded_history_catches_a_nondeterministic_change() -> None:
+    # Guards the test above: replaying the committed history must fail for a workflow that changed its commands.
+    changed = Replayer(workflows=[ReplayWithAnExtraTimer], workflow_runner=UnsandboxedWorkflowRunner())
+    with pytest.raises(workflow.NondeterminismError):
+        await changed.replay_workflow(recorded_history())

@@ -1,0 +1,265 @@
+"""A chunk activity is safe to run again: its rows and its lane checkpoint commit together, or not at all.
+
+The activities run outside Temporal here (`ActivityEnvironment`), after a real plan, against a real Postgres:
+that is how a retry sees the database — a second delivery of the same `ChunkInput` after the first committed
+(a lost acknowledgement), a zombie attempt racing its retry, or an attempt that failed half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from rehydrate import catalog
+from rehydrate.activities import ReplayActivities
+from rehydrate.models import ChunkInput, ChunkResult, Plan, PlanInput
+from rehydrate.projections import Projection, Registry, Row
+from rehydrate.settings import Settings
+from rehydrate.store import Event, EventStore
+from tests import support
+
+LANES = 2
+CHUNK = 40
+
+
+@pytest.fixture
+def activity_settings(database_url: str, tmp_path: Path) -> Settings:
+    # The activities need no Temporal server: only Postgres.
+    return Settings(database_url=database_url, data_dir=tmp_path / "data", lanes=LANES, chunk_size=CHUNK)
+
+
+# -- a projection that fails on demand -------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    """Off while `mode` is None. Otherwise the `at`-th handler call (and later ones) misbehave:
+    "raise" raises in the handler; "bad_row" returns a row that cannot be stored (a number as owner), which fails
+    the COPY *after* apply_events has already deleted the chunk's existing rows."""
+
+    mode: str | None = None
+    at: int = 1
+    calls: int = 0
+    fired: int = 0
+
+
+FAULT = Fault()
+
+
+@pytest.fixture
+def fault() -> Iterator[Fault]:
+    FAULT.mode, FAULT.at, FAULT.calls, FAULT.fired = None, 1, 0, 0
+    yield FAULT
+    FAULT.mode = None
+
+
+def _faulty(handler: Any) -> Any:
+    def handle(row: Row | None, event: Event) -> Row | None:
+        new = handler(row, event)
+        if FAULT.mode is None:
+            return new
+        FAULT.calls += 1
+        if FAULT.calls < FAULT.at:
+            return new
+        if FAULT.mode == "raise":
+            FAULT.fired += 1
+            raise RuntimeError("injected fault")
+        if row is not None and new is not None:
+            FAULT.fired += 1
+            return {**new, "owner": 12345}  # a number for a text column; later handlers leave owner alone
+        return new
+
+    return handle
+
+
+# Same table and handlers as tests.support.accounts, so the oracle of `support.accounts` applies to it.
+flaky_accounts = Projection("flaky_accounts", version=1, table=support.Account, key="stream")
+for _type, _handler in support.accounts.handlers.items():
+    flaky_accounts.on(_type)(_faulty(_handler))
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+
+async def lane_of_streams(pool: asyncpg.Pool, lanes: int) -> dict[str, int]:
+    """Each stream's lane, by the same hash the store partitions lanes with (stream-keyed projections)."""
+    rows = await pool.fetch(
+        "SELECT DISTINCT stream_id, (hashtextextended(stream_id, 0) & 9223372036854775807) % $1 FROM rehydrate.events",
+        lanes,
+    )
+    return {row[0]: int(row[1]) for row in rows}
+
+
+async def generation_rows(pool: asyncpg.Pool, projection: Projection, generation: int) -> dict[Any, Row]:
+    physical = catalog.physical_table_name(projection, generation)
+    rows = await pool.fetch(f'SELECT * FROM public."{physical}"')
+    return {row[projection.table.key_column]: dict(row) for row in rows}
+
+
+async def checkpoint(pool: asyncpg.Pool, projection: str, generation: int, lane: int) -> tuple[int, int, bool]:
+    row = await pool.fetchrow(
+        "SELECT position, events_applied, done FROM rehydrate.lane_checkpoints "
+        "WHERE projection = $1 AND generation = $2 AND lane = $3",
+        projection,
+        generation,
+        lane,
+    )
+    assert row is not None
+    return (row[0], row[1], row[2])
+
+
+@dataclass
+class Lab:
+    """One planned generation of a projection, its activities, and the oracle to check it against."""
+
+    pool: asyncpg.Pool
+    projection: Projection
+    activities: ReplayActivities
+    plan: Plan
+    events: list[Event]
+    lane_of: dict[str, int]
+
+    def chunk(self, lane: int) -> ChunkInput:
+        return ChunkInput(
+            projection=self.projection.name,
+            generation=self.plan.generation,
+            lane=lane,
+            lanes=len(self.plan.lanes),
+            mark=self.plan.mark,
+            chunk_size=self.plan.chunk_size,
+        )
+
+    async def run(self, lane: int) -> ChunkResult:
+        return await ActivityEnvironment().run(self.activities.apply_chunk, self.chunk(lane))
+
+    def handled(self, lanes: set[int], up_to: dict[int, int] | None = None) -> list[Event]:
+        """Handled events of `lanes`, each lane up to its position in `up_to` (all of them when absent)."""
+        return [
+            e
+            for e in self.events
+            if e.type in self.projection.handlers
+            and self.lane_of[e.stream_id] in lanes
+            and (up_to is None or e.global_position <= up_to[self.lane_of[e.stream_id]])
+        ]
+
+    def expected(self, lanes: set[int], up_to: dict[int, int] | None = None) -> dict[Any, Row]:
+        return support.oracle(self.projection, self.handled(lanes, up_to))
+
+    async def rows(self) -> dict[Any, Row]:
+        return await generation_rows(self.pool, self.projection, self.plan.generation)
+
+    async def checkpoint(self, lane: int) -> tuple[int, int, bool]:
+        return await checkpoint(self.pool, self.projection.name, self.plan.generation, lane)
+
+    async def applied(self) -> int:
+        """The events_applied of every lane checkpoint, summed."""
+        return sum([(await self.checkpoint(lane))[1] for lane in range(len(self.plan.lanes))])
+
+
+async def make_lab(pool: asyncpg.Pool, store: EventStore, settings: Settings, projection: Projection, seed: int) -> Lab:
+    await support.append_all(store, support.random_history(seed, streams=40, events=600))
+    activities = ReplayActivities(pool, Registry([projection]), settings)
+    plan = await ActivityEnvironment().run(
+        activities.plan_replay,
+        PlanInput(projection=projection.name, workflow_id=f"test-{projection.name}", run_id="run-1"),
+    )
+    assert len(plan.lanes) == LANES and plan.chunk_size == CHUNK
+    lab = Lab(pool, projection, activities, plan, await support.all_events(store), await lane_of_streams(pool, LANES))
+    assert len(set(lab.lane_of.values())) == LANES, "the history must put streams in every lane"
+    assert len(lab.handled({0})) > 3 * CHUNK, "lane 0 must take several chunks"
+    return lab
+
+
+# -- tests ----------------------------------------------------------------------------------------------
+
+
+async def test_a_chunk_delivered_twice_continues_from_the_committed_checkpoint_and_applies_nothing_twice(
+    pool: asyncpg.Pool, store: EventStore, activity_settings: Settings
+) -> None:
+    lab = await make_lab(pool, store, activity_settings, support.accounts, seed=31)
+    first = await lab.run(0)
+    assert not first.done and first.chunk_events > 0
+    assert await lab.rows() == lab.expected({0}, {0: first.position})
+    assert await lab.checkpoint(0) == (first.position, first.applied, False)
+
+    # The same ChunkInput again, as Temporal delivers it when the first attempt's completion was lost: it must
+    # not fold the first chunk's events a second time, but take the next ones after the committed checkpoint.
+    second = await lab.run(0)
+    assert second.position > first.position
+    assert second.applied == first.applied + second.chunk_events
+    assert await lab.rows() == lab.expected({0}, {0: second.position})
+    assert await lab.checkpoint(0) == (second.position, second.applied, second.done)
+
+    # Run every remaining chunk of lane 0 twice; then lane 0 is complete and a further run changes nothing.
+    result = second
+    while not result.done:
+        result = await lab.run(0)
+        result = await lab.run(0) if not result.done else result
+        assert await lab.rows() == lab.expected({0}, {0: result.position})
+    done_rows, done_checkpoint = await lab.rows(), await lab.checkpoint(0)
+    assert done_checkpoint == (result.position, len(lab.handled({0})), True)
+    again = await lab.run(0)
+    assert again == ChunkResult(position=result.position, applied=result.applied, chunk_events=0, done=True)
+    assert await lab.rows() == done_rows
+    assert await lab.checkpoint(0) == done_checkpoint
+
+    # The other lane, once each: the generation's table is now the plain fold of all events.
+    while not (await lab.run(1)).done:
+        pass
+    assert await lab.rows() == support.oracle(support.accounts, lab.events)
+    assert await lab.applied() == len(lab.handled(set(range(LANES))))
+
+
+async def test_two_attempts_of_the_same_chunk_at_once_are_serialised_by_the_lane_lock(
+    pool: asyncpg.Pool, store: EventStore, activity_settings: Settings
+) -> None:
+    # A zombie attempt (its worker lost the heartbeat but still runs) and its retry, at the same time.
+    lab = await make_lab(pool, store, activity_settings, support.accounts, seed=32)
+    results = await asyncio.gather(lab.run(0), lab.run(0))
+    low, high = sorted(results, key=lambda r: r.position)
+    assert low.position < high.position, "the second attempt started after the first one's commit"
+    assert high.applied == low.applied + high.chunk_events
+    assert await lab.rows() == lab.expected({0}, {0: high.position})
+    assert await lab.checkpoint(0) == (high.position, high.applied, high.done)
+
+
+@pytest.mark.parametrize("mode", ["raise", "bad_row"])
+async def test_a_chunk_that_fails_midway_leaves_no_rows_and_no_checkpoint_movement(
+    pool: asyncpg.Pool, store: EventStore, activity_settings: Settings, fault: Fault, mode: str
+) -> None:
+    lab = await make_lab(pool, store, activity_settings, flaky_accounts, seed=33)
+    first = await lab.run(0)
+    assert not first.done
+    before_rows, before_checkpoint = await lab.rows(), await lab.checkpoint(0)
+    assert before_rows == lab.expected({0}, {0: first.position})
+
+    # The next chunk of lane 0 touches rows the first chunk wrote: with "bad_row", apply_events deletes them
+    # before its COPY fails, so only the rollback of the whole transaction can bring them back.
+    following = [e for e in lab.handled({0}) if e.global_position > first.position][:CHUNK]
+    assert {e.stream_id for e in following} & set(before_rows)
+
+    fault.mode, fault.at = mode, CHUNK // 2
+    with pytest.raises(ApplicationError) as raised:
+        await lab.run(0)
+    assert fault.fired > 0
+    assert raised.value.non_retryable and raised.value.type == "ProjectionError"
+    expected_problem = "injected fault" if mode == "raise" else "cannot be stored"
+    assert expected_problem in str(raised.value)
+    assert await lab.rows() == before_rows
+    assert await lab.checkpoint(0) == before_checkpoint
+
+    # Fixed (the flag cleared), the same chunk runs again from the unmoved checkpoint, and the replay completes.
+    fault.mode = None
+    for lane in range(LANES):
+        while not (await lab.run(lane)).done:
+            pass
+    assert await lab.rows() == support.oracle(support.accounts, lab.events)
+    assert await lab.applied() == len(lab.handled(set(range(LANES))))
