@@ -187,9 +187,16 @@ async def _lock_generation(conn: asyncpg.Connection, schema: str, projection: st
 
 
 async def catch_up(
-    conn: asyncpg.Connection, store: EventStore, read_schema: str, projection: Projection, generation: int
+    conn: asyncpg.Connection,
+    store: EventStore,
+    read_schema: str,
+    projection: Projection,
+    generation: int,
+    *,
+    max_events: int | None = None,
 ) -> tuple[int, int]:
-    """Move a generation's checkpoint to the current high-water mark, applying the delta. In a transaction."""
+    """Move a generation's checkpoint to the current high-water mark (or, with `max_events`, to an earlier mark
+    that bounds the batch), applying the delta. Runs in the caller's transaction."""
     row = await _lock_generation(conn, store.schema, projection.name, generation)
     if row["state"] not in ("building", "active"):
         raise UserError(f"generation {generation} of {projection.name!r} is {row['state']}", fix="start a new replay")
@@ -197,6 +204,8 @@ async def catch_up(
     mark = await store.high_water_mark(conn)
     if mark <= checkpoint:
         return 0, checkpoint
+    if max_events is not None:
+        mark = await store.bounded_mark(conn, from_mark=checkpoint, to_mark=mark, max_events=max_events)
     events = await store.read_delta(conn, from_mark=checkpoint, to_mark=mark, types=projection.event_types)
     applied = await apply_events(conn, projection, read_schema, row["physical_table"], events)
     await conn.execute(
@@ -260,7 +269,7 @@ async def swap(
                 generation,
             )
             return SwapResult(generation, None, 0, 0.0, rows or 0)
-        final_delta, mark = await catch_up(conn, store, read_schema, projection, generation)
+        final_delta, _ = await catch_up(conn, store, read_schema, projection, generation)
         rows = int(await conn.fetchval(f"SELECT count(*) FROM {qualified(read_schema, row['physical_table'])}"))
         # Readers queue behind the view's lock while we wait for it: give up quickly and let the caller retry.
         await conn.execute("SET LOCAL lock_timeout = '500ms'")
@@ -280,16 +289,15 @@ async def swap(
             rows,
         )
         await conn.execute(
-            f"""INSERT INTO {s}.projections (name, active_generation, version, fingerprint, checkpoint_xmin)
-                VALUES ($1, $2, $3, $4, $5::text::xid8)
+            f"""INSERT INTO {s}.projections (name, active_generation, version, fingerprint)
+                VALUES ($1, $2, $3, $4)
                 ON CONFLICT (name) DO UPDATE SET active_generation = excluded.active_generation,
-                    version = excluded.version, fingerprint = excluded.fingerprint,
-                    checkpoint_xmin = excluded.checkpoint_xmin, updated_at = now()""",
+                    version = excluded.version, fingerprint = excluded.fingerprint, tail_error = NULL,
+                    updated_at = now()""",
             projection.name,
             generation,
             projection.version,
             projection.fingerprint,
-            str(mark),
         )
     lock_ms = (time.perf_counter() - started) * 1000
     return SwapResult(generation, previous, final_delta, lock_ms, rows)
@@ -336,9 +344,11 @@ async def drop_generation(
 
 
 async def projection_rows(conn: asyncpg.Connection, schema: str) -> dict[str, dict[str, Any]]:
-    """Per projection: its active generation and the latest generation of any state, for `rehydrate projections`."""
+    """Per projection: its active generation, its checkpoint and tail state, and its latest generation of any
+    state, for `rehydrate projections`."""
     rows = await conn.fetch(
-        f"""SELECT n.name, p.active_generation, p.version, p.fingerprint, a.rows_count, a.activated_at,
+        f"""SELECT n.name, p.active_generation, p.version, p.fingerprint, p.tail_enabled, p.tail_error,
+                   a.rows_count, a.activated_at, a.checkpoint_xmin::text::bigint AS checkpoint,
                    l.generation AS last_generation, l.state AS last_state, l.started_at AS last_started,
                    l.ended_at AS last_ended, l.events_applied AS last_events, l.error AS last_error
             FROM (SELECT DISTINCT projection AS name FROM {quote(schema)}.generations) n
@@ -349,3 +359,65 @@ async def projection_rows(conn: asyncpg.Connection, schema: str) -> dict[str, di
                                ORDER BY g.generation DESC LIMIT 1) l ON true""",
     )
     return {row["name"]: dict(row) for row in rows}
+
+
+async def tail_batch(
+    conn: asyncpg.Connection, store: EventStore, read_schema: str, projection: Projection, max_events: int
+) -> tuple[int, int, int] | None:
+    """Apply the next batch of new events to the active generation: (generation, events applied, checkpoint).
+
+    Holds the projection's tail lock for the batch, so a swap waits for it and the next batch reads the
+    active generation afresh: after a swap the tail goes on from exactly where the new generation ends.
+    None when the projection has no active generation.
+    """
+    async with conn.transaction():
+        await conn.execute(_TAIL_LOCK, projection.name)
+        generation = await conn.fetchval(
+            f"SELECT active_generation FROM {quote(store.schema)}.projections WHERE name = $1", projection.name
+        )
+        if generation is None:
+            return None
+        applied, mark = await catch_up(conn, store, read_schema, projection, generation, max_events=max_events)
+    return generation, applied, mark
+
+
+async def lag(
+    conn: asyncpg.Connection, store: EventStore, projection: Projection, checkpoint: int
+) -> tuple[int, float]:
+    """Events the read model does not have yet (of the types it handles), and how old the oldest one is."""
+    row = await conn.fetchrow(
+        f"""SELECT count(*), coalesce(extract(epoch FROM now() - min(recorded_at)), 0)::float8
+            FROM {store.table}
+            WHERE tx_id >= $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))""",
+        str(checkpoint),
+        projection.event_types,
+    )
+    return int(row[0]), float(row[1])
+
+
+async def set_tail(conn: asyncpg.Connection, schema: str, projection: str, *, enabled: bool) -> bool:
+    """Record whether the projection's tail should run; False when the projection was never built."""
+    done = await conn.fetchval(
+        f"""UPDATE {quote(schema)}.projections SET tail_enabled = $2, tail_error = NULL, updated_at = now()
+            WHERE name = $1 RETURNING true""",
+        projection,
+        enabled,
+    )
+    return bool(done)
+
+
+async def set_tail_error(conn: asyncpg.Connection, schema: str, projection: str, error: str) -> None:
+    await conn.execute(
+        f"UPDATE {quote(schema)}.projections SET tail_error = $2, updated_at = now() WHERE name = $1",
+        projection,
+        error,
+    )
+
+
+async def tails_to_run(conn: asyncpg.Connection, schema: str) -> list[str]:
+    """Projections with an active generation whose tail should run."""
+    rows = await conn.fetch(
+        f"""SELECT name FROM {quote(schema)}.projections
+            WHERE active_generation IS NOT NULL AND tail_enabled ORDER BY name"""
+    )
+    return [row[0] for row in rows]

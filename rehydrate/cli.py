@@ -33,9 +33,11 @@ app = typer.Typer(
 db_app = typer.Typer(help="The event store's schema.", no_args_is_help=True)
 events_app = typer.Typer(help="Load events into the event store.", no_args_is_help=True)
 replay_app = typer.Typer(help="Start, watch and cancel replays.", no_args_is_help=True)
+tail_app = typer.Typer(help="Start and stop the live tail that keeps a read model current.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(replay_app, name="replay")
+app.add_typer(tail_app, name="tail")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -143,9 +145,12 @@ def dev(
 @app.command("worker")
 def worker_command(
     max_concurrent_activities: Annotated[int | None, typer.Option(help="Chunks this worker runs at once.")] = None,
+    tails: Annotated[
+        bool | None, typer.Option("--tails/--no-tails", help="Start the tails of active projections (default: on).")
+    ] = None,
 ) -> None:
-    """Run a worker: replays and their activities, until SIGINT or SIGTERM."""
-    settings = _settings(max_concurrent_activities=max_concurrent_activities)
+    """Run a worker: replays, tails and their activities, until SIGINT or SIGTERM."""
+    settings = _settings(max_concurrent_activities=max_concurrent_activities, tails=tails)
     registry = _registry(settings)
     if not len(registry):
         raise UserError("no projections registered", fix="set REHYDRATE_PROJECTIONS=your.module[,other.module]")
@@ -304,6 +309,41 @@ def replay_cancel(
     _run(work)
 
 
+@tail_app.command("start")
+def tail_start(name: Annotated[str, typer.Argument(help="The projection whose tail to start.")]) -> None:
+    """Start NAME's tail: new events are applied to its active read model as they commit."""
+    _tail_command(name, start=True)
+
+
+@tail_app.command("stop")
+def tail_stop(name: Annotated[str, typer.Argument(help="The projection whose tail to stop.")]) -> None:
+    """Stop NAME's tail; workers do not start it again until `rehydrate tail start`."""
+    _tail_command(name, start=False)
+
+
+def _tail_command(name: str, *, start: bool) -> None:
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.database import create_pool, ensure_schema, resolve_url
+        from rehydrate.starter import start_tail, stop_tail
+        from rehydrate.temporal import connect_client
+
+        pool = await create_pool(resolve_url(settings))
+        try:
+            async with pool.acquire() as conn:
+                await ensure_schema(conn, settings.schema_name)
+            client = await connect_client(settings)
+            command = start_tail if start else stop_tail
+            workflow_id = await command(client, pool, settings, name)
+        finally:
+            await pool.close()
+        verb = "started" if start else "stopped"
+        out.print(f"tail of {name} {verb}: {settings.workflow_url(workflow_id)}")
+
+    _run(work)
+
+
 @app.command()
 def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List registered projections: version, active generation, rows, last replay."""
@@ -312,14 +352,30 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
 
     async def work() -> None:
         from rehydrate import catalog
-        from rehydrate.database import connect, ensure_schema, resolve_url
+        from rehydrate.database import create_pool, ensure_schema, resolve_url
+        from rehydrate.starter import tail_state
+        from rehydrate.store import EventStore
+        from rehydrate.temporal import connect_client
 
-        conn = await connect(resolve_url(settings))
+        pool = await create_pool(resolve_url(settings))
+        lags: dict[str, tuple[int, float]] = {}
         try:
-            await ensure_schema(conn, settings.schema_name)
-            known = await catalog.projection_rows(conn, settings.schema_name)
+            async with pool.acquire() as conn:
+                await ensure_schema(conn, settings.schema_name)
+                known = await catalog.projection_rows(conn, settings.schema_name)
+                store = EventStore(pool, settings.schema_name)
+                for name, row in known.items():
+                    if row.get("checkpoint") is not None and name in registry.names():
+                        lags[name] = await catalog.lag(conn, store, registry.get(name), row["checkpoint"])
         finally:
-            await conn.close()
+            await pool.close()
+        tails: dict[str, tuple[str, str | None]] = {}
+        try:
+            client = await connect_client(settings)
+            for name in known:
+                tails[name] = await tail_state(client, name)
+        except UserError:
+            tails = {name: ("UNKNOWN (Temporal unreachable)", None) for name in known}
         rows: list[dict[str, Any]] = []
         for name in sorted(set(registry.names()) | set(known)):
             row = known.get(name, {})
@@ -331,6 +387,14 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
                     "version": registry.get(name).version if registered else row.get("version"),
                     "active_generation": row.get("active_generation"),
                     "rows": row.get("rows_count"),
+                    "checkpoint": row.get("checkpoint"),
+                    "tail": {
+                        "enabled": row.get("tail_enabled"),
+                        "workflow": tails.get(name, ("NOT_STARTED", None))[0],
+                        "error": row.get("tail_error") or tails.get(name, (None, None))[1],
+                        "lag_events": lags[name][0] if name in lags else None,
+                        "lag_seconds": round(lags[name][1], 3) if name in lags else None,
+                    },
                     "last_replay": row.get("last_generation")
                     and {
                         "generation": row["last_generation"],
@@ -344,7 +408,7 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
         if as_json:
             _print_json(rows)
             return
-        table = Table("projection", "version", "active", "rows", "last replay")
+        table = Table("projection", "version", "active", "rows", "tail", "lag", "last replay")
         for r in rows:
             last = r["last_replay"]
             table.add_row(
@@ -352,13 +416,28 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
                 str(r["version"] or "-"),
                 f"g{r['active_generation']}" if r["active_generation"] else "-",
                 f"{r['rows']:,}" if r["rows"] is not None else "-",
+                _tail_text(r["tail"]),
+                f"{r['tail']['lag_events']:,} ev, {r['tail']['lag_seconds']:.1f} s"
+                if r["tail"]["lag_events"] is not None
+                else "-",
                 f"g{last['generation']} {last['state']} {last['ended_at'] or last['started_at']:%Y-%m-%d %H:%M:%S}"
                 if last
                 else "never",
             )
         out.print(table)
+        for r in rows:
+            if r["tail"]["error"]:
+                out.print(f"[red]{r['name']}[/]: {escape(r['tail']['error'])}", soft_wrap=True)
 
     _run(work)
+
+
+def _tail_text(tail: dict[str, Any]) -> str:
+    if tail["error"]:
+        return "FAILED"
+    if tail["enabled"] is False:
+        return "stopped"
+    return str(tail["workflow"]).lower().replace("_", " ")
 
 
 # -- output -----------------------------------------------------------------------------------------------------

@@ -160,4 +160,5 @@ async def import_events(
                 await flush()
         if batch:
             await flush()
+        await conn.execute("SELECT pg_notify($1, '')", store.channel)
     return ImportReport(total, len(known), time.perf_counter() - started)

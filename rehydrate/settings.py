@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     max_parallel: int = Field(default=8, ge=1, le=500)
     retain_generations: int = Field(default=1, ge=0, description="Retired generations kept for rollback")
     max_concurrent_activities: int = Field(default=4, ge=1)
+    tails: bool = Field(default=True, description="Workers start the tails of active projections by themselves")
 
     @field_validator("projections", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Starts, watches and controls replays through Temporal."""
+"""Starts, watches and controls replays and tails through Temporal."""
 
 from __future__ import annotations
 
@@ -6,28 +6,21 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from temporalio.api.enums.v1 import WorkflowExecutionStatus
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
+from rehydrate import catalog
 from rehydrate.errors import UserError
-from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult
+from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult, TailInput
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
-from rehydrate.workflows.replay import WORKFLOW_TYPE, ReplayWorkflow, replay_workflow_id
-
-__all__ = [
-    "ReplayStatus",
-    "WorkflowExecutionStatus",
-    "cancel_replay",
-    "replay_status",
-    "start_replay",
-    "wait_for_replay",
-]
+from rehydrate.workflows.replay import ReplayWorkflow, replay_workflow_id
+from rehydrate.workflows.tail import TailWorkflow, tail_workflow_id
 
 
 @dataclass
@@ -106,17 +99,17 @@ async def wait_for_replay(
             await asyncio.wait({result_task}, timeout=interval)
         return result_task.result()
     except WorkflowFailureError as error:
-        raise UserError(_failure_message(error)) from None
+        raise UserError(f"replay failed: {_failure_cause(error)}") from None
     finally:
         result_task.cancel()
 
 
-def _failure_message(error: WorkflowFailureError) -> str:
+def _failure_cause(error: WorkflowFailureError) -> str:
     cause: BaseException | None = error.cause
     while cause is not None and getattr(cause, "cause", None) is not None:
         cause = cause.cause  # type: ignore[attr-defined]
     message = getattr(cause, "message", None) or str(cause or error)
-    return f"replay failed: {message}"
+    return str(message)
 
 
 async def replay_status(client: Client, projection: str) -> ReplayStatus:
@@ -139,7 +132,7 @@ async def replay_status(client: Client, projection: str) -> ReplayStatus:
         try:
             await handle.result()
         except WorkflowFailureError as failure:
-            error = _failure_message(failure)
+            error = f"replay failed: {_failure_cause(failure)}"
     return ReplayStatus(workflow_id, description.run_id, status, progress, result, error)
 
 
@@ -161,4 +154,57 @@ async def cancel_replay(client: Client, projection: str) -> str:
     return workflow_id
 
 
-WORKFLOW_TYPE_NAME = WORKFLOW_TYPE
+async def ensure_tail(client: Client, projection: str, task_queue: str) -> str:
+    """Start the projection's tail unless it already runs; returns its workflow id."""
+    workflow_id = tail_workflow_id(projection)
+    await client.start_workflow(
+        TailWorkflow.run,
+        TailInput(projection),
+        id=workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        static_summary=f"Tail of {projection}",
+    )
+    return workflow_id
+
+
+async def start_tail(client: Client, pool: Any, settings: Settings, projection: str) -> str:
+    """Enable and start a projection's tail (it must have an active generation)."""
+    async with pool.acquire() as conn:
+        if not await catalog.set_tail(conn, settings.schema_name, projection, enabled=True):
+            raise UserError(
+                f"projection {projection!r} has no active generation to keep current",
+                fix=f"build one first: `rehydrate replay start {projection}`",
+            )
+    return await ensure_tail(client, projection, settings.temporal_task_queue)
+
+
+async def stop_tail(client: Client, pool: Any, settings: Settings, projection: str) -> str:
+    """Disable a projection's tail and cancel its workflow; workers will not start it again until `tail start`."""
+    async with pool.acquire() as conn:
+        if not await catalog.set_tail(conn, settings.schema_name, projection, enabled=False):
+            raise UserError(f"projection {projection!r} was never built", fix="check the projection name")
+    workflow_id = tail_workflow_id(projection)
+    handle = client.get_workflow_handle(workflow_id)
+    with contextlib.suppress(RPCError):
+        if (await handle.describe()).status == Status.RUNNING:
+            await handle.cancel()
+    return workflow_id
+
+
+async def tail_state(client: Client, projection: str) -> tuple[str, str | None]:
+    """The tail workflow's status (RUNNING, FAILED, CANCELED, …, or NOT_STARTED) and its failure, if any."""
+    handle = client.get_workflow_handle_for(TailWorkflow.run, tail_workflow_id(projection))
+    try:
+        description = await handle.describe()
+    except RPCError:
+        return "NOT_STARTED", None
+    status = description.status.name if description.status is not None else "UNKNOWN"
+    error = None
+    if description.status == Status.FAILED:
+        try:
+            await handle.result()
+        except WorkflowFailureError as failure:
+            error = _failure_cause(failure)
+    return status, error

@@ -13,16 +13,17 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from rehydrate.activities import ReplayActivities
+from rehydrate import catalog
+from rehydrate.activities import ReplayActivities, TailActivities
 from rehydrate.database import create_pool, ensure_schema, resolve_url
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.temporal import connect_client
-from rehydrate.workflows import ReplayWorkflow
+from rehydrate.workflows import ReplayWorkflow, TailWorkflow
 
 log = logging.getLogger("rehydrate.worker")
 
-WORKFLOWS: Sequence[type] = (ReplayWorkflow,)
+WORKFLOWS: Sequence[type] = (ReplayWorkflow, TailWorkflow)
 
 # The sandbox re-imports a workflow's modules for every run. Re-importing asyncpg's C extension next to the
 # copy the activities use crashed the process (asyncpg >= 0.31, MagicStack/asyncpg#1292), and re-importing
@@ -60,17 +61,27 @@ async def running_worker(
         async with pool.acquire() as conn:
             await ensure_schema(conn, settings.schema_name)
         client = client or await connect_client(settings)
-        activities = ReplayActivities(pool, registry, settings)
+        queue = task_queue or settings.temporal_task_queue
+        replays = ReplayActivities(pool, registry, settings)
+        tails = TailActivities(pool, url, registry, settings)
         worker = Worker(
             client,
-            task_queue=task_queue or settings.temporal_task_queue,
+            task_queue=queue,
             workflows=list(WORKFLOWS),
             workflow_runner=workflow_runner(),
-            activities=activities.all(),
+            activities=[*replays.all(), tails.run_tail],
             max_concurrent_activities=settings.max_concurrent_activities,
             graceful_shutdown_timeout=timedelta(seconds=10),
         )
         async with worker:
+            if settings.tails:
+                from rehydrate.starter import ensure_tail
+
+                async with pool.acquire() as conn:
+                    names = await catalog.tails_to_run(conn, settings.schema_name)
+                for name in names:
+                    if name in registry.names():
+                        await ensure_tail(client, name, queue)
             yield worker
     finally:
         await pool.close()

@@ -110,6 +110,7 @@ def settings(database_url: str, temporal_address: str, tmp_path: Path) -> Settin
         chunk_size=50,
         max_parallel=8,
         projections=["tests.support"],
+        tails=False,  # tests of the tail turn it on
     )
 
 

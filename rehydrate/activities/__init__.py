@@ -1,5 +1,6 @@
-"""Activities: the only code that talks to Postgres during a replay."""
+"""Activities: the only code that talks to Postgres during a replay or a tail."""
 
 from rehydrate.activities.replay import ReplayActivities
+from rehydrate.activities.tail import TailActivities
 
-__all__ = ["ReplayActivities"]
+__all__ = ["ReplayActivities", "TailActivities"]

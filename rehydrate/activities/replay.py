@@ -211,6 +211,11 @@ class ReplayActivities:
                         result.dropped_generations = await catalog.retire_old(
                             conn, self.schema, self.read_schema, projection, self.settings.retain_generations
                         )
+                        if self.settings.tails and projection.name in await catalog.tails_to_run(conn, self.schema):
+                            # The tail goes on from the new generation's checkpoint (it reads it afresh).
+                            from rehydrate.starter import ensure_tail
+
+                            await ensure_tail(activity.client(), projection.name, activity.info().task_queue)
                         return result
                 except asyncpg.LockNotAvailableError:
                     # A long reader holds the view; we gave up the lock quickly so readers were not queued

@@ -15,6 +15,7 @@ from rehydrate.models.replay import (
     ReplayState,
     SwapResult,
 )
+from rehydrate.models.tail import TailInput, TailRun, TailStatus
 
 __all__ = [
     "CatchUpInput",
@@ -30,4 +31,7 @@ __all__ = [
     "ReplayResult",
     "ReplayState",
     "SwapResult",
+    "TailInput",
+    "TailRun",
+    "TailStatus",
 ]

@@ -22,16 +22,20 @@ CREATE TABLE IF NOT EXISTS {schema}.events (
 CREATE INDEX IF NOT EXISTS events_tx_position_idx ON {schema}.events (tx_id, global_position);
 CREATE INDEX IF NOT EXISTS events_type_position_idx ON {schema}.events (event_type, global_position);
 
--- One row per registered projection that has been built at least once.
+-- One row per projection that has been built at least once. The checkpoint of its read model is the active
+-- generation's (generations.checkpoint_xmin): the tail moves it forward.
 CREATE TABLE IF NOT EXISTS {schema}.projections (
     name              text PRIMARY KEY,
     active_generation integer,
     version           integer,
     fingerprint       text,
-    -- every event with tx_id below this mark (and not held back, see store.py) is in the active generation
-    checkpoint_xmin   xid8,
+    tail_enabled      boolean NOT NULL DEFAULT true,
+    tail_error        text,
     updated_at        timestamptz NOT NULL DEFAULT now()
 );
+-- Databases created before the tail existed.
+ALTER TABLE {schema}.projections ADD COLUMN IF NOT EXISTS tail_enabled boolean NOT NULL DEFAULT true;
+ALTER TABLE {schema}.projections ADD COLUMN IF NOT EXISTS tail_error text;
 
 -- One physical build of a projection's table.
 CREATE TABLE IF NOT EXISTS {schema}.generations (

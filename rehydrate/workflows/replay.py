@@ -35,7 +35,7 @@ def replay_workflow_id(projection: str) -> str:
     return f"rehydrate-replay-{projection}"
 
 
-def _cause(error: BaseException) -> str:
+def failure_message(error: BaseException) -> str:
     """The innermost message of an activity failure: the one line that names what went wrong."""
     while isinstance(error, ActivityError) and error.cause is not None:
         error = error.cause
@@ -80,7 +80,7 @@ class ReplayWorkflow:
             if not isinstance(error, ActivityError):
                 raise
             self._phase = "failed"
-            message = _cause(error)
+            message = failure_message(error)
             await self._drop(state, message)
             raise ApplicationError(message, type="ReplayFailed", non_retryable=True) from None
 
@@ -102,7 +102,7 @@ class ReplayWorkflow:
                 summary=f"plan {input.projection}",
             )
         except ActivityError as error:
-            raise ApplicationError(_cause(error), type="ReplayFailed", non_retryable=True) from None
+            raise ApplicationError(failure_message(error), type="ReplayFailed", non_retryable=True) from None
         return ReplayState(
             generation=plan.generation,
             physical_table=plan.physical_table,

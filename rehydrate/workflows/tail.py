@@ -1,0 +1,85 @@
+"""The tail workflow: one per projection, keeps its active read model current as new events commit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+
+with workflow.unsafe.imports_passed_through():
+    from rehydrate.activities.tail import TailActivities
+    from rehydrate.models import TailInput, TailStatus
+    from rehydrate.workflows.replay import failure_message
+
+TAIL_WORKFLOW_TYPE = "Tail"
+_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=15)
+)
+
+
+def tail_workflow_id(projection: str) -> str:
+    """The fixed workflow id of a projection's tail: at most one runs."""
+    return f"rehydrate-tail-{projection}"
+
+
+@workflow.defn(name=TAIL_WORKFLOW_TYPE)
+class TailWorkflow:
+    """Runs the tail activity again and again; any worker can run it, a crashed one is replaced after the
+    heartbeat timeout. Start it with `{"projection": NAME}`; cancel it to stop the tail."""
+
+    def __init__(self) -> None:
+        self._input: TailInput | None = None
+        self._generation: int | None = None
+        self._checkpoint: int | None = None
+        self._runs = 0
+
+    @workflow.run
+    async def run(self, input: TailInput) -> None:
+        self._input = input
+        while True:
+            self._show()
+            try:
+                run = await workflow.execute_activity_method(
+                    TailActivities.run_tail,
+                    input,
+                    start_to_close_timeout=timedelta(seconds=input.run_seconds + 120),
+                    heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
+                    retry_policy=_RETRY,
+                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    summary=f"tail {input.projection} from checkpoint {self._checkpoint}",
+                )
+            except ActivityError as error:
+                if is_cancelled_exception(error):
+                    raise
+                raise ApplicationError(failure_message(error), type="TailStopped", non_retryable=True) from None
+            self._runs += 1
+            input = replace(
+                input, events_applied=input.events_applied + run.events_applied, batches=input.batches + run.batches
+            )
+            self._input = input
+            self._generation = run.generation if run.generation is not None else self._generation
+            self._checkpoint = run.checkpoint if run.checkpoint is not None else self._checkpoint
+            if workflow.info().is_continue_as_new_suggested():
+                workflow.continue_as_new(input)
+
+    def _show(self) -> None:
+        status = self.status()
+        workflow.set_current_details(
+            f"Tail of **{status.projection}**: generation {status.generation}, checkpoint {status.checkpoint}, "
+            f"{status.events_applied:,} events applied in {status.batches:,} batches"
+        )
+
+    @workflow.query
+    def status(self) -> TailStatus:
+        input = self._input
+        return TailStatus(
+            projection=input.projection if input else "",
+            events_applied=input.events_applied if input else 0,
+            batches=input.batches if input else 0,
+            generation=self._generation,
+            checkpoint=self._checkpoint,
+            runs=self._runs,
+        )
