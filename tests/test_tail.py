@@ -15,7 +15,7 @@ from temporalio.service import RPCError
 from rehydrate.errors import ConcurrencyError
 from rehydrate.models import ReplayInput
 from rehydrate.settings import Settings
-from rehydrate.starter import start_replay, tail_state, wait_for_replay
+from rehydrate.starter import start_replay, start_tail, stop_tail, tail_state, wait_for_replay
 from rehydrate.store import EventStore, NewEvent
 from rehydrate.worker import running_worker
 from rehydrate.workflows import tail_workflow_id
@@ -189,5 +189,30 @@ async def test_a_poison_event_stops_that_projections_tail_with_a_clear_error_and
         assert await support.read_model(store.pool, support.group_totals) == groups_before
         # The other projection's tail goes on: it applied the event (it keys by stream) and applies later ones.
         await store.append("after", [NewEvent("Opened", {"owner": "z", "group": "g1"})])
+        await eventually(lambda: matches_oracle(store))
+        assert (await tail_state(client, "accounts"))[0] == "RUNNING"
+
+
+async def test_tail_stop_holds_new_events_back_and_tail_start_applies_them_exactly_once(
+    client: Client, tail_settings: Settings, store: EventStore, pool: asyncpg.Pool
+) -> None:
+    await support.append_all(store, support.random_history(50, events=100))
+    async with running_worker(tail_settings, support.registry(), client=client):
+        await wait_for_replay(await start_replay(client, tail_settings, ReplayInput("accounts")))
+        await stop_tail(client, pool, tail_settings, "accounts")
+
+        async def cancelled() -> bool:
+            return (await tail_state(client, "accounts"))[0] == "CANCELED"
+
+        await eventually(cancelled)
+        before = await support.read_model(store.pool, support.accounts)
+        await support.append_all(store, support.random_history(51, events=100))
+        await asyncio.sleep(1.5)
+        assert await support.read_model(store.pool, support.accounts) == before
+    # A worker that starts again leaves a stopped tail stopped.
+    async with running_worker(tail_settings, support.registry(), client=client):
+        await asyncio.sleep(1.5)
+        assert (await tail_state(client, "accounts"))[0] == "CANCELED"
+        await start_tail(client, pool, tail_settings, "accounts")
         await eventually(lambda: matches_oracle(store))
         assert (await tail_state(client, "accounts"))[0] == "RUNNING"
