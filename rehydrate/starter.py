@@ -155,14 +155,23 @@ async def cancel_replay(client: Client, projection: str) -> str:
 
 
 async def ensure_tail(client: Client, projection: str, task_queue: str) -> str:
-    """Start the projection's tail unless it already runs; returns its workflow id."""
+    """Start the projection's tail unless it already runs on `task_queue`; returns its workflow id.
+
+    A tail left running on another task queue (the workers moved to a new one) would never be picked up
+    again: it is replaced.
+    """
     workflow_id = tail_workflow_id(projection)
+    policy = WorkflowIDConflictPolicy.USE_EXISTING
+    with contextlib.suppress(RPCError):
+        running = await client.get_workflow_handle(workflow_id).describe()
+        if running.status == Status.RUNNING and running.task_queue != task_queue:
+            policy = WorkflowIDConflictPolicy.TERMINATE_EXISTING
     await client.start_workflow(
         TailWorkflow.run,
         TailInput(projection),
         id=workflow_id,
         task_queue=task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_conflict_policy=policy,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         static_summary=f"Tail of {projection}",
     )

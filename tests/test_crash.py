@@ -42,6 +42,7 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         "REHYDRATE_TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
         # tests.support's projections with ~0.25 ms per event: see tests/slow_support.py for why.
         "REHYDRATE_PROJECTIONS": "tests.slow_support",
+        "REHYDRATE_TAILS": "false",  # tests of the tail start their own
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     # Logs go to a file: a pipe that nobody reads would block the worker once its buffer is full.
