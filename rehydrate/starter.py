@@ -189,8 +189,14 @@ async def start_tail(client: Client, pool: Any, settings: Settings, projection: 
     return await ensure_tail(client, projection, settings.temporal_task_queue)
 
 
-async def stop_tail(client: Client, pool: Any, settings: Settings, projection: str) -> str:
-    """Disable a projection's tail and cancel its workflow; workers will not start it again until `tail start`."""
+async def stop_tail(
+    client: Client, pool: Any, settings: Settings, projection: str, *, wait_seconds: float = 15.0
+) -> str:
+    """Disable a projection's tail and cancel its workflow; workers will not start it again until `tail start`.
+
+    Returns once the workflow has ended (at most `wait_seconds`; without a worker it ends when one starts): after
+    that no batch is applied, and a `tail start` starts a new run instead of attaching to the one being cancelled.
+    """
     async with pool.acquire() as conn:
         if not await catalog.set_tail(conn, settings.schema_name, projection, enabled=False):
             raise UserError(f"projection {projection!r} was never built", fix="check the projection name")
@@ -199,6 +205,9 @@ async def stop_tail(client: Client, pool: Any, settings: Settings, projection: s
     with contextlib.suppress(RPCError):
         if (await handle.describe()).status == Status.RUNNING:
             await handle.cancel()
+            # The workflow waits for its activity to acknowledge the cancel, so its end means no batch runs.
+            with contextlib.suppress(WorkflowFailureError, asyncio.TimeoutError):
+                await asyncio.wait_for(handle.result(), wait_seconds)
     return workflow_id
 
 

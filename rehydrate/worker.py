@@ -72,6 +72,10 @@ async def running_worker(
             activities=[*replays.all(), tails.run_tail],
             max_concurrent_activities=settings.max_concurrent_activities,
             graceful_shutdown_timeout=timedelta(seconds=10),
+            # An activity learns of its cancellation from a heartbeat's reply. The SDK otherwise throttles
+            # heartbeats to 80% of the heartbeat timeout (16 s for a tail), so a stopped tail, or a cancelled
+            # replay's chunk, would go on applying events that long.
+            max_heartbeat_throttle_interval=timedelta(seconds=1),
         )
         async with worker:
             if settings.tails:
