@@ -188,18 +188,13 @@ def events_import(
     settings = _settings()
 
     async def work() -> None:
-        from rehydrate.database import create_pool, ensure_schema, resolve_url
+        from rehydrate.database import ready_pool, resolve_url
         from rehydrate.importer import import_events, read_jsonl
         from rehydrate.store import EventStore
 
-        pool = await create_pool(resolve_url(settings))
-        try:
-            async with pool.acquire() as conn:
-                await ensure_schema(conn, settings.schema_name)
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool:
             store = EventStore(pool, settings.schema_name)
             report = await import_events(store, read_jsonl(file), source=str(file), batch_size=batch_size)
-        finally:
-            await pool.close()
         out.print(
             f"imported {report.events:,} events in {report.streams:,} streams in {report.seconds:.2f} s "
             f"({report.events_per_second:,.0f} events/s)"
@@ -325,19 +320,14 @@ def _tail_command(name: str, *, start: bool) -> None:
     settings = _settings()
 
     async def work() -> None:
-        from rehydrate.database import create_pool, ensure_schema, resolve_url
+        from rehydrate.database import ready_pool, resolve_url
         from rehydrate.starter import start_tail, stop_tail
         from rehydrate.temporal import connect_client
 
-        pool = await create_pool(resolve_url(settings))
-        try:
-            async with pool.acquire() as conn:
-                await ensure_schema(conn, settings.schema_name)
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool:
             client = await connect_client(settings)
             command = start_tail if start else stop_tail
             workflow_id = await command(client, pool, settings, name)
-        finally:
-            await pool.close()
         verb = "started" if start else "stopped"
         out.print(f"tail of {name} {verb}: {settings.workflow_url(workflow_id)}")
 
@@ -352,23 +342,18 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
 
     async def work() -> None:
         from rehydrate import catalog
-        from rehydrate.database import create_pool, ensure_schema, resolve_url
+        from rehydrate.database import ready_pool, resolve_url
         from rehydrate.starter import tail_state
         from rehydrate.store import EventStore
         from rehydrate.temporal import connect_client
 
-        pool = await create_pool(resolve_url(settings))
         lags: dict[str, tuple[int, float]] = {}
-        try:
-            async with pool.acquire() as conn:
-                await ensure_schema(conn, settings.schema_name)
-                known = await catalog.projection_rows(conn, settings.schema_name)
-                store = EventStore(pool, settings.schema_name)
-                for name, row in known.items():
-                    if row.get("checkpoint") is not None and name in registry.names():
-                        lags[name] = await catalog.lag(conn, store, registry.get(name), row["checkpoint"])
-        finally:
-            await pool.close()
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool, pool.acquire() as conn:
+            known = await catalog.projection_rows(conn, settings.schema_name)
+            store = EventStore(pool, settings.schema_name)
+            for name, row in known.items():
+                if row.get("checkpoint") is not None and name in registry.names():
+                    lags[name] = await catalog.lag(conn, store, registry.get(name), row["checkpoint"])
         tails: dict[str, tuple[str, str | None]] = {}
         try:
             client = await connect_client(settings)

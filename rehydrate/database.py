@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,15 @@ async def ensure_schema(conn: Any, schema: str) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
         await conn.execute(script)
+
+
+@asynccontextmanager
+async def ready_pool(url: str, schema: str, *, max_size: int = 10) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database whose rehydrate schema exists (created on first use); closed on exit."""
+    pool = await create_pool(url, max_size=max_size)
+    try:
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, schema)
+        yield pool
+    finally:
+        await pool.close()
