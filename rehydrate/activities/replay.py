@@ -12,7 +12,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from rehydrate import catalog
-from rehydrate.apply import apply_events
+from rehydrate.apply import Folding
 from rehydrate.errors import UserError
 from rehydrate.models import (
     CatchUpInput,
@@ -27,7 +27,7 @@ from rehydrate.models import (
 )
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
-from rehydrate.store import Event, EventStore, is_held
+from rehydrate.store import EventStore, is_held
 
 log = logging.getLogger("rehydrate.activities")
 T = TypeVar("T")
@@ -152,7 +152,8 @@ class ReplayActivities:
             if checkpoint["done"]:
                 return ChunkResult(checkpoint["position"], checkpoint["events_applied"], 0, True)
             held = await self.store.held_back(conn, input.mark)
-            events: list[Event] = []
+            physical = catalog.physical_table_name(projection, input.generation)
+            folding = Folding(conn, projection, self.read_schema, physical)
             fetched = 0
             position = checkpoint["position"]
             after: tuple[str, int] | None = None
@@ -183,10 +184,11 @@ class ReplayActivities:
                 fetched += len(batch)
                 last = batch[-1]
                 position, after = last.global_position, (last.stream_id, last.stream_version)
-                events.extend(e for e in batch if not held or not is_held(held, e.stream_id, e.stream_version))
+                if held:
+                    batch = [e for e in batch if not is_held(held, e.stream_id, e.stream_version)]
+                await folding.add(batch)
                 activity.heartbeat(position)
-            physical = catalog.physical_table_name(projection, input.generation)
-            applied = await apply_events(conn, projection, self.read_schema, physical, events)
+            applied = await folding.write()
             done = fetched < input.chunk_size
             total_applied = checkpoint["events_applied"] + applied.events
             await catalog.save_lane(
