@@ -37,7 +37,9 @@ tail_app = typer.Typer(help="Start and stop the live tail that keeps a read mode
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(replay_app, name="replay")
+schedule_app = typer.Typer(help="Periodic rebuilds on Temporal Schedules.", no_args_is_help=True)
 app.add_typer(tail_app, name="tail")
+app.add_typer(schedule_app, name="schedule")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -304,6 +306,31 @@ def replay_cancel(
     _run(work)
 
 
+@replay_app.command("pause")
+def replay_pause(name: Annotated[str, typer.Argument(help="The projection whose replay to pause.")]) -> None:
+    """Pause NAME's running replay after its running chunks (signal `pause`; the Web UI can send it too)."""
+    _signal_replay(name, "pause")
+
+
+@replay_app.command("resume")
+def replay_resume(name: Annotated[str, typer.Argument(help="The projection whose replay to resume.")]) -> None:
+    """Resume NAME's paused replay (signal `resume`)."""
+    _signal_replay(name, "resume")
+
+
+def _signal_replay(name: str, signal: str) -> None:
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import signal_replay
+        from rehydrate.temporal import connect_client
+
+        workflow_id = await signal_replay(await connect_client(settings), name, signal)
+        out.print(f"{signal} sent to {workflow_id}")
+
+    _run(work)
+
+
 @tail_app.command("start")
 def tail_start(name: Annotated[str, typer.Argument(help="The projection whose tail to start.")]) -> None:
     """Start NAME's tail: new events are applied to its active read model as they commit."""
@@ -423,6 +450,139 @@ def _tail_text(tail: dict[str, Any]) -> str:
     if tail["enabled"] is False:
         return "stopped"
     return str(tail["workflow"]).lower().replace("_", " ")
+
+
+# -- schedules ------------------------------------------------------------------------------------------------
+
+
+@schedule_app.command("create")
+def schedule_create(
+    name: Annotated[str, typer.Argument(help="The schedule's name (its id in Temporal).")],
+    projection: Annotated[str, typer.Option("--projection", "-p", help="The projection to rebuild.")],
+    cron: Annotated[str | None, typer.Option(help="A cron expression, e.g. '0 3 * * *' (UTC).")] = None,
+    every: Annotated[str | None, typer.Option(help="An interval: 6h, 30m, 1d, 1h30m.")] = None,
+    lanes: Annotated[int | None, typer.Option(help="Lanes per replay (default: the worker's REHYDRATE_LANES).")] = None,
+) -> None:
+    """Rebuild PROJECTION on a schedule; a run that finds a replay of it running is skipped, and says so."""
+    settings = _settings()
+    registry = _registry(settings)
+
+    async def work() -> None:
+        from rehydrate.schedules import create_schedule
+        from rehydrate.temporal import connect_client
+
+        client = await connect_client(settings)
+        await create_schedule(
+            client,
+            settings,
+            name,
+            projection,
+            cron=cron,
+            every=every,
+            lanes=lanes,
+            registry=registry if len(registry) else None,
+        )
+        out.print(f"schedule {name} rebuilds {projection} ({f'cron {cron}' if cron else f'every {every}'})")
+        out.print(f"  {settings.ui_url}/namespaces/{settings.temporal_namespace}/schedules/{name}")
+
+    _run(work)
+
+
+@schedule_app.command("list")
+def schedule_list(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List rehydrate's schedules: projection, when, paused, next run."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.schedules import list_schedules
+        from rehydrate.temporal import connect_client
+
+        views = await list_schedules(await connect_client(settings))
+        if as_json:
+            _print_json(views)
+            return
+        table = Table("schedule", "projection", "when", "state", "next run")
+        for v in views:
+            table.add_row(
+                v.name,
+                v.projection,
+                v.spec,
+                "paused" if v.paused else "active",
+                f"{v.next_runs[0]:%Y-%m-%d %H:%M:%S} UTC" if v.next_runs and not v.paused else "-",
+            )
+        out.print(table)
+
+    _run(work)
+
+
+@schedule_app.command("describe")
+def schedule_describe(
+    name: Annotated[str, typer.Argument(help="The schedule.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show NAME: next runs, and recent runs with their outcome (new generation, skipped, or the failure)."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.schedules import describe_schedule
+        from rehydrate.temporal import connect_client
+
+        v = await describe_schedule(await connect_client(settings), name)
+        if as_json:
+            _print_json(v)
+            return
+        out.print(f"{v.name}: rebuilds [bold]{v.projection}[/] {v.spec}, {'paused' if v.paused else 'active'}")
+        if v.note:
+            out.print(f"  note: {escape(v.note)}")
+        for when in v.next_runs:
+            out.print(f"  next: {when:%Y-%m-%d %H:%M:%S} UTC")
+        for run in v.recent_runs:
+            out.print(
+                f"  {run.started_at:%Y-%m-%d %H:%M:%S} {run.status.lower()}: {escape(run.outcome)}", soft_wrap=True
+            )
+            out.print(f"    {settings.workflow_url(run.workflow_id, run.run_id)}")
+        if v.skipped_overlap:
+            out.print(f"  {v.skipped_overlap} run(s) skipped while this schedule's previous run was still going")
+
+    _run(work)
+
+
+def _schedule_command(name: str, verb: str) -> None:
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate import schedules
+        from rehydrate.temporal import connect_client
+
+        client = await connect_client(settings)
+        await getattr(schedules, f"{verb}_schedule")(client, name)
+        out.print(f"schedule {name}: {verb}{'d' if verb.endswith('e') else 'ed'}")
+
+    _run(work)
+
+
+@schedule_app.command("pause")
+def schedule_pause(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Stop NAME's future runs until `unpause` (a running replay goes on)."""
+    _schedule_command(name, "pause")
+
+
+@schedule_app.command("unpause")
+def schedule_unpause(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Resume NAME's runs."""
+    _schedule_command(name, "unpause")
+
+
+@schedule_app.command("trigger")
+def schedule_trigger(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Run NAME's replay now (skipped if one of its projection is running)."""
+    _schedule_command(name, "trigger")
+
+
+@schedule_app.command("delete")
+def schedule_delete(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Delete NAME (a replay it started goes on to the end)."""
+    _schedule_command(name, "delete")
 
 
 # -- output -----------------------------------------------------------------------------------------------------

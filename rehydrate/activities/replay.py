@@ -11,7 +11,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from rehydrate import catalog
+from rehydrate import catalog, search_attributes
 from rehydrate.apply import apply_events
 from rehydrate.errors import UserError
 from rehydrate.models import (
@@ -73,6 +73,8 @@ class ReplayActivities:
             raise UserError(f"max_parallel={max_parallel} is not positive", fix="use at least 1")
         async with self.pool.acquire() as conn:
             building = await catalog.building_generation(conn, self.schema, projection.name)
+            if building is not None and building["workflow_id"] != input.workflow_id and input.skip_if_running:
+                return Plan(0, "", 0, [], 0, 0, 0, running_elsewhere=building["workflow_id"])
             if building is not None and building["workflow_id"] != input.workflow_id:
                 raise UserError(
                     f"projection {projection.name!r} is already being rebuilt by workflow "
@@ -113,6 +115,7 @@ class ReplayActivities:
             chunk_size=building["chunk_size"],
             max_parallel=max_parallel,
             events_total=total,
+            search_attributes=await search_attributes.registered(activity.client()),
         )
 
     # -- build ---------------------------------------------------------------------------------------
