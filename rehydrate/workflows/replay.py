@@ -307,7 +307,7 @@ class ReplayWorkflow:
             f"{progress.rate:,.0f} events/s\n\n{lanes}"
         )
 
-    @workflow.query
+    @workflow.query(description="Phase, events applied of total, per-lane position, rate and ETA.")
     def progress(self) -> ReplayProgress:
         """Phase, events applied of total, per-lane position, rate and ETA."""
         projection = self._input.projection if self._input else ""
@@ -334,14 +334,14 @@ class ReplayWorkflow:
             paused=self._paused,
         )
 
-    @workflow.signal(name="pause")
+    @workflow.signal(name="pause", description="Pause after the running chunks; `resume` goes on.")
     def pause(self) -> None:
         """Stop starting chunks (running ones finish); the generation and its checkpoints stay. Undo: `resume`."""
         self._paused = True
         if self._state is not None:
             self._show()
 
-    @workflow.signal(name="resume")
+    @workflow.signal(name="resume", description="Resume a paused replay.")
     def resume(self) -> None:
         """Go on from where `pause` stopped."""
         self._paused = False
