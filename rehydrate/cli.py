@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -53,6 +52,13 @@ def _registry(settings: Settings, fallback: list[str] | None = None) -> Any:
     from rehydrate.projections import Registry
 
     return Registry.from_modules(settings.projections or fallback or [])
+
+
+def _configure_logs(settings: Settings) -> None:
+    if settings.log_format == "json":
+        from rehydrate.logs import configure
+
+        configure(json=True)
 
 
 def _run(work: Callable[[], Awaitable[T]]) -> T:
@@ -122,6 +128,7 @@ def dev(
 ) -> None:
     """Run a Temporal dev server (Web UI included), Postgres and a worker on this machine until Ctrl-C."""
     settings = _settings()
+    _configure_logs(settings)
     registry = _registry(settings, DEMO_PROJECTIONS)
 
     async def work() -> None:
@@ -150,9 +157,19 @@ def worker_command(
     tails: Annotated[
         bool | None, typer.Option("--tails/--no-tails", help="Start the tails of active projections (default: on).")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (REHYDRATE_METRICS_PORT).")
+    ] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object a line.")] = False,
 ) -> None:
     """Run a worker: replays, tails and their activities, until SIGINT or SIGTERM."""
-    settings = _settings(max_concurrent_activities=max_concurrent_activities, tails=tails)
+    settings = _settings(
+        max_concurrent_activities=max_concurrent_activities,
+        tails=tails,
+        metrics_port=metrics_port,
+        log_format="json" if log_json else None,
+    )
+    _configure_logs(settings)
     registry = _registry(settings)
     if not len(registry):
         raise UserError("no projections registered", fix="set REHYDRATE_PROJECTIONS=your.module[,other.module]")
@@ -664,8 +681,9 @@ def _exit_code(args: list[str] | None) -> int:
 
 def main(args: list[str] | None = None) -> None:
     """The console entry point: runs a command, then exits without interpreter finalisers (sdk-python#300)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rehydrate").setLevel(logging.INFO)
+    from rehydrate.logs import configure
+
+    configure(json=False)
     from rehydrate.dev import quiet_exit
 
     quiet_exit(_exit_code(args))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -11,7 +12,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from rehydrate import catalog, search_attributes
+from rehydrate import catalog, logs, metrics, search_attributes
 from rehydrate.apply import apply_events
 from rehydrate.errors import UserError
 from rehydrate.models import (
@@ -39,6 +40,11 @@ async def _user_errors_fail_the_replay(work: Callable[[], Awaitable[T]]) -> T:
         return await work()
     except UserError as error:
         raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+
+
+def _chunk() -> str:
+    """A chunk's name in logs: its activity id, unique within the replay's run."""
+    return activity.info().activity_id
 
 
 class ReplayActivities:
@@ -123,7 +129,16 @@ class ReplayActivities:
     @activity.defn(name="rehydrate.apply_chunk")
     async def apply_chunk(self, input: ChunkInput) -> ChunkResult:
         """Apply the next `chunk_size` events of one lane, with its checkpoint, in one transaction."""
-        return await _user_errors_fail_the_replay(lambda: self._apply_chunk(input))
+        started = time.monotonic()
+        with logs.context(projection=input.projection, generation=input.generation, lane=input.lane, chunk=_chunk()):
+            result = await _user_errors_fail_the_replay(lambda: self._apply_chunk(input))
+            seconds = time.monotonic() - started
+            metrics.events_applied(input.projection, result.chunk_events)
+            metrics.chunk_duration(input.projection, seconds)
+            log.info(
+                "chunk applied: %d events, lane at position %d, %.3f s", result.chunk_events, result.position, seconds
+            )
+        return result
 
     async def _apply_chunk(self, input: ChunkInput) -> ChunkResult:
         projection = self.registry.get(input.projection)
@@ -195,6 +210,7 @@ class ReplayActivities:
             projection = self.registry.get(input.projection)
             async with self.pool.acquire() as conn, conn.transaction():
                 applied, mark = await catalog.catch_up(conn, self.store, self.read_schema, projection, input.generation)
+            metrics.events_applied(input.projection, applied)
             return CatchUpResult(applied=applied, mark=mark)
 
         return await _user_errors_fail_the_replay(work)
@@ -211,6 +227,7 @@ class ReplayActivities:
                 try:
                     async with self.pool.acquire() as conn:
                         result = await catalog.swap(conn, self.store, self.read_schema, projection, input.generation)
+                        metrics.events_applied(input.projection, result.final_delta)
                         result.dropped_generations = await catalog.retire_old(
                             conn, self.schema, self.read_schema, projection, self.settings.retain_generations
                         )
