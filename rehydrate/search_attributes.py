@@ -12,13 +12,13 @@ PHASE = SearchAttributeKey.for_keyword("RehydratePhase")
 PROGRESS = SearchAttributeKey.for_int("RehydrateProgress")  # percent of the events applied
 
 KEYS: list[SearchAttributeKey[str] | SearchAttributeKey[int]] = [PROJECTION, PHASE, PROGRESS]
-_TYPES = {PROJECTION.name: "Keyword", PHASE.name: "Keyword", PROGRESS.name: "Int"}
+TYPES = {PROJECTION.name: "Keyword", PHASE.name: "Keyword", PROGRESS.name: "Int"}
 
 
 def dev_server_args() -> list[str]:
     """`temporal server start-dev` arguments that register the attributes."""
     args: list[str] = []
-    for name, kind in _TYPES.items():
+    for name, kind in TYPES.items():
         args += ["--search-attribute", f"{name}={kind}"]
     return args
 
@@ -27,7 +27,7 @@ def create_commands(namespace: str) -> list[str]:
     """The `temporal` CLI commands that register the attributes on a real cluster."""
     return [
         f"temporal operator search-attribute create --namespace {namespace} --name {name} --type {kind}"
-        for name, kind in _TYPES.items()
+        for name, kind in TYPES.items()
     ]
 
 
