@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from rehydrate import catalog, logs, metrics, search_attributes
 from rehydrate.apply import apply_events
@@ -40,6 +41,15 @@ async def _user_errors_fail_the_replay(work: Callable[[], Awaitable[T]]) -> T:
         return await work()
     except UserError as error:
         raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+
+
+async def _search_attributes_registered() -> bool:
+    """Whether the replay may upsert its search attributes; False when it cannot tell (no client, no permission)."""
+    try:
+        return await search_attributes.registered(activity.client())
+    except (RuntimeError, RPCError) as error:  # RuntimeError: an ActivityEnvironment without a client
+        log.warning("search attributes not set on this replay: cannot list them (%s)", error)
+        return False
 
 
 def _chunk() -> str:
@@ -121,7 +131,7 @@ class ReplayActivities:
             chunk_size=building["chunk_size"],
             max_parallel=max_parallel,
             events_total=total,
-            search_attributes=await search_attributes.registered(activity.client()),
+            search_attributes=await _search_attributes_registered(),
         )
 
     # -- build ---------------------------------------------------------------------------------------
