@@ -482,6 +482,9 @@ def schedule_create(
     lanes: Annotated[int | None, typer.Option(help="Lanes per replay (default: the worker's REHYDRATE_LANES).")] = None,
 ) -> None:
     """Rebuild PROJECTION on a schedule; a run that finds a replay of it running is skipped, and says so."""
+    from rehydrate.schedules import schedule_spec
+
+    schedule_spec(cron, every)  # before Temporal: name the mistake itself
     settings = _settings()
     registry = _registry(settings)
 

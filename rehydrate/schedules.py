@@ -85,6 +85,17 @@ def scheduled_workflow_id(projection: str) -> str:
     return f"rehydrate-scheduled-replay-{projection}"
 
 
+def schedule_spec(cron: str | None, every: str | None) -> ScheduleSpec:
+    """The schedule's times from exactly one of --cron and --every (Temporal checks the cron expression)."""
+    if (cron is None) == (every is None):
+        raise UserError(
+            "a schedule needs exactly one of --cron and --every", fix="e.g. --every 6h or --cron '0 3 * * *'"
+        )
+    if cron is not None:
+        return ScheduleSpec(cron_expressions=[cron])
+    return ScheduleSpec(intervals=[ScheduleIntervalSpec(every=parse_every(every or ""))])
+
+
 async def create_schedule(
     client: Client,
     settings: Settings,
@@ -97,17 +108,9 @@ async def create_schedule(
     registry: Registry | None = None,
 ) -> ScheduleHandle:
     """Create schedule NAME that rebuilds PROJECTION on a cron expression or every interval."""
-    if (cron is None) == (every is None):
-        raise UserError(
-            "a schedule needs exactly one of --cron and --every", fix="e.g. --every 6h or --cron '0 3 * * *'"
-        )
+    spec = schedule_spec(cron, every)
     input = ReplayInput(projection, lanes=lanes, skip_if_running=True)
     check_replay_input(input, registry)
-    spec = (
-        ScheduleSpec(cron_expressions=[cron])
-        if cron is not None
-        else ScheduleSpec(intervals=[ScheduleIntervalSpec(every=parse_every(every or ""))])
-    )
     action = ScheduleActionStartWorkflow(
         WORKFLOW_TYPE,
         input,
