@@ -99,6 +99,12 @@ class ReplayActivities:
                 )
             if building is None:
                 mark = await self.store.high_water_mark(conn)
+                boundaries = None
+                if projection.key.field is None and self.settings.lane_split == "range":
+                    found = await self.store.stream_boundaries(
+                        conn, mark=mark, types=projection.event_types, lanes=lanes
+                    )
+                    boundaries = found if len(found) == lanes - 1 else None  # too few events to split
                 building = await catalog.create_generation(
                     conn,
                     schema=self.schema,
@@ -109,14 +115,24 @@ class ReplayActivities:
                     chunk_size=chunk_size,
                     workflow_id=input.workflow_id,
                     run_id=input.run_id,
+                    boundaries=boundaries,
                 )
-            counts = await self.store.count_lanes(
-                conn,
-                mark=building["target_xmin"],
-                types=projection.event_types,
-                key=projection.key,
-                lanes=building["lanes"],
-            )
+            ranges = await catalog.lane_bounds(conn, self.schema, projection.name, building["generation"])
+            if ranges is None:
+                counts = await self.store.count_lanes(
+                    conn,
+                    mark=building["target_xmin"],
+                    types=projection.event_types,
+                    key=projection.key,
+                    lanes=building["lanes"],
+                )
+            else:
+                counts = await self.store.count_ranges(
+                    conn,
+                    mark=building["target_xmin"],
+                    types=projection.event_types,
+                    boundaries=[high for _, high in ranges[:-1] if high is not None],
+                )
             total = sum(count for count, _ in counts)
             await catalog.set_total(conn, self.schema, projection.name, building["generation"], total)
             checkpoints = await catalog.lane_checkpoints(conn, self.schema, projection.name, building["generation"])
@@ -167,18 +183,34 @@ class ReplayActivities:
             events: list[Event] = []
             fetched = 0
             position = checkpoint["position"]
-            async for batch in self.store.read_lane(
-                conn,
-                after_position=position,
-                mark=input.mark,
-                types=projection.event_types,
-                key=projection.key,
-                lane=input.lane,
-                lanes=input.lanes,
-                limit=input.chunk_size,
-            ):
+            after: tuple[str, int] | None = None
+            if checkpoint["by_stream"]:
+                if checkpoint["after_stream"] is not None:
+                    after = (checkpoint["after_stream"], checkpoint["after_version"])
+                batches = self.store.read_streams(
+                    conn,
+                    low=checkpoint["low_stream"],
+                    high=checkpoint["high_stream"],
+                    after=after,
+                    mark=input.mark,
+                    types=projection.event_types,
+                    limit=input.chunk_size,
+                )
+            else:
+                batches = self.store.read_lane(
+                    conn,
+                    after_position=position,
+                    mark=input.mark,
+                    types=projection.event_types,
+                    key=projection.key,
+                    lane=input.lane,
+                    lanes=input.lanes,
+                    limit=input.chunk_size,
+                )
+            async for batch in batches:
                 fetched += len(batch)
-                position = batch[-1].global_position
+                last = batch[-1]
+                position, after = last.global_position, (last.stream_id, last.stream_version)
                 events.extend(e for e in batch if not held or not is_held(held, e.stream_id, e.stream_version))
                 activity.heartbeat(position)
             physical = catalog.physical_table_name(projection, input.generation)
@@ -194,6 +226,7 @@ class ReplayActivities:
                 position,
                 total_applied,
                 done,
+                after if checkpoint["by_stream"] else None,
             )
         return ChunkResult(position=position, applied=total_applied, chunk_events=applied.events, done=done)
 
