@@ -57,7 +57,10 @@ async def create_generation(
     boundary i; without, lanes split the keys by hash."""
     s = quote(schema)
     async with conn.transaction():
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(read_schema)}")
+        if await conn.fetchval("SELECT to_regnamespace($1)", read_schema) is None:
+            # Only when missing: CREATE SCHEMA checks the CREATE privilege on the database even when the schema
+            # exists, and a least-privilege worker has none.
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(read_schema)}")
         number = await conn.fetchval(
             f"SELECT coalesce(max(generation), 0) + 1 FROM {s}.generations WHERE projection = $1",
             projection.name,

@@ -199,6 +199,35 @@ def db_init() -> None:
     _run(work)
 
 
+@db_app.command("grants")
+def db_grants(
+    role: Annotated[str, typer.Argument(help="The (existing) role the workers log in as.")],
+    apply: Annotated[bool, typer.Option("--apply", help="Run the statements instead of printing them.")] = False,
+) -> None:
+    """The least privileges a worker's role needs: print them (or, with --apply, grant them as the owner)."""
+    from rehydrate.database import grants_sql
+    from rehydrate.identifiers import check_identifier
+
+    settings = _settings()
+    statements = grants_sql(settings.schema_name, settings.read_model_schema, check_identifier(role, "role"))
+    if not apply:
+        out.print(";\n".join(statements) + ";", soft_wrap=True)
+        return
+
+    async def work() -> None:
+        from rehydrate.database import ready_pool, resolve_url
+
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool, pool.acquire() as conn:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                raise UserError(f"role {role!r} does not exist", fix=f"create it first: CREATE ROLE {role} LOGIN")
+            async with conn.transaction():
+                for statement in statements:
+                    await conn.execute(statement)
+        out.print(f"granted role {role!r} what a rehydrate worker needs ({len(statements)} statements)")
+
+    _run(work)
+
+
 @events_app.command("import")
 def events_import(
     file: Annotated[Path, typer.Argument(help="A JSON Lines file: one {stream_id, type, data, …} a line.")],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -98,12 +100,55 @@ async def connect(url: str) -> asyncpg.Connection:
     return conn
 
 
-async def ensure_schema(conn: Any, schema: str) -> None:
-    """Create rehydrate's schema and tables if they are missing; safe to run from many processes at once."""
+def _schema_script(schema: str) -> tuple[str, str]:
+    """The schema script for `schema`, and the tag that marks a schema made by exactly that script."""
     script = sql_text("schema.sql").format(schema=quote(schema))
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-        await conn.execute(script)
+    return script, "rehydrate schema " + hashlib.sha256(script.encode()).hexdigest()[:16]
+
+
+async def ensure_schema(conn: Any, schema: str) -> None:
+    """Create or update rehydrate's schema and tables; safe to run from many processes at once.
+
+    The script's digest is kept as the schema's comment: when it matches, nothing is run, so a worker whose
+    role may not change the schema (see README, *A least-privilege role*) starts fine once an owner has run
+    `rehydrate db init` with the same version of rehydrate.
+    """
+    script, tag = _schema_script(schema)
+    current = "SELECT obj_description(to_regnamespace($1), 'pg_namespace')"
+    if await conn.fetchval(current, schema) == tag:
+        return
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+            if await conn.fetchval(current, schema) == tag:
+                return
+            await conn.execute(script)
+            await conn.execute(f"COMMENT ON SCHEMA {quote(schema)} IS '{tag}'")
+    except asyncpg.InsufficientPrivilegeError as error:
+        user = await conn.fetchval("SELECT current_user")
+        raise UserError(
+            f"schema {schema!r} is missing or was made by another version of rehydrate, and role {user!r} may "
+            f"not change it ({error})",
+            fix="run `rehydrate db init` once as the schema's owner, with this version of rehydrate",
+        ) from None
+
+
+def grants_sql(schema: str, read_schema: str, role: str) -> list[str]:
+    """The privileges a worker's role needs, and no more: read the events, keep the control tables, and own
+    the read models' tables and views in `read_schema` (it creates, replaces and drops them)."""
+    s, r, who = quote(schema), quote(read_schema), quote(role)
+    return [
+        f"GRANT USAGE ON SCHEMA {s} TO {who}",
+        f"GRANT SELECT ON {s}.events TO {who}",
+        *(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.{quote(table)} TO {who}" for table in control_tables()),
+        f"GRANT USAGE, CREATE ON SCHEMA {r} TO {who}",
+    ]
+
+
+def control_tables() -> list[str]:
+    """The tables of schema.sql other than the events (those the worker writes)."""
+    names = re.findall(r"CREATE TABLE IF NOT EXISTS \{schema\}\.(\w+)", sql_text("schema.sql"))
+    return [name for name in names if name != "events"]
 
 
 @asynccontextmanager

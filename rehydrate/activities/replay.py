@@ -36,11 +36,20 @@ T = TypeVar("T")
 
 
 async def _user_errors_fail_the_replay(work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work`; a UserError (bad projection, bad event) fails the replay instead of retrying forever."""
+    """Run `work`; a UserError (bad projection, bad event) or a missing privilege fails the replay instead of
+    retrying forever."""
     try:
         return await work()
     except UserError as error:
         raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+    except asyncpg.InsufficientPrivilegeError as error:
+        message = str(
+            UserError(
+                f"the worker's database role lacks a privilege: {error}",
+                fix="grant what `rehydrate db grants ROLE` prints (README: A least-privilege role), then start again",
+            )
+        )
+        raise ApplicationError(message, type="InsufficientPrivilege", non_retryable=True) from None
 
 
 async def _search_attributes_registered() -> bool:
