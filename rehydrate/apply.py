@@ -46,7 +46,10 @@ def fold(
     state: dict[Any, Row | None] = dict(existing)
     last: dict[Any, Event] = {}
     applied = 0
+    upcast = projection.upcaster()
     for event in events:
+        if upcast is not None:
+            event = upcast(event)  # the handler sees the event at its type's current version
         handler = handlers.get(event.type)
         if handler is None:
             if strict and event.type not in ignored:

@@ -53,6 +53,12 @@ def _registry(settings: Settings, fallback: list[str] | None = None) -> Any:
     return Registry.from_modules(settings.projections or fallback or [])
 
 
+def _aggregates(settings: Settings) -> Any:
+    from rehydrate.aggregates import AggregateRegistry
+
+    return AggregateRegistry.from_modules(settings.aggregates)
+
+
 def _run(work: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(work())  # type: ignore[arg-type]
 
@@ -201,6 +207,53 @@ def events_import(
         )
 
     _run(work)
+
+
+@events_app.command("check")
+def events_check(as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+    """List every (event type, schema version) in the store; exit 1 if one has no upcaster path or no handler."""
+    settings = _settings()
+    registry = _registry(settings)
+    aggregates = _aggregates(settings)
+
+    async def work() -> list[Any]:
+        from rehydrate.database import ready_pool, resolve_url
+        from rehydrate.event_check import check_events
+        from rehydrate.store import EventStore
+
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool:
+            return await check_events(EventStore(pool, settings.schema_name), registry, aggregates)
+
+    report = _run(work)
+    problems = [row for row in report if not row.ok]
+    if as_json:
+        _print_json([{**dataclasses.asdict(row), "ok": row.ok} for row in report])
+    else:
+        table = Table("event type", "version", "events", "handled by", "problem")
+        for row in report:
+            problem = "; ".join(
+                (["no handler in any projection or aggregate"] if row.no_handler else []) + row.no_upcaster_path
+            )
+            table.add_row(
+                escape(row.event_type),
+                f"v{row.schema_version}",
+                f"{row.events:,}",
+                escape(", ".join(row.handled_by)) or "-",
+                f"[red]{escape(problem)}[/]" if problem else "ok",
+            )
+        out.print(table)
+        for row in problems:  # in full, below the table, which a narrow terminal truncates
+            for problem in (["no handler in any projection or aggregate"] if row.no_handler else []) + (
+                row.no_upcaster_path
+            ):
+                out.print(f"[red]{escape(row.event_type)} v{row.schema_version}[/]: {escape(problem)}", soft_wrap=True)
+        out.print(
+            f"{len(problems)} of {len(report)} (type, version) pairs have a problem"
+            if problems
+            else f"all {len(report)} (type, version) pairs can be read"
+        )
+    if problems:
+        raise typer.Exit(1)
 
 
 # -- replays -------------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     projections: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define projections"
     )
+    aggregates: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Modules that define aggregates (for bulk snapshot rebuilds)"
+    )
     lanes: int = Field(default=4, ge=1, le=256)
     chunk_size: int = Field(default=20_000, ge=1)
     max_parallel: int = Field(default=8, ge=1, le=500)
@@ -55,7 +58,7 @@ class Settings(BaseSettings):
     max_concurrent_activities: int = Field(default=4, ge=1)
     tails: bool = Field(default=True, description="Workers start the tails of active projections by themselves")
 
-    @field_validator("projections", mode="before")
+    @field_validator("projections", "aggregates", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
