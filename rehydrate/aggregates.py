@@ -104,7 +104,12 @@ class Aggregate(BaseModel):
         if "aggregate_type" not in cls.__dict__:
             cls.aggregate_type = cls.__name__.lower()
         check_identifier(cls.aggregate_type, f"aggregate type of {cls.__name__}")
-        if "stream_prefix" not in cls.__dict__:
+        # A prefix set explicitly on a base class is inherited; otherwise it follows the aggregate type.
+        if not any(
+            "stream_prefix" in vars(klass)
+            for klass in cls.__mro__
+            if issubclass(klass, Aggregate) and klass is not Aggregate
+        ):
             cls.stream_prefix = f"{cls.aggregate_type}-"
         appliers: dict[str, Applier] = {}
         for klass in reversed(cls.__mro__):

@@ -38,6 +38,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(replay_app, name="replay")
 app.add_typer(tail_app, name="tail")
+snapshots_app = typer.Typer(
+    help="Rebuild, watch and cancel bulk snapshot rebuilds of aggregates.", no_args_is_help=True
+)
+app.add_typer(snapshots_app, name="snapshots")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -158,8 +162,11 @@ def worker_command(
     """Run a worker: replays, tails and their activities, until SIGINT or SIGTERM."""
     settings = _settings(max_concurrent_activities=max_concurrent_activities, tails=tails)
     registry = _registry(settings)
-    if not len(registry):
-        raise UserError("no projections registered", fix="set REHYDRATE_PROJECTIONS=your.module[,other.module]")
+    if not len(registry) and not settings.aggregates:
+        raise UserError(
+            "no projections registered",
+            fix="set REHYDRATE_PROJECTIONS=your.module[,other.module] (or REHYDRATE_AGGREGATES for snapshots only)",
+        )
     from rehydrate.worker import run_worker
 
     _run(lambda: run_worker(settings, registry))
@@ -383,6 +390,102 @@ def _tail_command(name: str, *, start: bool) -> None:
             workflow_id = await command(client, pool, settings, name)
         verb = "started" if start else "stopped"
         out.print(f"tail of {name} {verb}: {settings.workflow_url(workflow_id)}")
+
+    _run(work)
+
+
+@snapshots_app.command("rebuild")
+def snapshots_rebuild(
+    aggregate_type: Annotated[str, typer.Argument(help="The aggregate type whose snapshots to rewrite.")],
+    partitions: Annotated[int, typer.Option(help="Hash partitions of its streams, done in parallel.")] = 4,
+    chunk_size: Annotated[int, typer.Option(help="Streams per chunk activity.")] = 500,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress and wait for the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Rewrite the snapshot of every stream of AGGREGATE_TYPE (after its code changed), as a Temporal workflow."""
+    settings = _settings()
+    aggregates = _aggregates(settings)
+
+    async def work() -> None:
+        from rehydrate.models import SnapshotRebuildInput
+        from rehydrate.starter import start_snapshot_rebuild, wait_for_snapshot_rebuild
+        from rehydrate.temporal import connect_client
+
+        client = await connect_client(settings)
+        input = SnapshotRebuildInput(aggregate_type, partitions=partitions, chunk_size=chunk_size)
+        handle = await start_snapshot_rebuild(client, settings, input, aggregates=aggregates)
+        url = settings.workflow_url(handle.id, handle.result_run_id)
+        if not wait:
+            if as_json:
+                _print_json({"workflow_id": handle.id, "run_id": handle.result_run_id, "url": url})
+            else:
+                out.print(f"started the snapshot rebuild of {aggregate_type}: {url}")
+            return
+        if as_json:
+            _print_json(await wait_for_snapshot_rebuild(handle))
+            return
+        out.print(f"snapshot rebuild of [bold]{aggregate_type}[/]: {url}")
+        with Progress(
+            TextColumn(f"[bold]{aggregate_type}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>10} streams/s"),
+            TimeRemainingColumn(),
+            console=out,
+        ) as bar:
+            task = bar.add_task(aggregate_type, total=None, rate="")
+
+            def show(progress: Any) -> None:
+                bar.update(
+                    task,
+                    total=progress.streams_total or None,
+                    completed=progress.streams_done,
+                    rate=f"{progress.rate:,.0f}",
+                )
+
+            result = await wait_for_snapshot_rebuild(handle, show)
+        out.print(
+            f"[green]✓[/] {result.streams:,} snapshots of {aggregate_type} in {result.seconds:.1f} s "
+            f"({result.streams_per_second:,.0f} streams/s)"
+        )
+
+    _run(work)
+
+
+@snapshots_app.command("status")
+def snapshots_status(
+    aggregate_type: Annotated[str, typer.Argument(help="The aggregate type.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show the state of AGGREGATE_TYPE's latest snapshot rebuild and its progress while it runs."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import snapshot_rebuild_status
+        from rehydrate.temporal import connect_client
+
+        status, progress = await snapshot_rebuild_status(await connect_client(settings), aggregate_type)
+        if as_json:
+            _print_json({"status": status, "progress": progress})
+            return
+        out.print(f"{aggregate_type}: {status.lower()}")
+        if progress is not None:
+            out.print(f"  {progress.streams_done:,} of {progress.streams_total:,} streams ({progress.rate:,.0f}/s)")
+
+    _run(work)
+
+
+@snapshots_app.command("cancel")
+def snapshots_cancel(aggregate_type: Annotated[str, typer.Argument(help="The aggregate type.")]) -> None:
+    """Cancel AGGREGATE_TYPE's running snapshot rebuild; the snapshots written so far stay."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import cancel_snapshot_rebuild
+        from rehydrate.temporal import connect_client
+
+        workflow_id = await cancel_snapshot_rebuild(await connect_client(settings), aggregate_type)
+        out.print(f"cancellation requested for {workflow_id}")
 
     _run(work)
 
