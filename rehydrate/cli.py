@@ -23,6 +23,7 @@ from rehydrate.settings import Settings, load_settings
 
 T = TypeVar("T")
 DEMO_PROJECTIONS = ["rehydrate.examples.orders"]
+DEMO_AGGREGATES = ["rehydrate.examples.order_aggregate"]
 
 app = typer.Typer(
     help="rehydrate: durable, zero-downtime rebuilds of event-sourced read models, on Temporal and Postgres.",
@@ -142,7 +143,10 @@ def dev(
             out.print(f"Postgres: {redact_url(url)}")
             out.print(f"Projections: {', '.join(registry.names()) or 'none'}   Ctrl-C to stop.")
             if worker:
-                await run_worker(settings.model_copy(update={"database_url": url}), registry)
+                update: dict[str, Any] = {"database_url": url}
+                if not settings.projections and not settings.aggregates:
+                    update["aggregates"] = DEMO_AGGREGATES  # the example's, beside its projections
+                await run_worker(settings.model_copy(update=update), registry)
             else:
                 await asyncio.Event().wait()
 
@@ -413,7 +417,10 @@ def snapshots_rebuild(
 
         client = await connect_client(settings)
         input = SnapshotRebuildInput(aggregate_type, partitions=partitions, chunk_size=chunk_size)
-        handle = await start_snapshot_rebuild(client, settings, input, aggregates=aggregates)
+        # Without REHYDRATE_AGGREGATES here, the workers' own list decides (the plan names an unknown type).
+        handle = await start_snapshot_rebuild(
+            client, settings, input, aggregates=aggregates if len(aggregates) else None
+        )
         url = settings.workflow_url(handle.id, handle.result_run_id)
         if not wait:
             if as_json:

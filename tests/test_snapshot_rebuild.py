@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from temporalio.api.enums.v1 import EventType, TimeoutType
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
@@ -26,6 +27,7 @@ from rehydrate.worker import running_worker
 from rehydrate.workflows import SnapshotRebuildWorkflow
 from tests import versioned_support as vs
 from tests.slow_aggregates import SlowAccount
+from tests.test_cli import rehydrate
 from tests.test_crash import _tail, start_worker
 
 
@@ -161,3 +163,17 @@ async def test_a_cancelled_rebuild_ends_cancelled_and_leaves_only_valid_snapshot
     expected = {s.stream_id: s for s in await expected_snapshots(store, SlowAccount)}
     assert 0 < len(written) < len(expected)
     assert all(expected[s.stream_id] == s for s in written)
+
+
+async def test_snapshots_rebuild_command_runs_the_workflow_and_names_an_unknown_type(
+    client: Client, settings: Settings, store: EventStore, tmp_path: Path
+) -> None:
+    await load_history(store, 44, streams=20, events=300)
+    env = {"REHYDRATE_AGGREGATES": "tests.versioned_support"}
+    unknown = await rehydrate(settings, tmp_path, "snapshots", "rebuild", "acount", **env)
+    assert unknown.code == 1 and "unknown aggregate type 'acount'" in unknown.stderr, unknown
+    async with running_worker(settings, Registry(), client=client, aggregates=AggregateRegistry([vs.Account])):
+        done = await rehydrate(settings, tmp_path, "snapshots", "rebuild", "account", "--wait", "--json", **env)
+    assert done.code == 0, done
+    assert orjson.loads(done.stdout)["streams"] == 20
+    assert await SnapshotStore(store.pool).all("account") == await expected_snapshots(store, vs.Account)
