@@ -5,7 +5,7 @@ Usage:
     python bench/snapshots.py                              # 10,000-event stream; rebuild over the 250,000-event demo
     python bench/snapshots.py --stream-events 10000 --history 250000 --partitions 4 --chunk-size 500 --in-process
 
-What it does: starts Postgres and a Temporal dev server as bench/tail_latency.py does (or uses
+What it does: starts Postgres and a Temporal dev server (bench/common.py) (or uses
 REHYDRATE_DATABASE_URL / REHYDRATE_TEMPORAL_ADDRESS), then
 
 1. appends one `Order` stream (`rehydrate.examples.order_aggregate`) of `--stream-events` events: an OrderPlaced
@@ -22,18 +22,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import shutil
-import signal
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from tail_latency import postgres, spawn, temporal  # type: ignore[import-not-found]
+from common import (  # bench/ is on sys.path: the script's folder
+    create_database,
+    drop_database,
+    postgres_server,
+    spawn_worker,
+    stop_process,
+    temporal,
+)
 from temporalio.client import Client
 
 from rehydrate.aggregates import AggregateRegistry, Repository
@@ -95,7 +99,6 @@ async def worker(settings: Settings, client: Client, in_process: bool, log: Path
             yield
         return
     env = {
-        **os.environ,
         "REHYDRATE_DATABASE_URL": str(settings.database_url),
         "REHYDRATE_TEMPORAL_ADDRESS": settings.temporal_address,
         "REHYDRATE_TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
@@ -104,17 +107,11 @@ async def worker(settings: Settings, client: Client, in_process: bool, log: Path
         "REHYDRATE_TAILS": "false",
         "REHYDRATE_DATA_DIR": str(settings.data_dir),
     }
-    process = spawn(env, log)
+    process = spawn_worker(env, log)
     try:
         yield
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(process.wait, 15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
+        await stop_process(process)
 
 
 async def bulk(args: argparse.Namespace, store: EventStore, settings: Settings, client: Client, log: Path) -> None:
@@ -142,7 +139,9 @@ async def bulk(args: argparse.Namespace, store: EventStore, settings: Settings, 
 async def main(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="rehydrate-bench-"))
     try:
-        async with postgres(scratch) as url, temporal() as client:
+        async with postgres_server(scratch / "pgdata", delete=True) as server, temporal() as client:
+            name = f"rh_bench_{uuid.uuid4().hex[:8]}"
+            url = await create_database(server, name)
             settings = Settings(
                 database_url=url,
                 temporal_address=str(client.service_client.config.target_host),
@@ -159,6 +158,7 @@ async def main(args: argparse.Namespace) -> int:
                 await bulk(args, store, settings, client, scratch / "worker.log")
             finally:
                 await pool.close()
+                await drop_database(server, name)
         return 0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
