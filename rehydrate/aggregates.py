@@ -34,7 +34,6 @@ start.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -48,6 +47,7 @@ from rehydrate.identifiers import check_identifier
 from rehydrate.snapshots import Snapshot, SnapshotStore
 from rehydrate.store import Event, EventStore, NewEvent
 from rehydrate.upcasting import Upcasters
+from rehydrate.user_modules import module_definitions
 
 Applier = Callable[[Any, Event], None]
 F = TypeVar("F", bound=Applier)
@@ -359,24 +359,10 @@ class AggregateRegistry:
     @classmethod
     def from_modules(cls, modules: Iterable[str]) -> AggregateRegistry:
         registry = cls()
-        for module_name in modules:
-            try:
-                module = importlib.import_module(module_name)
-            except Exception as error:
-                raise UserError(
-                    f"aggregate module {module_name!r} failed to import: {type(error).__name__}: {error}",
-                    fix="fix the module, or correct REHYDRATE_AGGREGATES",
-                ) from None
-            found = [
-                value
-                for value in vars(module).values()
-                if isinstance(value, type) and issubclass(value, Aggregate) and value is not Aggregate
-            ]
-            if not found:
-                raise UserError(
-                    f"aggregate module {module_name!r} defines no Aggregate",
-                    fix="define one at module level, or remove the module from REHYDRATE_AGGREGATES",
-                )
-            for aggregate in found:
-                registry.add(aggregate)
+        for aggregate in module_definitions(modules, _is_aggregate, what="Aggregate", setting="REHYDRATE_AGGREGATES"):
+            registry.add(aggregate)
         return registry
+
+
+def _is_aggregate(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, Aggregate) and value is not Aggregate

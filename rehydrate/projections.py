@@ -8,7 +8,6 @@ describes the table.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from rehydrate.errors import ProjectionError, UnknownProjectionError, UserError
 from rehydrate.identifiers import check_identifier, derived_name, qualified, quote
 from rehydrate.store import Event, KeySpec
 from rehydrate.upcasting import UpcastError, Upcasters
+from rehydrate.user_modules import module_definitions
 
 Row = dict[str, Any]
 Handler = Callable[[Row | None, Event], Row | None]
@@ -278,20 +278,12 @@ class Registry:
     @classmethod
     def from_modules(cls, modules: Iterable[str]) -> Registry:
         registry = cls()
-        for module_name in modules:
-            try:
-                module = importlib.import_module(module_name)
-            except Exception as error:
-                raise UserError(
-                    f"projection module {module_name!r} failed to import: {type(error).__name__}: {error}",
-                    fix="fix the module, or correct REHYDRATE_PROJECTIONS",
-                ) from None
-            found = [value for value in vars(module).values() if isinstance(value, Projection)]
-            if not found:
-                raise UserError(
-                    f"projection module {module_name!r} defines no Projection",
-                    fix="define one at module level, or remove the module from REHYDRATE_PROJECTIONS",
-                )
-            for projection in found:
-                registry.add(projection)
+        for projection in module_definitions(
+            modules, _is_projection, what="Projection", setting="REHYDRATE_PROJECTIONS"
+        ):
+            registry.add(projection)
         return registry
+
+
+def _is_projection(value: object) -> bool:
+    return isinstance(value, Projection)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.client import WorkflowExecutionStatus as Status
@@ -99,17 +99,31 @@ async def wait_for_replay(
     interval: float = 0.5,
 ) -> ReplayResult:
     """Wait for the replay (across continue-as-new), reporting progress; a failure becomes one UserError."""
+    return await _wait(handle, ReplayWorkflow.progress, on_progress, interval, "replay")
+
+
+R = TypeVar("R")
+P = TypeVar("P")
+
+
+async def _wait(
+    handle: WorkflowHandle[Any, R],
+    query: Callable[[Any], P],
+    on_progress: Callable[[P], None] | None,
+    interval: float,
+    what: str,
+) -> R:
     result_task = asyncio.ensure_future(handle.result())
     try:
         while not result_task.done():
             if on_progress is not None:
                 # A query fails between runs (continue-as-new) or before the first workflow task: skip it.
                 with contextlib.suppress(RPCError):
-                    on_progress(await handle.query(ReplayWorkflow.progress))
+                    on_progress(await handle.query(query))
             await asyncio.wait({result_task}, timeout=interval)
         return result_task.result()
     except WorkflowFailureError as error:
-        raise UserError(f"replay failed: {_failure_cause(error)}") from None
+        raise UserError(f"{what} failed: {_failure_cause(error)}") from None
     finally:
         result_task.cancel()
 
@@ -282,18 +296,7 @@ async def wait_for_snapshot_rebuild(
     interval: float = 0.5,
 ) -> SnapshotRebuildResult:
     """Wait for the rebuild (across continue-as-new), reporting progress; a failure becomes one UserError."""
-    result_task = asyncio.ensure_future(handle.result())
-    try:
-        while not result_task.done():
-            if on_progress is not None:
-                with contextlib.suppress(RPCError):
-                    on_progress(await handle.query(SnapshotRebuildWorkflow.progress))
-            await asyncio.wait({result_task}, timeout=interval)
-        return result_task.result()
-    except WorkflowFailureError as error:
-        raise UserError(f"snapshot rebuild failed: {_failure_cause(error)}") from None
-    finally:
-        result_task.cancel()
+    return await _wait(handle, SnapshotRebuildWorkflow.progress, on_progress, interval, "snapshot rebuild")
 
 
 async def snapshot_rebuild_status(client: Client, aggregate_type: str) -> tuple[str, SnapshotRebuildProgress | None]:
