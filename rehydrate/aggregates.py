@@ -34,7 +34,6 @@ start.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -47,7 +46,7 @@ from rehydrate.identifiers import check_identifier
 from rehydrate.snapshots import Snapshot, SnapshotStore
 from rehydrate.store import Event, EventStore, NewEvent
 from rehydrate.upcasting import Upcasters
-from rehydrate.user_modules import module_definitions
+from rehydrate.user_modules import module_definitions, source_text
 
 Applier = Callable[[Any, Event], None]
 F = TypeVar("F", bound=Applier)
@@ -197,10 +196,7 @@ class Aggregate(BaseModel):
             for name, field in sorted(cls.model_fields.items()):
                 digest.update(f"{name}:{field.annotation!r}:{field.default!r}".encode())
             for event_type, applier in sorted(cls.appliers.items()):
-                try:
-                    source = inspect.getsource(applier)
-                except (OSError, TypeError):
-                    source = repr(getattr(applier, "__code__", applier))
+                source = source_text(applier)
                 digest.update(f"{event_type}:{source}".encode())
             if cls.upcasters:
                 digest.update(cls.upcasters.fingerprint.encode())

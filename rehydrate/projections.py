@@ -22,7 +22,7 @@ from rehydrate.errors import ProjectionError, UnknownProjectionError, UserError
 from rehydrate.identifiers import check_identifier, derived_name, qualified, quote
 from rehydrate.store import Event, KeySpec
 from rehydrate.upcasting import UpcastError, Upcasters
-from rehydrate.user_modules import module_definitions
+from rehydrate.user_modules import module_definitions, source_text
 
 Row = dict[str, Any]
 Handler = Callable[[Row | None, Event], Row | None]
@@ -231,10 +231,7 @@ class Projection:
         digest.update(f"{self.name}:{self.version}:{self.key.field}:{self.table.columns}".encode())
         for event_type in sorted(self.handlers):
             handler = self.handlers[event_type]
-            try:
-                source = inspect.getsource(handler)
-            except (OSError, TypeError):
-                source = repr(getattr(handler, "__code__", handler))
+            source = source_text(handler)
             digest.update(f"{event_type}:{source}".encode())
         if self.upcasters:
             digest.update(self.upcasters.fingerprint.encode())

@@ -22,7 +22,6 @@ Typed payloads are opt-in: register a pydantic model per type and version with `
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -31,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from rehydrate.errors import UserError
 from rehydrate.store import Event
+from rehydrate.user_modules import source_text
 
 Payload = dict[str, Any]
 Upcast = Callable[[Payload], Payload]
@@ -164,10 +164,7 @@ class Upcasters:
         """A hash of the upcasters' code: part of the fingerprint of whatever folds upcast events."""
         digest = hashlib.sha256()
         for (event_type, version), step in sorted(self._steps.items()):
-            try:
-                source = inspect.getsource(step)
-            except (OSError, TypeError):
-                source = repr(getattr(step, "__code__", step))
+            source = source_text(step)
             digest.update(f"{event_type}:{version}:{source}".encode())
         return digest.hexdigest()[:16]
 

@@ -1,8 +1,10 @@
-"""Loading the user's modules named in settings (REHYDRATE_PROJECTIONS, REHYDRATE_AGGREGATES) and what they define."""
+"""The user's code: the modules named in settings (REHYDRATE_PROJECTIONS, REHYDRATE_AGGREGATES), what they define,
+and the source text that code fingerprints hash."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,3 +35,11 @@ def module_definitions(
             )
         found += values
     return found
+
+
+def source_text(function: Callable[..., Any]) -> str:
+    """A function's source, for fingerprints (its code object's repr when the source is not available)."""
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return repr(getattr(function, "__code__", function))
