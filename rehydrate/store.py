@@ -322,7 +322,7 @@ class EventStore:
         )
         return [_event(row) for row in rows]
 
-    async def read_streams(self, conn: asyncpg.Connection, stream_ids: Sequence[str]) -> list[Event]:
+    async def read_streams_by_id(self, conn: asyncpg.Connection, stream_ids: Sequence[str]) -> list[Event]:
         """Every event of the given streams, ordered by stream id and version (bulk rehydration)."""
         rows = await conn.fetch(
             f"SELECT {_COLUMNS} FROM {self.table} WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, stream_version",

@@ -97,7 +97,7 @@ class SnapshotActivities:
                 partitions=input.partitions,
             )
             activity.heartbeat(f"{len(streams)} streams after {cursor['after_stream']!r}")
-            events = await self.store.read_streams(conn, streams)
+            events = await self.store.read_streams_by_id(conn, streams)
             snapshots = []
             try:
                 for stream_id, stream_events in groupby(events, key=_stream_of):
