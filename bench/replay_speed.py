@@ -17,7 +17,8 @@ deterministic: ~40 orders open at a time, so streams interleave):
    (asyncpg, prepared statements, a commit every 1,000 events), on the first `--script-sample` events,
    extrapolated.
 4. **rehydrate**: `--workers` real `rehydrate worker` processes and a Temporal dev server; for each lane count, a
-   full replay from start to swap. Its table is compared with the ceiling's, row for row.
+   full replay from start to swap, with lanes over stream-id ranges (the default); then the most lanes again
+   split by hash (`REHYDRATE_LANE_SPLIT=hash`). Each table is compared with the ceiling's, row for row.
 5. **small replay**: a replay of a 1,000-event store from start to swap (median of 5).
 
 Prints events/s for each, the ratios, and the workers' peak RSS (VmHWM). Exit status 1 if a table differs.
@@ -224,7 +225,9 @@ async def differences(conn: asyncpg.Connection, table: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def workers(url: str, client: Client, count: int, log: Path) -> AsyncIterator[tuple[Settings, list[int]]]:
+async def workers(
+    url: str, client: Client, count: int, log: Path, split: str = "range"
+) -> AsyncIterator[tuple[Settings, list[int]]]:
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     settings = Settings(
         database_url=url,
@@ -239,6 +242,7 @@ async def workers(url: str, client: Client, count: int, log: Path) -> AsyncItera
         "REHYDRATE_TEMPORAL_TASK_QUEUE": queue,
         "REHYDRATE_PROJECTIONS": "rehydrate.examples.orders",
         "REHYDRATE_TAILS": "false",
+        "REHYDRATE_LANE_SPLIT": split,
     }
     processes = [spawn_worker(env, log) for _ in range(count)]
     try:
@@ -290,15 +294,23 @@ async def main(args: argparse.Namespace) -> int:
             second, _ = await ceiling(conn)
             ceiling_seconds = min(first, second)
             print(f"events of order_summary's types: {events:,}", flush=True)
-            results: list[tuple[int, float, int, int]] = []
+            results: list[tuple[str, float, int, int]] = []
             rss: list[float] = []
-            async with workers(url, client, args.workers, HOME / "worker.log") as (settings, pids):
-                for lanes in args.lanes:
-                    took, applied = await replay(client, settings, lanes)
-                    wrong = await differences(conn, PROJECTION.table.name)
-                    results.append((lanes, took, applied, wrong))
-                    print(f"  replay with {lanes} lane(s): {took:.1f} s, {rate(applied, took)}, rows wrong: {wrong}")
-                rss = [peak_rss_mb(pid) for pid in pids]
+            runs = [("range", lanes) for lanes in args.lanes]
+            if max(args.lanes) > 1:
+                runs.append(("hash", max(args.lanes)))
+            for split in ("range", "hash"):
+                lane_counts = [lanes for kind, lanes in runs if kind == split]
+                if not lane_counts:
+                    continue
+                async with workers(url, client, args.workers, HOME / "worker.log", split) as (settings, pids):
+                    for lanes in lane_counts:
+                        took, applied = await replay(client, settings, lanes)
+                        wrong = await differences(conn, PROJECTION.table.name)
+                        label = f"{lanes} lane(s) by {split}"
+                        results.append((label, took, applied, wrong))
+                        print(f"  replay, {label}: {took:.1f} s, {rate(applied, took)}, rows wrong: {wrong}")
+                    rss += [peak_rss_mb(pid) for pid in pids]
         finally:
             await conn.close()
         small = await small_replays(server_url, client, 5)
@@ -314,13 +326,13 @@ async def main(args: argparse.Namespace) -> int:
         f"usual script (per-event UPDATE)   {script_seconds:7.1f} s  {rate(script_events, script_seconds)}"
         f"  (on {script_events:,} events)"
     )
-    for lanes, took, applied, wrong in results:
+    for label, took, applied, wrong in results:
         mine = applied / took
         print(
-            f"rehydrate, {lanes} lane(s), {args.workers} worker(s) {took:5.1f} s  {rate(applied, took)}"
+            f"rehydrate, {label:<17} {took:5.1f} s  {rate(applied, took)}"
             f"  = {mine / ceiling_rate:4.0%} of the ceiling, {mine / script_rate:5.1f}x the script, rows wrong {wrong}"
         )
-    print(f"worker peak RSS: {', '.join(f'{mb:.0f} MB' for mb in rss)}")
+    print(f"{args.workers} worker process(es); peak RSS of each: {', '.join(f'{mb:.0f} MB' for mb in rss)}")
     print(
         f"replay of 1,000 events, start to swap: median {statistics.median(small):.2f} s (runs: "
         f"{', '.join(f'{s:.2f}' for s in small)})"

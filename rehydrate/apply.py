@@ -31,11 +31,9 @@ def _fail(projection: Projection, event: Event, problem: str, fix: str) -> Proje
     return ProjectionError(projection.name, event.global_position, event.stream_id, event.type, problem, fix)
 
 
-def fold(
-    projection: Projection, events: Sequence[Event], existing: dict[Any, Row]
-) -> tuple[dict[Any, Row | None], dict[Any, Event], int]:
-    """Apply `events` in order over `existing` rows. Returns final rows by key (None: deleted), the last event
-    that touched each key (to name it in an error), and how many events a handler applied."""
+def fold(projection: Projection, events: Sequence[Event], state: dict[Any, Row | None], last: dict[Any, Event]) -> int:
+    """Apply `events` in order over the rows in `state` (by key; None: no row), in place. Records in `last` the
+    last event that touched each key (to name it in an error); returns how many events a handler applied."""
     handlers = projection.handlers
     key_field = projection.key.field
     key_column = projection.table.key_column
@@ -43,8 +41,6 @@ def fold(
     ignored = projection.ignore
     blank = projection.table.blank_row
     width = len(blank)
-    state: dict[Any, Row | None] = dict(existing)
-    last: dict[Any, Event] = {}
     applied = 0
     upcast = projection.upcaster()
     for event in events:
@@ -105,7 +101,7 @@ def fold(
         state[key] = row
         last[key] = event
         applied += 1
-    return state, last, applied
+    return applied
 
 
 def _record(projection: Projection, row: Row, event: Event) -> tuple[Any, ...]:
@@ -130,6 +126,78 @@ def _record(projection: Projection, row: Row, event: Event) -> tuple[Any, ...]:
     return values
 
 
+class Folding:
+    """The rows one transaction writes: events are folded in batch by batch (a batch's keys' stored rows are
+    read when first met), and the rows written once at the end. Memory holds the touched rows, not the events.
+    """
+
+    def __init__(self, conn: asyncpg.Connection, projection: Projection, schema: str, physical_table: str) -> None:
+        self.conn = conn
+        self.projection = projection
+        self.schema = schema
+        self.physical_table = physical_table
+        self.target = f"{quote(schema)}.{quote(physical_table)}"
+        self.state: dict[Any, Row | None] = {}
+        self.last: dict[Any, Event] = {}
+        self.looked_up: set[Any] = set()
+        self.stored: set[Any] = set()  # keys that have a row in the table: deleted before the new rows go in
+        self.events = 0
+
+    async def add(self, events: Sequence[Event]) -> None:
+        """Fold `events` (in order, after every batch added before) into the rows."""
+        if not events:
+            return
+        projection = self.projection
+        shape = projection.table
+        key_field = projection.key.field
+        handled = projection.handlers
+        looked_up = self.looked_up
+        keys: list[Any] = []
+        for event in events:
+            if event.type not in handled:
+                continue
+            key = event.stream_id if key_field is None else event.data.get(key_field)
+            if key is not None and not isinstance(key, (dict, list)) and key not in looked_up:
+                looked_up.add(key)
+                keys.append(key)
+        if keys:
+            try:
+                rows = await self.conn.fetch(
+                    f"SELECT * FROM {self.target} WHERE {quote(shape.key_column)} = ANY($1::{shape.key_sql_type}[])",
+                    keys,
+                )
+            except (asyncpg.DataError, ValueError, TypeError) as error:
+                # A key of the wrong type (say a number for a text column) would fail every retry the same way.
+                raise await _name_bad_key(self.conn, projection, events, error) from None
+            for row in rows:
+                key = row[shape.key_column]
+                self.state[key] = dict(row)
+                self.stored.add(key)
+        self.events += fold(projection, events, self.state, self.last)
+
+    async def write(self) -> Applied:
+        """Replace the touched keys' rows. Must run inside the caller's transaction."""
+        projection, state, last = self.projection, self.state, self.last
+        shape = projection.table
+        records = [_record(projection, row, last[key]) for key, row in state.items() if row is not None and key in last]
+        gone = [key for key in self.stored if key in last]
+        if gone:
+            await self.conn.execute(
+                f"DELETE FROM {self.target} WHERE {quote(shape.key_column)} = ANY($1::{shape.key_sql_type}[])", gone
+            )
+        if records:
+            try:
+                async with self.conn.transaction():
+                    await self.conn.copy_records_to_table(
+                        self.physical_table, schema_name=self.schema, columns=list(shape.columns), records=records
+                    )
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, TypeError) as error:
+                raise await _name_bad_row(
+                    self.conn, projection, self.schema, self.physical_table, state, last, error
+                ) from None
+        return Applied(self.events, len(records), sum(1 for key in gone if state.get(key) is None))
+
+
 async def apply_events(
     conn: asyncpg.Connection,
     projection: Projection,
@@ -138,46 +206,9 @@ async def apply_events(
     events: Sequence[Event],
 ) -> Applied:
     """Fold `events` into `schema.physical_table`. Must run inside the caller's transaction."""
-    if not events:
-        return Applied(0, 0, 0)
-    shape = projection.table
-    target = f"{quote(schema)}.{quote(physical_table)}"
-    key_column = quote(shape.key_column)
-    keys: list[Any] = []
-    seen: set[Any] = set()
-    key_field = projection.key.field
-    handled = projection.handlers
-    for event in events:
-        if event.type not in handled:
-            continue
-        key = event.stream_id if key_field is None else event.data.get(key_field)
-        if key is not None and not isinstance(key, (dict, list)) and key not in seen:
-            seen.add(key)
-            keys.append(key)
-    existing: dict[Any, Row] = {}
-    if keys:
-        try:
-            rows = await conn.fetch(
-                f"SELECT * FROM {target} WHERE {key_column} = ANY($1::{shape.key_sql_type}[])", keys
-            )
-        except (asyncpg.DataError, ValueError, TypeError) as error:
-            # A key of the wrong type (say a number for a text column) would fail every retry the same way.
-            raise await _name_bad_key(conn, projection, events, error) from None
-        existing = {row[shape.key_column]: dict(row) for row in rows}
-    state, last, applied = fold(projection, events, existing)
-    records = [_record(projection, row, last[key]) for key, row in state.items() if row is not None and key in last]
-    gone = [key for key in existing if key in last]
-    if gone:
-        await conn.execute(f"DELETE FROM {target} WHERE {key_column} = ANY($1::{shape.key_sql_type}[])", gone)
-    if records:
-        try:
-            async with conn.transaction():
-                await conn.copy_records_to_table(
-                    physical_table, schema_name=schema, columns=list(shape.columns), records=records
-                )
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, TypeError) as error:
-            raise await _name_bad_row(conn, projection, schema, physical_table, state, last, error) from None
-    return Applied(applied, len(records), sum(1 for key in gone if state.get(key) is None))
+    folding = Folding(conn, projection, schema, physical_table)
+    await folding.add(events)
+    return await folding.write()
 
 
 async def _name_bad_key(

@@ -49,8 +49,12 @@ async def create_generation(
     chunk_size: int,
     workflow_id: str,
     run_id: str,
+    boundaries: list[str] | None = None,
 ) -> asyncpg.Record:
-    """Register a new building generation, create its table (no secondary indexes) and lane checkpoints."""
+    """Register a new building generation, create its table (no secondary indexes) and lane checkpoints.
+
+    With `boundaries` (`lanes - 1` stream ids, ascending), lane i holds the streams from boundary i-1 up to
+    boundary i; without, lanes split the keys by hash."""
     s = quote(schema)
     async with conn.transaction():
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(read_schema)}")
@@ -82,13 +86,22 @@ async def create_generation(
             ) from None
         await conn.execute(f"DROP TABLE IF EXISTS {qualified(read_schema, physical)}")
         await conn.execute(projection.table.create_table_sql(read_schema, number))
-        await conn.execute(
-            f"""INSERT INTO {s}.lane_checkpoints (projection, generation, lane, position)
-                SELECT $1, $2, lane, 0 FROM generate_series(0, $3 - 1) AS lane""",
-            projection.name,
-            number,
-            lanes,
-        )
+        if boundaries is None:
+            await conn.execute(
+                f"""INSERT INTO {s}.lane_checkpoints (projection, generation, lane, position)
+                    SELECT $1, $2, lane, 0 FROM generate_series(0, $3 - 1) AS lane""",
+                projection.name,
+                number,
+                lanes,
+            )
+        else:
+            bounds: list[str | None] = [None, *boundaries, None]
+            await conn.executemany(
+                f"""INSERT INTO {s}.lane_checkpoints
+                        (projection, generation, lane, position, by_stream, low_stream, high_stream)
+                    VALUES ($1, $2, $3, 0, true, $4, $5)""",
+                [(projection.name, number, lane, bounds[lane], bounds[lane + 1]) for lane in range(lanes)],
+            )
     row = await building_generation(conn, schema, projection.name)
     assert row is not None
     return row
@@ -101,6 +114,21 @@ async def set_total(conn: asyncpg.Connection, schema: str, projection: str, gene
         generation,
         total,
     )
+
+
+async def lane_bounds(
+    conn: asyncpg.Connection, schema: str, projection: str, generation: int
+) -> list[tuple[str | None, str | None]] | None:
+    """The stream ranges of a generation's lanes, or None when its lanes split by hash."""
+    rows = await conn.fetch(
+        f"""SELECT by_stream, low_stream, high_stream FROM {quote(schema)}.lane_checkpoints
+            WHERE projection = $1 AND generation = $2 ORDER BY lane""",
+        projection,
+        generation,
+    )
+    if not rows or not rows[0][0]:
+        return None
+    return [(row[1], row[2]) for row in rows]
 
 
 async def lane_checkpoints(
@@ -119,7 +147,8 @@ async def lock_lane(
     conn: asyncpg.Connection, schema: str, projection: str, generation: int, lane: int
 ) -> asyncpg.Record | None:
     return await conn.fetchrow(
-        f"""SELECT c.position, c.events_applied, c.done, g.state
+        f"""SELECT c.position, c.events_applied, c.done, g.state, c.by_stream, c.low_stream, c.high_stream,
+                   c.after_stream, c.after_version
             FROM {quote(schema)}.lane_checkpoints c
             JOIN {quote(schema)}.generations g USING (projection, generation)
             WHERE c.projection = $1 AND c.generation = $2 AND c.lane = $3
@@ -139,9 +168,12 @@ async def save_lane(
     position: int,
     applied: int,
     done: bool,
+    after: tuple[str, int] | None = None,
 ) -> None:
+    """Move a lane's checkpoint: `position` for a hash lane, `after` (stream id, version) for a stream lane."""
     await conn.execute(
-        f"""UPDATE {quote(schema)}.lane_checkpoints SET position = $4, events_applied = $5, done = $6
+        f"""UPDATE {quote(schema)}.lane_checkpoints SET position = $4, events_applied = $5, done = $6,
+                   after_stream = coalesce($7, after_stream), after_version = coalesce($8, after_version)
             WHERE projection = $1 AND generation = $2 AND lane = $3""",
         projection,
         generation,
@@ -149,6 +181,8 @@ async def save_lane(
         position,
         applied,
         done,
+        None if after is None else after[0],
+        None if after is None else after[1],
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import orjson
 from pydantic import AliasChoices, Field, field_validator
@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         default_factory=list, description="Modules that define aggregates (for bulk snapshot rebuilds)"
     )
     lanes: int = Field(default=4, ge=1, le=256)
+    lane_split: Literal["range", "hash"] = Field(
+        default="range",
+        description="How a stream-keyed projection's lanes split the streams: by ranges of stream id, each read "
+        "through the (stream_id, stream_version) index, or by hash (each lane scans every event and keeps its "
+        "own). Payload-keyed projections always split by hash.",
+    )
     chunk_size: int = Field(default=20_000, ge=1)
     max_parallel: int = Field(default=8, ge=1, le=500)
     retain_generations: int = Field(default=1, ge=0, description="Retired generations kept for rollback")

@@ -32,8 +32,11 @@ CHUNK = 40
 
 @pytest.fixture
 def activity_settings(database_url: str, tmp_path: Path) -> Settings:
-    # The activities need no Temporal server: only Postgres.
-    return Settings(database_url=database_url, data_dir=tmp_path / "data", lanes=LANES, chunk_size=CHUNK)
+    # The activities need no Temporal server: only Postgres. Hash lanes, read in position order, so that
+    # positions say what a chunk covered; stream-range lanes have their own test at the end.
+    return Settings(
+        database_url=database_url, data_dir=tmp_path / "data", lanes=LANES, chunk_size=CHUNK, lane_split="hash"
+    )
 
 
 # -- a projection that fails on demand -------------------------------------------------------------------
@@ -263,3 +266,61 @@ async def test_a_chunk_that_fails_midway_leaves_no_rows_and_no_checkpoint_moveme
             pass
     assert await lab.rows() == support.oracle(support.accounts, lab.events)
     assert await lab.applied() == len(lab.handled(set(range(LANES))))
+
+
+# -- stream-range lanes ---------------------------------------------------------------------------------------
+
+
+async def range_read_so_far(pool: asyncpg.Pool, projection: str, generation: int, lane: int) -> set[int]:
+    """Positions of the events a stream-range lane has read up to its checkpoint (compared in SQL, in the
+    database's collation, as the lane reads them)."""
+    rows = await pool.fetch(
+        """SELECT e.global_position FROM rehydrate.events e JOIN rehydrate.lane_checkpoints c
+             ON (c.low_stream IS NULL OR e.stream_id >= c.low_stream)
+            AND (c.high_stream IS NULL OR e.stream_id < c.high_stream)
+            AND c.after_stream IS NOT NULL AND (e.stream_id, e.stream_version) <= (c.after_stream, c.after_version)
+           WHERE c.projection = $1 AND c.generation = $2 AND c.lane = $3 AND c.by_stream""",
+        projection,
+        generation,
+        lane,
+    )
+    return {row[0] for row in rows}
+
+
+async def test_stream_range_lanes_read_only_their_streams_and_a_chunk_delivered_twice_applies_nothing_twice(
+    pool: asyncpg.Pool, store: EventStore, activity_settings: Settings
+) -> None:
+    settings = activity_settings.model_copy(update={"lane_split": "range"})
+    lab = await make_lab(pool, store, settings, support.accounts, seed=34)
+    name, generation = lab.projection.name, lab.plan.generation
+    bounds = await catalog.lane_bounds(pool, "rehydrate", name, generation)
+    assert bounds is not None and len(bounds) == LANES and bounds[0][0] is None and bounds[-1][1] is None
+    handled = [e for e in lab.events if e.type in lab.projection.handlers]
+    assert sum(lane.total for lane in lab.plan.lanes) == len(handled)
+    assert all(lane.total > 0 for lane in lab.plan.lanes), "the sampled boundaries put events in every lane"
+
+    def upto(positions: set[int]) -> list[Event]:
+        return [e for e in handled if e.global_position in positions]
+
+    positions = {e.global_position for e in handled}
+    first = await lab.run(0)
+    read = positions & await range_read_so_far(pool, name, generation, 0)
+    assert not first.done and len(read) == CHUNK
+    assert await lab.rows() == support.oracle(support.accounts, upto(read))
+    # Whole streams, in version order: the chunk is a prefix of lane 0's (stream, version) order.
+    streams = sorted({e.stream_id for e in upto(read)})
+    assert len(streams) < CHUNK, "a chunk holds few streams, each with many events"
+
+    # Delivered again (a lost completion) and, at the same time, a zombie attempt: serialised by the lane lock,
+    # each takes the next chunk after the committed cursor.
+    results = await asyncio.gather(lab.run(0), lab.run(0))
+    read = positions & await range_read_so_far(pool, name, generation, 0)
+    assert len(read) == 3 * CHUNK
+    assert sorted(r.applied for r in results) == [2 * CHUNK, 3 * CHUNK]
+    assert await lab.rows() == support.oracle(support.accounts, upto(read))
+
+    for lane in range(LANES):
+        while not (await lab.run(lane)).done:
+            pass
+    assert await lab.rows() == support.oracle(support.accounts, lab.events)
+    assert await lab.applied() == len(handled)

@@ -22,10 +22,14 @@ async def replay(client: Client, settings: Settings, input: ReplayInput) -> obje
     return await wait_for_replay(handle)
 
 
-@pytest.mark.parametrize(("lanes", "chunk_size", "seed"), [(1, 37, 1), (3, 11, 2), (8, 5, 3), (3, 1000, 4)])
+@pytest.mark.parametrize(
+    ("lanes", "chunk_size", "seed", "split"),
+    [(1, 37, 1, "range"), (3, 11, 2, "range"), (3, 11, 2, "hash"), (8, 5, 3, "range"), (3, 1000, 4, "hash")],
+)
 async def test_replay_equals_the_oracle_fold_for_any_lanes_and_chunk_size(
-    client: Client, settings: Settings, store: EventStore, lanes: int, chunk_size: int, seed: int
+    client: Client, settings: Settings, store: EventStore, lanes: int, chunk_size: int, seed: int, split: str
 ) -> None:
+    settings = settings.model_copy(update={"lane_split": split})  # payload-keyed projections always use hash
     await support.append_all(store, support.random_history(seed, streams=30, events=500))
     events = await support.all_events(store)
     registry = support.registry()

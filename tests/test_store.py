@@ -171,3 +171,29 @@ async def test_import_streams_a_file_through_copy_and_continues_stream_versions(
         (3, "OrderPaid", 2),
     ]
     assert order1[2].metadata == {"by": "import"} and order1[2].recorded_at.year == 2025
+
+
+async def test_every_read_gives_handlers_the_metadata_and_an_empty_dict_when_there_is_none(store: EventStore) -> None:
+    await store.append("s-1", [NewEvent("Opened", {"n": 1}, metadata={"by": "ann", "trace": [1, 2]})])
+    await store.append("s-2", [NewEvent("Opened", {"n": 2})])
+    mark = await store.high_water_mark()
+    expected = {"s-1": {"by": "ann", "trace": [1, 2]}, "s-2": {}}
+    async with store.pool.acquire() as conn, conn.transaction():
+        by_lane = [
+            e
+            async for batch in store.read_lane(
+                conn, after_position=0, mark=mark, types=None, key=KeySpec(), lane=0, lanes=1, limit=10
+            )
+            for e in batch
+        ]
+        by_stream = [
+            e
+            async for batch in store.read_streams(
+                conn, low=None, high=None, after=None, mark=mark, types=None, limit=10
+            )
+            for e in batch
+        ]
+        delta = await store.read_delta(conn, from_mark=0, to_mark=mark, types=None)
+    for events in (by_lane, by_stream, delta):
+        assert {e.stream_id: e.metadata for e in events} == expected
+    assert [e.data for e in by_stream] == [{"n": 1}, {"n": 2}]

@@ -12,7 +12,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from rehydrate import catalog
-from rehydrate.apply import apply_events
+from rehydrate.apply import Folding
 from rehydrate.errors import UserError
 from rehydrate.models import (
     CatchUpInput,
@@ -27,7 +27,7 @@ from rehydrate.models import (
 )
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
-from rehydrate.store import Event, EventStore, is_held
+from rehydrate.store import EventStore, is_held
 
 log = logging.getLogger("rehydrate.activities")
 T = TypeVar("T")
@@ -81,6 +81,12 @@ class ReplayActivities:
                 )
             if building is None:
                 mark = await self.store.high_water_mark(conn)
+                boundaries = None
+                if projection.key.field is None and self.settings.lane_split == "range":
+                    found = await self.store.stream_boundaries(
+                        conn, mark=mark, types=projection.event_types, lanes=lanes
+                    )
+                    boundaries = found if len(found) == lanes - 1 else None  # too few events to split
                 building = await catalog.create_generation(
                     conn,
                     schema=self.schema,
@@ -91,14 +97,24 @@ class ReplayActivities:
                     chunk_size=chunk_size,
                     workflow_id=input.workflow_id,
                     run_id=input.run_id,
+                    boundaries=boundaries,
                 )
-            counts = await self.store.count_lanes(
-                conn,
-                mark=building["target_xmin"],
-                types=projection.event_types,
-                key=projection.key,
-                lanes=building["lanes"],
-            )
+            ranges = await catalog.lane_bounds(conn, self.schema, projection.name, building["generation"])
+            if ranges is None:
+                counts = await self.store.count_lanes(
+                    conn,
+                    mark=building["target_xmin"],
+                    types=projection.event_types,
+                    key=projection.key,
+                    lanes=building["lanes"],
+                )
+            else:
+                counts = await self.store.count_ranges(
+                    conn,
+                    mark=building["target_xmin"],
+                    types=projection.event_types,
+                    boundaries=[high for _, high in ranges[:-1] if high is not None],
+                )
             total = sum(count for count, _ in counts)
             await catalog.set_total(conn, self.schema, projection.name, building["generation"], total)
             checkpoints = await catalog.lane_checkpoints(conn, self.schema, projection.name, building["generation"])
@@ -136,25 +152,43 @@ class ReplayActivities:
             if checkpoint["done"]:
                 return ChunkResult(checkpoint["position"], checkpoint["events_applied"], 0, True)
             held = await self.store.held_back(conn, input.mark)
-            events: list[Event] = []
+            physical = catalog.physical_table_name(projection, input.generation)
+            folding = Folding(conn, projection, self.read_schema, physical)
             fetched = 0
             position = checkpoint["position"]
-            async for batch in self.store.read_lane(
-                conn,
-                after_position=position,
-                mark=input.mark,
-                types=projection.event_types,
-                key=projection.key,
-                lane=input.lane,
-                lanes=input.lanes,
-                limit=input.chunk_size,
-            ):
+            after: tuple[str, int] | None = None
+            if checkpoint["by_stream"]:
+                if checkpoint["after_stream"] is not None:
+                    after = (checkpoint["after_stream"], checkpoint["after_version"])
+                batches = self.store.read_streams(
+                    conn,
+                    low=checkpoint["low_stream"],
+                    high=checkpoint["high_stream"],
+                    after=after,
+                    mark=input.mark,
+                    types=projection.event_types,
+                    limit=input.chunk_size,
+                )
+            else:
+                batches = self.store.read_lane(
+                    conn,
+                    after_position=position,
+                    mark=input.mark,
+                    types=projection.event_types,
+                    key=projection.key,
+                    lane=input.lane,
+                    lanes=input.lanes,
+                    limit=input.chunk_size,
+                )
+            async for batch in batches:
                 fetched += len(batch)
-                position = batch[-1].global_position
-                events.extend(e for e in batch if not held or not is_held(held, e.stream_id, e.stream_version))
+                last = batch[-1]
+                position, after = last.global_position, (last.stream_id, last.stream_version)
+                if held:
+                    batch = [e for e in batch if not is_held(held, e.stream_id, e.stream_version)]
+                await folding.add(batch)
                 activity.heartbeat(position)
-            physical = catalog.physical_table_name(projection, input.generation)
-            applied = await apply_events(conn, projection, self.read_schema, physical, events)
+            applied = await folding.write()
             done = fetched < input.chunk_size
             total_applied = checkpoint["events_applied"] + applied.events
             await catalog.save_lane(
@@ -166,6 +200,7 @@ class ReplayActivities:
                 position,
                 total_applied,
                 done,
+                after if checkpoint["by_stream"] else None,
             )
         return ChunkResult(position=position, applied=total_applied, chunk_events=applied.events, done=done)
 

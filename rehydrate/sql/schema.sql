@@ -73,9 +73,23 @@ CREATE TABLE IF NOT EXISTS {schema}.lane_checkpoints (
     position       bigint  NOT NULL,
     events_applied bigint  NOT NULL DEFAULT 0,
     done           boolean NOT NULL DEFAULT false,
+    -- A lane of streams [low_stream, high_stream) (NULL: unbounded), read in (stream, version) order after
+    -- (after_stream, after_version); or, when by_stream is false, a hash lane read in position order after
+    -- `position`.
+    by_stream      boolean NOT NULL DEFAULT false,
+    low_stream     text,
+    high_stream    text,
+    after_stream   text,
+    after_version  bigint  NOT NULL DEFAULT 0,
     PRIMARY KEY (projection, generation, lane),
     FOREIGN KEY (projection, generation) REFERENCES {schema}.generations ON DELETE CASCADE
 );
+-- Databases created before stream-range lanes.
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS by_stream boolean NOT NULL DEFAULT false;
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS low_stream text;
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS high_stream text;
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS after_stream text;
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS after_version bigint NOT NULL DEFAULT 0;
 
 -- The newest snapshot of an aggregate's state, per stream and aggregate type: `state` is the state after folding
 -- the stream's events up to `stream_version`. A snapshot is used only when its `state_version` and `fingerprint`
