@@ -255,9 +255,10 @@ async def workers(
         await asyncio.gather(*(stop_process(p) for p in processes))
 
 
-async def replay(client: Client, settings: Settings, lanes: int) -> tuple[float, int]:
+async def replay(client: Client, settings: Settings, lanes: int, chunk_size: int | None = None) -> tuple[float, int]:
     began = time.perf_counter()
-    result = await wait_for_replay(await start_replay(client, settings, ReplayInput(PROJECTION.name, lanes=lanes)))
+    started = await start_replay(client, settings, ReplayInput(PROJECTION.name, lanes=lanes, chunk_size=chunk_size))
+    result = await wait_for_replay(started)
     return time.perf_counter() - began, result.events_applied
 
 
@@ -305,7 +306,7 @@ async def main(args: argparse.Namespace) -> int:
                     continue
                 async with workers(url, client, args.workers, HOME / "worker.log", split) as (settings, pids):
                     for lanes in lane_counts:
-                        took, applied = await replay(client, settings, lanes)
+                        took, applied = await replay(client, settings, lanes, args.chunk_size)
                         wrong = await differences(conn, PROJECTION.table.name)
                         label = f"{lanes} lane(s) by {split}"
                         results.append((label, took, applied, wrong))
@@ -347,6 +348,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--lanes", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2, 4], help="lane counts, e.g. 1,2,4"
     )
+    parser.add_argument("--chunk-size", type=int, default=None, help="events per chunk (default: the setting's)")
     parser.add_argument("--script-sample", type=int, default=20_000, help="events the usual script applies")
     parser.add_argument("--reuse", action="store_true", help="reuse a store of the same size from an earlier run")
     quiet_exit(asyncio.run(main(parser.parse_args())))

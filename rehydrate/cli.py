@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import logging
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -39,10 +38,10 @@ tail_app = typer.Typer(help="Start and stop the live tail that keeps a read mode
 app.add_typer(db_app, name="db")
 app.add_typer(events_app, name="events")
 app.add_typer(replay_app, name="replay")
+schedule_app = typer.Typer(help="Periodic rebuilds on Temporal Schedules.", no_args_is_help=True)
 app.add_typer(tail_app, name="tail")
-snapshots_app = typer.Typer(
-    help="Rebuild, watch and cancel bulk snapshot rebuilds of aggregates.", no_args_is_help=True
-)
+app.add_typer(schedule_app, name="schedule")
+snapshots_app = typer.Typer(help="Bulk rebuilds of aggregate snapshots.", no_args_is_help=True)
 app.add_typer(snapshots_app, name="snapshots")
 
 out = Console(highlight=False)
@@ -63,6 +62,13 @@ def _aggregates(settings: Settings) -> Any:
     from rehydrate.aggregates import AggregateRegistry
 
     return AggregateRegistry.from_modules(settings.aggregates)
+
+
+def _configure_logs(settings: Settings) -> None:
+    if settings.log_format == "json":
+        from rehydrate.logs import configure
+
+        configure(json=True)
 
 
 def _run(work: Callable[[], Awaitable[T]]) -> T:
@@ -132,6 +138,7 @@ def dev(
 ) -> None:
     """Run a Temporal dev server (Web UI included), Postgres and a worker on this machine until Ctrl-C."""
     settings = _settings()
+    _configure_logs(settings)
     registry = _registry(settings, DEMO_PROJECTIONS)
 
     async def work() -> None:
@@ -163,9 +170,19 @@ def worker_command(
     tails: Annotated[
         bool | None, typer.Option("--tails/--no-tails", help="Start the tails of active projections (default: on).")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (REHYDRATE_METRICS_PORT).")
+    ] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object a line.")] = False,
 ) -> None:
     """Run a worker: replays, tails and their activities, until SIGINT or SIGTERM."""
-    settings = _settings(max_concurrent_activities=max_concurrent_activities, tails=tails)
+    settings = _settings(
+        max_concurrent_activities=max_concurrent_activities,
+        tails=tails,
+        metrics_port=metrics_port,
+        log_format="json" if log_json else None,
+    )
+    _configure_logs(settings)
     registry = _registry(settings)
     if not len(registry) and not settings.aggregates:
         raise UserError(
@@ -365,6 +382,31 @@ def replay_cancel(
 
         workflow_id = await cancel_replay(await connect_client(settings), name)
         out.print(f"cancellation requested for {workflow_id}")
+
+    _run(work)
+
+
+@replay_app.command("pause")
+def replay_pause(name: Annotated[str, typer.Argument(help="The projection whose replay to pause.")]) -> None:
+    """Pause NAME's running replay after its running chunks (signal `pause`; the Web UI can send it too)."""
+    _signal_replay(name, "pause")
+
+
+@replay_app.command("resume")
+def replay_resume(name: Annotated[str, typer.Argument(help="The projection whose replay to resume.")]) -> None:
+    """Resume NAME's paused replay (signal `resume`)."""
+    _signal_replay(name, "resume")
+
+
+def _signal_replay(name: str, signal: str) -> None:
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import signal_replay
+        from rehydrate.temporal import connect_client
+
+        workflow_id = await signal_replay(await connect_client(settings), name, signal)
+        out.print(f"{signal} sent to {workflow_id}")
 
     _run(work)
 
@@ -589,6 +631,142 @@ def _tail_text(tail: dict[str, Any]) -> str:
     return str(tail["workflow"]).lower().replace("_", " ")
 
 
+# -- schedules ------------------------------------------------------------------------------------------------
+
+
+@schedule_app.command("create")
+def schedule_create(
+    name: Annotated[str, typer.Argument(help="The schedule's name (its id in Temporal).")],
+    projection: Annotated[str, typer.Option("--projection", "-p", help="The projection to rebuild.")],
+    cron: Annotated[str | None, typer.Option(help="A cron expression, e.g. '0 3 * * *' (UTC).")] = None,
+    every: Annotated[str | None, typer.Option(help="An interval: 6h, 30m, 1d, 1h30m.")] = None,
+    lanes: Annotated[int | None, typer.Option(help="Lanes per replay (default: the worker's REHYDRATE_LANES).")] = None,
+) -> None:
+    """Rebuild PROJECTION on a schedule; a run that finds a replay of it running is skipped, and says so."""
+    from rehydrate.schedules import schedule_spec
+
+    schedule_spec(cron, every)  # before Temporal: name the mistake itself
+    settings = _settings()
+    registry = _registry(settings)
+
+    async def work() -> None:
+        from rehydrate.schedules import create_schedule
+        from rehydrate.temporal import connect_client
+
+        client = await connect_client(settings)
+        await create_schedule(
+            client,
+            settings,
+            name,
+            projection,
+            cron=cron,
+            every=every,
+            lanes=lanes,
+            registry=registry if len(registry) else None,
+        )
+        out.print(f"schedule {name} rebuilds {projection} ({f'cron {cron}' if cron else f'every {every}'})")
+        out.print(f"  {settings.ui_url}/namespaces/{settings.temporal_namespace}/schedules/{name}")
+
+    _run(work)
+
+
+@schedule_app.command("list")
+def schedule_list(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List rehydrate's schedules: projection, when, paused, next run."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.schedules import list_schedules
+        from rehydrate.temporal import connect_client
+
+        views = await list_schedules(await connect_client(settings))
+        if as_json:
+            _print_json(views)
+            return
+        table = Table("schedule", "projection", "when", "state", "next run")
+        for v in views:
+            table.add_row(
+                v.name,
+                v.projection,
+                v.spec,
+                "paused" if v.paused else "active",
+                f"{v.next_runs[0]:%Y-%m-%d %H:%M:%S} UTC" if v.next_runs and not v.paused else "-",
+            )
+        out.print(table)
+
+    _run(work)
+
+
+@schedule_app.command("describe")
+def schedule_describe(
+    name: Annotated[str, typer.Argument(help="The schedule.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show NAME: next runs, and recent runs with their outcome (new generation, skipped, or the failure)."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.schedules import describe_schedule
+        from rehydrate.temporal import connect_client
+
+        v = await describe_schedule(await connect_client(settings), name)
+        if as_json:
+            _print_json(v)
+            return
+        out.print(f"{v.name}: rebuilds [bold]{v.projection}[/] {v.spec}, {'paused' if v.paused else 'active'}")
+        if v.note:
+            out.print(f"  note: {escape(v.note)}")
+        for when in v.next_runs:
+            out.print(f"  next: {when:%Y-%m-%d %H:%M:%S} UTC")
+        for run in v.recent_runs:
+            out.print(
+                f"  {run.started_at:%Y-%m-%d %H:%M:%S} {run.status.lower()}: {escape(run.outcome)}", soft_wrap=True
+            )
+            out.print(f"    {settings.workflow_url(run.workflow_id, run.run_id)}")
+        if v.skipped_overlap:
+            out.print(f"  {v.skipped_overlap} run(s) skipped while this schedule's previous run was still going")
+
+    _run(work)
+
+
+def _schedule_command(name: str, verb: str) -> None:
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate import schedules
+        from rehydrate.temporal import connect_client
+
+        client = await connect_client(settings)
+        await getattr(schedules, f"{verb}_schedule")(client, name)
+        out.print(f"schedule {name}: {verb}{'d' if verb.endswith('e') else 'ed'}")
+
+    _run(work)
+
+
+@schedule_app.command("pause")
+def schedule_pause(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Stop NAME's future runs until `unpause` (a running replay goes on)."""
+    _schedule_command(name, "pause")
+
+
+@schedule_app.command("unpause")
+def schedule_unpause(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Resume NAME's runs."""
+    _schedule_command(name, "unpause")
+
+
+@schedule_app.command("trigger")
+def schedule_trigger(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Run NAME's replay now (skipped if one of its projection is running)."""
+    _schedule_command(name, "trigger")
+
+
+@schedule_app.command("delete")
+def schedule_delete(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Delete NAME (a replay it started goes on to the end)."""
+    _schedule_command(name, "delete")
+
+
 # -- output -----------------------------------------------------------------------------------------------------
 
 
@@ -677,8 +855,9 @@ def tune_gc() -> None:
 def main(args: list[str] | None = None) -> None:
     """The console entry point: runs a command, then exits without interpreter finalisers (sdk-python#300)."""
     tune_gc()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rehydrate").setLevel(logging.INFO)
+    from rehydrate.logs import configure
+
+    configure(json=False)
     from rehydrate.dev import quiet_exit
 
     quiet_exit(_exit_code(args))

@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rehydrate import search_attributes
 from rehydrate.errors import UserError
 from rehydrate.settings import Settings
-
-SEARCH_ATTRIBUTES: list[str] = []
 
 
 def temporal_cli() -> str:
@@ -95,8 +94,7 @@ def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevSe
         "--log-level",
         "warn",
     ]
-    for attribute in SEARCH_ATTRIBUTES:
-        command += ["--search-attribute", attribute]
+    command += search_attributes.dev_server_args()
     process = subprocess.Popen(
         command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
     )

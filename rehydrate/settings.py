@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rehydrate.errors import UserError
@@ -43,6 +43,35 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TASK_QUEUE", "TEMPORAL_TASK_QUEUE"),
     )
     temporal_ui_url: str | None = Field(default=None, description="Base URL of the Temporal Web UI for links")
+    # Real clusters. Temporal's own environment configuration (TEMPORAL_PROFILE, TEMPORAL_CONFIG_FILE and the
+    # TOML profile file) is read too; these settings, when set, win over it.
+    temporal_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_API_KEY", "TEMPORAL_API_KEY")
+    )
+    temporal_tls: bool | None = Field(
+        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS", "TEMPORAL_TLS")
+    )
+    temporal_tls_client_cert_path: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_CLIENT_CERT_PATH", "TEMPORAL_TLS_CLIENT_CERT_PATH"),
+    )
+    temporal_tls_client_key_path: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_CLIENT_KEY_PATH", "TEMPORAL_TLS_CLIENT_KEY_PATH"),
+    )
+    temporal_tls_server_ca_cert_path: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_SERVER_CA_CERT_PATH", "TEMPORAL_TLS_SERVER_CA_CERT_PATH"),
+    )
+    temporal_tls_server_name: str | None = Field(
+        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_SERVER_NAME", "TEMPORAL_TLS_SERVER_NAME")
+    )
+    temporal_profile: str | None = Field(
+        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_PROFILE", "TEMPORAL_PROFILE")
+    )
+
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Serve Prometheus /metrics here")
+    log_format: Literal["text", "json"] = "text"
 
     # NoDecode: the variable is a comma-separated list, not JSON (the validator below splits it).
     projections: Annotated[list[str], NoDecode] = Field(

@@ -123,12 +123,12 @@ async def _wait(
             await asyncio.wait({result_task}, timeout=interval)
         return result_task.result()
     except WorkflowFailureError as error:
-        raise UserError(f"{what} failed: {_failure_cause(error)}") from None
+        raise UserError(f"{what} failed: {failure_cause(error)}") from None
     finally:
         result_task.cancel()
 
 
-def _failure_cause(error: WorkflowFailureError) -> str:
+def failure_cause(error: WorkflowFailureError) -> str:
     cause: BaseException | None = error.cause
     while cause is not None and getattr(cause, "cause", None) is not None:
         cause = cause.cause  # type: ignore[attr-defined]
@@ -156,7 +156,7 @@ async def replay_status(client: Client, projection: str) -> ReplayStatus:
         try:
             await handle.result()
         except WorkflowFailureError as failure:
-            error = f"replay failed: {_failure_cause(failure)}"
+            error = f"replay failed: {failure_cause(failure)}"
     return ReplayStatus(workflow_id, description.run_id, status, progress, result, error)
 
 
@@ -175,6 +175,21 @@ async def cancel_replay(client: Client, projection: str) -> str:
             fix="nothing to cancel",
         )
     await handle.cancel()
+    return workflow_id
+
+
+async def signal_replay(client: Client, projection: str, signal: str) -> str:
+    """Send `pause` or `resume` to the projection's running replay (the one `replay start` started)."""
+    workflow_id = replay_workflow_id(projection)
+    handle = client.get_workflow_handle(workflow_id)
+    try:
+        description = await handle.describe()
+    except RPCError:
+        raise UserError(f"no replay of {projection!r} was ever started", fix="check the projection name") from None
+    if description.status != Status.RUNNING:
+        state = description.status.name.lower() if description.status else "unknown"
+        raise UserError(f"the replay of {projection!r} is not running (it is {state})", fix=f"nothing to {signal}")
+    await handle.signal(signal)
     return workflow_id
 
 
@@ -248,7 +263,7 @@ async def tail_state(client: Client, projection: str) -> tuple[str, str | None]:
         try:
             await handle.result()
         except WorkflowFailureError as failure:
-            error = _failure_cause(failure)
+            error = failure_cause(failure)
     return status, error
 
 

@@ -17,6 +17,7 @@ from rehydrate import catalog
 from rehydrate.activities import ReplayActivities, SnapshotActivities, TailActivities
 from rehydrate.aggregates import AggregateRegistry
 from rehydrate.database import create_pool, ensure_schema, resolve_url
+from rehydrate.metrics import declare, prometheus_runtime
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.temporal import connect_client
@@ -104,13 +105,19 @@ async def run_worker(settings: Settings, registry: Registry) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with running_worker(settings, registry):
+    runtime = None
+    if settings.metrics_port is not None:
+        runtime = prometheus_runtime(settings.metrics_port)
+        declare(runtime, registry.names())
+    client = await connect_client(settings, runtime=runtime)
+    async with running_worker(settings, registry, client=client):
         log.info(
-            "worker on task queue %r at %s, namespace %r; projections: %s",
+            "worker on task queue %r at %s, namespace %r; projections: %s%s",
             settings.temporal_task_queue,
-            settings.temporal_address,
-            settings.temporal_namespace,
+            client.service_client.config.target_host,
+            client.namespace,
             ", ".join(registry.names()) or "none",
+            f"; metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else "",
         )
         await stop.wait()
         log.info("shutting down")

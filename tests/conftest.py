@@ -15,6 +15,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from rehydrate import search_attributes
 from rehydrate.database import create_pool, ensure_schema
 from rehydrate.dev import temporal_cli
 from rehydrate.settings import Settings
@@ -79,6 +80,7 @@ def store(pool: asyncpg.Pool) -> EventStore:
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=temporal_cli(),
+        search_attributes=search_attributes.KEYS,
         dev_server_extra_args=[
             "--dynamic-config-value",
             f"limit.historyCount.suggestContinueAsNew={CONTINUE_AS_NEW_AFTER}",

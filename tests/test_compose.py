@@ -18,6 +18,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices, AliasPath
 
+from rehydrate import search_attributes
 from rehydrate.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -417,6 +418,8 @@ case "$1 $2 $3" in
   "operator cluster health") echo SERVING ;;
   "operator namespace describe") [ -e {tmp_path}/ns-$5 ] ;;
   "operator namespace create") touch {tmp_path}/ns-$5 ;;
+  "operator search-attribute list") cat {tmp_path}/sa-* 2>/dev/null || true ;;
+  "operator search-attribute create") echo "$7 $9" > {tmp_path}/sa-$7 ;;
   *) exit 2 ;;
 esac
 """,
@@ -430,6 +433,11 @@ esac
     assert f"--namespace {env['NAMESPACE']}" in creates[0]
     assert f"--address {env['TEMPORAL_ADDRESS']}" in creates[0]
     assert "--retention 72h" in creates[0]
+    # The search attributes the replay upserts, with their types, registered once in the workers' namespace.
+    registered = [line.split() for line in log.read_text().splitlines() if "search-attribute create" in line]
+    assert sorted((line[6], line[8], line[4]) for line in registered) == sorted(
+        (name, kind, env["NAMESPACE"]) for name, kind in search_attributes.TYPES.items()
+    )
 
 
 # -- the worker and rehydrate's settings --------------------------------------------------------------------------
@@ -453,6 +461,8 @@ def test_worker_environment_gives_the_expected_settings(monkeypatch: pytest.Monk
     assert settings.temporal_task_queue == "rehydrate"
     assert settings.projections == ["rehydrate.examples.orders"]
     assert settings.ui_url == "http://localhost:8080"
+    assert (settings.metrics_port, settings.log_format) == (9464, "json")
+    assert str(settings.metrics_port) in [str(port) for port in service(WORKER).get("expose", [])]
 
 
 def test_worker_reaches_temporal_on_its_grpc_port() -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
-from rehydrate import catalog
+from rehydrate import catalog, logs, metrics, search_attributes
 from rehydrate.apply import Folding
 from rehydrate.errors import UserError
 from rehydrate.models import (
@@ -39,6 +41,20 @@ async def _user_errors_fail_the_replay(work: Callable[[], Awaitable[T]]) -> T:
         return await work()
     except UserError as error:
         raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+
+
+async def _search_attributes_registered() -> bool:
+    """Whether the replay may upsert its search attributes; False when it cannot tell (no client, no permission)."""
+    try:
+        return await search_attributes.registered(activity.client())
+    except (RuntimeError, RPCError) as error:  # RuntimeError: an ActivityEnvironment without a client
+        log.warning("search attributes not set on this replay: cannot list them (%s)", error)
+        return False
+
+
+def _chunk() -> str:
+    """A chunk's name in logs: its activity id, unique within the replay's run."""
+    return activity.info().activity_id
 
 
 class ReplayActivities:
@@ -73,6 +89,8 @@ class ReplayActivities:
             raise UserError(f"max_parallel={max_parallel} is not positive", fix="use at least 1")
         async with self.pool.acquire() as conn:
             building = await catalog.building_generation(conn, self.schema, projection.name)
+            if building is not None and building["workflow_id"] != input.workflow_id and input.skip_if_running:
+                return Plan(0, "", 0, [], 0, 0, 0, running_elsewhere=building["workflow_id"])
             if building is not None and building["workflow_id"] != input.workflow_id:
                 raise UserError(
                     f"projection {projection.name!r} is already being rebuilt by workflow "
@@ -129,6 +147,7 @@ class ReplayActivities:
             chunk_size=building["chunk_size"],
             max_parallel=max_parallel,
             events_total=total,
+            search_attributes=await _search_attributes_registered(),
         )
 
     # -- build ---------------------------------------------------------------------------------------
@@ -136,7 +155,16 @@ class ReplayActivities:
     @activity.defn(name="rehydrate.apply_chunk")
     async def apply_chunk(self, input: ChunkInput) -> ChunkResult:
         """Apply the next `chunk_size` events of one lane, with its checkpoint, in one transaction."""
-        return await _user_errors_fail_the_replay(lambda: self._apply_chunk(input))
+        started = time.monotonic()
+        with logs.context(projection=input.projection, generation=input.generation, lane=input.lane, chunk=_chunk()):
+            result = await _user_errors_fail_the_replay(lambda: self._apply_chunk(input))
+            seconds = time.monotonic() - started
+            metrics.events_applied(input.projection, result.chunk_events)
+            metrics.chunk_duration(input.projection, seconds)
+            log.info(
+                "chunk applied: %d events, lane at position %d, %.3f s", result.chunk_events, result.position, seconds
+            )
+        return result
 
     async def _apply_chunk(self, input: ChunkInput) -> ChunkResult:
         projection = self.registry.get(input.projection)
@@ -227,6 +255,7 @@ class ReplayActivities:
             projection = self.registry.get(input.projection)
             async with self.pool.acquire() as conn, conn.transaction():
                 applied, mark = await catalog.catch_up(conn, self.store, self.read_schema, projection, input.generation)
+            metrics.events_applied(input.projection, applied)
             return CatchUpResult(applied=applied, mark=mark)
 
         return await _user_errors_fail_the_replay(work)
@@ -243,6 +272,7 @@ class ReplayActivities:
                 try:
                     async with self.pool.acquire() as conn:
                         result = await catalog.swap(conn, self.store, self.read_schema, projection, input.generation)
+                        metrics.events_applied(input.projection, result.final_delta)
                         result.dropped_generations = await catalog.retire_old(
                             conn, self.schema, self.read_schema, projection, self.settings.retain_generations
                         )

@@ -11,13 +11,15 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from rehydrate import catalog
+from rehydrate import catalog, metrics
 from rehydrate.database import connect
 from rehydrate.errors import ProjectionError, UserError
 from rehydrate.models import TailInput, TailRun
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.store import EventStore
+
+_LAG_EVERY_SECONDS = 5.0  # the lag gauge's count query runs at most this often
 
 
 class TailActivities:
@@ -51,6 +53,7 @@ class TailActivities:
         await listener.add_listener(self.store.channel, on_notify)
         deadline = time.monotonic() + input.run_seconds
         applied = batches = 0
+        lag_due = 0.0
         generation = checkpoint = None
         try:
             # On worker shutdown, return (not fail): the workflow runs the tail again on another worker.
@@ -72,6 +75,13 @@ class TailActivities:
                     generation, moved, checkpoint = result
                     applied += moved
                     batches += 1 if moved else 0
+                    metrics.events_applied(projection.name, moved)
+                    if time.monotonic() >= lag_due:
+                        lag_due = time.monotonic() + _LAG_EVERY_SECONDS
+                        async with self.pool.acquire() as conn:
+                            metrics.tail_lag(
+                                projection.name, *await catalog.lag(conn, self.store, projection, checkpoint)
+                            )
                 activity.heartbeat(checkpoint)
                 if moved == 0:
                     with contextlib.suppress(asyncio.TimeoutError):

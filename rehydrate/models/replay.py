@@ -27,6 +27,8 @@ class ReplayState:
     phase: str = "building"
     chunks_done: int = 0
     runs: int = 1
+    search_attributes: bool = False
+    paused: bool = False
 
 
 @dataclass
@@ -34,7 +36,8 @@ class ReplayInput:
     """Start a replay: `{"projection": "order_summary"}` is a complete input (e.g. from the Temporal Web UI).
 
     Unset tuning values take the worker's settings (REHYDRATE_LANES, REHYDRATE_CHUNK_SIZE, …).
-    `state` is for continue-as-new only.
+    `skip_if_running` (set by schedules) ends the run successfully, as skipped, when another replay of the
+    projection is building; otherwise that is an error. `state` is for continue-as-new only.
     """
 
     projection: str
@@ -43,6 +46,7 @@ class ReplayInput:
     max_parallel: int | None = None
     catch_up_threshold: int = 1_000
     heartbeat_timeout_seconds: float = 30.0
+    skip_if_running: bool = False
     state: ReplayState | None = None
 
 
@@ -54,6 +58,7 @@ class PlanInput:
     lanes: int | None = None
     chunk_size: int | None = None
     max_parallel: int | None = None
+    skip_if_running: bool = False
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Plan:
     chunk_size: int
     max_parallel: int
     events_total: int
+    search_attributes: bool = False  # RehydrateProjection & co. are registered: the workflow may upsert them
+    running_elsewhere: str | None = None  # with skip_if_running: the workflow id already building, nothing made
 
 
 @dataclass
@@ -128,6 +135,7 @@ class ReplayProgress:
     rate: float = 0.0
     eta_seconds: float | None = None
     runs: int = 1
+    paused: bool = False
 
 
 @dataclass
@@ -142,3 +150,4 @@ class ReplayResult:
     events_per_second: float
     swap_lock_ms: float
     runs: int
+    skipped: str | None = None  # why nothing was built (a scheduled run found another replay building)

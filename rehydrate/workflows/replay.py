@@ -10,6 +10,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from rehydrate import search_attributes
     from rehydrate.activities.replay import ReplayActivities
     from rehydrate.models import (
         CatchUpInput,
@@ -22,12 +23,15 @@ with workflow.unsafe.imports_passed_through():
         ReplayResult,
         ReplayState,
     )
+    from rehydrate.models.replay import Plan
 
 WORKFLOW_TYPE = "Replay"
 _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
 )
 _MAX_CATCH_UP_ROUNDS = 20
+# The value of the `rehydrate_replay_phase` gauge, in the order a replay goes through its phases.
+PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
 
 
 def replay_workflow_id(projection: str) -> str:
@@ -52,6 +56,8 @@ class ReplayWorkflow:
         self._phase = "planning"
         self._caught_up = 0
         self._stop_for_continue = False
+        self._paused = False
+        self._shown: tuple[str, int] | None = None  # the phase and percent last upserted as search attributes
 
     @workflow.run
     async def run(self, input: ReplayInput) -> ReplayResult:
@@ -59,15 +65,21 @@ class ReplayWorkflow:
         state = input.state
         if state is None:
             workflow.set_current_details(f"Planning a replay of **{input.projection}**")
-            state = await self._plan(input)
+            plan = await self._plan(input)
+            if plan.running_elsewhere is not None:
+                return self._skip(input, plan)
+            state = self._start_state(plan)
         else:
             state.runs += 1
+            self._paused = self._paused or state.paused
         self._state = state
         self._phase = state.phase
+        self._mark()
         try:
             if state.phase == "building":
                 self._show()
                 if not await self._build(input, state):
+                    state.paused = self._paused
                     workflow.continue_as_new(ReplayInput(**{**vars(input), "state": state}))
                 state.phase = "finishing"
             return await self._finish(input, state)
@@ -75,16 +87,18 @@ class ReplayWorkflow:
             if is_cancelled_exception(error):
                 # Raising the cancellation again ends the run as CANCELED (not FAILED) in Temporal.
                 self._phase = "cancelled"
+                self._mark()
                 await self._drop(state, "cancelled")
                 raise
             if not isinstance(error, ActivityError):
                 raise
             self._phase = "failed"
+            self._mark()
             message = failure_message(error)
             await self._drop(state, message)
             raise ApplicationError(message, type="ReplayFailed", non_retryable=True) from None
 
-    async def _plan(self, input: ReplayInput) -> ReplayState:
+    async def _plan(self, input: ReplayInput) -> Plan:
         info = workflow.info()
         try:
             plan = await workflow.execute_activity_method(
@@ -96,6 +110,7 @@ class ReplayWorkflow:
                     lanes=input.lanes,
                     chunk_size=input.chunk_size,
                     max_parallel=input.max_parallel,
+                    skip_if_running=input.skip_if_running,
                 ),
                 start_to_close_timeout=timedelta(minutes=30),
                 retry_policy=_RETRY,
@@ -103,6 +118,9 @@ class ReplayWorkflow:
             )
         except ActivityError as error:
             raise ApplicationError(failure_message(error), type="ReplayFailed", non_retryable=True) from None
+        return plan
+
+    def _start_state(self, plan: Plan) -> ReplayState:
         return ReplayState(
             generation=plan.generation,
             physical_table=plan.physical_table,
@@ -112,7 +130,19 @@ class ReplayWorkflow:
             max_parallel=plan.max_parallel,
             events_total=plan.events_total,
             started_at=workflow.now().isoformat(),
+            search_attributes=plan.search_attributes,
         )
+
+    def _skip(self, input: ReplayInput, plan: Plan) -> ReplayResult:
+        """A scheduled run that found another replay building: succeed, saying so (the schedule shows it)."""
+        reason = f"skipped: {input.projection} is already being rebuilt by {plan.running_elsewhere}"
+        self._phase = "skipped"
+        if plan.search_attributes:
+            workflow.upsert_search_attributes(
+                [search_attributes.PROJECTION.value_set(input.projection), search_attributes.PHASE.value_set("skipped")]
+            )
+        workflow.set_current_details(f"**{input.projection}**: {reason}")
+        return ReplayResult(input.projection, 0, None, 0, 0, 0, 0.0, 0.0, 0.0, 1, skipped=reason)
 
     async def _build(self, input: ReplayInput, state: ReplayState) -> bool:
         """Run every lane's chunks in order, lanes in parallel, at most `max_parallel` chunks at once.
@@ -124,6 +154,9 @@ class ReplayWorkflow:
 
         async def run_lane(lane: LaneState) -> None:
             while not lane.done and not self._stop_for_continue:
+                await workflow.wait_condition(lambda: not self._paused or self._stop_for_continue)
+                if self._stop_for_continue:
+                    return
                 async with window:
                     if self._stop_for_continue:
                         return
@@ -163,6 +196,7 @@ class ReplayWorkflow:
 
     async def _finish(self, input: ReplayInput, state: ReplayState) -> ReplayResult:
         ref = GenerationRef(input.projection, state.generation)
+        await workflow.wait_condition(lambda: not self._paused)
         self._phase = "indexing"
         self._show()
         await workflow.execute_activity_method(
@@ -197,6 +231,7 @@ class ReplayWorkflow:
         )
         self._caught_up += swapped.final_delta
         self._phase = "done"
+        self._mark()
         seconds = self._elapsed(state)
         applied = sum(lane.applied for lane in state.lanes) + self._caught_up
         workflow.set_current_details(
@@ -229,20 +264,50 @@ class ReplayWorkflow:
         started = datetime.fromisoformat(state.started_at)
         return max((workflow.now() - started).total_seconds(), 0.0)
 
+    def _mark(self) -> None:
+        """Upsert phase and progress as search attributes (when registered) and set the phase gauge.
+
+        Only on a change, so the history grows by at most about a hundred upserts per run; the first call of a
+        run always upserts, so a run after continue-as-new carries them whatever the server copied.
+        """
+        state, projection = self._state, self._input.projection if self._input else ""
+        if state is None:
+            return
+        applied = sum(lane.applied for lane in state.lanes)
+        percent = (
+            100 if self._phase == "done" else min(99, 100 * applied // state.events_total) if state.events_total else 0
+        )
+        if self._phase in PHASES:
+            workflow.metric_meter().create_gauge(
+                "rehydrate_replay_phase", "The phase of the running replay: index in PHASES (done = 6)"
+            ).set(PHASES.index(self._phase), {"projection": projection})
+        if not state.search_attributes or self._shown == (self._phase, percent):
+            return
+        self._shown = (self._phase, percent)
+        workflow.upsert_search_attributes(
+            [
+                search_attributes.PROJECTION.value_set(projection),
+                search_attributes.PHASE.value_set(self._phase),
+                search_attributes.PROGRESS.value_set(percent),
+            ]
+        )
+
     def _show(self) -> None:
         """Current details in the Web UI; set again in every run because continue-as-new clears them."""
+        self._mark()
         progress = self.progress()
         percent = 100 * progress.events_applied / progress.events_total if progress.events_total else 100.0
         lanes = " · ".join(
             f"lane {lane.lane}: {lane.applied:,}/{lane.total:,}{' ✓' if lane.done else ''}" for lane in progress.lanes
         )
         workflow.set_current_details(
-            f"**{progress.projection}** → generation {progress.generation}, phase **{progress.phase}**\n\n"
+            f"**{progress.projection}** → generation {progress.generation}, phase **{progress.phase}**"
+            f"{' — **paused** (signal `resume` to go on)' if self._paused else ''}\n\n"
             f"{progress.events_applied:,} of {progress.events_total:,} events ({percent:.0f}%), "
             f"{progress.rate:,.0f} events/s\n\n{lanes}"
         )
 
-    @workflow.query
+    @workflow.query(description="Phase, events applied of total, per-lane position, rate and ETA.")
     def progress(self) -> ReplayProgress:
         """Phase, events applied of total, per-lane position, rate and ETA."""
         projection = self._input.projection if self._input else ""
@@ -266,4 +331,19 @@ class ReplayWorkflow:
             rate=rate,
             eta_seconds=remaining / rate if rate > 0 else None,
             runs=state.runs,
+            paused=self._paused,
         )
+
+    @workflow.signal(name="pause", description="Pause after the running chunks; `resume` goes on.")
+    def pause(self) -> None:
+        """Stop starting chunks (running ones finish); the generation and its checkpoints stay. Undo: `resume`."""
+        self._paused = True
+        if self._state is not None:
+            self._show()
+
+    @workflow.signal(name="resume", description="Resume a paused replay.")
+    def resume(self) -> None:
+        """Go on from where `pause` stopped."""
+        self._paused = False
+        if self._state is not None:
+            self._show()
