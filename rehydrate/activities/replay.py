@@ -100,7 +100,10 @@ class ReplayActivities:
             if building is None:
                 mark = await self.store.high_water_mark(conn)
                 boundaries = None
-                if projection.key.field is None and self.settings.lane_split == "range":
+                split = self.settings.lane_split
+                if split == "auto" and projection.key.field is None:
+                    split = "range" if await self.store.fits_in_cache(conn) else "hash"
+                if projection.key.field is None and split == "range":
                     found = await self.store.stream_boundaries(
                         conn, mark=mark, types=projection.event_types, lanes=lanes
                     )
