@@ -1,5 +1,6 @@
 """rehydrate: durable, zero-downtime rebuilds of event-sourced read models, on Temporal and Postgres."""
 
+from rehydrate.aggregates import Aggregate, AggregateNotFoundError, AggregateRegistry, Repository, applies
 from rehydrate.errors import (
     ConcurrencyError,
     ProjectionError,
@@ -10,9 +11,13 @@ from rehydrate.errors import (
 from rehydrate.projections import Projection, Registry, Row
 from rehydrate.settings import Settings
 from rehydrate.store import NO_STREAM, Event, EventStore, NewEvent
+from rehydrate.upcasting import UpcastError, Upcasters
 
 __all__ = [
     "NO_STREAM",
+    "Aggregate",
+    "AggregateNotFoundError",
+    "AggregateRegistry",
     "ConcurrencyError",
     "Event",
     "EventStore",
@@ -21,8 +26,12 @@ __all__ = [
     "ProjectionError",
     "Registry",
     "RehydrateError",
+    "Repository",
     "Row",
     "Settings",
     "UnknownProjectionError",
+    "UpcastError",
+    "Upcasters",
     "UserError",
+    "applies",
 ]

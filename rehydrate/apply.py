@@ -42,7 +42,10 @@ def fold(projection: Projection, events: Sequence[Event], state: dict[Any, Row |
     blank = projection.table.blank_row
     width = len(blank)
     applied = 0
+    upcast = projection.upcaster()
     for event in events:
+        if upcast is not None:
+            event = upcast(event)  # the handler sees the event at its type's current version
         handler = handlers.get(event.type)
         if handler is None:
             if strict and event.type not in ignored:

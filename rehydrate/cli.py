@@ -23,6 +23,7 @@ from rehydrate.settings import Settings, load_settings
 
 T = TypeVar("T")
 DEMO_PROJECTIONS = ["rehydrate.examples.orders"]
+DEMO_AGGREGATES = ["rehydrate.examples.order_aggregate"]
 
 app = typer.Typer(
     help="rehydrate: durable, zero-downtime rebuilds of event-sourced read models, on Temporal and Postgres.",
@@ -40,6 +41,8 @@ app.add_typer(replay_app, name="replay")
 schedule_app = typer.Typer(help="Periodic rebuilds on Temporal Schedules.", no_args_is_help=True)
 app.add_typer(tail_app, name="tail")
 app.add_typer(schedule_app, name="schedule")
+snapshots_app = typer.Typer(help="Bulk rebuilds of aggregate snapshots.", no_args_is_help=True)
+app.add_typer(snapshots_app, name="snapshots")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -53,6 +56,12 @@ def _registry(settings: Settings, fallback: list[str] | None = None) -> Any:
     from rehydrate.projections import Registry
 
     return Registry.from_modules(settings.projections or fallback or [])
+
+
+def _aggregates(settings: Settings) -> Any:
+    from rehydrate.aggregates import AggregateRegistry
+
+    return AggregateRegistry.from_modules(settings.aggregates)
 
 
 def _configure_logs(settings: Settings) -> None:
@@ -142,7 +151,10 @@ def dev(
             out.print(f"Postgres: {redact_url(url)}")
             out.print(f"Projections: {', '.join(registry.names()) or 'none'}   Ctrl-C to stop.")
             if worker:
-                await run_worker(settings.model_copy(update={"database_url": url}), registry)
+                update: dict[str, Any] = {"database_url": url}
+                if not settings.projections and not settings.aggregates:
+                    update["aggregates"] = DEMO_AGGREGATES  # the example's, beside its projections
+                await run_worker(settings.model_copy(update=update), registry)
             else:
                 await asyncio.Event().wait()
 
@@ -172,8 +184,11 @@ def worker_command(
     )
     _configure_logs(settings)
     registry = _registry(settings)
-    if not len(registry):
-        raise UserError("no projections registered", fix="set REHYDRATE_PROJECTIONS=your.module[,other.module]")
+    if not len(registry) and not settings.aggregates:
+        raise UserError(
+            "no projections registered",
+            fix="set REHYDRATE_PROJECTIONS=your.module[,other.module] (or REHYDRATE_AGGREGATES for snapshots only)",
+        )
     from rehydrate.worker import run_worker
 
     _run(lambda: run_worker(settings, registry))
@@ -250,6 +265,53 @@ def events_import(
         )
 
     _run(work)
+
+
+@events_app.command("check")
+def events_check(as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+    """List every (event type, schema version) in the store; exit 1 if one has no upcaster path or no handler."""
+    settings = _settings()
+    registry = _registry(settings)
+    aggregates = _aggregates(settings)
+
+    async def work() -> list[Any]:
+        from rehydrate.database import ready_pool, resolve_url
+        from rehydrate.event_check import check_events
+        from rehydrate.store import EventStore
+
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool:
+            return await check_events(EventStore(pool, settings.schema_name), registry, aggregates)
+
+    report = _run(work)
+    problems = [row for row in report if not row.ok]
+    if as_json:
+        _print_json([{**dataclasses.asdict(row), "ok": row.ok} for row in report])
+    else:
+        table = Table("event type", "version", "events", "handled by", "problem")
+        for row in report:
+            problem = "; ".join(
+                (["no handler in any projection or aggregate"] if row.no_handler else []) + row.no_upcaster_path
+            )
+            table.add_row(
+                escape(row.event_type),
+                f"v{row.schema_version}",
+                f"{row.events:,}",
+                escape(", ".join(row.handled_by)) or "-",
+                f"[red]{escape(problem)}[/]" if problem else "ok",
+            )
+        out.print(table)
+        for row in problems:  # in full, below the table, which a narrow terminal truncates
+            for problem in (["no handler in any projection or aggregate"] if row.no_handler else []) + (
+                row.no_upcaster_path
+            ):
+                out.print(f"[red]{escape(row.event_type)} v{row.schema_version}[/]: {escape(problem)}", soft_wrap=True)
+        out.print(
+            f"{len(problems)} of {len(report)} (type, version) pairs have a problem"
+            if problems
+            else f"all {len(report)} (type, version) pairs can be read"
+        )
+    if problems:
+        raise typer.Exit(1)
 
 
 # -- replays -------------------------------------------------------------------------------------------------
@@ -404,6 +466,105 @@ def _tail_command(name: str, *, start: bool) -> None:
             workflow_id = await command(client, pool, settings, name)
         verb = "started" if start else "stopped"
         out.print(f"tail of {name} {verb}: {settings.workflow_url(workflow_id)}")
+
+    _run(work)
+
+
+@snapshots_app.command("rebuild")
+def snapshots_rebuild(
+    aggregate_type: Annotated[str, typer.Argument(help="The aggregate type whose snapshots to rewrite.")],
+    partitions: Annotated[int, typer.Option(help="Hash partitions of its streams, done in parallel.")] = 4,
+    chunk_size: Annotated[int, typer.Option(help="Streams per chunk activity.")] = 500,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress and wait for the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Rewrite the snapshot of every stream of AGGREGATE_TYPE (after its code changed), as a Temporal workflow."""
+    settings = _settings()
+    aggregates = _aggregates(settings)
+
+    async def work() -> None:
+        from rehydrate.models import SnapshotRebuildInput
+        from rehydrate.starter import start_snapshot_rebuild, wait_for_snapshot_rebuild
+        from rehydrate.temporal import connect_client
+
+        client = await connect_client(settings)
+        input = SnapshotRebuildInput(aggregate_type, partitions=partitions, chunk_size=chunk_size)
+        # Without REHYDRATE_AGGREGATES here, the workers' own list decides (the plan names an unknown type).
+        handle = await start_snapshot_rebuild(
+            client, settings, input, aggregates=aggregates if len(aggregates) else None
+        )
+        url = settings.workflow_url(handle.id, handle.result_run_id)
+        if not wait:
+            if as_json:
+                _print_json({"workflow_id": handle.id, "run_id": handle.result_run_id, "url": url})
+            else:
+                out.print(f"started the snapshot rebuild of {aggregate_type}: {url}")
+            return
+        if as_json:
+            _print_json(await wait_for_snapshot_rebuild(handle))
+            return
+        out.print(f"snapshot rebuild of [bold]{aggregate_type}[/]: {url}")
+        with Progress(
+            TextColumn(f"[bold]{aggregate_type}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>10} streams/s"),
+            TimeRemainingColumn(),
+            console=out,
+        ) as bar:
+            task = bar.add_task(aggregate_type, total=None, rate="")
+
+            def show(progress: Any) -> None:
+                bar.update(
+                    task,
+                    total=progress.streams_total or None,
+                    completed=progress.streams_done,
+                    rate=f"{progress.rate:,.0f}",
+                )
+
+            result = await wait_for_snapshot_rebuild(handle, show)
+        out.print(
+            f"[green]✓[/] {result.streams:,} snapshots of {aggregate_type} in {result.seconds:.1f} s "
+            f"({result.streams_per_second:,.0f} streams/s)"
+        )
+
+    _run(work)
+
+
+@snapshots_app.command("status")
+def snapshots_status(
+    aggregate_type: Annotated[str, typer.Argument(help="The aggregate type.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show the state of AGGREGATE_TYPE's latest snapshot rebuild and its progress while it runs."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import snapshot_rebuild_status
+        from rehydrate.temporal import connect_client
+
+        status, progress = await snapshot_rebuild_status(await connect_client(settings), aggregate_type)
+        if as_json:
+            _print_json({"status": status, "progress": progress})
+            return
+        out.print(f"{aggregate_type}: {status.lower()}")
+        if progress is not None:
+            out.print(f"  {progress.streams_done:,} of {progress.streams_total:,} streams ({progress.rate:,.0f}/s)")
+
+    _run(work)
+
+
+@snapshots_app.command("cancel")
+def snapshots_cancel(aggregate_type: Annotated[str, typer.Argument(help="The aggregate type.")]) -> None:
+    """Cancel AGGREGATE_TYPE's running snapshot rebuild; the snapshots written so far stay."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import cancel_snapshot_rebuild
+        from rehydrate.temporal import connect_client
+
+        workflow_id = await cancel_snapshot_rebuild(await connect_client(settings), aggregate_type)
+        out.print(f"cancellation requested for {workflow_id}")
 
     _run(work)
 

@@ -8,7 +8,6 @@ describes the table.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,9 +18,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlmodel import SQLModel
 
-from rehydrate.errors import UnknownProjectionError, UserError
+from rehydrate.errors import ProjectionError, UnknownProjectionError, UserError
 from rehydrate.identifiers import check_identifier, derived_name, qualified, quote
 from rehydrate.store import Event, KeySpec
+from rehydrate.upcasting import UpcastError, Upcasters
+from rehydrate.user_modules import module_definitions, source_text
 
 Row = dict[str, Any]
 Handler = Callable[[Row | None, Event], Row | None]
@@ -133,6 +134,7 @@ class Projection:
         key: "stream" to keep a row per stream, or the name of a payload field present in every handled event.
         strict: read every event type and fail on one without a handler (unless listed in `ignore`).
         ignore: event types a strict projection skips on purpose.
+        upcasters: the upcasters that bring old events to their current version before a handler sees them.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class Projection:
         strict: bool = False,
         ignore: Iterable[str] = (),
         description: str = "",
+        upcasters: Upcasters | None = None,
     ) -> None:
         self.name = check_identifier(name, "projection name")
         if not isinstance(version, int) or version < 1:
@@ -157,6 +160,7 @@ class Projection:
         self.ignore = frozenset(ignore)
         self.description = description or (inspect.getdoc(table) or "").split("\n")[0]
         self.handlers: dict[str, Handler] = {}
+        self.upcasters = upcasters
 
     def on(self, *event_types: str) -> Callable[[Handler], Handler]:
         """Register the decorated function as the handler of `event_types`."""
@@ -180,6 +184,41 @@ class Projection:
             return None
         return sorted(self.handlers)
 
+    def upcaster(self) -> Callable[[Event], Event] | None:
+        """What the fold runs each event through before its handler; None when nothing is versioned."""
+        upcasters = self.upcasters
+        if upcasters is None or not upcasters.current:
+            return None
+        key_field = self.key.field
+
+        def upcast(event: Event) -> Event:
+            try:
+                new = upcasters.upcast(event)
+            except UpcastError as error:
+                raise ProjectionError(
+                    self.name,
+                    event.global_position,
+                    event.stream_id,
+                    event.type,
+                    f"schema version {event.schema_version}: {error.problem}",
+                    error.fix or "",
+                ) from None
+            # Lanes are cut in SQL on the stored payload's key: an upcaster that moved an event to another key
+            # would put one key's events in two lanes, applied in parallel and out of order.
+            if key_field is not None and new is not event and new.data.get(key_field) != event.data.get(key_field):
+                raise ProjectionError(
+                    self.name,
+                    event.global_position,
+                    event.stream_id,
+                    event.type,
+                    f"an upcaster changed the key field {key_field!r} ({event.data.get(key_field)!r} → "
+                    f"{new.data.get(key_field)!r})",
+                    "upcasters may not change the field a projection is keyed by; key it by another field",
+                )
+            return new
+
+        return upcast
+
     def key_of(self, event: Event) -> Any:
         if self.key.field is None:
             return event.stream_id
@@ -192,11 +231,10 @@ class Projection:
         digest.update(f"{self.name}:{self.version}:{self.key.field}:{self.table.columns}".encode())
         for event_type in sorted(self.handlers):
             handler = self.handlers[event_type]
-            try:
-                source = inspect.getsource(handler)
-            except (OSError, TypeError):
-                source = repr(getattr(handler, "__code__", handler))
+            source = source_text(handler)
             digest.update(f"{event_type}:{source}".encode())
+        if self.upcasters:
+            digest.update(self.upcasters.fingerprint.encode())
         return digest.hexdigest()[:16]
 
     def __repr__(self) -> str:
@@ -237,20 +275,12 @@ class Registry:
     @classmethod
     def from_modules(cls, modules: Iterable[str]) -> Registry:
         registry = cls()
-        for module_name in modules:
-            try:
-                module = importlib.import_module(module_name)
-            except Exception as error:
-                raise UserError(
-                    f"projection module {module_name!r} failed to import: {type(error).__name__}: {error}",
-                    fix="fix the module, or correct REHYDRATE_PROJECTIONS",
-                ) from None
-            found = [value for value in vars(module).values() if isinstance(value, Projection)]
-            if not found:
-                raise UserError(
-                    f"projection module {module_name!r} defines no Projection",
-                    fix="define one at module level, or remove the module from REHYDRATE_PROJECTIONS",
-                )
-            for projection in found:
-                registry.add(projection)
+        for projection in module_definitions(
+            modules, _is_projection, what="Projection", setting="REHYDRATE_PROJECTIONS"
+        ):
+            registry.add(projection)
         return registry
+
+
+def _is_projection(value: object) -> bool:
+    return isinstance(value, Projection)

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     projections: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Modules that define projections"
     )
+    aggregates: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Modules that define aggregates (for bulk snapshot rebuilds)"
+    )
     lanes: int = Field(default=4, ge=1, le=256)
     lane_split: Literal["auto", "range", "hash"] = Field(
         default="auto",
@@ -92,7 +95,7 @@ class Settings(BaseSettings):
     max_concurrent_activities: int = Field(default=4, ge=1)
     tails: bool = Field(default=True, description="Workers start the tails of active projections by themselves")
 
-    @field_validator("projections", mode="before")
+    @field_validator("projections", "aggregates", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,4 +1,4 @@
-"""Starts, watches and controls replays and tails through Temporal."""
+"""Starts, watches and controls replays, tails and snapshot rebuilds through Temporal."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.client import WorkflowExecutionStatus as Status
@@ -15,11 +15,21 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from rehydrate import catalog
+from rehydrate.aggregates import AggregateRegistry
 from rehydrate.errors import UserError
-from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult, TailInput
+from rehydrate.models import (
+    ReplayInput,
+    ReplayProgress,
+    ReplayResult,
+    SnapshotRebuildInput,
+    SnapshotRebuildProgress,
+    SnapshotRebuildResult,
+    TailInput,
+)
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.workflows.replay import ReplayWorkflow, replay_workflow_id
+from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow, snapshot_workflow_id
 from rehydrate.workflows.tail import TailWorkflow, tail_workflow_id
 
 
@@ -89,17 +99,31 @@ async def wait_for_replay(
     interval: float = 0.5,
 ) -> ReplayResult:
     """Wait for the replay (across continue-as-new), reporting progress; a failure becomes one UserError."""
+    return await _wait(handle, ReplayWorkflow.progress, on_progress, interval, "replay")
+
+
+R = TypeVar("R")
+P = TypeVar("P")
+
+
+async def _wait(
+    handle: WorkflowHandle[Any, R],
+    query: Callable[[Any], P],
+    on_progress: Callable[[P], None] | None,
+    interval: float,
+    what: str,
+) -> R:
     result_task = asyncio.ensure_future(handle.result())
     try:
         while not result_task.done():
             if on_progress is not None:
                 # A query fails between runs (continue-as-new) or before the first workflow task: skip it.
                 with contextlib.suppress(RPCError):
-                    on_progress(await handle.query(ReplayWorkflow.progress))
+                    on_progress(await handle.query(query))
             await asyncio.wait({result_task}, timeout=interval)
         return result_task.result()
     except WorkflowFailureError as error:
-        raise UserError(f"replay failed: {failure_cause(error)}") from None
+        raise UserError(f"{what} failed: {failure_cause(error)}") from None
     finally:
         result_task.cancel()
 
@@ -241,3 +265,79 @@ async def tail_state(client: Client, projection: str) -> tuple[str, str | None]:
         except WorkflowFailureError as failure:
             error = failure_cause(failure)
     return status, error
+
+
+# -- bulk snapshot rebuilds -------------------------------------------------------------------------------
+
+
+async def start_snapshot_rebuild(
+    client: Client,
+    settings: Settings,
+    input: SnapshotRebuildInput,
+    *,
+    aggregates: AggregateRegistry | None = None,
+    task_queue: str | None = None,
+) -> WorkflowHandle[SnapshotRebuildWorkflow, SnapshotRebuildResult]:
+    """Start the aggregate type's snapshot rebuild under its fixed workflow id; a second start is refused."""
+    if aggregates is not None:
+        aggregates.get(input.aggregate_type)
+    if not 1 <= input.partitions <= 256 or input.chunk_size < 1:
+        raise UserError(
+            f"partitions={input.partitions}, chunk_size={input.chunk_size} are out of range",
+            fix="use 1 to 256 partitions and a chunk size of at least 1",
+        )
+    workflow_id = snapshot_workflow_id(input.aggregate_type)
+    try:
+        return await client.start_workflow(
+            SnapshotRebuildWorkflow.run,
+            input,
+            id=workflow_id,
+            task_queue=task_queue or settings.temporal_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            static_summary=f"Snapshots of {input.aggregate_type}",
+        )
+    except WorkflowAlreadyStartedError:
+        raise UserError(
+            f"a snapshot rebuild of {input.aggregate_type!r} is already running (workflow {workflow_id})",
+            fix=f"watch it with `rehydrate snapshots status {input.aggregate_type}` or stop it with "
+            f"`rehydrate snapshots cancel {input.aggregate_type}`",
+        ) from None
+
+
+async def wait_for_snapshot_rebuild(
+    handle: WorkflowHandle[SnapshotRebuildWorkflow, SnapshotRebuildResult],
+    on_progress: Callable[[SnapshotRebuildProgress], None] | None = None,
+    interval: float = 0.5,
+) -> SnapshotRebuildResult:
+    """Wait for the rebuild (across continue-as-new), reporting progress; a failure becomes one UserError."""
+    return await _wait(handle, SnapshotRebuildWorkflow.progress, on_progress, interval, "snapshot rebuild")
+
+
+async def snapshot_rebuild_status(client: Client, aggregate_type: str) -> tuple[str, SnapshotRebuildProgress | None]:
+    """The rebuild workflow's status (RUNNING, COMPLETED, …, or NEVER_RUN) and its progress while it runs."""
+    handle = client.get_workflow_handle_for(SnapshotRebuildWorkflow.run, snapshot_workflow_id(aggregate_type))
+    try:
+        description = await handle.describe()
+    except RPCError:
+        return "NEVER_RUN", None
+    progress = None
+    if description.status == Status.RUNNING:
+        with contextlib.suppress(RPCError):
+            progress = await handle.query(SnapshotRebuildWorkflow.progress)
+    return (description.status.name if description.status else "UNKNOWN"), progress
+
+
+async def cancel_snapshot_rebuild(client: Client, aggregate_type: str) -> str:
+    """Request cancellation; the snapshots already written stay (each one is valid on its own)."""
+    workflow_id = snapshot_workflow_id(aggregate_type)
+    handle = client.get_workflow_handle(workflow_id)
+    try:
+        description = await handle.describe()
+    except RPCError:
+        raise UserError(f"no snapshot rebuild of {aggregate_type!r} was ever started", fix="check the name") from None
+    if description.status != Status.RUNNING:
+        state = description.status.name.lower() if description.status else "unknown"
+        raise UserError(f"the snapshot rebuild of {aggregate_type!r} is not running (it is {state})")
+    await handle.cancel()
+    return workflow_id

@@ -402,11 +402,80 @@ class EventStore:
         """The highest position of any committed event (0 when empty)."""
         return int(await self.pool.fetchval(f"SELECT coalesce(max(global_position), 0) FROM {self.table}"))
 
-    async def read_stream(self, stream_id: str) -> list[Event]:
-        rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM {self.table} WHERE stream_id = $1 ORDER BY stream_version", stream_id
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        after_version: int = 0,
+        up_to_version: int | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> list[Event]:
+        """One stream's events after `after_version` (and up to `up_to_version`), in version order."""
+        rows = await (conn or self.pool).fetch(
+            f"""SELECT {_COLUMNS} FROM {self.table}
+                WHERE stream_id = $1 AND stream_version > $2 AND ($3::bigint IS NULL OR stream_version <= $3)
+                ORDER BY stream_version""",
+            stream_id,
+            after_version,
+            up_to_version,
         )
         return [_event(row) for row in rows]
+
+    async def read_streams_by_id(self, conn: asyncpg.Connection, stream_ids: Sequence[str]) -> list[Event]:
+        """Every event of the given streams, ordered by stream id and version (bulk rehydration)."""
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM {self.table} WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, stream_version",
+            list(stream_ids),
+        )
+        return [_event(row) for row in rows]
+
+    async def stream_version(
+        self, stream_id: str, *, as_of: datetime | None = None, conn: asyncpg.Connection | None = None
+    ) -> int:
+        """A stream's version (0: no such stream); with `as_of`, the version of its longest prefix of events
+        recorded at or before that time."""
+        return int(
+            await (conn or self.pool).fetchval(
+                f"""SELECT CASE WHEN $2::timestamptz IS NULL THEN coalesce(max(stream_version), 0)
+                                ELSE coalesce(min(stream_version) FILTER (WHERE recorded_at > $2) - 1,
+                                              max(stream_version), 0) END
+                    FROM {self.table} WHERE stream_id = $1""",
+                stream_id,
+                as_of,
+            )
+        )
+
+    async def streams_after(
+        self, conn: asyncpg.Connection, *, prefix: str, after: str | None, limit: int, partition: int, partitions: int
+    ) -> list[str]:
+        """Keyset pagination over the ids of streams starting with `prefix`, one hash partition of them."""
+        rows = await conn.fetch(
+            f"""SELECT stream_id FROM {self.table}
+                WHERE stream_version = 1 AND ($1::text IS NULL OR stream_id > $1) AND starts_with(stream_id, $2)
+                  AND (hashtextextended(stream_id, 0) & 9223372036854775807) % $4 = $5
+                ORDER BY stream_id LIMIT $3""",
+            after,
+            prefix,
+            limit,
+            partitions,
+            partition,
+        )
+        return [row[0] for row in rows]
+
+    async def count_streams(self, conn: asyncpg.Connection, *, prefix: str) -> int:
+        return int(
+            await conn.fetchval(
+                f"SELECT count(*) FROM {self.table} WHERE stream_version = 1 AND starts_with(stream_id, $1)", prefix
+            )
+        )
+
+    async def type_versions(self) -> list[tuple[str, int, int]]:
+        """Every (event type, schema version) in the store, with its number of events."""
+        rows = await self.pool.fetch(
+            f"""SELECT event_type, schema_version, count(*) FROM {self.table}
+                GROUP BY event_type, schema_version ORDER BY event_type, schema_version"""
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
 
 
 def _check_new_event(event: NewEvent, *, where: str) -> None:

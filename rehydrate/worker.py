@@ -14,17 +14,18 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from rehydrate import catalog
-from rehydrate.activities import ReplayActivities, TailActivities
+from rehydrate.activities import ReplayActivities, SnapshotActivities, TailActivities
+from rehydrate.aggregates import AggregateRegistry
 from rehydrate.database import create_pool, ensure_schema, resolve_url
 from rehydrate.metrics import declare, prometheus_runtime
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.temporal import connect_client
-from rehydrate.workflows import ReplayWorkflow, TailWorkflow
+from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow
 
 log = logging.getLogger("rehydrate.worker")
 
-WORKFLOWS: Sequence[type] = (ReplayWorkflow, TailWorkflow)
+WORKFLOWS: Sequence[type] = (ReplayWorkflow, TailWorkflow, SnapshotRebuildWorkflow)
 
 # The sandbox re-imports a workflow's modules for every run. Re-importing asyncpg's C extension next to the
 # copy the activities use crashed the process (asyncpg >= 0.31, MagicStack/asyncpg#1292), and re-importing
@@ -54,8 +55,13 @@ async def running_worker(
     client: Client | None = None,
     task_queue: str | None = None,
     database_url: str | None = None,
+    aggregates: AggregateRegistry | None = None,
 ) -> AsyncIterator[Worker]:
-    """A started worker (workflows and activities) with its own database pool; stops on exit."""
+    """A started worker (workflows and activities) with its own database pool; stops on exit.
+
+    Aggregate types (for snapshot rebuilds) are `aggregates`, or those of the modules in settings.aggregates.
+    """
+    aggregates = aggregates if aggregates is not None else AggregateRegistry.from_modules(settings.aggregates)
     url = database_url or resolve_url(settings)
     pool = await create_pool(url, max_size=settings.max_concurrent_activities + 2)
     try:
@@ -65,12 +71,13 @@ async def running_worker(
         queue = task_queue or settings.temporal_task_queue
         replays = ReplayActivities(pool, registry, settings)
         tails = TailActivities(pool, url, registry, settings)
+        snapshots = SnapshotActivities(pool, aggregates, settings)
         worker = Worker(
             client,
             task_queue=queue,
             workflows=list(WORKFLOWS),
             workflow_runner=workflow_runner(),
-            activities=[*replays.all(), tails.run_tail],
+            activities=[*replays.all(), tails.run_tail, *snapshots.all()],
             max_concurrent_activities=settings.max_concurrent_activities,
             graceful_shutdown_timeout=timedelta(seconds=10),
             # An activity learns of its cancellation from a heartbeat's reply. The SDK otherwise throttles

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIME_LIMIT = 120.0
 
 
-def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "REHYDRATE_DATABASE_URL": str(settings.database_url),
@@ -44,6 +44,7 @@ def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         "REHYDRATE_PROJECTIONS": "tests.slow_support",
         "REHYDRATE_TAILS": "false",  # tests of the tail start their own
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **(extra_env or {}),
     }
     # Logs go to a file: a pipe that nobody reads would block the worker once its buffer is full.
     with log.open("ab") as out:

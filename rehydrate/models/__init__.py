@@ -15,6 +15,17 @@ from rehydrate.models.replay import (
     ReplayState,
     SwapResult,
 )
+from rehydrate.models.snapshots import (
+    PartitionState,
+    SnapshotChunkInput,
+    SnapshotChunkResult,
+    SnapshotPlan,
+    SnapshotPlanInput,
+    SnapshotRebuildInput,
+    SnapshotRebuildProgress,
+    SnapshotRebuildResult,
+    SnapshotRebuildState,
+)
 from rehydrate.models.tail import TailInput, TailRun, TailStatus
 
 __all__ = [
@@ -24,12 +35,21 @@ __all__ = [
     "ChunkResult",
     "GenerationRef",
     "LaneState",
+    "PartitionState",
     "Plan",
     "PlanInput",
     "ReplayInput",
     "ReplayProgress",
     "ReplayResult",
     "ReplayState",
+    "SnapshotChunkInput",
+    "SnapshotChunkResult",
+    "SnapshotPlan",
+    "SnapshotPlanInput",
+    "SnapshotRebuildInput",
+    "SnapshotRebuildProgress",
+    "SnapshotRebuildResult",
+    "SnapshotRebuildState",
     "SwapResult",
     "TailInput",
     "TailRun",

@@ -90,3 +90,31 @@ ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS low_stream text;
 ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS high_stream text;
 ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS after_stream text;
 ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS after_version bigint NOT NULL DEFAULT 0;
+
+-- The newest snapshot of an aggregate's state, per stream and aggregate type: `state` is the state after folding
+-- the stream's events up to `stream_version`. A snapshot is used only when its `state_version` and `fingerprint`
+-- (a hash of the aggregate's fields and code) equal the loading code's: any other snapshot is ignored.
+CREATE TABLE IF NOT EXISTS {schema}.snapshots (
+    stream_id      text        NOT NULL,
+    aggregate_type text        NOT NULL,
+    stream_version bigint      NOT NULL CHECK (stream_version >= 1),
+    state          jsonb       NOT NULL,
+    state_version  integer     NOT NULL,
+    fingerprint    text        NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream_id, aggregate_type)
+);
+CREATE INDEX IF NOT EXISTS snapshots_type_idx ON {schema}.snapshots (aggregate_type, stream_id);
+
+-- A bulk snapshot rebuild's progress: per hash partition of the aggregate type's streams, the last stream id
+-- done, written in the same transaction as that chunk's snapshots.
+CREATE TABLE IF NOT EXISTS {schema}.snapshot_rebuilds (
+    rebuild_id     text    NOT NULL,
+    aggregate_type text    NOT NULL,
+    partition      integer NOT NULL,
+    after_stream   text,
+    streams_done   bigint  NOT NULL DEFAULT 0,
+    done           boolean NOT NULL DEFAULT false,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (rebuild_id, partition)
+);

@@ -1,6 +1,14 @@
 """Workflows: deterministic orchestration only, no database code."""
 
 from rehydrate.workflows.replay import ReplayWorkflow, replay_workflow_id
+from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow, snapshot_workflow_id
 from rehydrate.workflows.tail import TailWorkflow, tail_workflow_id
 
-__all__ = ["ReplayWorkflow", "TailWorkflow", "replay_workflow_id", "tail_workflow_id"]
+__all__ = [
+    "ReplayWorkflow",
+    "SnapshotRebuildWorkflow",
+    "TailWorkflow",
+    "replay_workflow_id",
+    "snapshot_workflow_id",
+    "tail_workflow_id",
+]
