@@ -336,6 +336,24 @@ def replay_resume(name: Annotated[str, typer.Argument(help="The projection whose
     _signal_replay(name, "resume")
 
 
+@replay_app.command("tune")
+def replay_tune(
+    name: Annotated[str, typer.Argument(help="The projection whose running replay to tune.")],
+    max_parallel: Annotated[int, typer.Option(help="Chunks running at once, over all lanes, from the next chunk.")],
+) -> None:
+    """Change a running replay's --max-parallel; running chunks finish, the next ones start under the new bound."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import tune_replay
+        from rehydrate.temporal import connect_client
+
+        previous = await tune_replay(await connect_client(settings), name, max_parallel)
+        out.print(f"replay of {name}: max_parallel {previous} → {max_parallel}")
+
+    _run(work)
+
+
 def _signal_replay(name: str, signal: str) -> None:
     settings = _settings()
 

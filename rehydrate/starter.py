@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -104,7 +104,7 @@ async def wait_for_replay(
         result_task.cancel()
 
 
-def failure_cause(error: WorkflowFailureError) -> str:
+def failure_cause(error: WorkflowFailureError | WorkflowUpdateFailedError) -> str:
     cause: BaseException | None = error.cause
     while cause is not None and getattr(cause, "cause", None) is not None:
         cause = cause.cause  # type: ignore[attr-defined]
@@ -167,6 +167,28 @@ async def signal_replay(client: Client, projection: str, signal: str) -> str:
         raise UserError(f"the replay of {projection!r} is not running (it is {state})", fix=f"nothing to {signal}")
     await handle.signal(signal)
     return workflow_id
+
+
+async def tune_replay(client: Client, projection: str, max_parallel: int) -> int:
+    """Move the running replay's window to `max_parallel` chunks at once (update `set_max_parallel`), from its
+    next chunks on; returns the previous bound."""
+    _check_tuning(ReplayInput(projection, max_parallel=max_parallel))
+    workflow_id = replay_workflow_id(projection)
+    handle = client.get_workflow_handle_for(ReplayWorkflow.run, workflow_id)
+    try:
+        description = await handle.describe()
+    except RPCError:
+        raise UserError(f"no replay of {projection!r} was ever started", fix="check the projection name") from None
+    if description.status != Status.RUNNING:
+        state = description.status.name.lower() if description.status else "unknown"
+        raise UserError(f"the replay of {projection!r} is not running (it is {state})", fix="nothing to tune")
+    try:
+        return await handle.execute_update(ReplayWorkflow.set_max_parallel, max_parallel)
+    except WorkflowUpdateFailedError as error:
+        raise UserError(
+            f"the replay of {projection!r} refused max_parallel={max_parallel}: {failure_cause(error)}",
+            fix="try again once it has planned",
+        ) from None
 
 
 async def ensure_tail(client: Client, projection: str, task_queue: str) -> str:

@@ -136,6 +136,7 @@ class ReplayProgress:
     eta_seconds: float | None = None
     runs: int = 1
     paused: bool = False
+    max_parallel: int = 0
 
 
 @dataclass

@@ -30,6 +30,7 @@ _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
 )
 _MAX_CATCH_UP_ROUNDS = 20
+MAX_PARALLEL = 500
 # The value of the `rehydrate_replay_phase` gauge, in the order a replay goes through its phases.
 PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
 
@@ -57,6 +58,7 @@ class ReplayWorkflow:
         self._caught_up = 0
         self._stop_for_continue = False
         self._paused = False
+        self._running = 0  # chunk activities started and not yet finished: at most state.max_parallel
         self._shown: tuple[str, int] | None = None  # the phase and percent last upserted as search attributes
 
     @workflow.run
@@ -149,17 +151,23 @@ class ReplayWorkflow:
 
         Returns False when Temporal suggests continue-as-new: each lane stops after its current chunk.
         """
-        window = asyncio.Semaphore(state.max_parallel)
         heartbeat = timedelta(seconds=input.heartbeat_timeout_seconds)
+
+        def may_start() -> bool:
+            # The window is workflow state, not a semaphore: `set_max_parallel` may move it while lanes wait, and
+            # every replay of the history re-evaluates this condition on the same signals in the same order.
+            return self._stop_for_continue or (not self._paused and self._running < state.max_parallel)
 
         async def run_lane(lane: LaneState) -> None:
             while not lane.done and not self._stop_for_continue:
-                await workflow.wait_condition(lambda: not self._paused or self._stop_for_continue)
+                # Waiters released in the same pass all saw the same free slot: the first to resume takes it,
+                # the others check again (no await between the check and the increment).
+                while not may_start():
+                    await workflow.wait_condition(may_start)
                 if self._stop_for_continue:
                     return
-                async with window:
-                    if self._stop_for_continue:
-                        return
+                self._running += 1
+                try:
                     result = await workflow.execute_activity_method(
                         ReplayActivities.apply_chunk,
                         ChunkInput(
@@ -176,6 +184,8 @@ class ReplayWorkflow:
                         cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                         summary=f"lane {lane.lane} after position {lane.position}",
                     )
+                finally:
+                    self._running -= 1
                 lane.position = result.position
                 lane.applied = result.applied
                 lane.done = result.done
@@ -332,6 +342,7 @@ class ReplayWorkflow:
             eta_seconds=remaining / rate if rate > 0 else None,
             runs=state.runs,
             paused=self._paused,
+            max_parallel=state.max_parallel,
         )
 
     @workflow.signal(name="pause", description="Pause after the running chunks; `resume` goes on.")
@@ -347,3 +358,18 @@ class ReplayWorkflow:
         self._paused = False
         if self._state is not None:
             self._show()
+
+    @workflow.update(name="set_max_parallel", description="Change how many chunks run at once, from the next chunk.")
+    def set_max_parallel(self, max_parallel: int) -> int:
+        """Move the build's window; running chunks finish, the next ones start under the new bound. Returns
+        the previous bound. Carried across continue-as-new in the replay's state."""
+        if self._state is None:
+            raise ApplicationError("the replay is still planning", type="NotReady")
+        previous = self._state.max_parallel
+        self._state.max_parallel = max_parallel
+        return previous
+
+    @set_max_parallel.validator
+    def _check_max_parallel(self, max_parallel: int) -> None:
+        if not isinstance(max_parallel, int) or not 1 <= max_parallel <= MAX_PARALLEL:
+            raise ValueError(f"max_parallel={max_parallel!r} is out of range: use 1..{MAX_PARALLEL}")
