@@ -133,6 +133,10 @@ class Projection:
         key: "stream" to keep a row per stream, or the name of a payload field present in every handled event.
         strict: read every event type and fail on one without a handler (unless listed in `ignore`).
         ignore: event types a strict projection skips on purpose.
+        on_error: "stop" (default): a handler that fails stops the replay (and the tail). "park": the failing event
+            and every later event of its key are kept as dead letters, the key's row is left as it was, and the
+            replay goes on (it swaps only with `--allow-dead-letters`); `rehydrate dead-letters retry` rebuilds
+            the parked keys after a fix.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class Projection:
         strict: bool = False,
         ignore: Iterable[str] = (),
         description: str = "",
+        on_error: str = "stop",
     ) -> None:
         self.name = check_identifier(name, "projection name")
         if not isinstance(version, int) or version < 1:
@@ -157,6 +162,11 @@ class Projection:
         self.ignore = frozenset(ignore)
         self.description = description or (inspect.getdoc(table) or "").split("\n")[0]
         self.handlers: dict[str, Handler] = {}
+        if on_error not in ("stop", "park"):
+            raise UserError(
+                f"projection {name!r}: on_error={on_error!r} is not 'stop' or 'park'", fix="use one of them"
+            )
+        self.on_error = on_error
 
     def on(self, *event_types: str) -> Callable[[Handler], Handler]:
         """Register the decorated function as the handler of `event_types`."""
@@ -187,20 +197,36 @@ class Projection:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of what decides the rows: name, version, key, table shape and handler code."""
+        """A hash of what decides the rows: name, version, key, table shape, the event types handled (and
+        strict/ignore), each handler's code, and the upcasters the handled types depend on. A generation records
+        the fingerprint it was built with; `rehydrate projections` calls it STALE when the code's differs."""
         digest = hashlib.sha256()
         digest.update(f"{self.name}:{self.version}:{self.key.field}:{self.table.columns}".encode())
+        digest.update(f"strict={self.strict}:ignore={sorted(self.ignore)}:types={sorted(self.handlers)}".encode())
         for event_type in sorted(self.handlers):
-            handler = self.handlers[event_type]
-            try:
-                source = inspect.getsource(handler)
-            except (OSError, TypeError):
-                source = repr(getattr(handler, "__code__", handler))
-            digest.update(f"{event_type}:{source}".encode())
+            digest.update(f"{event_type}:{code_hash(self.handlers[event_type])}".encode())
+        for part in self.upcaster_fingerprints():
+            digest.update(part.encode())
         return digest.hexdigest()[:16]
+
+    def upcaster_fingerprints(self) -> list[str]:
+        """Hook for upcasters (issue 6): one stable string per upcaster that can reach a handled event type,
+        e.g. `f"{event_type}:{from_version}:{code_hash(upcaster)}"`. None exist yet."""
+        return []
 
     def __repr__(self) -> str:
         return f"Projection({self.name!r}, version={self.version})"
+
+
+def code_hash(function: Callable[..., Any]) -> str:
+    """A hash of a function's source (so an edit shows even if it compiles to the same bytecode), or of its
+    bytecode and constants when the source cannot be read (a REPL, a frozen app)."""
+    try:
+        text = inspect.getsource(function).encode()
+    except (OSError, TypeError):
+        code = getattr(function, "__code__", None)
+        text = repr(function).encode() if code is None else code.co_code + repr(code.co_consts).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 class Registry:

@@ -15,6 +15,8 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from rehydrate import catalog
+from rehydrate.activities.replay import parse_as_of
+from rehydrate.catalog import sandbox_schema
 from rehydrate.errors import UserError
 from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult, TailInput
 from rehydrate.projections import Registry
@@ -47,7 +49,7 @@ async def start_replay(
     A second start while one runs is refused with a clear error, or, with `attach`, returns the running one.
     """
     check_replay_input(input, registry)
-    workflow_id = replay_workflow_id(input.projection)
+    workflow_id = replay_workflow_id(input.projection, input.sandbox)
     try:
         return await client.start_workflow(
             ReplayWorkflow.run,
@@ -56,11 +58,13 @@ async def start_replay(
             task_queue=task_queue or settings.temporal_task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING if attach else WorkflowIDConflictPolicy.FAIL,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            static_summary=f"Replay of {input.projection}",
+            static_summary=f"Replay of {input.projection}"
+            + (f" into sandbox {input.sandbox}" if input.sandbox else ""),
         )
     except WorkflowAlreadyStartedError:
+        where = f" into sandbox {input.sandbox!r}" if input.sandbox else ""
         raise UserError(
-            f"a replay of {input.projection!r} is already running (workflow {workflow_id})",
+            f"a replay of {input.projection!r}{where} is already running (workflow {workflow_id})",
             fix=f"watch it with `rehydrate replay status {input.projection}` or stop it with "
             f"`rehydrate replay cancel {input.projection}`",
         ) from None
@@ -71,6 +75,30 @@ def check_replay_input(input: ReplayInput, registry: Registry | None = None) -> 
     if registry is not None:
         registry.get(input.projection)
     _check_tuning(input)
+    _check_point_in_time(input)
+
+
+def _check_point_in_time(input: ReplayInput) -> None:
+    """A cut-off history (--to-position, --as-of, a target mark) builds a read model that was never live: it
+    goes into a sandbox only, never behind the live view."""
+    if input.sandbox is not None:
+        sandbox_schema(input.sandbox)
+    limited = [
+        name
+        for name, value in (("--to-position", input.to_position), ("--as-of", input.as_of), ("mark", input.mark))
+        if value is not None
+    ]
+    if limited and input.sandbox is None:
+        raise UserError(
+            f"{limited[0]} builds the read model as it was, which must never replace the live one",
+            fix="add --sandbox LABEL to build it into a sandbox schema",
+        )
+    if input.to_position is not None and input.as_of is not None:
+        raise UserError("--to-position and --as-of were both given", fix="give one of them")
+    if input.to_position is not None and input.to_position < 0:
+        raise UserError(f"--to-position {input.to_position} is negative", fix="give a global position (0 or more)")
+    if input.as_of is not None:
+        parse_as_of(input.as_of)
 
 
 def _check_tuning(input: ReplayInput) -> None:
@@ -136,9 +164,9 @@ async def replay_status(client: Client, projection: str) -> ReplayStatus:
     return ReplayStatus(workflow_id, description.run_id, status, progress, result, error)
 
 
-async def cancel_replay(client: Client, projection: str) -> str:
+async def cancel_replay(client: Client, projection: str, sandbox: str | None = None) -> str:
     """Request cancellation; the workflow drops its half-built generation and leaves the active one alone."""
-    workflow_id = replay_workflow_id(projection)
+    workflow_id = replay_workflow_id(projection, sandbox)
     handle = client.get_workflow_handle(workflow_id)
     try:
         description = await handle.describe()

@@ -35,9 +35,10 @@ MAX_PARALLEL = 500
 PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
 
 
-def replay_workflow_id(projection: str) -> str:
-    """The fixed workflow id of a projection's replay: one replay per projection at a time."""
-    return f"rehydrate-replay-{projection}"
+def replay_workflow_id(projection: str, sandbox: str | None = None) -> str:
+    """The fixed workflow id of a projection's replay: one replay per projection at a time (and one per
+    projection and sandbox label: a sandbox build does not block the live replay)."""
+    return f"rehydrate-sandbox-{sandbox}-{projection}" if sandbox else f"rehydrate-replay-{projection}"
 
 
 def failure_message(error: BaseException) -> str:
@@ -113,6 +114,10 @@ class ReplayWorkflow:
                     chunk_size=input.chunk_size,
                     max_parallel=input.max_parallel,
                     skip_if_running=input.skip_if_running,
+                    sandbox=input.sandbox,
+                    to_position=input.to_position,
+                    as_of=input.as_of,
+                    mark=input.mark,
                 ),
                 start_to_close_timeout=timedelta(minutes=30),
                 retry_policy=_RETRY,
@@ -209,13 +214,15 @@ class ReplayWorkflow:
         await workflow.wait_condition(lambda: not self._paused)
         self._phase = "indexing"
         self._show()
-        await workflow.execute_activity_method(
+        built_rows = await workflow.execute_activity_method(
             ReplayActivities.finish_tables,
             ref,
             start_to_close_timeout=timedelta(hours=2),
             retry_policy=_RETRY,
             summary=f"indexes and ANALYZE of {state.physical_table}",
         )
+        if input.sandbox:
+            return await self._publish_sandbox(input, state, ref, built_rows)
         self._phase = "catching_up"
         for _ in range(_MAX_CATCH_UP_ROUNDS):
             self._show()
@@ -233,7 +240,7 @@ class ReplayWorkflow:
         self._show()
         swapped = await workflow.execute_activity_method(
             ReplayActivities.swap,
-            ref,
+            GenerationRef(input.projection, state.generation, allow_dead_letters=input.allow_dead_letters),
             start_to_close_timeout=timedelta(minutes=10),
             heartbeat_timeout=timedelta(seconds=max(input.heartbeat_timeout_seconds, 30)),
             retry_policy=_RETRY,
@@ -259,6 +266,40 @@ class ReplayWorkflow:
             events_per_second=applied / seconds if seconds > 0 else 0.0,
             swap_lock_ms=swapped.lock_ms,
             runs=state.runs,
+        )
+
+    async def _publish_sandbox(
+        self, input: ReplayInput, state: ReplayState, ref: GenerationRef, rows: int
+    ) -> ReplayResult:
+        """A sandbox build ends here: no catch-up (it is the read model at its target), no swap of the live view."""
+        parked = await workflow.execute_activity_method(
+            ReplayActivities.publish_sandbox,
+            ref,
+            start_to_close_timeout=timedelta(minutes=10),
+            retry_policy=_RETRY,
+            summary=f"publish sandbox {input.sandbox}",
+        )
+        self._phase = "done"
+        self._mark()
+        seconds = self._elapsed(state)
+        applied = sum(lane.applied for lane in state.lanes)
+        workflow.set_current_details(
+            f"**{input.projection}**: sandbox {input.sandbox} built (generation {state.generation}), "
+            f"{applied:,} events, {rows:,} rows, {parked:,} parked; nothing swapped"
+        )
+        return ReplayResult(
+            projection=input.projection,
+            generation=state.generation,
+            previous_generation=None,
+            events_applied=applied,
+            caught_up=0,
+            rows=rows,
+            seconds=seconds,
+            events_per_second=applied / seconds if seconds > 0 else 0.0,
+            swap_lock_ms=0.0,
+            runs=state.runs,
+            sandbox=input.sandbox,
+            dead_letters=parked,
         )
 
     async def _drop(self, state: ReplayState, reason: str) -> None:
