@@ -21,7 +21,7 @@ from rehydrate.projections import Projection
 from rehydrate.store import Cutoff, EventStore
 
 # Serialises the final catch-up + swap with anything else that writes the active generation (the tail).
-_TAIL_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('rehydrate.tail:' || $1, 0))"
+TAIL_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('rehydrate.tail:' || $1, 0))"
 _VIEW_CHANGE_FAILED = (asyncpg.InvalidTableDefinitionError, asyncpg.FeatureNotSupportedError)
 
 
@@ -94,6 +94,10 @@ async def create_generation(
     s = quote(schema)
     async with conn.transaction():
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(read_schema)}")
+        # A live replay and sandbox builds of one projection may plan at once: they take numbers in turn.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('rehydrate.generation:' || $1, 0))", projection.name
+        )
         number = await conn.fetchval(
             f"SELECT coalesce(max(generation), 0) + 1 FROM {s}.generations WHERE projection = $1",
             projection.name,
@@ -345,7 +349,7 @@ async def swap(
     A generation that parked events (on_error="park") is refused unless `allow_dead_letters`."""
     s = quote(store.schema)
     async with conn.transaction():
-        await conn.execute(_TAIL_LOCK, projection.name)
+        await conn.execute(TAIL_LOCK, projection.name)
         row = await _lock_generation(conn, store.schema, projection.name, generation)
         previous = await conn.fetchval(
             f"SELECT active_generation FROM {s}.projections WHERE name = $1", projection.name
@@ -468,7 +472,7 @@ async def tail_batch(
     None when the projection has no active generation.
     """
     async with conn.transaction():
-        await conn.execute(_TAIL_LOCK, projection.name)
+        await conn.execute(TAIL_LOCK, projection.name)
         generation = await conn.fetchval(
             f"SELECT active_generation FROM {quote(store.schema)}.projections WHERE name = $1", projection.name
         )
@@ -570,7 +574,7 @@ async def retry_dead_letters(
     still parked)."""
     s = quote(store.schema)
     async with conn.transaction():
-        await conn.execute(_TAIL_LOCK, projection.name)
+        await conn.execute(TAIL_LOCK, projection.name)
         generation = await active_generation(conn, store.schema, projection.name)
         row = await _lock_generation(conn, store.schema, projection.name, generation)
         keys = [
@@ -630,7 +634,7 @@ async def rollback(
     goes on from its own checkpoint, caught up by the tail (or by `catch_up`) like any active generation."""
     s = quote(schema)
     async with conn.transaction():
-        await conn.execute(_TAIL_LOCK, projection.name)
+        await conn.execute(TAIL_LOCK, projection.name)
         current = await active_generation(conn, schema, projection.name)
         retained = await conn.fetch(
             f"""SELECT generation, physical_table, version, fingerprint FROM {s}.generations
