@@ -226,7 +226,7 @@ async def differences(conn: asyncpg.Connection, table: str) -> int:
 
 @contextlib.asynccontextmanager
 async def workers(
-    url: str, client: Client, count: int, log: Path, split: str = "range"
+    url: str, client: Client, count: int, log: Path, split: str = "range", activities: int | None = None
 ) -> AsyncIterator[tuple[Settings, list[int]]]:
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     settings = Settings(
@@ -243,6 +243,7 @@ async def workers(
         "REHYDRATE_PROJECTIONS": "rehydrate.examples.orders",
         "REHYDRATE_TAILS": "false",
         "REHYDRATE_LANE_SPLIT": split,
+        **({"REHYDRATE_MAX_CONCURRENT_ACTIVITIES": str(activities)} if activities else {}),
     }
     processes = [spawn_worker(env, log) for _ in range(count)]
     try:
@@ -304,7 +305,9 @@ async def main(args: argparse.Namespace) -> int:
                 lane_counts = [lanes for kind, lanes in runs if kind == split]
                 if not lane_counts:
                     continue
-                async with workers(url, client, args.workers, HOME / "worker.log", split) as (settings, pids):
+                async with workers(
+                    url, client, args.workers, HOME / "worker.log", split, args.activities_per_worker
+                ) as (settings, pids):
                     for lanes in lane_counts:
                         took, applied = await replay(client, settings, lanes, args.chunk_size)
                         wrong = await differences(conn, PROJECTION.table.name)
@@ -349,6 +352,9 @@ if __name__ == "__main__":
         "--lanes", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2, 4], help="lane counts, e.g. 1,2,4"
     )
     parser.add_argument("--chunk-size", type=int, default=None, help="events per chunk (default: the setting's)")
+    parser.add_argument(
+        "--activities-per-worker", type=int, default=None, help="chunks a worker runs at once (default: the setting's)"
+    )
     parser.add_argument("--script-sample", type=int, default=20_000, help="events the usual script applies")
     parser.add_argument("--reuse", action="store_true", help="reuse a store of the same size from an earlier run")
     quiet_exit(asyncio.run(main(parser.parse_args())))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ _COPY_COLUMNS = [
     "metadata",
     "recorded_at",
 ]
+_MAX_INT = 2**31 - 1  # schema_version is an integer column
 _FIELDS = {"stream_id", "type", "data", "stream_version", "schema_version", "metadata", "recorded_at"}
 
 
@@ -65,8 +67,31 @@ def _bad(where: str, problem: str) -> UserError:
     return UserError(f"{where}: {problem}", fix="fix that line and import the file again (nothing was written)")
 
 
-def _record(where: Callable[[], str], line: Any) -> tuple[str, Any, tuple[Any, ...]]:
-    """(stream id, the line's `stream_version` or None, the row without its version); `where` names the line."""
+_COPY_SPECIALS = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _text(value: str) -> str:
+    """A value for COPY's text format: backslash, tab, newline and carriage return escaped."""
+    if _COPY_SPECIALS.search(value) is None:
+        return value
+    return _COPY_SPECIALS.sub(lambda m: _COPY_ESCAPES[m.group()], value)
+
+
+def _json(where: Callable[[], str], value: dict[str, Any]) -> str:
+    """A JSON object for COPY's text format. JSON text has no raw tab or newline: only backslashes are escaped."""
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as error:
+        raise _bad(where(), f"cannot be written as JSON: {error}") from None
+    if "\\u0000" in text and has_nul(value):
+        raise _bad(where(), "contains a NUL character, which Postgres cannot store in text or JSON")
+    return text.replace("\\", "\\\\")
+
+
+def _record(where: Callable[[], str], line: Any, now: str) -> tuple[str, Any, str]:
+    """(stream id, the line's `stream_version` or None, the rest of its COPY line after the version);
+    `where` names the line, `now` is the time of events that carry none."""
     if not isinstance(line, dict):
         raise _bad(where(), f"expected a JSON object, got {type(line).__name__}")
     unknown = line.keys() - _FIELDS
@@ -82,29 +107,27 @@ def _record(where: Callable[[], str], line: Any) -> tuple[str, Any, tuple[Any, .
     schema_version = line.get("schema_version", 1)
     if type(schema_version) is not int or schema_version < 1:
         raise _bad(where(), f"'schema_version' must be a positive integer, got {schema_version!r}")
+    if schema_version > _MAX_INT:
+        raise _bad(where(), f"'schema_version' {schema_version} is too big (at most {_MAX_INT})")
     metadata = line.get("metadata", {})
     if not isinstance(metadata, dict):
         raise _bad(where(), f"'metadata' must be a JSON object, got {type(metadata).__name__}")
     recorded = line.get("recorded_at")
     if recorded is None:
-        recorded_at = datetime.now(UTC)
+        recorded_at = now
     else:
         try:
-            recorded_at = datetime.fromisoformat(str(recorded))
+            moment = datetime.fromisoformat(str(recorded))
         except ValueError:
             raise _bad(where(), f"'recorded_at' {recorded!r} is not an ISO 8601 timestamp") from None
-        if recorded_at.tzinfo is None:
-            recorded_at = recorded_at.replace(tzinfo=UTC)
-    if "\x00" in stream_id or "\x00" in event_type or has_nul(data) or has_nul(metadata):
+        recorded_at = (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).isoformat()
+    if "\x00" in stream_id or "\x00" in event_type:
         raise _bad(where(), "contains a NUL character, which Postgres cannot store in text or JSON")
-    return (
-        stream_id,
-        line.get("stream_version"),
-        (stream_id, 0, event_type, schema_version, data, metadata, recorded_at),
-    )
+    rest = f"\t{_text(event_type)}\t{schema_version}\t{_json(where, data)}\t{_json(where, metadata)}\t{recorded_at}\n"
+    return stream_id, line.get("stream_version"), rest
 
 
-Parsed = list[tuple[int, tuple[str, Any, tuple[Any, ...]]]]  # (line number, _record's result)
+Parsed = list[tuple[int, tuple[str, Any, str]]]  # (line number, _record's result)
 
 
 async def import_events(
@@ -126,9 +149,10 @@ async def import_events(
     total = 0
 
     def next_batch() -> Parsed:
+        now = datetime.now(UTC).isoformat()
         batch: Parsed = []
         for number, line in itertools.islice(items, batch_size):
-            batch.append((number, _record(lambda number=number: f"{source}:{number}", line)))  # type: ignore[misc]
+            batch.append((number, _record(lambda number=number: f"{source}:{number}", line, now)))  # type: ignore[misc]
         return batch
 
     async with store.pool.acquire() as conn, conn.transaction():
@@ -141,9 +165,9 @@ async def import_events(
                     copying = None
                 if not batch:
                     break
-                records = await _number(conn, store, batch, known, source)
-                copying = asyncio.create_task(_copy(conn, store, records, source))
-                total += len(records)
+                data = await _number(conn, store, batch, known, source)
+                copying = asyncio.create_task(_copy(conn, store, data, source))
+                total += len(batch)
         finally:
             if copying is not None:
                 # A bad line while a batch was being written: let the COPY end before the rollback.
@@ -155,7 +179,7 @@ async def import_events(
 
 async def _number(
     conn: asyncpg.Connection, store: EventStore, batch: Parsed, known: dict[str, int], source: str
-) -> list[tuple[Any, ...]]:
+) -> bytes:
     """Give each event its stream's next version (the stored versions of new streams are looked up)."""
     new_streams = sorted({stream_id for _, (stream_id, _, _) in batch} - known.keys())
     if new_streams:
@@ -166,8 +190,8 @@ async def _number(
         )
         known.update({s: 0 for s in new_streams})
         known.update({row[0]: row[1] for row in rows})
-    records = []
-    for number, (stream_id, given, record) in batch:
+    lines = []
+    for number, (stream_id, given, rest) in batch:
         version = known[stream_id] + 1
         if given is not None and given != version:
             raise _bad(
@@ -175,13 +199,23 @@ async def _number(
                 f"'stream_version' {given!r} of stream {stream_id!r} is not the next version ({version})",
             )
         known[stream_id] = version
-        records.append((stream_id, version, *record[2:]))
-    return records
-
-
-async def _copy(conn: asyncpg.Connection, store: EventStore, records: list[tuple[Any, ...]], source: str) -> None:
+        lines.append(f"{_text(stream_id)}\t{version}{rest}")
     try:
-        await conn.copy_records_to_table("events", schema_name=store.schema, columns=_COPY_COLUMNS, records=records)
+        return "".join(lines).encode()
+    except UnicodeEncodeError as error:  # a lone surrogate in a str handed over from Python
+        raise UserError(f"{source}: a value is not valid Unicode ({error})", fix="fix the value") from None
+
+
+async def _copy(conn: asyncpg.Connection, store: EventStore, data: bytes, source: str) -> None:
+    """COPY in text format: Postgres parses the JSON into jsonb itself, on its own core."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        view = memoryview(data)
+        for start in range(0, len(data), 1 << 20):
+            yield bytes(view[start : start + (1 << 20)])
+
+    try:
+        await conn.copy_to_table("events", schema_name=store.schema, columns=_COPY_COLUMNS, source=chunks())
     except asyncpg.UniqueViolationError as error:
         raise UserError(
             f"{source}: a stream was appended to by someone else during the import ({error.detail})",

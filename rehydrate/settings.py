@@ -78,11 +78,13 @@ class Settings(BaseSettings):
         default_factory=list, description="Modules that define projections"
     )
     lanes: int = Field(default=4, ge=1, le=256)
-    lane_split: Literal["range", "hash"] = Field(
-        default="range",
-        description="How a stream-keyed projection's lanes split the streams: by ranges of stream id, each read "
-        "through the (stream_id, stream_version) index, or by hash (each lane scans every event and keeps its "
-        "own). Payload-keyed projections always split by hash.",
+    lane_split: Literal["auto", "range", "hash"] = Field(
+        default="auto",
+        description="How a stream-keyed projection's lanes split the streams: by ranges of stream id, each lane "
+        "reading only its own events through the (stream_id, stream_version) index (in random heap order), or by "
+        "hash, each lane scanning every event in position order (sequential reads) and keeping its own. auto: "
+        "range while the events table fits in Postgres' effective_cache_size, hash beyond. Payload-keyed "
+        "projections always split by hash.",
     )
     chunk_size: int = Field(default=20_000, ge=1)
     max_parallel: int = Field(default=8, ge=1, le=500)

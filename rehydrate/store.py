@@ -317,6 +317,16 @@ class EventStore:
                 return
             yield [_event(row) for row in rows]
 
+    async def fits_in_cache(self, conn: asyncpg.Connection) -> bool:
+        """Whether the events table is no bigger than the cache Postgres assumes (effective_cache_size): then
+        reading a lane through the stream index, in random heap order, costs no disk seeks."""
+        return bool(
+            await conn.fetchval(
+                "SELECT pg_table_size($1::regclass) <= pg_size_bytes(current_setting('effective_cache_size'))",
+                self.table,
+            )
+        )
+
     async def stream_boundaries(
         self,
         conn: asyncpg.Connection,

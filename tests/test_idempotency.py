@@ -324,3 +324,18 @@ async def test_stream_range_lanes_read_only_their_streams_and_a_chunk_delivered_
             pass
     assert await lab.rows() == support.oracle(support.accounts, lab.events)
     assert await lab.applied() == len(handled)
+
+
+async def test_auto_split_reads_by_stream_range_while_the_events_fit_in_the_cache_and_by_hash_beyond(
+    pool: asyncpg.Pool, store: EventStore, activity_settings: Settings
+) -> None:
+    settings = activity_settings.model_copy(update={"lane_split": "auto"})
+    lab = await make_lab(pool, store, settings, support.accounts, seed=35)
+    assert await catalog.lane_bounds(pool, "rehydrate", "accounts", lab.plan.generation) is not None
+    async with pool.acquire() as conn:
+        assert await store.fits_in_cache(conn)
+        await conn.execute("SET effective_cache_size = '8kB'")  # a store far bigger than the cache
+        try:
+            assert not await store.fits_in_cache(conn)
+        finally:
+            await conn.execute("RESET effective_cache_size")

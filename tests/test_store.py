@@ -197,3 +197,22 @@ async def test_every_read_gives_handlers_the_metadata_and_an_empty_dict_when_the
     for events in (by_lane, by_stream, delta):
         assert {e.stream_id: e.metadata for e in events} == expected
     assert [e.data for e in by_stream] == [{"n": 1}, {"n": 2}]
+
+
+async def test_import_keeps_every_character_that_copy_text_format_escapes(store: EventStore, tmp_path: Path) -> None:
+    tricky = 'tab\there, newline\nthere, cr\r, backslash \\ and \\n literally, quote ", unicode é ✓ 🚀, \\u0000 text'
+    lines = [
+        {"stream_id": "s\\1\t2", "type": "T\\ype\n", "data": {"text": tricky, tricky: [tricky, 1.5, None, True]}},
+        {"stream_id": "s\\1\t2", "type": "Other", "data": {}, "metadata": {"m": tricky}, "recorded_at": "2024-02-29"},
+    ]
+    path = tmp_path / "tricky.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n")
+    report = await import_events(store, read_jsonl(path), source=str(path))
+    assert report.events == 2
+    stored = await store.read_stream("s\\1\t2")
+    assert [(e.stream_id, e.type, e.data) for e in stored] == [
+        ("s\\1\t2", "T\\ype\n", lines[0]["data"]),
+        ("s\\1\t2", "Other", {}),
+    ]
+    assert stored[1].metadata == {"m": tricky}
+    assert stored[1].recorded_at.isoformat() == "2024-02-29T00:00:00+00:00"

@@ -129,7 +129,10 @@ class ReplayActivities:
                         )
                     mark = input.mark
                 boundaries = None
-                if projection.key.field is None and self.settings.lane_split == "range":
+                split = self.settings.lane_split
+                if split == "auto" and projection.key.field is None:
+                    split = "range" if await self.store.fits_in_cache(conn) else "hash"
+                if projection.key.field is None and split == "range":
                     found = await self.store.stream_boundaries(
                         conn, mark=mark, types=projection.event_types, lanes=lanes, cutoff=cutoff
                     )
