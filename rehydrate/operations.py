@@ -222,7 +222,10 @@ async def plan(
     async with pool.acquire() as conn:
         mark = await store.high_water_mark(conn)
         boundaries: list[str] = []
-        if projection.key.field is None and settings.lane_split == "range":
+        split = settings.lane_split
+        if split == "auto" and projection.key.field is None:
+            split = "range" if await store.fits_in_cache(conn) else "hash"  # as the replay's plan decides
+        if projection.key.field is None and split == "range":
             boundaries = await store.stream_boundaries(conn, mark=mark, types=types, lanes=lanes)
         if len(boundaries) == lanes - 1 and lanes > 1:
             counts = await store.count_ranges(conn, mark=mark, types=types, boundaries=boundaries)
