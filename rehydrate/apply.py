@@ -25,15 +25,38 @@ class Applied:
     events: int
     rows_written: int
     rows_deleted: int
+    parked: int = 0
 
 
 def _fail(projection: Projection, event: Event, problem: str, fix: str) -> ProjectionError:
     return ProjectionError(projection.name, event.global_position, event.stream_id, event.type, problem, fix)
 
 
-def fold(projection: Projection, events: Sequence[Event], state: dict[Any, Row | None], last: dict[Any, Event]) -> int:
+@dataclass(frozen=True, slots=True)
+class Parking:
+    """Where a projection with on_error="park" keeps what it could not apply: the dead letters of a generation."""
+
+    schema: str
+    generation: int
+
+
+# The events of a key parked by an earlier failure, each with its error (keys parked before: an empty list).
+Parked = dict[Any, list[tuple[Event, str]]]
+PARKED_AFTER = "parked: an earlier event of this key failed"
+
+
+def fold(
+    projection: Projection,
+    events: Sequence[Event],
+    state: dict[Any, Row | None],
+    last: dict[Any, Event],
+    parked: Parked | None = None,
+) -> int:
     """Apply `events` in order over the rows in `state` (by key; None: no row), in place. Records in `last` the
-    last event that touched each key (to name it in an error); returns how many events a handler applied."""
+    last event that touched each key (to name it in an error); returns how many events a handler applied.
+
+    With `parked` (a projection with on_error="park"), a handler's failure parks its key instead of raising: that
+    event and every later event of the key go into `parked`, and the key is dropped from `last` (not written)."""
     handlers = projection.handlers
     key_field = projection.key.field
     key_column = projection.table.key_column
@@ -67,37 +90,49 @@ def fold(projection: Projection, events: Sequence[Event], state: dict[Any, Row |
                     f"the payload has no usable key field {key_field!r}",
                     "fix the event (or an upcaster), or key the projection by another field",
                 )
+        if parked is not None and key in parked:
+            parked[key].append((event, PARKED_AFTER))
+            continue
         previous = state.get(key)
         try:
-            row = handler(previous, event)
-        except Exception as error:
-            raise _fail(
-                projection,
-                event,
-                f"handler {getattr(handler, '__name__', handler)!r} raised {type(error).__name__}: {error}",
-                "fix the handler (or the event), then start the replay again",
-            ) from error
-        if row is not None:
-            if not isinstance(row, dict):
+            try:
+                row = handler(previous, event)
+            except Exception as error:
                 raise _fail(
                     projection,
                     event,
-                    f"handler returned {type(row).__name__}, not a dict or None",
-                    "return the new row as a dict, or None to delete it",
-                )
-            if len(row) < width:
-                # Columns a handler leaves out take their defaults, so the next handler sees every column.
-                row = {**blank, key_column: key, **row}
-            current_key = row.get(key_column, _MISSING)
-            if current_key is _MISSING:
-                row[key_column] = key
-            elif current_key != key:
-                raise _fail(
-                    projection,
-                    event,
-                    f"handler set {key_column!r} to {current_key!r}, but the event's key is {key!r}",
-                    "a handler may not move a row to another key",
-                )
+                    f"handler {getattr(handler, '__name__', handler)!r} raised {type(error).__name__}: {error}",
+                    "fix the handler (or the event), then start the replay again",
+                ) from error
+            if row is not None:
+                if not isinstance(row, dict):
+                    raise _fail(
+                        projection,
+                        event,
+                        f"handler returned {type(row).__name__}, not a dict or None",
+                        "return the new row as a dict, or None to delete it",
+                    )
+                if len(row) < width:
+                    # Columns a handler leaves out take their defaults, so the next handler sees every column.
+                    row = {**blank, key_column: key, **row}
+                current_key = row.get(key_column, _MISSING)
+                if current_key is _MISSING:
+                    row[key_column] = key
+                elif current_key != key:
+                    raise _fail(
+                        projection,
+                        event,
+                        f"handler set {key_column!r} to {current_key!r}, but the event's key is {key!r}",
+                        "a handler may not move a row to another key",
+                    )
+        except ProjectionError as failure:
+            if parked is None:
+                raise
+            # The handler may have changed the row in place before it failed: this transaction writes nothing for
+            # the key (its stored row stays as it was), and a retry rebuilds the key from its whole history.
+            last.pop(key, None)
+            parked[key] = [(event, failure.message)]
+            continue
         state[key] = row
         last[key] = event
         applied += 1
@@ -131,8 +166,18 @@ class Folding:
     read when first met), and the rows written once at the end. Memory holds the touched rows, not the events.
     """
 
-    def __init__(self, conn: asyncpg.Connection, projection: Projection, schema: str, physical_table: str) -> None:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        projection: Projection,
+        schema: str,
+        physical_table: str,
+        parking: Parking | None = None,
+    ) -> None:
         self.conn = conn
+        self.parking = parking
+        # Parked keys (on_error="park"): loaded from the dead letters as keys are met; new entries written at the end.
+        self.parked: Parked | None = {} if projection.on_error == "park" else None
         self.projection = projection
         self.schema = schema
         self.physical_table = physical_table
@@ -173,7 +218,23 @@ class Folding:
                 key = row[shape.key_column]
                 self.state[key] = dict(row)
                 self.stored.add(key)
-        self.events += fold(projection, events, self.state, self.last)
+            if self.parked is not None and self.parking is not None:
+                await self._load_parked(keys)
+        self.events += fold(projection, events, self.state, self.last, self.parked)
+
+    async def _load_parked(self, keys: list[Any]) -> None:
+        """Keys parked by an earlier transaction of this generation stay parked: their events are parked too."""
+        assert self.parked is not None and self.parking is not None
+        by_text = {str(key): key for key in keys}
+        found = await self.conn.fetch(
+            f"""SELECT DISTINCT key FROM {quote(self.parking.schema)}.dead_letters
+                WHERE projection = $1 AND generation = $2 AND key = ANY($3::text[])""",
+            self.projection.name,
+            self.parking.generation,
+            list(by_text),
+        )
+        for row in found:
+            self.parked.setdefault(by_text[row[0]], [])
 
     async def write(self) -> Applied:
         """Replace the touched keys' rows. Must run inside the caller's transaction."""
@@ -195,7 +256,35 @@ class Folding:
                 raise await _name_bad_row(
                     self.conn, projection, self.schema, self.physical_table, state, last, error
                 ) from None
-        return Applied(self.events, len(records), sum(1 for key in gone if state.get(key) is None))
+        parked = await self._write_parked()
+        return Applied(self.events, len(records), sum(1 for key in gone if state.get(key) is None), parked)
+
+    async def _write_parked(self) -> int:
+        """Store the events parked in this transaction; returns how many."""
+        if not self.parked or self.parking is None:
+            return 0
+        rows = [
+            (
+                self.projection.name,
+                self.parking.generation,
+                e.global_position,
+                e.stream_id,
+                e.stream_version,
+                e.type,
+                str(key),
+                error,
+            )
+            for key, entries in self.parked.items()
+            for e, error in entries
+        ]
+        if rows:
+            await self.conn.executemany(
+                f"""INSERT INTO {quote(self.parking.schema)}.dead_letters (projection, generation, global_position,
+                        stream_id, stream_version, event_type, key, error)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING""",
+                rows,
+            )
+        return len(rows)
 
 
 async def apply_events(
@@ -204,9 +293,10 @@ async def apply_events(
     schema: str,
     physical_table: str,
     events: Sequence[Event],
+    parking: Parking | None = None,
 ) -> Applied:
     """Fold `events` into `schema.physical_table`. Must run inside the caller's transaction."""
-    folding = Folding(conn, projection, schema, physical_table)
+    folding = Folding(conn, projection, schema, physical_table, parking)
     await folding.add(events)
     return await folding.write()
 

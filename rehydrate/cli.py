@@ -43,6 +43,8 @@ app.add_typer(tail_app, name="tail")
 app.add_typer(schedule_app, name="schedule")
 snapshots_app = typer.Typer(help="Bulk rebuilds of aggregate snapshots.", no_args_is_help=True)
 app.add_typer(snapshots_app, name="snapshots")
+sandbox_app = typer.Typer(help="Sandbox builds (`rehydrate sandboxes` lists them).", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -319,41 +321,144 @@ def events_check(as_json: Annotated[bool, typer.Option("--json", help="Print the
 
 @replay_app.command("start")
 def replay_start(
-    name: Annotated[str, typer.Argument(help="The projection to rebuild.")],
+    name: Annotated[str | None, typer.Argument(help="The projection to rebuild (or --stale).")] = None,
     lanes: Annotated[int | None, typer.Option(help="Key partitions applied in parallel (1-256).")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Events per chunk activity.")] = None,
     max_parallel: Annotated[int | None, typer.Option(help="Chunks running at once, over all lanes.")] = None,
+    sandbox: Annotated[
+        str | None, typer.Option(help="Build into schema rehydrate_sandbox_LABEL and never swap the live view.")
+    ] = None,
+    to_position: Annotated[
+        int | None, typer.Option(help="Sandbox only: the read model of the events at or before this position.")
+    ] = None,
+    as_of: Annotated[
+        str | None, typer.Option(help="Sandbox only: the read model of the events recorded at or before this time.")
+    ] = None,
+    allow_dead_letters: Annotated[
+        bool, typer.Option("--allow-dead-letters", help="Swap even if the projection parked events.")
+    ] = False,
+    stale: Annotated[bool, typer.Option("--stale", help="Start one replay per STALE projection.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress and wait for the swap.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Start a replay of NAME: build a new generation from the events, then swap it in."""
+    """Start a replay of NAME: build a new generation from the events, then swap it in (or build a sandbox)."""
     settings = _settings()
     registry = _registry(settings)
 
     from rehydrate.models import ReplayInput
     from rehydrate.starter import check_replay_input
 
-    input = ReplayInput(name, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel)
-    check_replay_input(input, registry if len(registry) else None)  # before Temporal: name the mistake itself
+    if stale == (name is not None):
+        raise UserError("give a projection NAME or --stale (one of them)", fix="e.g. `rehydrate replay start orders`")
+    if stale and (sandbox or to_position is not None or as_of):
+        raise UserError("--stale rebuilds live projections", fix="leave out --sandbox, --to-position and --as-of")
+
+    def input_for(projection: str) -> ReplayInput:
+        return ReplayInput(
+            projection,
+            lanes=lanes,
+            chunk_size=chunk_size,
+            max_parallel=max_parallel,
+            sandbox=sandbox,
+            to_position=to_position,
+            as_of=as_of,
+            allow_dead_letters=allow_dead_letters,
+        )
+
+    if name is not None:
+        check_replay_input(input_for(name), registry if len(registry) else None)  # before Temporal
 
     async def work() -> None:
         from rehydrate.starter import start_replay, wait_for_replay
         from rehydrate.temporal import connect_client
 
+        names = [name] if name is not None else await _stale_names(settings, registry)
+        if not names:
+            out.print("no projection is stale")
+            return
         client = await connect_client(settings)
-        handle = await start_replay(client, settings, input, registry=registry if len(registry) else None)
-        url = settings.workflow_url(handle.id, handle.result_run_id)
+        handles = []
+        for projection in names:
+            handle = await start_replay(
+                client, settings, input_for(projection), registry=registry if len(registry) else None
+            )
+            handles.append((projection, handle))
+            url = settings.workflow_url(handle.id, handle.result_run_id)
+            if not wait and not as_json:
+                out.print(f"started the replay of {projection}: {url}")
         if not wait:
             if as_json:
-                _print_json({"workflow_id": handle.id, "run_id": handle.result_run_id, "url": url})
-            else:
-                out.print(f"started the replay of {name}: {url}")
+                _print_json(
+                    [
+                        {"projection": p, "workflow_id": h.id, "run_id": h.result_run_id} | {"url": _url(settings, h)}
+                        for p, h in handles
+                    ]
+                    if stale
+                    else {"workflow_id": handles[0][1].id, "run_id": handles[0][1].result_run_id}
+                    | {"url": _url(settings, handles[0][1])}
+                )
             return
+        for projection, handle in handles:
+            if as_json:
+                _print_json(await wait_for_replay(handle))
+                continue
+            out.print(f"replay of [bold]{projection}[/]: {_url(settings, handle)}")
+            _print_result(settings, await _watch(handle, projection), handle.id, handle.result_run_id)
+
+    _run(work)
+
+
+def _url(settings: Settings, handle: Any) -> str:
+    return settings.workflow_url(handle.id, handle.result_run_id)
+
+
+async def _stale_names(settings: Settings, registry: Any) -> list[str]:
+    from rehydrate.database import ready_pool, resolve_url
+    from rehydrate.operations import stale_projections
+
+    async with ready_pool(resolve_url(settings), settings.schema_name) as pool, pool.acquire() as conn:
+        return await stale_projections(conn, settings, registry)
+
+
+@replay_app.command("plan")
+def replay_plan(
+    name: Annotated[str, typer.Argument(help="The projection.")],
+    lanes: Annotated[int | None, typer.Option(help="Lanes (default: REHYDRATE_LANES).")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Events per chunk (default: REHYDRATE_CHUNK_SIZE).")] = None,
+    max_parallel: Annotated[int | None, typer.Option(help="Chunks at once (default: REHYDRATE_MAX_PARALLEL).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show what a replay of NAME would do, changing nothing: events, lanes, chunks and an estimated duration."""
+    settings = _settings()
+    projection = _registry(settings).get(name)
+
+    async def work() -> None:
+        from rehydrate.database import ready_pool, resolve_url
+        from rehydrate.operations import plan
+
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool:
+            p = await plan(pool, settings, projection, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel)
         if as_json:
-            _print_json(await wait_for_replay(handle))
+            _print_json(p)
             return
-        out.print(f"replay of [bold]{name}[/]: {url}")
-        _print_result(settings, await _watch(handle, name), handle.id, handle.result_run_id)
+        chunks = sum(lane.chunks for lane in p.lanes)
+        out.print(
+            f"{name}: {p.events:,} events to read below high-water mark {p.mark}, {len(p.lanes)} lanes, "
+            f"{chunks:,} chunks of up to {p.chunk_size:,} events, at most {p.max_parallel} at once"
+        )
+        for lane in p.lanes:
+            out.print(f"  lane {lane.lane}: {lane.events:,} events, {lane.chunks:,} chunks")
+        out.print(
+            f"  sample chunk: {p.sample_events:,} events read, folded and written in {p.sample_seconds:.3f} s "
+            f"({p.events_per_second:,.0f} events/s, rolled back)"
+        )
+        if p.estimated_seconds is not None:
+            out.print(
+                f"  estimated build: {p.estimated_seconds:,.1f} s with {min(len(p.lanes), p.max_parallel)} chunks in "
+                f"parallel on as many worker processes (one process is one core), plus indexes, catch-up and swap"
+            )
+        else:
+            out.print("  estimated build: nothing to sample (no events)")
 
     _run(work)
 
@@ -401,6 +506,7 @@ def replay_status_command(
 @replay_app.command("cancel")
 def replay_cancel(
     name: Annotated[str, typer.Argument(help="The projection whose replay to cancel.")],
+    sandbox: Annotated[str | None, typer.Option(help="Cancel the build into this sandbox instead.")] = None,
 ) -> None:
     """Cancel NAME's running replay: its half-built generation is dropped, the active one stays."""
     settings = _settings()
@@ -409,7 +515,7 @@ def replay_cancel(
         from rehydrate.starter import cancel_replay
         from rehydrate.temporal import connect_client
 
-        workflow_id = await cancel_replay(await connect_client(settings), name)
+        workflow_id = await cancel_replay(await connect_client(settings), name, sandbox)
         out.print(f"cancellation requested for {workflow_id}")
 
     _run(work)
@@ -425,6 +531,24 @@ def replay_pause(name: Annotated[str, typer.Argument(help="The projection whose 
 def replay_resume(name: Annotated[str, typer.Argument(help="The projection whose replay to resume.")]) -> None:
     """Resume NAME's paused replay (signal `resume`)."""
     _signal_replay(name, "resume")
+
+
+@replay_app.command("tune")
+def replay_tune(
+    name: Annotated[str, typer.Argument(help="The projection whose running replay to tune.")],
+    max_parallel: Annotated[int, typer.Option(help="Chunks running at once, over all lanes, from the next chunk.")],
+) -> None:
+    """Change a running replay's --max-parallel; running chunks finish, the next ones start under the new bound."""
+    settings = _settings()
+
+    async def work() -> None:
+        from rehydrate.starter import tune_replay
+        from rehydrate.temporal import connect_client
+
+        previous = await tune_replay(await connect_client(settings), name, max_parallel)
+        out.print(f"replay of {name}: max_parallel {previous} → {max_parallel}")
+
+    _run(work)
 
 
 def _signal_replay(name: str, signal: str) -> None:
@@ -606,6 +730,11 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
                     "registered": registered,
                     "version": registry.get(name).version if registered else row.get("version"),
                     "active_generation": row.get("active_generation"),
+                    # The active generation was built from other code (version, handlers, types, upcasters).
+                    "stale": registered
+                    and row.get("active_generation") is not None
+                    and row.get("fingerprint") != registry.get(name).fingerprint,
+                    "fingerprint": registry.get(name).fingerprint if registered else None,
                     "rows": row.get("rows_count"),
                     "checkpoint": row.get("checkpoint"),
                     "tail": {
@@ -634,7 +763,8 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
             table.add_row(
                 r["name"] + ("" if r["registered"] else " (not registered)"),
                 str(r["version"] or "-"),
-                f"g{r['active_generation']}" if r["active_generation"] else "-",
+                (f"g{r['active_generation']}" if r["active_generation"] else "-")
+                + (" [yellow]STALE[/]" if r["stale"] else ""),
                 f"{r['rows']:,}" if r["rows"] is not None else "-",
                 _tail_text(r["tail"]),
                 f"{r['tail']['lag_events']:,} ev, {r['tail']['lag_seconds']:.1f} s"
@@ -645,6 +775,8 @@ def projections(as_json: Annotated[bool, typer.Option("--json", help="Print as J
                 else "never",
             )
         out.print(table)
+        if any(r["stale"] for r in rows):
+            out.print("STALE: built from other projection code; rebuild with `rehydrate replay start --stale`")
         for r in rows:
             if r["tail"]["error"]:
                 out.print(f"[red]{r['name']}[/]: {escape(r['tail']['error'])}", soft_wrap=True)
@@ -658,6 +790,234 @@ def _tail_text(tail: dict[str, Any]) -> str:
     if tail["enabled"] is False:
         return "stopped"
     return str(tail["workflow"]).lower().replace("_", " ")
+
+
+# -- generations, rollback, sandboxes, verify, dead letters ----------------------------------------------------
+
+
+def _with_pool(work: Callable[[Any], Awaitable[T]]) -> T:
+    settings = _settings()
+
+    async def run() -> T:
+        from rehydrate.database import ready_pool, resolve_url
+
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool:
+            return await work(pool)
+
+    return _run(run)
+
+
+@app.command("generations")
+def generations_command(
+    name: Annotated[str, typer.Argument(help="The projection.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List NAME's generations: state, version, fingerprint, counts, timings and the run that built each."""
+    settings = _settings()
+
+    async def work(pool: Any) -> None:
+        from rehydrate import catalog
+
+        async with pool.acquire() as conn:
+            rows = await catalog.generations(conn, settings.schema_name, name)
+        if not rows:
+            raise UserError(
+                f"projection {name!r} has no generations", fix=f"build one: `rehydrate replay start {name}`"
+            )
+        if as_json:
+            _print_json(rows)
+            return
+        table = Table(
+            "gen", "state", "version", "fingerprint", "events", "rows", "parked", "built in", "started", "run"
+        )
+        for r in rows:
+            table.add_row(
+                f"g{r['generation']}",
+                r["state"],
+                str(r["version"]),
+                r["fingerprint"],
+                f"{r['events_applied']:,}",
+                f"{r['rows_count']:,}" if r["rows_count"] is not None else "-",
+                str(r["dead_letters"]),
+                f"{r['build_seconds']:.1f} s" if r["build_seconds"] is not None else "-",
+                f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
+                f"{r['workflow_id']} {r['run_id'] or ''}".strip(),
+            )
+        out.print(table)
+
+    _with_pool(work)
+
+
+@app.command("rollback")
+def rollback_command(
+    name: Annotated[str, typer.Argument(help="The projection.")],
+    to: Annotated[int | None, typer.Option("--to", help="The retained generation (default: the previous one).")] = None,
+) -> None:
+    """Swap NAME's previous retained generation back in at once, then catch it up from its own checkpoint."""
+    settings = _settings()
+    projection = _registry(settings).get(name)
+
+    async def work(pool: Any) -> None:
+        from rehydrate.operations import rollback
+
+        done = await rollback(pool, settings, projection, to)
+        out.print(
+            f"{name}: generation {done.to_generation} active again (was g{done.from_generation}), "
+            f"{done.caught_up:,} events caught up from its checkpoint"
+        )
+        if done.fingerprint_differs:
+            out.print(
+                f"  note: g{done.to_generation} was built from other projection code than this process has; "
+                "the tail applies new events with the workers' code"
+            )
+
+    _with_pool(work)
+
+
+@app.command("sandboxes")
+def sandboxes_command(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List sandbox builds: label, projection, state, cut-off, rows."""
+    settings = _settings()
+
+    async def work(pool: Any) -> None:
+        from rehydrate import catalog
+
+        async with pool.acquire() as conn:
+            rows = await catalog.sandboxes(conn, settings.schema_name)
+        if as_json:
+            _print_json(rows)
+            return
+        table = Table("sandbox", "schema", "projection", "gen", "state", "as of", "rows")
+        for r in rows:
+            cutoff = (
+                f"position {r['to_position']}"
+                if r["to_position"] is not None
+                else f"{r['as_of']:%Y-%m-%d %H:%M:%S%z}"
+                if r["as_of"] is not None
+                else f"mark {r['target_mark']}"
+            )
+            table.add_row(
+                r["label"],
+                catalog.sandbox_schema(r["label"]),
+                r["projection"],
+                f"g{r['generation']}",
+                r["state"],
+                cutoff,
+                f"{r['rows_count']:,}" if r["rows_count"] is not None else "-",
+            )
+        out.print(table)
+
+    _with_pool(work)
+
+
+@sandbox_app.command("drop")
+def sandbox_drop(label: Annotated[str, typer.Argument(help="The sandbox label.")]) -> None:
+    """Drop sandbox LABEL: its schema and every build in it."""
+    settings = _settings()
+
+    async def work(pool: Any) -> None:
+        from rehydrate import catalog
+
+        async with pool.acquire() as conn:
+            builds = await catalog.drop_sandbox(conn, settings.schema_name, label)
+        out.print(f"sandbox {label} dropped ({builds} build(s), schema {catalog.sandbox_schema(label)})")
+
+    _with_pool(work)
+
+
+@app.command("verify")
+def verify_command(
+    name: Annotated[str, typer.Argument(help="The projection.")],
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the rebuilt sandbox (verify_NAME) to inspect.")] = False,
+    show: Annotated[int, typer.Option(min=0, help="Differing keys to show.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Rebuild NAME into a sandbox at the live checkpoint and compare row hashes key by key; exit 1 on drift."""
+    settings = _settings()
+    projection = _registry(settings).get(name)
+
+    async def work(pool: Any) -> int:
+        from rehydrate.operations import verify
+        from rehydrate.temporal import connect_client
+
+        v = await verify(await connect_client(settings), pool, settings, projection, keep=keep, show=show)
+        if as_json:
+            _print_json(v)
+        elif v.differing == 0:
+            out.print(
+                f"[green]✓[/] {name}: generation {v.live_generation} equals a fresh rebuild at mark {v.mark} "
+                f"({v.live_rows:,} rows)"
+            )
+        else:
+            out.print(
+                f"[red]✗[/] {name}: {v.differing:,} key(s) differ between generation {v.live_generation} "
+                f"({v.live_rows:,} rows) and a rebuild at mark {v.mark} ({v.rebuilt_rows:,} rows)"
+            )
+            for drift in v.first:
+                out.print(f"  {escape(drift.key)}: {drift.problem}")
+        if v.stale and not as_json:
+            out.print("  note: the live generation was built from other code (STALE): drift is expected")
+        return 1 if v.differing else 0
+
+    if _with_pool(work):
+        raise typer.Exit(1)
+
+
+@app.command("dead-letters")
+def dead_letters_command(
+    words: Annotated[list[str], typer.Argument(help="NAME to list, or `retry NAME` to re-apply after a fix.")],
+    generation: Annotated[int | None, typer.Option(help="A generation other than the active one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List the events NAME parked (on_error="park"), or `retry NAME`: rebuild the parked keys with today's code."""
+    settings = _settings()
+    if len(words) == 2 and words[0] == "retry":
+        projection = _registry(settings).get(words[1])
+
+        async def retry(pool: Any) -> None:
+            from rehydrate import catalog
+            from rehydrate.store import EventStore
+
+            store = EventStore(pool, settings.schema_name)
+            async with pool.acquire() as conn:
+                keys, still = await catalog.retry_dead_letters(conn, store, settings.read_model_schema, projection)
+            out.print(f"{projection.name}: {keys} parked key(s) rebuilt, {still} still parked")
+            if still:
+                raise UserError(
+                    f"{still} key(s) of {projection.name!r} failed again",
+                    fix=f"see `rehydrate dead-letters {projection.name}`",
+                )
+
+        _with_pool(retry)
+        return
+    if len(words) != 1:
+        raise UserError(
+            f"unexpected arguments {' '.join(words)!r}", fix="use `dead-letters NAME` or `dead-letters retry NAME`"
+        )
+    name = words[0]
+
+    async def show(pool: Any) -> None:
+        from rehydrate import catalog
+
+        async with pool.acquire() as conn:
+            number = (
+                generation
+                if generation is not None
+                else await catalog.active_generation(conn, settings.schema_name, name)
+            )
+            rows = await catalog.dead_letters(conn, settings.schema_name, name, number)
+        if as_json:
+            _print_json(rows)
+            return
+        out.print(f"{name} g{number}: {len(rows)} parked event(s)")
+        for r in rows:
+            out.print(
+                f"  position {r['global_position']} {escape(r['stream_id'])}@{r['stream_version']} "
+                f"{r['event_type']} key {escape(r['key'])}: {escape(r['error'])}",
+                soft_wrap=True,
+            )
+
+    _with_pool(show)
 
 
 # -- schedules ------------------------------------------------------------------------------------------------

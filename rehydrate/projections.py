@@ -135,6 +135,10 @@ class Projection:
         strict: read every event type and fail on one without a handler (unless listed in `ignore`).
         ignore: event types a strict projection skips on purpose.
         upcasters: the upcasters that bring old events to their current version before a handler sees them.
+        on_error: "stop" (default): a handler that fails stops the replay (and the tail). "park": the failing event
+            and every later event of its key are kept as dead letters, the key's row is left as it was, and the
+            replay goes on (it swaps only with `--allow-dead-letters`); `rehydrate dead-letters retry` rebuilds
+            the parked keys after a fix.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class Projection:
         ignore: Iterable[str] = (),
         description: str = "",
         upcasters: Upcasters | None = None,
+        on_error: str = "stop",
     ) -> None:
         self.name = check_identifier(name, "projection name")
         if not isinstance(version, int) or version < 1:
@@ -161,6 +166,11 @@ class Projection:
         self.description = description or (inspect.getdoc(table) or "").split("\n")[0]
         self.handlers: dict[str, Handler] = {}
         self.upcasters = upcasters
+        if on_error not in ("stop", "park"):
+            raise UserError(
+                f"projection {name!r}: on_error={on_error!r} is not 'stop' or 'park'", fix="use one of them"
+            )
+        self.on_error = on_error
 
     def on(self, *event_types: str) -> Callable[[Handler], Handler]:
         """Register the decorated function as the handler of `event_types`."""
@@ -226,19 +236,29 @@ class Projection:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of what decides the rows: name, version, key, table shape and handler code."""
+        """A hash of what decides the rows: name, version, key, table shape, the event types handled (and
+        strict/ignore), each handler's code, and the upcasters the handled types depend on. A generation records
+        the fingerprint it was built with; `rehydrate projections` calls it STALE when the code's differs."""
         digest = hashlib.sha256()
         digest.update(f"{self.name}:{self.version}:{self.key.field}:{self.table.columns}".encode())
+        digest.update(f"strict={self.strict}:ignore={sorted(self.ignore)}:types={sorted(self.handlers)}".encode())
         for event_type in sorted(self.handlers):
-            handler = self.handlers[event_type]
-            source = source_text(handler)
-            digest.update(f"{event_type}:{source}".encode())
-        if self.upcasters:
-            digest.update(self.upcasters.fingerprint.encode())
+            digest.update(f"{event_type}:{code_hash(self.handlers[event_type])}".encode())
+        for part in self.upcaster_fingerprints():
+            digest.update(part.encode())
         return digest.hexdigest()[:16]
+
+    def upcaster_fingerprints(self) -> list[str]:
+        """The fingerprint of the upcasters this projection reads its events through (none: an empty list)."""
+        return [self.upcasters.fingerprint] if self.upcasters else []
 
     def __repr__(self) -> str:
         return f"Projection({self.name!r}, version={self.version})"
+
+
+def code_hash(function: Callable[..., Any]) -> str:
+    """A short hash of a function's code (see `source_text`)."""
+    return hashlib.sha256(source_text(function).encode()).hexdigest()[:16]
 
 
 class Registry:

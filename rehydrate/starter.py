@@ -8,14 +8,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from rehydrate import catalog
+from rehydrate.activities.replay import parse_as_of
 from rehydrate.aggregates import AggregateRegistry
+from rehydrate.catalog import sandbox_schema
 from rehydrate.errors import UserError
 from rehydrate.models import (
     ReplayInput,
@@ -57,7 +59,7 @@ async def start_replay(
     A second start while one runs is refused with a clear error, or, with `attach`, returns the running one.
     """
     check_replay_input(input, registry)
-    workflow_id = replay_workflow_id(input.projection)
+    workflow_id = replay_workflow_id(input.projection, input.sandbox)
     try:
         return await client.start_workflow(
             ReplayWorkflow.run,
@@ -66,11 +68,13 @@ async def start_replay(
             task_queue=task_queue or settings.temporal_task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING if attach else WorkflowIDConflictPolicy.FAIL,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            static_summary=f"Replay of {input.projection}",
+            static_summary=f"Replay of {input.projection}"
+            + (f" into sandbox {input.sandbox}" if input.sandbox else ""),
         )
     except WorkflowAlreadyStartedError:
+        where = f" into sandbox {input.sandbox!r}" if input.sandbox else ""
         raise UserError(
-            f"a replay of {input.projection!r} is already running (workflow {workflow_id})",
+            f"a replay of {input.projection!r}{where} is already running (workflow {workflow_id})",
             fix=f"watch it with `rehydrate replay status {input.projection}` or stop it with "
             f"`rehydrate replay cancel {input.projection}`",
         ) from None
@@ -81,6 +85,30 @@ def check_replay_input(input: ReplayInput, registry: Registry | None = None) -> 
     if registry is not None:
         registry.get(input.projection)
     _check_tuning(input)
+    _check_point_in_time(input)
+
+
+def _check_point_in_time(input: ReplayInput) -> None:
+    """A cut-off history (--to-position, --as-of, a target mark) builds a read model that was never live: it
+    goes into a sandbox only, never behind the live view."""
+    if input.sandbox is not None:
+        sandbox_schema(input.sandbox)
+    limited = [
+        name
+        for name, value in (("--to-position", input.to_position), ("--as-of", input.as_of), ("mark", input.mark))
+        if value is not None
+    ]
+    if limited and input.sandbox is None:
+        raise UserError(
+            f"{limited[0]} builds the read model as it was, which must never replace the live one",
+            fix="add --sandbox LABEL to build it into a sandbox schema",
+        )
+    if input.to_position is not None and input.as_of is not None:
+        raise UserError("--to-position and --as-of were both given", fix="give one of them")
+    if input.to_position is not None and input.to_position < 0:
+        raise UserError(f"--to-position {input.to_position} is negative", fix="give a global position (0 or more)")
+    if input.as_of is not None:
+        parse_as_of(input.as_of)
 
 
 def _check_tuning(input: ReplayInput) -> None:
@@ -128,7 +156,7 @@ async def _wait(
         result_task.cancel()
 
 
-def failure_cause(error: WorkflowFailureError) -> str:
+def failure_cause(error: WorkflowFailureError | WorkflowUpdateFailedError) -> str:
     cause: BaseException | None = error.cause
     while cause is not None and getattr(cause, "cause", None) is not None:
         cause = cause.cause  # type: ignore[attr-defined]
@@ -160,9 +188,9 @@ async def replay_status(client: Client, projection: str) -> ReplayStatus:
     return ReplayStatus(workflow_id, description.run_id, status, progress, result, error)
 
 
-async def cancel_replay(client: Client, projection: str) -> str:
+async def cancel_replay(client: Client, projection: str, sandbox: str | None = None) -> str:
     """Request cancellation; the workflow drops its half-built generation and leaves the active one alone."""
-    workflow_id = replay_workflow_id(projection)
+    workflow_id = replay_workflow_id(projection, sandbox)
     handle = client.get_workflow_handle(workflow_id)
     try:
         description = await handle.describe()
@@ -191,6 +219,28 @@ async def signal_replay(client: Client, projection: str, signal: str) -> str:
         raise UserError(f"the replay of {projection!r} is not running (it is {state})", fix=f"nothing to {signal}")
     await handle.signal(signal)
     return workflow_id
+
+
+async def tune_replay(client: Client, projection: str, max_parallel: int) -> int:
+    """Move the running replay's window to `max_parallel` chunks at once (update `set_max_parallel`), from its
+    next chunks on; returns the previous bound."""
+    _check_tuning(ReplayInput(projection, max_parallel=max_parallel))
+    workflow_id = replay_workflow_id(projection)
+    handle = client.get_workflow_handle_for(ReplayWorkflow.run, workflow_id)
+    try:
+        description = await handle.describe()
+    except RPCError:
+        raise UserError(f"no replay of {projection!r} was ever started", fix="check the projection name") from None
+    if description.status != Status.RUNNING:
+        state = description.status.name.lower() if description.status else "unknown"
+        raise UserError(f"the replay of {projection!r} is not running (it is {state})", fix="nothing to tune")
+    try:
+        return await handle.execute_update(ReplayWorkflow.set_max_parallel, max_parallel)
+    except WorkflowUpdateFailedError as error:
+        raise UserError(
+            f"the replay of {projection!r} refused max_parallel={max_parallel}: {failure_cause(error)}",
+            fix="try again once it has planned",
+        ) from None
 
 
 async def ensure_tail(client: Client, projection: str, task_queue: str) -> str:

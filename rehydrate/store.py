@@ -83,6 +83,26 @@ class KeySpec:
 HeldBack = dict[str, int]  # stream id -> lowest version at or above the mark
 
 
+@dataclass(frozen=True, slots=True)
+class Cutoff:
+    """A point-in-time build's bound on the history: events at or before `position`, and/or recorded at or
+    before `as_of`. Both are read from the history as it stands now (see README, "Point in time")."""
+
+    position: int | None = None
+    as_of: datetime | None = None
+
+
+def _cutoff_sql(args: list[Any], cutoff: Cutoff | None) -> str:
+    """Append the cut-off's values to `args` and return its condition (empty without a cut-off)."""
+    if cutoff is None or (cutoff.position is None and cutoff.as_of is None):
+        return ""
+    args += [cutoff.position, cutoff.as_of]
+    n = len(args)
+    return f" AND (${n - 1}::bigint IS NULL OR global_position <= ${n - 1})" + (
+        f" AND (${n}::timestamptz IS NULL OR recorded_at <= ${n})"
+    )
+
+
 def notify_channel(schema: str) -> str:
     """The LISTEN/NOTIFY channel on which appends announce new events."""
     return f"{schema}_events"
@@ -228,6 +248,7 @@ class EventStore:
         lanes: int,
         limit: int,
         fetch_size: int = 5_000,
+        cutoff: Cutoff | None = None,
     ) -> AsyncIterator[list[Event]]:
         """Yield batches of one lane's events after `after_position` and below `mark`, in position order.
 
@@ -241,10 +262,11 @@ class EventStore:
             lane_filter = f"AND (hashtextextended({key.sql(7)}, 0) & 9223372036854775807) % $5 = $6"
             if key.field is not None:
                 args.append(key.field)
+        until = _cutoff_sql(args, cutoff)
         query = f"""SELECT {_COLUMNS} FROM {self.table}
                     WHERE global_position > $1 AND tx_id < $2::text::xid8
                       AND ($3::text[] IS NULL OR event_type = ANY($3::text[]))
-                    {lane_filter}
+                    {lane_filter}{until}
                     ORDER BY global_position LIMIT $4"""
         cursor = await conn.cursor(query, *args)
         while True:
@@ -264,6 +286,7 @@ class EventStore:
         types: Sequence[str] | None,
         limit: int,
         fetch_size: int = 5_000,
+        cutoff: Cutoff | None = None,
     ) -> AsyncIterator[list[Event]]:
         """Yield batches of the events of streams in [`low`, `high`) (None: unbounded) below `mark`, stream by
         stream in version order, after the (stream id, version) `after`.
@@ -282,8 +305,9 @@ class EventStore:
         if high is not None:
             args.append(high)
             where.append(f"stream_id < ${len(args)}")
+        until = _cutoff_sql(args, cutoff)
         cursor = await conn.cursor(
-            f"""SELECT {_COLUMNS} FROM {self.table} WHERE {" AND ".join(where)}
+            f"""SELECT {_COLUMNS} FROM {self.table} WHERE {" AND ".join(where)}{until}
                 ORDER BY stream_id, stream_version LIMIT $3""",
             *args,
         )
@@ -304,7 +328,13 @@ class EventStore:
         )
 
     async def stream_boundaries(
-        self, conn: asyncpg.Connection, *, mark: int, types: Sequence[str] | None, lanes: int
+        self,
+        conn: asyncpg.Connection,
+        *,
+        mark: int,
+        types: Sequence[str] | None,
+        lanes: int,
+        cutoff: Cutoff | None = None,
     ) -> list[str]:
         """`lanes - 1` stream ids that split the events below `mark` into ranges of about equal size.
 
@@ -318,31 +348,37 @@ class EventStore:
         )
         percent = min(100.0, 100.0 * 100_000 / estimate) if estimate else 100.0
         sample = f"TABLESAMPLE SYSTEM ({percent:.6f}) REPEATABLE (7)" if percent < 100 else ""
+        args: list[Any] = [str(mark), _types(types), [lane / lanes for lane in range(1, lanes)]]
+        until = _cutoff_sql(args, cutoff)
         found = await conn.fetchval(
             f"""SELECT percentile_disc($3::float8[]) WITHIN GROUP (ORDER BY stream_id)
                 FROM {self.table} {sample}
-                WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))""",
-            str(mark),
-            _types(types),
-            [lane / lanes for lane in range(1, lanes)],
+                WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[])){until}""",
+            *args,
         )
         # Equal boundaries (few streams) leave some lanes empty; that is harmless.
         return [b for b in found or [] if b is not None]
 
     async def count_ranges(
-        self, conn: asyncpg.Connection, *, mark: int, types: Sequence[str] | None, boundaries: Sequence[str]
+        self,
+        conn: asyncpg.Connection,
+        *,
+        mark: int,
+        types: Sequence[str] | None,
+        boundaries: Sequence[str],
+        cutoff: Cutoff | None = None,
     ) -> list[tuple[int, int]]:
         """Per stream range (split at `boundaries`): events below `mark` of the given types, highest position."""
+        args: list[Any] = [str(mark), _types(types), list(boundaries)]
+        until = _cutoff_sql(args, cutoff)
         rows = await conn.fetch(
             f"""SELECT (SELECT count(*) FROM unnest($3::text[]) AS b WHERE b <= s.stream_id) AS lane,
                        sum(s.n), max(s.p)
                 FROM (SELECT stream_id, count(*) AS n, max(global_position) AS p FROM {self.table}
-                      WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))
+                      WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[])){until}
                       GROUP BY stream_id) AS s
                 GROUP BY 1""",
-            str(mark),
-            _types(types),
-            list(boundaries),
+            *args,
         )
         found = {int(row[0]): (int(row[1]), int(row[2])) for row in rows}
         return [found.get(lane, (0, 0)) for lane in range(len(boundaries) + 1)]
@@ -381,22 +417,48 @@ class EventStore:
         return [_event(row) for row in rows]
 
     async def count_lanes(
-        self, conn: asyncpg.Connection, *, mark: int, types: Sequence[str] | None, key: KeySpec, lanes: int
+        self,
+        conn: asyncpg.Connection,
+        *,
+        mark: int,
+        types: Sequence[str] | None,
+        key: KeySpec,
+        lanes: int,
+        cutoff: Cutoff | None = None,
     ) -> list[tuple[int, int]]:
         """Per lane: events below `mark` of the given types, and the highest such position."""
         args: list[Any] = [str(mark), _types(types), lanes]
         if key.field is not None:
             args.append(key.field)
+        until = _cutoff_sql(args, cutoff)
         rows = await conn.fetch(
             f"""SELECT (hashtextextended({key.sql(4)}, 0) & 9223372036854775807) % $3 AS lane,
                        count(*), max(global_position)
                 FROM {self.table}
-                WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))
+                WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[])){until}
                 GROUP BY 1""",
             *args,
         )
         found = {int(row[0]): (int(row[1]), int(row[2])) for row in rows}
         return [found.get(lane, (0, 0)) for lane in range(lanes)]
+
+    async def read_keys(
+        self, conn: asyncpg.Connection, *, key: KeySpec, keys: Sequence[str], mark: int, types: Sequence[str] | None
+    ) -> list[Event]:
+        """Every event of the given keys (as text) below `mark` and not held back by it, in position order: the
+        events of those keys in a generation whose checkpoint is `mark`."""
+        args: list[Any] = [str(mark), _types(types), list(keys)]
+        if key.field is not None:
+            args.append(key.field)
+        rows = await conn.fetch(
+            f"""SELECT {_COLUMNS} FROM {self.table}
+                WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[]))
+                  AND {key.sql(4)} = ANY($3::text[])
+                ORDER BY global_position""",
+            *args,
+        )
+        held = await self.held_back(conn, mark)
+        return [e for e in map(_event, rows) if not is_held(held, e.stream_id, e.stream_version)]
 
     async def head(self) -> int:
         """The highest position of any committed event (0 when empty)."""

@@ -38,8 +38,12 @@ def module_definitions(
 
 
 def source_text(function: Callable[..., Any]) -> str:
-    """A function's source, for fingerprints (its code object's repr when the source is not available)."""
+    """A function's source, for fingerprints (so an edit shows even if it compiles to the same bytecode); its
+    bytecode and constants when the source cannot be read (a REPL, a frozen app). Stable across processes."""
     try:
         return inspect.getsource(function)
     except (OSError, TypeError):
-        return repr(getattr(function, "__code__", function))
+        code = getattr(function, "__code__", None)
+        if code is None:
+            return str(getattr(function, "__qualname__", type(function).__qualname__))
+        return f"{code.co_code.hex()}{code.co_consts!r}"

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -14,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from rehydrate import catalog, logs, metrics, search_attributes
-from rehydrate.apply import Folding
+from rehydrate.apply import Folding, Parking
 from rehydrate.errors import UserError
 from rehydrate.models import (
     CatchUpInput,
@@ -29,7 +30,7 @@ from rehydrate.models import (
 )
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
-from rehydrate.store import EventStore, is_held
+from rehydrate.store import Cutoff, EventStore, is_held
 
 log = logging.getLogger("rehydrate.activities")
 T = TypeVar("T")
@@ -59,6 +60,24 @@ async def _search_attributes_registered() -> bool:
     except (RuntimeError, RPCError) as error:  # RuntimeError: an ActivityEnvironment without a client
         log.warning("search attributes not set on this replay: cannot list them (%s)", error)
         return False
+
+
+def _cutoff(to_position: int | None, as_of: str | datetime | None) -> Cutoff | None:
+    """A point-in-time build's cut-off (None: the whole history below the mark). A naive `as_of` is UTC."""
+    if to_position is None and as_of is None:
+        return None
+    when = parse_as_of(as_of) if isinstance(as_of, str) else as_of
+    return Cutoff(to_position, when)
+
+
+def parse_as_of(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(
+            f"--as-of {text!r} is not an ISO 8601 timestamp", fix="write it like 2024-05-01T12:00:00+00:00"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _chunk() -> str:
@@ -96,8 +115,11 @@ class ReplayActivities:
             raise UserError(f"chunk size {chunk_size} is not positive", fix="use a chunk size of at least 1")
         if max_parallel < 1:
             raise UserError(f"max_parallel={max_parallel} is not positive", fix="use at least 1")
+        sandbox = input.sandbox or ""
+        read_schema = catalog.table_schema(self.read_schema, sandbox)
+        cutoff = _cutoff(input.to_position, input.as_of)
         async with self.pool.acquire() as conn:
-            building = await catalog.building_generation(conn, self.schema, projection.name)
+            building = await catalog.building_generation(conn, self.schema, projection.name, sandbox)
             if building is not None and building["workflow_id"] != input.workflow_id and input.skip_if_running:
                 return Plan(0, "", 0, [], 0, 0, 0, running_elsewhere=building["workflow_id"])
             if building is not None and building["workflow_id"] != input.workflow_id:
@@ -108,19 +130,26 @@ class ReplayActivities:
                 )
             if building is None:
                 mark = await self.store.high_water_mark(conn)
+                if input.mark is not None:
+                    if input.mark > mark:
+                        raise UserError(
+                            f"target mark {input.mark} is above the high-water mark {mark}",
+                            fix="use a mark at or below the current high-water mark",
+                        )
+                    mark = input.mark
                 boundaries = None
                 split = self.settings.lane_split
                 if split == "auto" and projection.key.field is None:
                     split = "range" if await self.store.fits_in_cache(conn) else "hash"
                 if projection.key.field is None and split == "range":
                     found = await self.store.stream_boundaries(
-                        conn, mark=mark, types=projection.event_types, lanes=lanes
+                        conn, mark=mark, types=projection.event_types, lanes=lanes, cutoff=cutoff
                     )
                     boundaries = found if len(found) == lanes - 1 else None  # too few events to split
                 building = await catalog.create_generation(
                     conn,
                     schema=self.schema,
-                    read_schema=self.read_schema,
+                    read_schema=read_schema,
                     projection=projection,
                     mark=mark,
                     lanes=lanes,
@@ -128,7 +157,10 @@ class ReplayActivities:
                     workflow_id=input.workflow_id,
                     run_id=input.run_id,
                     boundaries=boundaries,
+                    sandbox=sandbox,
+                    cutoff=cutoff,
                 )
+            cutoff = _cutoff(building["to_position"], building["as_of"])
             ranges = await catalog.lane_bounds(conn, self.schema, projection.name, building["generation"])
             if ranges is None:
                 counts = await self.store.count_lanes(
@@ -137,6 +169,7 @@ class ReplayActivities:
                     types=projection.event_types,
                     key=projection.key,
                     lanes=building["lanes"],
+                    cutoff=cutoff,
                 )
             else:
                 counts = await self.store.count_ranges(
@@ -144,6 +177,7 @@ class ReplayActivities:
                     mark=building["target_xmin"],
                     types=projection.event_types,
                     boundaries=[high for _, high in ranges[:-1] if high is not None],
+                    cutoff=cutoff,
                 )
             total = sum(count for count, _ in counts)
             await catalog.set_total(conn, self.schema, projection.name, building["generation"], total)
@@ -193,7 +227,10 @@ class ReplayActivities:
                 return ChunkResult(checkpoint["position"], checkpoint["events_applied"], 0, True)
             held = await self.store.held_back(conn, input.mark)
             physical = catalog.physical_table_name(projection, input.generation)
-            folding = Folding(conn, projection, self.read_schema, physical)
+            where = catalog.table_schema(self.read_schema, checkpoint["sandbox"])
+            cutoff = _cutoff(checkpoint["to_position"], checkpoint["as_of"])
+            parking = Parking(self.schema, input.generation)
+            folding = Folding(conn, projection, where, physical, parking)
             fetched = 0
             position = checkpoint["position"]
             after: tuple[str, int] | None = None
@@ -208,6 +245,7 @@ class ReplayActivities:
                     mark=input.mark,
                     types=projection.event_types,
                     limit=input.chunk_size,
+                    cutoff=cutoff,
                 )
             else:
                 batches = self.store.read_lane(
@@ -219,6 +257,7 @@ class ReplayActivities:
                     lane=input.lane,
                     lanes=input.lanes,
                     limit=input.chunk_size,
+                    cutoff=cutoff,
                 )
             async for batch in batches:
                 fetched += len(batch)
@@ -253,9 +292,9 @@ class ReplayActivities:
         async def work() -> int:
             projection = self.registry.get(input.projection)
             async with self.pool.acquire() as conn:
-                return await catalog.finish_generation(
-                    conn, self.schema, self.read_schema, projection, input.generation
-                )
+                row = await catalog.generation_row(conn, self.schema, projection.name, input.generation)
+                where = catalog.table_schema(self.read_schema, row["sandbox"])
+                return await catalog.finish_generation(conn, self.schema, where, projection, input.generation)
 
         return await _user_errors_fail_the_replay(work)
 
@@ -283,7 +322,14 @@ class ReplayActivities:
                 attempt += 1
                 try:
                     async with self.pool.acquire() as conn:
-                        result = await catalog.swap(conn, self.store, self.read_schema, projection, input.generation)
+                        result = await catalog.swap(
+                            conn,
+                            self.store,
+                            self.read_schema,
+                            projection,
+                            input.generation,
+                            allow_dead_letters=input.allow_dead_letters,
+                        )
                         metrics.events_applied(input.projection, result.final_delta)
                         result.dropped_generations = await catalog.retire_old(
                             conn, self.schema, self.read_schema, projection, self.settings.retain_generations
@@ -306,9 +352,27 @@ class ReplayActivities:
     async def drop_generation(self, input: GenerationRef) -> None:
         """Drop a cancelled or failed generation's table; the active generation is never touched."""
         async with self.pool.acquire() as conn:
+            sandbox = await catalog.generation_sandbox(conn, self.schema, input.projection, input.generation)
             await catalog.drop_generation(
-                conn, self.schema, self.read_schema, input.projection, input.generation, input.reason
+                conn,
+                self.schema,
+                catalog.table_schema(self.read_schema, sandbox),
+                input.projection,
+                input.generation,
+                input.reason,
             )
+
+    @activity.defn(name="rehydrate.publish_sandbox")
+    async def publish_sandbox(self, input: GenerationRef) -> int:
+        """Finish a sandbox build: its own view in the sandbox schema, the label's older build dropped. Returns
+        the events the build parked (on_error="park")."""
+
+        async def work() -> int:
+            projection = self.registry.get(input.projection)
+            async with self.pool.acquire() as conn:
+                return await catalog.publish_sandbox(conn, self.schema, projection, input.generation)
+
+        return await _user_errors_fail_the_replay(work)
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -318,4 +382,5 @@ class ReplayActivities:
             self.catch_up,
             self.swap,
             self.drop_generation,
+            self.publish_sandbox,
         ]

@@ -48,6 +48,11 @@ class ReplayInput:
     heartbeat_timeout_seconds: float = 30.0
     skip_if_running: bool = False
     state: ReplayState | None = None
+    sandbox: str | None = None  # build into schema rehydrate_sandbox_<label>, never swap
+    to_position: int | None = None  # sandbox only: events at or before this global position
+    as_of: str | None = None  # sandbox only: events recorded at or before this ISO timestamp (naive: UTC)
+    mark: int | None = None  # sandbox only: the target high-water mark (verify sets it); default: the current one
+    allow_dead_letters: bool = False  # swap even though the projection parked events
 
 
 @dataclass
@@ -59,6 +64,10 @@ class PlanInput:
     chunk_size: int | None = None
     max_parallel: int | None = None
     skip_if_running: bool = False
+    sandbox: str | None = None
+    to_position: int | None = None
+    as_of: str | None = None
+    mark: int | None = None
 
 
 @dataclass
@@ -97,6 +106,7 @@ class GenerationRef:
     projection: str
     generation: int
     reason: str = ""
+    allow_dead_letters: bool = False
 
 
 @dataclass
@@ -136,6 +146,7 @@ class ReplayProgress:
     eta_seconds: float | None = None
     runs: int = 1
     paused: bool = False
+    max_parallel: int = 0
 
 
 @dataclass
@@ -151,3 +162,5 @@ class ReplayResult:
     swap_lock_ms: float
     runs: int
     skipped: str | None = None  # why nothing was built (a scheduled run found another replay building)
+    sandbox: str | None = None  # the sandbox label of a sandbox build (nothing swapped)
+    dead_letters: int = 0  # events the generation parked (on_error="park")

@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS {schema}.generations (
     generation      integer NOT NULL,
     version         integer NOT NULL,
     fingerprint     text    NOT NULL,
-    state           text    NOT NULL CHECK (state IN ('building', 'active', 'retired', 'failed', 'cancelled', 'dropped')),
+    -- 'sandbox': a finished build in a sandbox schema, never swapped in.
+    state           text    NOT NULL CONSTRAINT generations_state_check
+                            CHECK (state IN ('building', 'active', 'retired', 'failed', 'cancelled', 'dropped', 'sandbox')),
     physical_table  text    NOT NULL,
     target_xmin     xid8    NOT NULL,
     checkpoint_xmin xid8    NOT NULL,
@@ -61,9 +63,25 @@ CREATE TABLE IF NOT EXISTS {schema}.generations (
     ended_at        timestamptz,
     PRIMARY KEY (projection, generation)
 );
--- One replay per projection at a time, whoever started it (CLI, Web UI, a schedule).
-CREATE UNIQUE INDEX IF NOT EXISTS generations_one_building_idx
-    ON {schema}.generations (projection) WHERE state = 'building';
+-- Databases created before sandboxes and point-in-time builds. sandbox: '' for a live generation, else the
+-- label of the sandbox (schema rehydrate_sandbox_<label>) it is built in; to_position / as_of: its cut-off.
+ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS sandbox text NOT NULL DEFAULT '';
+ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS to_position bigint;
+ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS as_of timestamptz;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{schema}.generations'::regclass
+                   AND conname = 'generations_state_check' AND pg_get_constraintdef(oid) LIKE '%sandbox%') THEN
+        ALTER TABLE {schema}.generations DROP CONSTRAINT IF EXISTS generations_state_check;
+        ALTER TABLE {schema}.generations ADD CONSTRAINT generations_state_check
+            CHECK (state IN ('building', 'active', 'retired', 'failed', 'cancelled', 'dropped', 'sandbox'));
+    END IF;
+END $$;
+-- One live replay per projection at a time, whoever started it (CLI, Web UI, a schedule); a sandbox build
+-- does not block it (it has its own row per label).
+DROP INDEX IF EXISTS {schema}.generations_one_building_idx;
+CREATE UNIQUE INDEX IF NOT EXISTS generations_one_building_per_target_idx
+    ON {schema}.generations (projection, sandbox) WHERE state = 'building';
 
 -- A lane's progress inside one generation, written in the same transaction as the rows it produced.
 CREATE TABLE IF NOT EXISTS {schema}.lane_checkpoints (
@@ -118,3 +136,20 @@ CREATE TABLE IF NOT EXISTS {schema}.snapshot_rebuilds (
     updated_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (rebuild_id, partition)
 );
+
+-- Events a projection with on_error="park" could not apply, per generation. The first failing event of a key
+-- parks the key: its later events are parked too (with error naming the first), so the row stays as it was
+-- before the failure, and `rehydrate dead-letters retry` rebuilds the key from its whole history.
+CREATE TABLE IF NOT EXISTS {schema}.dead_letters (
+    projection      text        NOT NULL,
+    generation      integer     NOT NULL,
+    global_position bigint      NOT NULL,
+    stream_id       text        NOT NULL,
+    stream_version  bigint      NOT NULL,
+    event_type      text        NOT NULL,
+    key             text        NOT NULL,
+    error           text        NOT NULL,
+    parked_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (projection, generation, global_position)
+);
+CREATE INDEX IF NOT EXISTS dead_letters_key_idx ON {schema}.dead_letters (projection, generation, key);

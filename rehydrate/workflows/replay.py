@@ -30,13 +30,15 @@ _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
 )
 _MAX_CATCH_UP_ROUNDS = 20
+MAX_PARALLEL = 500
 # The value of the `rehydrate_replay_phase` gauge, in the order a replay goes through its phases.
 PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
 
 
-def replay_workflow_id(projection: str) -> str:
-    """The fixed workflow id of a projection's replay: one replay per projection at a time."""
-    return f"rehydrate-replay-{projection}"
+def replay_workflow_id(projection: str, sandbox: str | None = None) -> str:
+    """The fixed workflow id of a projection's replay: one replay per projection at a time (and one per
+    projection and sandbox label: a sandbox build does not block the live replay)."""
+    return f"rehydrate-sandbox-{sandbox}-{projection}" if sandbox else f"rehydrate-replay-{projection}"
 
 
 def failure_message(error: BaseException) -> str:
@@ -57,6 +59,7 @@ class ReplayWorkflow:
         self._caught_up = 0
         self._stop_for_continue = False
         self._paused = False
+        self._running = 0  # chunk activities started and not yet finished: at most state.max_parallel
         self._shown: tuple[str, int] | None = None  # the phase and percent last upserted as search attributes
 
     @workflow.run
@@ -111,6 +114,10 @@ class ReplayWorkflow:
                     chunk_size=input.chunk_size,
                     max_parallel=input.max_parallel,
                     skip_if_running=input.skip_if_running,
+                    sandbox=input.sandbox,
+                    to_position=input.to_position,
+                    as_of=input.as_of,
+                    mark=input.mark,
                 ),
                 start_to_close_timeout=timedelta(minutes=30),
                 retry_policy=_RETRY,
@@ -149,17 +156,23 @@ class ReplayWorkflow:
 
         Returns False when Temporal suggests continue-as-new: each lane stops after its current chunk.
         """
-        window = asyncio.Semaphore(state.max_parallel)
         heartbeat = timedelta(seconds=input.heartbeat_timeout_seconds)
+
+        def may_start() -> bool:
+            # The window is workflow state, not a semaphore: `set_max_parallel` may move it while lanes wait, and
+            # every replay of the history re-evaluates this condition on the same signals in the same order.
+            return self._stop_for_continue or (not self._paused and self._running < state.max_parallel)
 
         async def run_lane(lane: LaneState) -> None:
             while not lane.done and not self._stop_for_continue:
-                await workflow.wait_condition(lambda: not self._paused or self._stop_for_continue)
+                # Waiters released in the same pass all saw the same free slot: the first to resume takes it,
+                # the others check again (no await between the check and the increment).
+                while not may_start():
+                    await workflow.wait_condition(may_start)
                 if self._stop_for_continue:
                     return
-                async with window:
-                    if self._stop_for_continue:
-                        return
+                self._running += 1
+                try:
                     result = await workflow.execute_activity_method(
                         ReplayActivities.apply_chunk,
                         ChunkInput(
@@ -176,6 +189,8 @@ class ReplayWorkflow:
                         cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                         summary=f"lane {lane.lane} after position {lane.position}",
                     )
+                finally:
+                    self._running -= 1
                 lane.position = result.position
                 lane.applied = result.applied
                 lane.done = result.done
@@ -199,13 +214,15 @@ class ReplayWorkflow:
         await workflow.wait_condition(lambda: not self._paused)
         self._phase = "indexing"
         self._show()
-        await workflow.execute_activity_method(
+        built_rows = await workflow.execute_activity_method(
             ReplayActivities.finish_tables,
             ref,
             start_to_close_timeout=timedelta(hours=2),
             retry_policy=_RETRY,
             summary=f"indexes and ANALYZE of {state.physical_table}",
         )
+        if input.sandbox:
+            return await self._publish_sandbox(input, state, ref, built_rows)
         self._phase = "catching_up"
         for _ in range(_MAX_CATCH_UP_ROUNDS):
             self._show()
@@ -223,7 +240,7 @@ class ReplayWorkflow:
         self._show()
         swapped = await workflow.execute_activity_method(
             ReplayActivities.swap,
-            ref,
+            GenerationRef(input.projection, state.generation, allow_dead_letters=input.allow_dead_letters),
             start_to_close_timeout=timedelta(minutes=10),
             heartbeat_timeout=timedelta(seconds=max(input.heartbeat_timeout_seconds, 30)),
             retry_policy=_RETRY,
@@ -249,6 +266,40 @@ class ReplayWorkflow:
             events_per_second=applied / seconds if seconds > 0 else 0.0,
             swap_lock_ms=swapped.lock_ms,
             runs=state.runs,
+        )
+
+    async def _publish_sandbox(
+        self, input: ReplayInput, state: ReplayState, ref: GenerationRef, rows: int
+    ) -> ReplayResult:
+        """A sandbox build ends here: no catch-up (it is the read model at its target), no swap of the live view."""
+        parked = await workflow.execute_activity_method(
+            ReplayActivities.publish_sandbox,
+            ref,
+            start_to_close_timeout=timedelta(minutes=10),
+            retry_policy=_RETRY,
+            summary=f"publish sandbox {input.sandbox}",
+        )
+        self._phase = "done"
+        self._mark()
+        seconds = self._elapsed(state)
+        applied = sum(lane.applied for lane in state.lanes)
+        workflow.set_current_details(
+            f"**{input.projection}**: sandbox {input.sandbox} built (generation {state.generation}), "
+            f"{applied:,} events, {rows:,} rows, {parked:,} parked; nothing swapped"
+        )
+        return ReplayResult(
+            projection=input.projection,
+            generation=state.generation,
+            previous_generation=None,
+            events_applied=applied,
+            caught_up=0,
+            rows=rows,
+            seconds=seconds,
+            events_per_second=applied / seconds if seconds > 0 else 0.0,
+            swap_lock_ms=0.0,
+            runs=state.runs,
+            sandbox=input.sandbox,
+            dead_letters=parked,
         )
 
     async def _drop(self, state: ReplayState, reason: str) -> None:
@@ -332,6 +383,7 @@ class ReplayWorkflow:
             eta_seconds=remaining / rate if rate > 0 else None,
             runs=state.runs,
             paused=self._paused,
+            max_parallel=state.max_parallel,
         )
 
     @workflow.signal(name="pause", description="Pause after the running chunks; `resume` goes on.")
@@ -347,3 +399,18 @@ class ReplayWorkflow:
         self._paused = False
         if self._state is not None:
             self._show()
+
+    @workflow.update(name="set_max_parallel", description="Change how many chunks run at once, from the next chunk.")
+    def set_max_parallel(self, max_parallel: int) -> int:
+        """Move the build's window; running chunks finish, the next ones start under the new bound. Returns
+        the previous bound. Carried across continue-as-new in the replay's state."""
+        if self._state is None:
+            raise ApplicationError("the replay is still planning", type="NotReady")
+        previous = self._state.max_parallel
+        self._state.max_parallel = max_parallel
+        return previous
+
+    @set_max_parallel.validator
+    def _check_max_parallel(self, max_parallel: int) -> None:
+        if not isinstance(max_parallel, int) or not 1 <= max_parallel <= MAX_PARALLEL:
+            raise ValueError(f"max_parallel={max_parallel!r} is out of range: use 1..{MAX_PARALLEL}")

@@ -1,0 +1,294 @@
+"""Operating replays: rollback, sandbox and point-in-time builds, verify, dead letters, stale detection, plan."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from sqlmodel import Field, SQLModel
+from temporalio.client import Client
+
+from rehydrate import catalog, operations
+from rehydrate.errors import UserError
+from rehydrate.models import ReplayInput
+from rehydrate.projections import Projection, Registry, Row
+from rehydrate.settings import Settings
+from rehydrate.starter import start_replay, wait_for_replay
+from rehydrate.store import Event, EventStore, NewEvent
+from rehydrate.worker import running_worker
+from tests import support
+from tests.test_cli import rehydrate
+
+
+async def replay(client: Client, settings: Settings, input: ReplayInput) -> Any:
+    return await wait_for_replay(await start_replay(client, settings, input))
+
+
+async def rows_of(pool: Any, schema: str, table: str, key: str) -> dict[Any, dict[str, Any]]:
+    return {r[key]: dict(r) for r in await pool.fetch(f'SELECT * FROM "{schema}"."{table}"')}
+
+
+# A second version of `accounts` whose deposits count double: a "bad deploy" to roll back from.
+accounts_v2 = Projection("accounts", version=2, table=support.Account, key="stream")
+for event_type, handler in support.accounts.handlers.items():
+    if event_type != "Deposited":
+        accounts_v2.on(event_type)(handler)
+
+
+@accounts_v2.on("Deposited")
+def doubled(row: Row | None, event: Event) -> Row | None:
+    if row is None:
+        return None
+    row["balance"] += 2 * event.data["amount"]
+    return row
+
+
+async def test_rollback_restores_the_exact_previous_rows_and_catches_them_up(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await support.append_all(store, support.random_history(51, streams=20, events=400))
+    async with running_worker(settings, support.registry(), client=client):
+        await replay(client, settings, ReplayInput("accounts"))
+    first = await support.read_model(store.pool, support.accounts)
+    async with running_worker(settings, Registry([accounts_v2]), client=client):
+        await replay(client, settings, ReplayInput("accounts"))
+    assert await support.read_model(store.pool, support.accounts) != first
+    listed = await catalog.generations(store.pool, "rehydrate", "accounts")  # type: ignore[arg-type]
+    assert [(g["generation"], g["state"], g["version"]) for g in listed] == [(2, "active", 2), (1, "retired", 1)]
+
+    done = await operations.rollback(store.pool, settings, support.accounts)
+    assert (done.from_generation, done.to_generation, done.caught_up) == (2, 1, 0)
+    assert await support.read_model(store.pool, support.accounts) == first
+
+    # Rolled back again (to g2), then to g1 after more events: g1 goes on from its own checkpoint.
+    await operations.rollback(store.pool, settings, accounts_v2)
+    await support.append_all(store, support.random_history(52, streams=20, events=100))
+    done = await operations.rollback(store.pool, settings, support.accounts, to=1)
+    assert done.to_generation == 1 and done.caught_up > 0
+    events = await support.all_events(store)
+    assert await support.read_model(store.pool, support.accounts) == support.oracle(support.accounts, events)
+
+
+async def test_rollback_without_a_retained_generation_says_so(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    settings = settings.model_copy(update={"retain_generations": 0})
+    await support.append_all(store, support.random_history(53, events=100))
+    async with running_worker(settings, support.registry(), client=client):
+        await replay(client, settings, ReplayInput("accounts"))
+        await replay(client, settings, ReplayInput("accounts"))
+    before = await support.read_model(store.pool, support.accounts)
+    with pytest.raises(UserError, match="no retained generation") as error:
+        await operations.rollback(store.pool, settings, support.accounts)
+    assert "REHYDRATE_RETAIN_GENERATIONS" in (error.value.fix or "")
+    with pytest.raises(UserError, match="no retained generation"):
+        await operations.rollback(store.pool, settings, support.accounts, to=1)
+    assert await support.read_model(store.pool, support.accounts) == before
+
+
+async def test_point_in_time_sandboxes_equal_the_oracle_up_to_that_point_and_never_touch_live(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    history = support.random_history(54, streams=25, events=600)
+    for n, (stream, event) in enumerate(history):
+        timed = NewEvent(event.type, event.data, recorded_at=start + timedelta(minutes=n))
+        await store.append(stream, [timed])
+    events = await support.all_events(store)
+    cut = events[349].global_position
+    as_of = start + timedelta(minutes=199)
+    async with running_worker(settings, support.registry(), client=client):
+        live = await replay(client, settings, ReplayInput("accounts"))
+        live_rows = await support.read_model(store.pool, support.accounts)
+        # A sandbox build and a live replay of the same projection at once: neither blocks the other.
+        sandbox = await start_replay(client, settings, ReplayInput("accounts", sandbox="then", to_position=cut))
+        again = await start_replay(client, settings, ReplayInput("accounts"))
+        by_position, second = await asyncio.gather(wait_for_replay(sandbox), wait_for_replay(again))
+        by_time = await replay(
+            client, settings, ReplayInput("group_totals", sandbox="then", as_of=as_of.isoformat(), lanes=2)
+        )
+    assert (by_position.sandbox, second.generation) == ("then", live.generation + 2)
+    expected = support.oracle(support.accounts, [e for e in events if e.global_position <= cut])
+    assert await rows_of(store.pool, "rehydrate_sandbox_then", "account", "account_id") == expected
+    expected = support.oracle(support.group_totals, [e for e in events if e.recorded_at <= as_of])
+    assert await rows_of(store.pool, "rehydrate_sandbox_then", "group_total", "group_id") == expected
+    assert by_time.rows == len(expected)
+    assert await support.read_model(store.pool, support.accounts) == live_rows
+    listed = await catalog.sandboxes(store.pool, "rehydrate")  # type: ignore[arg-type]
+    assert {(s["label"], s["projection"], s["state"]) for s in listed} == {
+        ("then", "accounts", "sandbox"),
+        ("then", "group_totals", "sandbox"),
+    }
+    async with store.pool.acquire() as conn:
+        assert await catalog.drop_sandbox(conn, "rehydrate", "then") == 2
+        assert await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = 'rehydrate_sandbox_then'") is None
+        with pytest.raises(UserError, match="no sandbox"):
+            await catalog.drop_sandbox(conn, "rehydrate", "then")
+    assert await support.read_model(store.pool, support.accounts) == live_rows
+
+
+async def test_point_in_time_without_a_sandbox_is_refused_before_anything_starts(
+    client: Client, settings: Settings
+) -> None:
+    with pytest.raises(UserError, match="--to-position") as error:
+        await start_replay(client, settings, ReplayInput("accounts", to_position=10))
+    assert "--sandbox" in (error.value.fix or "")
+    with pytest.raises(UserError, match="ISO 8601"):
+        await start_replay(client, settings, ReplayInput("accounts", sandbox="x", as_of="yesterday"))
+    with pytest.raises(UserError, match="sandbox label"):
+        await start_replay(client, settings, ReplayInput("accounts", sandbox="No-Good"))
+
+
+async def test_verify_finds_nothing_on_a_clean_generation_and_a_row_changed_behind_its_back(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await support.append_all(store, support.random_history(55, streams=25, events=500))
+    async with running_worker(settings, support.registry(), client=client):
+        await replay(client, settings, ReplayInput("accounts"))
+        # Events after the build that the live generation does not have yet: caught up, then compared at one point.
+        await support.append_all(store, support.random_history(56, streams=25, events=60))
+        async with store.pool.acquire() as conn:
+            await catalog.tail_batch(conn, store, "public", support.accounts, 10_000)
+        clean = await operations.verify(client, store.pool, settings, support.accounts)
+        assert (clean.differing, clean.first, clean.stale) == (0, [], False)
+        assert clean.live_rows == clean.rebuilt_rows > 0
+        victim = await store.pool.fetchval("SELECT account_id FROM public.account__g1 ORDER BY account_id LIMIT 1")
+        await store.pool.execute("UPDATE public.account__g1 SET balance = balance + 1 WHERE account_id = $1", victim)
+        await store.pool.execute(
+            "DELETE FROM public.account__g1 WHERE account_id = (SELECT max(account_id) FROM public.account__g1)"
+        )
+        drifted = await operations.verify(client, store.pool, settings, support.accounts)
+    assert drifted.differing == 2
+    assert drifted.first[0] == operations.Drift(victim, "differs")
+    assert [d.problem for d in drifted.first] == ["differs", "missing in live"]
+    assert await store.pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rehydrate_sandbox_%'") == 0
+
+
+class Wallet(SQLModel, table=True):
+    __tablename__ = "wallet"
+    wallet_id: str = Field(primary_key=True)
+    balance: int = 0
+    moves: str = ""
+
+
+wallets = Projection("wallets", version=1, table=Wallet, key="stream", on_error="park")
+BROKEN = {"on": True}
+
+
+@wallets.on("Opened")
+def wallet_opened(row: Row | None, event: Event) -> Row:
+    return {"balance": 0, "moves": ""}
+
+
+@wallets.on("Deposited", "Withdrawn")
+def wallet_moved(row: Row | None, event: Event) -> Row | None:
+    if row is None:
+        return None
+    row["moves"] = (row["moves"] + event.type[0])[-30:]  # changed in place before failing: must not leak
+    if BROKEN["on"] and event.data["amount"] > 450:
+        raise ValueError("amounts over 450 are not handled yet")
+    row["balance"] += event.data["amount"] if event.type == "Deposited" else -event.data["amount"]
+    return row
+
+
+@wallets.on("Closed")
+def wallet_closed(row: Row | None, event: Event) -> None:
+    return None
+
+
+async def test_parked_events_do_not_swap_unless_allowed_and_are_retried_into_the_clean_rows(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await support.append_all(store, support.random_history(57, streams=30, events=700))
+    events = await support.all_events(store)
+    failing = [e for e in events if e.type in ("Deposited", "Withdrawn") and e.data["amount"] > 450]
+    assert failing
+    registry = Registry([wallets])
+    BROKEN["on"] = True
+    async with running_worker(settings, registry, client=client):
+        with pytest.raises(UserError, match=r"parked \d+ event"):
+            await replay(client, settings, ReplayInput("wallets", lanes=3, chunk_size=20))
+        assert await store.pool.fetchval("SELECT to_regclass('public.wallet')") is None
+        result = await replay(client, settings, ReplayInput("wallets", lanes=3, chunk_size=20, allow_dead_letters=True))
+    parked = await catalog.dead_letters(store.pool, "rehydrate", "wallets", result.generation)  # type: ignore[arg-type]
+    first_failures = {e.global_position for e in failing}
+    assert {d["global_position"] for d in parked if not d["error"].startswith("parked:")} <= first_failures
+    assert {d["key"] for d in parked} == {e.stream_id for e in failing}
+    live = await support.read_model(store.pool, wallets)
+    BROKEN["on"] = False
+    clean = support.oracle(wallets, events)
+    assert live != clean
+    assert all(live.get(k) == v for k, v in clean.items() if k not in {d["key"] for d in parked})
+    async with store.pool.acquire() as conn:
+        assert await catalog.retry_dead_letters(conn, store, "public", wallets) == (len({d["key"] for d in parked}), 0)
+    assert await support.read_model(store.pool, wallets) == clean
+    assert await catalog.dead_letter_count(store.pool, "rehydrate", "wallets", result.generation) == 0  # type: ignore[arg-type]
+
+
+STALE_MODULE = """
+from sqlmodel import Field, SQLModel
+from rehydrate.projections import Projection
+
+
+class Counter(SQLModel, table=True):
+    __tablename__ = "counter"
+    stream: str = Field(primary_key=True)
+    n: int = 0
+
+
+counters = Projection("counters", version=1, table=Counter, key="stream")
+
+
+@counters.on("Opened", "Deposited")
+def counted(row, event):
+    return {"n": (row or {"n": 0})["n"] + STEP}
+"""
+
+
+async def test_editing_a_handler_marks_its_projection_stale(
+    client: Client, settings: Settings, store: EventStore, tmp_path: Path
+) -> None:
+    import importlib
+    import sys
+
+    module = tmp_path / "stale_counters.py"
+    module.write_text(textwrap.dedent(STALE_MODULE).replace("STEP", "1"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        loaded = importlib.import_module("stale_counters")
+    finally:
+        sys.path.remove(str(tmp_path))
+    await support.append_all(store, support.random_history(58, events=100))
+    async with running_worker(settings, Registry([loaded.counters]), client=client):
+        await replay(client, settings, ReplayInput("counters"))
+    env = {"REHYDRATE_PROJECTIONS": "stale_counters", "PYTHONPATH": f"{tmp_path}:{Path(__file__).parent.parent}"}
+
+    async def listed() -> dict[str, Any]:
+        run = await rehydrate(settings, tmp_path, "projections", "--json", **env)
+        assert run.code == 0, run
+        return {row["name"]: row for row in orjson.loads(run.stdout)}
+
+    assert (await listed())["counters"]["stale"] is False
+    module.write_text(textwrap.dedent(STALE_MODULE).replace("STEP", "2"))  # the handler's code changed
+    assert (await listed())["counters"]["stale"] is True
+    run = await rehydrate(settings, tmp_path, "projections", **env)
+    assert "STALE" in run.stdout
+
+
+async def test_plan_counts_lanes_and_chunks_and_changes_nothing(settings: Settings, store: EventStore) -> None:
+    await support.append_all(store, support.random_history(59, streams=20, events=300))
+    before = await store.pool.fetch("SELECT table_schema, table_name FROM information_schema.tables ORDER BY 1, 2")
+    p = await operations.plan(store.pool, settings, support.accounts, lanes=3, chunk_size=40)
+    handled = sum(1 for e in await support.all_events(store) if e.type in support.accounts.handlers)
+    assert p.events == sum(lane.events for lane in p.lanes) == handled
+    assert [lane.chunks for lane in p.lanes] == [lane.events // 40 + 1 for lane in p.lanes]
+    assert p.sample_events == 40 and p.estimated_seconds is not None and p.estimated_seconds > 0
+    assert (
+        await store.pool.fetch("SELECT table_schema, table_name FROM information_schema.tables ORDER BY 1, 2") == before
+    )
+    assert await store.pool.fetchval("SELECT count(*) FROM rehydrate.generations") == 0
