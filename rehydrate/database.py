@@ -11,13 +11,14 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import asyncpg
 import orjson
 
 from rehydrate.errors import UserError
-from rehydrate.identifiers import quote
-from rehydrate.settings import Settings, redact_url
+from rehydrate.identifiers import check_identifier, quote
+from rehydrate.settings import Settings, redact_url, url_password
 
 log = logging.getLogger("rehydrate")
 
@@ -65,14 +66,20 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 def _unreachable(url: str, error: Exception) -> UserError:
-    """One line for a database that cannot be reached, or a URL that cannot be parsed (ValueError); the
-    password is shown neither in the URL nor in the driver's message."""
-    from urllib.parse import urlsplit
-
+    """One line for a database that cannot be reached, or a URL that cannot be parsed; the password is shown
+    neither in the URL nor in the driver's message."""
+    if isinstance(error, (ValueError, OverflowError)):
+        # The parser's message quotes pieces of the URL (an unescaped `/` in the password makes the rest of
+        # it "the port"): none of it is shown.
+        return UserError(
+            f"cannot connect to Postgres at {redact_url(url)}: the URL is not valid",
+            fix="check REHYDRATE_DATABASE_URL: postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with special "
+            "characters in the password percent-encoded",
+        )
     detail = str(error)
-    password = urlsplit(url).password
+    password = url_password(url)
     if password:
-        detail = detail.replace(password, "***")
+        detail = detail.replace(password, "***").replace(unquote(password), "***")
     return UserError(
         f"cannot connect to Postgres at {redact_url(url)}: {detail}",
         fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
@@ -85,7 +92,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
         pool = await asyncpg.create_pool(
             url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=None
         )
-    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as error:
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError, OverflowError) as error:
         raise _unreachable(url, error) from None
     assert pool is not None
     return pool
@@ -94,7 +101,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
 async def connect(url: str) -> asyncpg.Connection:
     try:
         conn = await asyncpg.connect(url)
-    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as error:
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError, OverflowError) as error:
         raise _unreachable(url, error) from None
     await _init_connection(conn)
     return conn
@@ -102,7 +109,7 @@ async def connect(url: str) -> asyncpg.Connection:
 
 def _schema_script(schema: str) -> tuple[str, str]:
     """The schema script for `schema`, and the tag that marks a schema made by exactly that script."""
-    script = sql_text("schema.sql").format(schema=quote(schema))
+    script = sql_text("schema.sql").format(schema=quote(check_identifier(schema, "schema name")))
     return script, "rehydrate schema " + hashlib.sha256(script.encode()).hexdigest()[:16]
 
 
@@ -136,7 +143,9 @@ async def ensure_schema(conn: Any, schema: str) -> None:
 def grants_sql(schema: str, read_schema: str, role: str) -> list[str]:
     """The privileges a worker's role needs, and no more: read the events, keep the control tables, and own
     the read models' tables and views in `read_schema` (it creates, replaces and drops them)."""
-    s, r, who = quote(schema), quote(read_schema), quote(role)
+    s = quote(check_identifier(schema, "schema name"))
+    r = quote(check_identifier(read_schema, "read-model schema name"))
+    who = quote(check_identifier(role, "role"))
     return [
         f"GRANT USAGE ON SCHEMA {s} TO {who}",
         f"GRANT SELECT ON {s}.events TO {who}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,7 @@ Row = dict[str, Any]
 Handler = Callable[[Row | None, Event], Row | None]
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+_SQL_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_ ]*(\(\d+(, ?\d+)?\))?[A-Za-z ]*$")
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,18 @@ class TableShape:
             elif not column.nullable and column.server_default is None and not column.primary_key:
                 required.add(column.name)
         key = keys[0]
+        key_sql_type = key.type.compile(dialect=_DIALECT)
+        if not _SQL_TYPE.match(key_sql_type):
+            # It is cast to in statements (`$1::type`): only a plain type name, never what a custom type prints.
+            raise UserError(
+                f"projection {projection!r}: key column {key.name!r} has type {key_sql_type!r}, not a plain SQL type",
+                fix="give the key column a built-in type (str, int, uuid.UUID, …)",
+            )
         return cls(
             name=table.name,
             columns=tuple(column.name for column in table.columns),
             key_column=key.name,
-            key_sql_type=key.type.compile(dialect=_DIALECT),
+            key_sql_type=key_sql_type,
             defaults=defaults,
             required=frozenset(required),
             sa_table=table,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,7 +25,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="REHYDRATE_", env_file=".env", extra="ignore", populate_by_name=True)
 
-    database_url: str | None = Field(default=None, description="Postgres URL; unset: embedded Postgres")
+    database_url: str | None = Field(default=None, description="Postgres URL; unset: embedded Postgres", repr=False)
     schema_name: str = Field(
         default="rehydrate", validation_alias=AliasChoices("REHYDRATE_SCHEMA", "REHYDRATE_SCHEMA_NAME")
     )
@@ -149,15 +150,25 @@ def load_settings(**overrides: object) -> Settings:
         raise
 
 
-def redact_url(url: str) -> str:
-    """A database URL with its password replaced, fit for logs and errors."""
-    from urllib.parse import urlsplit, urlunsplit
+_USER_INFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<password>.*)@")
 
-    parts = urlsplit(url)
-    if not parts.password:
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced, fit for logs and errors.
+
+    Read without a URL parser, so that a malformed URL (an unescaped `/`, `?`, `#` or `[` in the password) is
+    redacted too: everything between the user name's `:` and the last `@` is the password.
+    """
+    match = _USER_INFO.match(url)
+    if match is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return f"{match['scheme']}{match['user']}:***@{url[match.end() :]}"
+
+
+def url_password(url: str) -> str | None:
+    """The password of a database URL as written (percent-encoded or not), read as `redact_url` reads it."""
+    match = _USER_INFO.match(url)
+    return match["password"] if match and match["password"] else None
 
 
 def is_ci() -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from rehydrate.identifiers import quote
+from rehydrate.identifiers import check_identifier, quote
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class SnapshotStore:
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "rehydrate") -> None:
         self.pool = pool
-        self.table = f"{quote(schema)}.snapshots"
+        self.table = f"{quote(check_identifier(schema, 'schema name'))}.snapshots"
 
     async def get(self, stream_id: str, aggregate_type: str) -> Snapshot | None:
         row = await self.pool.fetchrow(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
@@ -88,6 +89,10 @@ def check_replay_input(input: ReplayInput, registry: Registry | None = None) -> 
     _check_point_in_time(input)
 
 
+# A starter's clock may run behind the database's: an --as-of a little ahead of it is not a mistake.
+AS_OF_SKEW = timedelta(minutes=5)
+
+
 def _check_point_in_time(input: ReplayInput) -> None:
     """A cut-off history (--to-position, --as-of, a target mark) builds a read model that was never live: it
     goes into a sandbox only, never behind the live view."""
@@ -107,8 +112,11 @@ def _check_point_in_time(input: ReplayInput) -> None:
         raise UserError("--to-position and --as-of were both given", fix="give one of them")
     if input.to_position is not None and input.to_position < 0:
         raise UserError(f"--to-position {input.to_position} is negative", fix="give a global position (0 or more)")
-    if input.as_of is not None:
-        parse_as_of(input.as_of)
+    if input.as_of is not None and parse_as_of(input.as_of) > datetime.now(UTC) + AS_OF_SKEW:
+        raise UserError(
+            f"--as-of {input.as_of!r} is in the future",
+            fix="give a time at or before now (leave out --as-of for the whole history)",
+        )
 
 
 def _check_tuning(input: ReplayInput) -> None:

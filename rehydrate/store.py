@@ -33,7 +33,7 @@ import asyncpg
 import orjson
 
 from rehydrate.errors import ConcurrencyError, UserError
-from rehydrate.identifiers import quote
+from rehydrate.identifiers import check_identifier, quote
 
 ANY_VERSION: int | None = None
 NO_STREAM = 0
@@ -135,7 +135,7 @@ class EventStore:
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "rehydrate") -> None:
         self.pool = pool
-        self.schema = schema
+        self.schema = check_identifier(schema, "schema name")
         self.table = f"{quote(schema)}.events"
         self.channel = notify_channel(schema)
 
