@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+# An error quotes the input it names (a key, a value in a handler's exception): cut, so that a 10 MB event does
+# not make a 10 MB message. A failure travels through Temporal, which refuses payloads over 2 MB; refused, the
+# activity would be retried for ever instead of failing the replay.
+MAX_MESSAGE = 2000
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text`, cut to about `limit` characters with a note of how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
 
 class RehydrateError(Exception):
     """Base of rehydrate's own errors."""
@@ -11,8 +23,9 @@ class UserError(RehydrateError):
     """An expected mistake: the CLI prints it as one line, without a traceback, and exits non-zero."""
 
     def __init__(self, message: str, *, fix: str | None = None) -> None:
-        self.message = message
-        self.fix = fix
+        self.message = shorten(message)
+        self.fix = None if fix is None else shorten(fix)
+        message, fix = self.message, self.fix
         super().__init__(f"{message} — {fix}" if fix else message)
 
 
