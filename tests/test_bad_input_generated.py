@@ -29,17 +29,19 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from sqlmodel import Field, SQLModel
 
 from rehydrate.database import connect, ensure_schema, grants_sql
 from rehydrate.errors import UserError
 from rehydrate.identifiers import qualified
 from rehydrate.importer import import_events, read_jsonl
 from rehydrate.models import ReplayInput
-from rehydrate.projections import Projection, Registry, TableShape
+from rehydrate.projections import Projection, Registry, Row, TableShape
 from rehydrate.settings import Settings, load_settings
 from rehydrate.snapshots import SnapshotStore
 from rehydrate.starter import check_replay_input, start_replay, wait_for_replay
-from rehydrate.store import EventStore, NewEvent
+from rehydrate.store import Event, EventStore, NewEvent
+from rehydrate.upcasting import Upcasters
 from rehydrate.worker import running_worker
 from tests import support
 from tests.test_cli import assert_one_clear_error, rehydrate
@@ -131,7 +133,7 @@ def refusal_problem(error: BaseException | None, *names: str) -> str | None:
     """Why `error` is not a clear refusal naming every one of `names` (None: it is one)."""
     if not isinstance(error, UserError):
         return f"not a UserError: {error!r}"
-    if not error.fix:
+    if not error.fix and " — " not in error.message:  # a failed replay carries its fix after the dash
         return f"no fix: {error.message!r}"
     if "\n" in error.message:
         return f"more than one line: {error.message!r}"
@@ -602,3 +604,145 @@ async def test_bad_input_through_the_command_exits_1_naming_it_and_changes_nothi
     finally:
         await store.pool.execute(f"DROP ROLE {role}")
     assert await state(store.pool) == before
+
+
+# -- 8. events a projection cannot apply, through real replays ------------------------------------------------------
+
+MISBEHAVIOURS = {
+    "raise": "handler 'added' raised ValueError: amount must be positive",
+    "list": "handler returned list, not a dict or None",
+    "int": "handler returned int, not a dict or None",
+    "unknown_column": "handler returned unknown column(s) ['colour']",
+    "required_empty": "column 'owner' of table 'bad_input_ledger' is required",
+    "column_type": "its row cannot be stored in table 'bad_input_ledger'",
+    "move_key": "handler set 'ledger_id' to 'elsewhere'",
+}
+
+
+ledger_events = Upcasters()
+
+
+@ledger_events.upcaster("Added", from_version=1)
+def amount_in_cents(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "cents": data.get("amount", 0) * 100}
+
+
+class VersionedLedger(SQLModel, table=True):
+    __tablename__ = "bad_input_versioned_ledger"
+    ledger_id: str = Field(primary_key=True)
+    cents: int = 0
+
+
+versioned_ledger = Projection("versioned_ledger", version=1, table=VersionedLedger, upcasters=ledger_events)
+
+
+@versioned_ledger.on("Added")
+def added_cents(row: Row | None, event: Event) -> Row:
+    return {"cents": (row or {}).get("cents", 0) + event.data["cents"]}
+
+
+@st.composite
+def poisoned_replays(draw: st.DrawFn) -> tuple[str, str, str, NewEvent, str, dict[str, int]]:
+    """(kind, projection, stream, the poison event, what the error must say, tuning)."""
+    kind = draw(st.sampled_from([*MISBEHAVIOURS, "strict", "no_upcaster"]))
+    tuning = {"lanes": draw(st.integers(1, 4)), "chunk_size": draw(st.integers(1, 40))}
+    ledger = f"ledger-{draw(st.integers(0, 3))}"
+    if kind == "strict":
+        handled = ("", "Opened", "Added", "Noted")
+        event_type = draw(
+            st.text(min_size=1, max_size=12).map(lambda s: s.replace("\x00", "")).filter(lambda s: s not in handled)
+        )
+        return kind, "strict_ledger", ledger, NewEvent(event_type, {"x": 1}), "no handler for this event type", tuning
+    if kind == "no_upcaster":
+        version = draw(st.integers(4, 2**31 - 1))
+        event = NewEvent("Added", {"amount": 1}, schema_version=version)
+        return kind, "versioned_ledger", ledger, event, f"schema version {version}", tuning
+    event = NewEvent("Added", {"amount": -5 if kind == "raise" else 1, "misbehave": kind})
+    return kind, "ledger", ledger, event, MISBEHAVIOURS[kind], tuning
+
+
+async def test_generated_poisoned_replays_fail_naming_the_event_and_keep_every_read_model(
+    settings: Settings, store: EventStore, client: Any
+) -> None:
+    from tests.test_bad_input import REGISTRY, good_history
+
+    registry = Registry([*REGISTRY, versioned_ledger])
+    await support.append_all(store, good_history())
+    failures = []
+    async with running_worker(settings, registry, client=client):
+        for name in ("ledger", "strict_ledger", "versioned_ledger"):
+            handle = await start_replay(client, settings, ReplayInput(name), registry=registry)
+            await asyncio.wait_for(wait_for_replay(handle), 60)
+        for kind, projection, stream, event, expected, tuning in examples(poisoned_replays(), 24):
+            await store.append(stream, [event])
+            position = await store.head()
+            before = await state(store.pool)
+            handle = await start_replay(client, settings, ReplayInput(projection, **tuning), registry=registry)
+            try:
+                await asyncio.wait_for(wait_for_replay(handle), 60)
+                error: BaseException | None = None
+            except TimeoutError:
+                await handle.terminate("the test gave up: it should have failed")
+                error = TimeoutError("kept retrying")
+            except Exception as failure:
+                error = failure
+            problem = refusal_problem(error, f"failed at event {position} (stream {stream!r}", expected)
+            if problem is None and await state(store.pool) != before:
+                problem = "the event store or a read model changed"
+            record(f"replay: {kind}", problem is None)
+            if problem:
+                failures.append((projection, event, problem))
+            await store.pool.execute("DELETE FROM rehydrate.events WHERE global_position = $1", position)
+    assert not failures, "\n".join(map(str, failures))
+
+
+# -- 9. a 10 MB payload ----------------------------------------------------------------------------------------------
+
+TEN_MB = 10 * 1024 * 1024
+
+
+class Blob(SQLModel, table=True):
+    __tablename__ = "bad_input_blob"
+    n: int = Field(primary_key=True)
+    size: int = 0
+
+
+blobs = Projection("blobs", version=1, table=Blob, key="n")
+
+
+@blobs.on("Blob")
+def blob_size(row: Row | None, event: Event) -> Row:
+    if event.data.get("explode"):
+        raise ValueError(f"cannot take {event.data['blob']}")
+    return {"size": len(event.data["blob"])}
+
+
+async def test_a_10_mb_payload_is_stored_and_replayed_and_its_failures_stay_short(
+    settings: Settings, store: EventStore, client: Any, tmp_path: Path
+) -> None:
+    """rehydrate sets no size limit of its own: Postgres takes a jsonb of up to 255 MB and events never travel
+    through Temporal. A 10 MB event is appended, imported and replayed; an error about it quotes at most a
+    bounded piece of it (a failure message travels through Temporal, whose payloads stop at 2 MB)."""
+    blob = "x" * TEN_MB
+    await store.append("blob-1", [NewEvent("Blob", {"n": 1, "blob": blob})])
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(line_bytes({"stream_id": "blob-2", "type": "Blob", "data": {"n": 2, "blob": blob}}) + b"\n")
+    await import_events(store, read_jsonl(path), source=str(path))
+    registry = Registry([blobs])
+    async with running_worker(settings, registry, client=client):
+        handle = await start_replay(client, settings, ReplayInput("blobs", lanes=2), registry=registry)
+        await asyncio.wait_for(wait_for_replay(handle), 120)
+        assert await support.read_model(store.pool, blobs) == {1: {"n": 1, "size": TEN_MB}, 2: {"n": 2, "size": TEN_MB}}
+        for n, data in enumerate([{"n": blob, "blob": "b"}, {"n": 3, "blob": blob, "explode": True}], start=3):
+            await store.append(f"blob-{n}", [NewEvent("Blob", data)])
+            position = await store.head()
+            before = await state(store.pool)
+            handle = await start_replay(client, settings, ReplayInput("blobs"), registry=registry)
+            with pytest.raises(UserError) as failure:
+                await asyncio.wait_for(wait_for_replay(handle), 120)
+            assert f"failed at event {position} (stream 'blob-{n}'" in failure.value.message
+            assert len(failure.value.message) < 5000, len(failure.value.message)
+            assert await state(store.pool) == before
+            record("payload: 10 MB, failing", True)
+            await store.pool.execute("DELETE FROM rehydrate.events WHERE global_position = $1", position)
+    record("payload: 10 MB, accepted", True)
