@@ -3,21 +3,33 @@ credential in a replay's workflow history."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
+import orjson
 import pytest
+from pydantic import SecretStr
 from temporalio.client import Client
-from temporalio.service import TLSConfig
+from temporalio.service import RPCError, TLSConfig
 
+from rehydrate.database import connect, grants_sql
 from rehydrate.errors import UserError
 from rehydrate.models import ReplayInput
 from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.store import EventStore
 from rehydrate.temporal import connect_client, connect_options, tls_config
-from rehydrate.worker import running_worker
+from rehydrate.workflows import tail_workflow_id
 from tests import support
+from tests.test_cli import command_env
+from tests.test_privileges import as_role
+from tests.test_tail import eventually, matches_oracle
 
 PEM = b"-----BEGIN CERTIFICATE-----\nnot a real one\n-----END CERTIFICATE-----\n"
 
@@ -83,22 +95,113 @@ async def test_temporal_profile_file_and_variables_are_honoured(
         connect_options(Settings())
 
 
-async def test_no_credential_reaches_a_replays_workflow_history(
-    client: Client, settings: Settings, store: EventStore
+async def test_no_credential_reaches_a_history_search_attribute_log_line_or_error(
+    client: Client, settings: Settings, store: EventStore, database_url: str, tmp_path: Path
 ) -> None:
-    # The embedded Postgres trusts local connections: a password in the URL is accepted and ignored.
-    parts = urlsplit(str(settings.database_url))
-    user = parts.username or "postgres"
-    secret = "s3cret-db-password"
-    url = urlunsplit(
-        parts._replace(netloc=f"{user}:{secret}@{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}")
+    """Workers log in with a password (and a Temporal API key, sent in the clear to the dev server, which ignores
+    it): a replay and a tail run under a worker process logging text, then one logging JSON. Neither secret is in
+    any workflow history of the run (payloads decoded), its search attributes and memos, the workers' logs, or the
+    errors of a failing connection."""
+    role, password, api_key = f"rh_sec_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}", f"tk-{uuid.uuid4().hex}"
+    await store.pool.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    url = as_role(database_url, role, password)
+    worker_settings = settings.model_copy(
+        update={"database_url": url, "temporal_api_key": SecretStr(api_key), "temporal_tls": False, "tails": True}
     )
-    settings = settings.model_copy(update={"database_url": url})
-    await support.append_all(store, support.random_history(51, events=100))
-    async with running_worker(settings, support.registry(), client=client):
-        handle = await start_replay(client, settings, ReplayInput("accounts", lanes=2, chunk_size=20))
-        await wait_for_replay(handle)
-    history = (await handle.fetch_history()).to_json()
-    assert "accounts" in history
-    for leak in (secret, url, str(parts.path.strip("/"))):
-        assert leak not in history
+    env = command_env(
+        settings,
+        REHYDRATE_DATABASE_URL=url,
+        TEMPORAL_API_KEY=api_key,
+        TEMPORAL_TLS="false",
+        REHYDRATE_TAILS="true",
+    )
+    logs: list[str] = []
+    try:
+        async with store.pool.acquire() as conn, conn.transaction():
+            for statement in grants_sql(settings.schema_name, settings.read_model_schema, role):
+                await conn.execute(statement)
+        await support.append_all(store, support.random_history(51, events=200))
+        keyed = await connect_client(worker_settings)  # the API key goes along with every call
+        for n, flags in enumerate([[], ["--log-json"]]):
+            log = tmp_path / f"worker-{n}.log"
+            worker = start_worker(env, log, flags)
+            try:
+                handle = await start_replay(keyed, worker_settings, ReplayInput("accounts", lanes=2, chunk_size=40))
+                await asyncio.wait_for(wait_for_replay(handle), 120)
+                await support.append_all(store, support.random_history(52 + n, events=50))
+                await eventually(lambda: matches_oracle(store), within=60)  # the tail, in this worker
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(worker.wait, 30)
+            logs.append(log.read_text())
+        assert "accounts" in logs[0] and "accounts" in logs[1], logs
+        assert all(orjson.loads(line) for line in logs[1].splitlines() if line.startswith("{")), "JSON lines"
+
+        # Failing connections, in-process and through the command.
+        unreachable = as_role("postgresql://x@127.0.0.1:1/none", role, password)
+        errors = []
+        for bad in (unreachable, unreachable.replace("127.0.0.1:1", "127.0.0.1:notaport")):
+            with pytest.raises(UserError) as failure:
+                await connect(bad)
+            errors.append(str(failure.value))
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "rehydrate", "generations", "accounts"],
+            env={**env, "REHYDRATE_DATABASE_URL": unreachable},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        errors.append(done.stdout + done.stderr)
+        assert all(f"{role}:***@" in error for error in errors), errors  # the URL is named, its password is not
+
+        histories = []
+        async for execution in client.list_workflows(f'TaskQueue="{settings.temporal_task_queue}"'):
+            history = await client.get_workflow_handle(execution.id, run_id=execution.run_id).fetch_history()
+            histories.append(decoded(history.to_json()))
+            histories.append(
+                f"{execution.search_attributes} {execution.typed_search_attributes} {await execution.memo()}"
+            )
+        assert len(histories) >= 4, "the replays and the tail"
+        assert "accounts" in "".join(histories)
+    finally:
+        for name in support.registry().names():
+            with contextlib.suppress(RPCError):
+                await client.get_workflow_handle(tail_workflow_id(name)).terminate("test finished")
+        await store.pool.execute(f"DROP OWNED BY {role}")
+        await store.pool.execute(f"DROP ROLE {role}")
+    for where, texts in (("a history", histories), ("a log", logs), ("an error", errors)):
+        for text in texts:
+            for secret in (password, api_key):
+                assert secret not in text, f"a secret is in {where}: {text[:2000]}"
+
+
+def start_worker(env: dict[str, str], log: Path, flags: list[str]) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rehydrate", "worker", *flags],
+            cwd=log.parent,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def decoded(history_json: str) -> str:
+    """A history as JSON with every payload's data (base64 in the JSON) decoded next to it."""
+    parts = [history_json]
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "data" and isinstance(item, str):
+                    with contextlib.suppress(ValueError):
+                        parts.append(base64.b64decode(item, validate=True).decode(errors="replace"))
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(orjson.loads(history_json))
+    return "\n".join(parts)
