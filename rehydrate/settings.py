@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         "range while the events table fits in Postgres' effective_cache_size, hash beyond. Payload-keyed "
         "projections always split by hash.",
     )
-    chunk_size: int = Field(default=20_000, ge=1)
+    chunk_size: int = Field(default=50_000, ge=1)
     max_parallel: int = Field(default=8, ge=1, le=500)
     retain_generations: int = Field(default=1, ge=0, description="Retired generations kept for rollback")
     max_concurrent_activities: int = Field(
