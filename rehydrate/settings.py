@@ -89,10 +89,16 @@ class Settings(BaseSettings):
         "range while the events table fits in Postgres' effective_cache_size, hash beyond. Payload-keyed "
         "projections always split by hash.",
     )
-    chunk_size: int = Field(default=20_000, ge=1)
+    chunk_size: int = Field(default=50_000, ge=1)
     max_parallel: int = Field(default=8, ge=1, le=500)
     retain_generations: int = Field(default=1, ge=0, description="Retired generations kept for rollback")
-    max_concurrent_activities: int = Field(default=4, ge=1)
+    max_concurrent_activities: int = Field(
+        default=2,
+        ge=1,
+        description="Replay chunks (and other short activities) one worker process runs at once. A chunk keeps a "
+        "core busy: run one worker process per core, each with 2 (one folding while the other waits on Postgres). "
+        "Tails have slots of their own.",
+    )
     tails: bool = Field(default=True, description="Workers start the tails of active projections by themselves")
 
     @field_validator("projections", "aggregates", mode="before")

@@ -21,9 +21,11 @@ from rehydrate.metrics import declare, prometheus_runtime
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.temporal import connect_client
-from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow
+from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow, tail_task_queue
 
 log = logging.getLogger("rehydrate.worker")
+
+_TAIL_SLOTS = 64  # tails one worker process can run at once (each holds a LISTEN connection while it runs)
 
 WORKFLOWS: Sequence[type] = (ReplayWorkflow, TailWorkflow, SnapshotRebuildWorkflow)
 
@@ -63,7 +65,7 @@ async def running_worker(
     """
     aggregates = aggregates if aggregates is not None else AggregateRegistry.from_modules(settings.aggregates)
     url = database_url or resolve_url(settings)
-    pool = await create_pool(url, max_size=settings.max_concurrent_activities + 2)
+    pool = await create_pool(url, max_size=settings.max_concurrent_activities + 4)
     try:
         async with pool.acquire() as conn:
             await ensure_schema(conn, settings.schema_name)
@@ -85,7 +87,16 @@ async def running_worker(
             # replay's chunk, would go on applying events that long.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
         )
-        async with worker:
+        # Tail activities (long-running, mostly waiting) on their own queue and slots.
+        tail_worker = Worker(
+            client,
+            task_queue=tail_task_queue(queue),
+            activities=[tails.run_tail],
+            max_concurrent_activities=_TAIL_SLOTS,
+            graceful_shutdown_timeout=timedelta(seconds=10),
+            max_heartbeat_throttle_interval=timedelta(seconds=1),
+        )
+        async with worker, tail_worker:
             if settings.tails:
                 from rehydrate.starter import ensure_tail
 

@@ -375,3 +375,25 @@ async def test_tail_start_right_after_tail_stop_starts_a_new_tail_that_keeps_run
         await support.append_all(store, support.random_history(53, events=100))
         await eventually(lambda: matches_oracle(store))
         assert (await tail_state(client, "accounts"))[0] == "RUNNING"
+
+
+async def test_a_running_tail_never_takes_a_replay_chunks_slot(
+    client: Client, tail_settings: Settings, store: EventStore
+) -> None:
+    # One slot for replay activities: were the tail's minutes-long activity in it, the second replay would wait
+    # for the tail to end its run. Tails have a task queue and slots of their own.
+    settings = tail_settings.model_copy(update={"max_concurrent_activities": 1})
+    await support.append_all(store, support.random_history(45, events=300))
+    async with running_worker(settings, support.registry(), client=client):
+        await wait_for_replay(await start_replay(client, settings, ReplayInput("accounts")))
+        await eventually(lambda: _tail_running(client))
+        second = await asyncio.wait_for(
+            wait_for_replay(await start_replay(client, settings, ReplayInput("accounts"))), 60
+        )
+        assert second.generation == 2
+        await support.append_all(store, support.random_history(46, events=50))
+        await eventually(lambda: matches_oracle(store))
+
+
+async def _tail_running(client: Client) -> bool:
+    return (await tail_state(client, "accounts"))[0] == "RUNNING"

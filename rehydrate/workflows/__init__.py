@@ -2,7 +2,7 @@
 
 from rehydrate.workflows.replay import ReplayWorkflow, replay_workflow_id
 from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow, snapshot_workflow_id
-from rehydrate.workflows.tail import TailWorkflow, tail_workflow_id
+from rehydrate.workflows.tail import TailWorkflow, tail_task_queue, tail_workflow_id
 
 __all__ = [
     "ReplayWorkflow",
@@ -10,5 +10,6 @@ __all__ = [
     "TailWorkflow",
     "replay_workflow_id",
     "snapshot_workflow_id",
+    "tail_task_queue",
     "tail_workflow_id",
 ]

@@ -25,6 +25,12 @@ def tail_workflow_id(projection: str) -> str:
     return f"rehydrate-tail-{projection}"
 
 
+def tail_task_queue(task_queue: str) -> str:
+    """The task queue of the tail activities of workers on `task_queue`: tails run for minutes, so they get
+    slots of their own and never take the slots that size a worker's replay chunks to its core."""
+    return f"{task_queue}.tails"
+
+
 @workflow.defn(name=TAIL_WORKFLOW_TYPE)
 class TailWorkflow:
     """Runs the tail activity again and again; any worker can run it, a crashed one is replaced after the
@@ -45,6 +51,7 @@ class TailWorkflow:
                 run = await workflow.execute_activity_method(
                     TailActivities.run_tail,
                     input,
+                    task_queue=tail_task_queue(workflow.info().task_queue),
                     start_to_close_timeout=timedelta(seconds=input.run_seconds + 120),
                     heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
                     retry_policy=_RETRY,
