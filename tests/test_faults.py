@@ -14,10 +14,9 @@ Recovery is the time from a fault until every lane that was unfinished at the fa
 (or, for a fault in the swap, until the new generation is active): it includes the heartbeat timeout of a lost
 chunk attempt, the retry's back-off, the workflow task moving to a live worker and reconnecting to the server.
 
-Size: FAULT_EVENTS events (120,000 by default) over 3,000 streams; about 100,000 of them are handled by the
-projection. A fault-free replay of that takes a few seconds here, so each fault lands inside a build that is
-large enough to have many chunks in flight and small enough that the five tests stay within a few minutes on
-two cores.
+Size: FAULT_EVENTS events (200,000 by default) over 3,000 streams; about 165,000 of them are handled by the
+projection. The workers add 50 µs per event (tests/slow_support.py), which stretches a build to ~10 s here: long
+enough for five faults 0.2–1 s apart inside one build, short enough that the file takes ~2½ minutes on two cores.
 """
 
 from __future__ import annotations
