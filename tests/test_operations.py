@@ -112,7 +112,9 @@ async def test_point_in_time_sandboxes_equal_the_oracle_up_to_that_point_and_nev
         by_time = await replay(
             client, settings, ReplayInput("group_totals", sandbox="then", as_of=as_of.isoformat(), lanes=2)
         )
-    assert (by_position.sandbox, second.generation) == ("then", live.generation + 2)
+    # Both planned at once: which one took the next generation number is up to the scheduling.
+    assert by_position.sandbox == "then" and second.sandbox is None
+    assert {by_position.generation, second.generation} == {live.generation + 1, live.generation + 2}
     expected = support.oracle(support.accounts, [e for e in events if e.global_position <= cut])
     assert await rows_of(store.pool, "rehydrate_sandbox_then", "account", "account_id") == expected
     expected = support.oracle(support.group_totals, [e for e in events if e.recorded_at <= as_of])
