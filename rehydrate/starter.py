@@ -196,20 +196,22 @@ async def replay_status(client: Client, projection: str) -> ReplayStatus:
     return ReplayStatus(workflow_id, description.run_id, status, progress, result, error)
 
 
+async def _require_running(handle: WorkflowHandle[Any, Any], what: str, name: str, verb: str) -> None:
+    """Raise a UserError unless the workflow of `handle` (the `what` of `name`) is running."""
+    try:
+        description = await handle.describe()
+    except RPCError:
+        raise UserError(f"no {what} of {name!r} was ever started", fix="check the name") from None
+    if description.status != Status.RUNNING:
+        state = description.status.name.lower() if description.status else "unknown"
+        raise UserError(f"the {what} of {name!r} is not running (it is {state})", fix=f"nothing to {verb}")
+
+
 async def cancel_replay(client: Client, projection: str, sandbox: str | None = None) -> str:
     """Request cancellation; the workflow drops its half-built generation and leaves the active one alone."""
     workflow_id = replay_workflow_id(projection, sandbox)
     handle = client.get_workflow_handle(workflow_id)
-    try:
-        description = await handle.describe()
-    except RPCError:
-        raise UserError(f"no replay of {projection!r} was ever started", fix="check the projection name") from None
-    if description.status != Status.RUNNING:
-        state = description.status.name.lower() if description.status else "unknown"
-        raise UserError(
-            f"the replay of {projection!r} is not running (it is {state})",
-            fix="nothing to cancel",
-        )
+    await _require_running(handle, "replay", projection, "cancel")
     await handle.cancel()
     return workflow_id
 
@@ -218,13 +220,7 @@ async def signal_replay(client: Client, projection: str, signal: str) -> str:
     """Send `pause` or `resume` to the projection's running replay (the one `replay start` started)."""
     workflow_id = replay_workflow_id(projection)
     handle = client.get_workflow_handle(workflow_id)
-    try:
-        description = await handle.describe()
-    except RPCError:
-        raise UserError(f"no replay of {projection!r} was ever started", fix="check the projection name") from None
-    if description.status != Status.RUNNING:
-        state = description.status.name.lower() if description.status else "unknown"
-        raise UserError(f"the replay of {projection!r} is not running (it is {state})", fix=f"nothing to {signal}")
+    await _require_running(handle, "replay", projection, signal)
     await handle.signal(signal)
     return workflow_id
 
@@ -235,13 +231,7 @@ async def tune_replay(client: Client, projection: str, max_parallel: int) -> int
     _check_tuning(ReplayInput(projection, max_parallel=max_parallel))
     workflow_id = replay_workflow_id(projection)
     handle = client.get_workflow_handle_for(ReplayWorkflow.run, workflow_id)
-    try:
-        description = await handle.describe()
-    except RPCError:
-        raise UserError(f"no replay of {projection!r} was ever started", fix="check the projection name") from None
-    if description.status != Status.RUNNING:
-        state = description.status.name.lower() if description.status else "unknown"
-        raise UserError(f"the replay of {projection!r} is not running (it is {state})", fix="nothing to tune")
+    await _require_running(handle, "replay", projection, "tune")
     try:
         return await handle.execute_update(ReplayWorkflow.set_max_parallel, max_parallel)
     except WorkflowUpdateFailedError as error:
@@ -390,12 +380,6 @@ async def cancel_snapshot_rebuild(client: Client, aggregate_type: str) -> str:
     """Request cancellation; the snapshots already written stay (each one is valid on its own)."""
     workflow_id = snapshot_workflow_id(aggregate_type)
     handle = client.get_workflow_handle(workflow_id)
-    try:
-        description = await handle.describe()
-    except RPCError:
-        raise UserError(f"no snapshot rebuild of {aggregate_type!r} was ever started", fix="check the name") from None
-    if description.status != Status.RUNNING:
-        state = description.status.name.lower() if description.status else "unknown"
-        raise UserError(f"the snapshot rebuild of {aggregate_type!r} is not running (it is {state})")
+    await _require_running(handle, "snapshot rebuild", aggregate_type, "cancel")
     await handle.cancel()
     return workflow_id
