@@ -48,6 +48,14 @@ def failure_message(error: BaseException) -> str:
     return str(error.message if isinstance(error, ApplicationError) else error)
 
 
+def _raise_if_cancel_requested() -> None:
+    """A cancel that arrives while an activity is finishing is absorbed when the activity then completes (the SDK
+    lets the activity's outcome stand), so the request is checked before each next step: a cancelled replay
+    never starts another chunk, and never swaps."""
+    if workflow.cancellation_reason() is not None:
+        raise asyncio.CancelledError()
+
+
 @workflow.defn(name=WORKFLOW_TYPE)
 class ReplayWorkflow:
     """Rebuilds one projection into a new generation and swaps it in. Start it with `{"projection": NAME}`."""
@@ -171,6 +179,7 @@ class ReplayWorkflow:
                     await workflow.wait_condition(may_start)
                 if self._stop_for_continue:
                     return
+                _raise_if_cancel_requested()
                 self._running += 1
                 try:
                     result = await workflow.execute_activity_method(
@@ -212,6 +221,7 @@ class ReplayWorkflow:
     async def _finish(self, input: ReplayInput, state: ReplayState) -> ReplayResult:
         ref = GenerationRef(input.projection, state.generation)
         await workflow.wait_condition(lambda: not self._paused)
+        _raise_if_cancel_requested()
         self._phase = "indexing"
         self._show()
         built_rows = await workflow.execute_activity_method(
@@ -225,6 +235,7 @@ class ReplayWorkflow:
             return await self._publish_sandbox(input, state, ref, built_rows)
         self._phase = "catching_up"
         for _ in range(_MAX_CATCH_UP_ROUNDS):
+            _raise_if_cancel_requested()
             self._show()
             caught = await workflow.execute_activity_method(
                 ReplayActivities.catch_up,
@@ -236,6 +247,7 @@ class ReplayWorkflow:
             self._caught_up += caught.applied
             if caught.applied < input.catch_up_threshold:
                 break
+        _raise_if_cancel_requested()
         self._phase = "swapping"
         self._show()
         swapped = await workflow.execute_activity_method(
