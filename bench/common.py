@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from rehydrate.dev import temporal_cli
+from rehydrate.settings import Settings
 
 
 def with_database(url: str, name: str) -> str:
@@ -79,6 +80,17 @@ async def temporal() -> AsyncIterator[Client]:
         yield env.client
     finally:
         await env.shutdown()
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a `rehydrate worker` process needs to join `settings`' database and task queue."""
+    return {
+        "REHYDRATE_DATABASE_URL": str(settings.database_url),
+        "REHYDRATE_TEMPORAL_ADDRESS": settings.temporal_address,
+        "REHYDRATE_TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
+        "REHYDRATE_DATA_DIR": str(settings.data_dir),
+        **extra,
+    }
 
 
 def spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -37,6 +37,7 @@ from common import (  # bench/ is on sys.path: the script's folder
     spawn_worker,
     stop_process,
     temporal,
+    worker_env,
 )
 from temporalio.client import Client
 
@@ -98,15 +99,7 @@ async def worker(settings: Settings, client: Client, in_process: bool, log: Path
         async with running_worker(settings, Registry(), client=client, aggregates=AggregateRegistry([Order])):
             yield
         return
-    env = {
-        "REHYDRATE_DATABASE_URL": str(settings.database_url),
-        "REHYDRATE_TEMPORAL_ADDRESS": settings.temporal_address,
-        "REHYDRATE_TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
-        "REHYDRATE_PROJECTIONS": "",
-        "REHYDRATE_AGGREGATES": AGGREGATE_MODULE,
-        "REHYDRATE_TAILS": "false",
-        "REHYDRATE_DATA_DIR": str(settings.data_dir),
-    }
+    env = worker_env(settings, REHYDRATE_PROJECTIONS="", REHYDRATE_AGGREGATES=AGGREGATE_MODULE, REHYDRATE_TAILS="false")
     process = spawn_worker(env, log)
     try:
         yield

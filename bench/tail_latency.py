@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from common import create_database, drop_database, postgres_server, spawn_worker, stop_process, temporal
+from common import create_database, drop_database, postgres_server, spawn_worker, stop_process, temporal, worker_env
 from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.service import RPCError
@@ -98,14 +98,7 @@ async def worker(settings: Settings, client: Client, in_process: bool, log: Path
         async with running_worker(settings, Registry([PROJECTION]), client=client):
             yield
         return
-    env = {
-        "REHYDRATE_DATABASE_URL": str(settings.database_url),
-        "REHYDRATE_TEMPORAL_ADDRESS": settings.temporal_address,
-        "REHYDRATE_TEMPORAL_TASK_QUEUE": settings.temporal_task_queue,
-        "REHYDRATE_PROJECTIONS": PROJECTION_MODULE,
-        "REHYDRATE_TAILS": "true",
-        "REHYDRATE_DATA_DIR": str(settings.data_dir),
-    }
+    env = worker_env(settings, REHYDRATE_PROJECTIONS=PROJECTION_MODULE, REHYDRATE_TAILS="true")
     process = spawn_worker(env, log)
     try:
         yield
