@@ -731,8 +731,9 @@ async def sandboxes(conn: asyncpg.Connection, schema: str) -> list[dict[str, Any
     return [dict(row) for row in rows]
 
 
-async def drop_sandbox(conn: asyncpg.Connection, schema: str, label: str) -> int:
-    """Drop a sandbox's schema and forget its builds; refused while one of them is still building."""
+async def drop_sandbox(conn: asyncpg.Connection, schema: str, label: str, *, missing_ok: bool = False) -> int:
+    """Drop a sandbox's schema and forget its builds; refused while one of them is still building, and (unless
+    `missing_ok`) when there is no such sandbox."""
     where = sandbox_schema(label)
     async with conn.transaction():
         building = await conn.fetchval(
@@ -752,7 +753,7 @@ async def drop_sandbox(conn: asyncpg.Connection, schema: str, label: str) -> int
                 SELECT count(*) FROM d""",
             label,
         )
-        if not exists and not gone:
+        if not exists and not gone and not missing_ok:
             raise UserError(f"there is no sandbox {label!r}", fix="see them with `rehydrate sandboxes`")
         await conn.execute(f"DROP SCHEMA IF EXISTS {quote(where)} CASCADE")
     return int(gone)

@@ -932,15 +932,18 @@ def verify_command(
     show: Annotated[int, typer.Option(min=0, help="Differing keys to show.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
-    """Rebuild NAME into a sandbox at the live checkpoint and compare row hashes key by key; exit 1 on drift."""
-    settings = _settings()
-    projection = _registry(settings).get(name)
+    """Rebuild NAME into a sandbox at the live checkpoint and compare row hashes key by key; exit 1 on drift.
 
-    async def work(pool: Any) -> int:
+    Runs as the `Verify` workflow on the workers (as a schedule created with --verify-only does)."""
+    settings = _settings()
+    registry = _registry(settings)
+
+    async def work() -> int:
         from rehydrate.operations import verify
         from rehydrate.temporal import connect_client
 
-        v = await verify(await connect_client(settings), pool, settings, projection, keep=keep, show=show)
+        client = await connect_client(settings)
+        v = await verify(client, settings, name, keep=keep, show=show, registry=registry if len(registry) else None)
         if as_json:
             _print_json(v)
         elif v.differing == 0:
@@ -959,7 +962,7 @@ def verify_command(
             out.print("  note: the live generation was built from other code (STALE): drift is expected")
         return 1 if v.differing else 0
 
-    if _with_pool(work):
+    if _run(work):
         raise typer.Exit(1)
 
 
@@ -1030,8 +1033,11 @@ def schedule_create(
     cron: Annotated[str | None, typer.Option(help="A cron expression, e.g. '0 3 * * *' (UTC).")] = None,
     every: Annotated[str | None, typer.Option(help="An interval: 6h, 30m, 1d, 1h30m.")] = None,
     lanes: Annotated[int | None, typer.Option(help="Lanes per replay (default: the worker's REHYDRATE_LANES).")] = None,
+    verify_only: Annotated[
+        bool, typer.Option("--verify-only", help="Verify PROJECTION (as `rehydrate verify`) instead of rebuilding it.")
+    ] = False,
 ) -> None:
-    """Rebuild PROJECTION on a schedule; a run that finds a replay of it running is skipped, and says so."""
+    """Rebuild (or verify) PROJECTION on a schedule; a run that finds a replay of it running is skipped, and says so."""
     from rehydrate.schedules import schedule_spec
 
     schedule_spec(cron, every)  # before Temporal: name the mistake itself
@@ -1052,8 +1058,10 @@ def schedule_create(
             every=every,
             lanes=lanes,
             registry=registry if len(registry) else None,
+            verify_only=verify_only,
         )
-        out.print(f"schedule {name} rebuilds {projection} ({f'cron {cron}' if cron else f'every {every}'})")
+        what = "verifies" if verify_only else "rebuilds"
+        out.print(f"schedule {name} {what} {projection} ({f'cron {cron}' if cron else f'every {every}'})")
         out.print(f"  {settings.ui_url}/namespaces/{settings.temporal_namespace}/schedules/{name}")
 
     _run(work)
@@ -1072,11 +1080,12 @@ def schedule_list(as_json: Annotated[bool, typer.Option("--json", help="Print as
         if as_json:
             _print_json(views)
             return
-        table = Table("schedule", "projection", "when", "state", "next run")
+        table = Table("schedule", "projection", "does", "when", "state", "next run")
         for v in views:
             table.add_row(
                 v.name,
                 v.projection,
+                v.kind,
                 v.spec,
                 "paused" if v.paused else "active",
                 f"{v.next_runs[0]:%Y-%m-%d %H:%M:%S} UTC" if v.next_runs and not v.paused else "-",
@@ -1091,7 +1100,7 @@ def schedule_describe(
     name: Annotated[str, typer.Argument(help="The schedule.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
-    """Show NAME: next runs, and recent runs with their outcome (new generation, skipped, or the failure)."""
+    """Show NAME: next runs, and recent runs with their outcome (new generation or drift found, skipped, failure)."""
     settings = _settings()
 
     async def work() -> None:
@@ -1102,7 +1111,8 @@ def schedule_describe(
         if as_json:
             _print_json(v)
             return
-        out.print(f"{v.name}: rebuilds [bold]{v.projection}[/] {v.spec}, {'paused' if v.paused else 'active'}")
+        what = "verifies" if v.kind == "verify" else "rebuilds"
+        out.print(f"{v.name}: {what} [bold]{v.projection}[/] {v.spec}, {'paused' if v.paused else 'active'}")
         if v.note:
             out.print(f"  note: {escape(v.note)}")
         for when in v.next_runs:
@@ -1146,7 +1156,7 @@ def schedule_unpause(name: Annotated[str, typer.Argument(help="The schedule.")])
 
 @schedule_app.command("trigger")
 def schedule_trigger(name: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
-    """Run NAME's replay now (skipped if one of its projection is running)."""
+    """Run NAME's replay (or verify) now (skipped if a replay of its projection is running)."""
     _schedule_command(name, "trigger")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 from temporalio.client import Client
@@ -12,7 +12,7 @@ from rehydrate import catalog
 from rehydrate.apply import Folding
 from rehydrate.errors import UserError
 from rehydrate.identifiers import qualified, quote
-from rehydrate.models import ReplayInput
+from rehydrate.models import Drift, VerifyInput, VerifyResult
 from rehydrate.projections import Projection, Registry
 from rehydrate.settings import Settings
 from rehydrate.store import EventStore
@@ -62,78 +62,73 @@ async def stale_projections(conn: asyncpg.Connection, settings: Settings, regist
 # -- verify -----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Drift:
-    key: str
-    problem: str  # "differs", "missing in live", "missing in rebuild"
-
-
-@dataclass
-class Verification:
-    projection: str
-    live_generation: int
-    sandbox_generation: int
-    mark: int
-    live_rows: int
-    rebuilt_rows: int
-    differing: int
-    first: list[Drift] = field(default_factory=list)
-    stale: bool = False
-
-
-def verify_label(projection: str) -> str:
-    return f"verify_{projection}"[:45]
+# A verify runs as the `Verify` workflow (rehydrate/workflows/verify.py), so that a schedule can start it too; its
+# activities call `compare_with_live` below. These names stay here for callers of the function API.
+Verification = VerifyResult
 
 
 async def verify(
-    client: Client, pool: asyncpg.Pool, settings: Settings, projection: Projection, *, keep: bool = False, show: int = 5
-) -> Verification:
-    """Rebuild `projection` into a sandbox at the live generation's checkpoint and compare the two, key by key.
+    client: Client,
+    settings: Settings,
+    projection: str,
+    *,
+    keep: bool = False,
+    show: int = 5,
+    registry: Registry | None = None,
+) -> VerifyResult:
+    """Rebuild `projection` into a sandbox at the live generation's checkpoint and compare the two, key by key: the
+    `Verify` workflow, started under its fixed id and waited for. Drift is a result here (`differing`), not an
+    error; a failed verify is a UserError."""
+    from rehydrate.starter import start_verify, wait_for_verify
 
-    The live generation moves with the tail, so the two are compared at one point: the sandbox is built at the
-    live checkpoint C read first; at comparison time, under the projection's tail lock (the tail waits), the
-    sandbox is caught up from C to the live checkpoint of that moment with exactly the delta the tail applied,
-    and both tables are hashed in the same transaction."""
-    from rehydrate.starter import start_replay, wait_for_replay
+    handle = await start_verify(client, settings, VerifyInput(projection, keep=keep, show=show), registry=registry)
+    return await wait_for_verify(handle)
 
-    schema = settings.schema_name
-    label = verify_label(projection.name)
-    async with pool.acquire() as conn:
+
+async def compare_with_live(
+    pool: asyncpg.Pool,
+    store: EventStore,
+    read_schema: str,
+    projection: Projection,
+    label: str,
+    sandbox_generation: int,
+    show: int,
+) -> VerifyResult:
+    """Compare the sandbox build `sandbox_generation` (built at the live checkpoint C read earlier) with the live
+    generation, at one point.
+
+    The live generation moves with the tail, so under the projection's tail lock (the tail waits) the sandbox is
+    caught up from C to the live checkpoint of that moment with exactly the delta the tail applied, and both tables
+    are hashed in the same transaction. Everything happens in that transaction: a retry starts over cleanly."""
+    schema = store.schema
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(catalog.TAIL_LOCK, projection.name)
         live = await catalog.active_generation(conn, schema, projection.name)
-        mark = (await catalog.generation_row(conn, schema, projection.name, live))["checkpoint"]
-    handle = await start_replay(client, settings, ReplayInput(projection.name, sandbox=label, mark=mark), attach=False)
-    result = await wait_for_replay(handle)
-    store = EventStore(pool, schema)
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(catalog.TAIL_LOCK, projection.name)
-            live = await catalog.active_generation(conn, schema, projection.name)
-            live_row = await catalog.generation_row(conn, schema, projection.name, live)
-            sandbox_row = await catalog.generation_row(conn, schema, projection.name, result.generation)
-            if live_row["checkpoint"] > sandbox_row["checkpoint"]:
-                await catalog.catch_up(
-                    conn,
-                    store,
-                    settings.read_model_schema,
-                    projection,
-                    result.generation,
-                    to_mark=live_row["checkpoint"],
-                )
-            count, first, live_rows, rebuilt_rows = await compare_tables(
-                conn,
-                projection,
-                qualified(settings.read_model_schema, live_row["physical_table"]),
-                qualified(catalog.sandbox_schema(label), sandbox_row["physical_table"]),
-                show,
+        live_row = await catalog.generation_row(conn, schema, projection.name, live)
+        sandbox_row = await catalog.generation_row(conn, schema, projection.name, sandbox_generation)
+        if live_row["checkpoint"] < sandbox_row["checkpoint"]:
+            # A rollback during the rebuild put back a generation that is behind the mark the sandbox was built at:
+            # comparing them would report the events in between as drift.
+            raise UserError(
+                f"the live generation of {projection.name!r} (g{live}, checkpoint {live_row['checkpoint']}) is behind "
+                f"the rebuild's mark {sandbox_row['checkpoint']} (a rollback while verifying?)",
+                fix="run the verify again",
             )
-    finally:
-        if not keep:
-            async with pool.acquire() as conn:
-                await catalog.drop_sandbox(conn, schema, label)
-    return Verification(
+        if live_row["checkpoint"] > sandbox_row["checkpoint"]:
+            await catalog.catch_up(
+                conn, store, read_schema, projection, sandbox_generation, to_mark=live_row["checkpoint"]
+            )
+        count, first, live_rows, rebuilt_rows = await compare_tables(
+            conn,
+            projection,
+            qualified(read_schema, live_row["physical_table"]),
+            qualified(catalog.sandbox_schema(label), sandbox_row["physical_table"]),
+            show,
+        )
+    return VerifyResult(
         projection.name,
         live,
-        result.generation,
+        sandbox_generation,
         int(live_row["checkpoint"]),
         live_rows,
         rebuilt_rows,
@@ -159,7 +154,7 @@ async def compare_tables(
             SELECT k, no_live, no_rebuilt, count(*) OVER () AS n,
                    (SELECT count(*) FROM l) AS live_rows, (SELECT count(*) FROM r) AS rebuilt_rows
             FROM d ORDER BY k LIMIT $1""",
-        show,
+        max(show, 1),  # at least one row, which carries the count (`show` 0 must still find the drift)
     )
     if not rows:
         live_rows = int(await conn.fetchval(f"SELECT count(*) FROM {live}"))
@@ -167,7 +162,7 @@ async def compare_tables(
         return 0, [], live_rows, rebuilt_rows
     first = [
         Drift(r["k"], "missing in live" if r["no_live"] else "missing in rebuild" if r["no_rebuilt"] else "differs")
-        for r in rows
+        for r in rows[:show]
     ]
     return int(rows[0]["n"]), first, int(rows[0]["live_rows"]), int(rows[0]["rebuilt_rows"])
 

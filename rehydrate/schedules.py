@@ -1,6 +1,7 @@
-"""Periodic rebuilds on Temporal Schedules: create, list, describe, pause, unpause, trigger, delete.
+"""Periodic rebuilds and verifies on Temporal Schedules: create, list, describe, pause, unpause, trigger, delete.
 
-A schedule starts the ordinary `Replay` workflow with `skip_if_running`. Two guards keep one replay per
+A schedule starts the ordinary `Replay` workflow with `skip_if_running` (with `verify_only`, the `Verify` workflow,
+which skips in the same way while a replay or another verify of the projection runs). Two guards keep one replay per
 projection: the schedule's overlap policy SKIP (its own runs never overlap), and the replay's plan, which finds
 a generation another workflow is building (a manual `replay start`, another schedule) and ends the scheduled
 run successfully as "skipped: …". The fixed workflow id alone cannot do it: Temporal appends the scheduled time
@@ -22,6 +23,7 @@ from temporalio.client import (
     ScheduleDescription,
     ScheduleHandle,
     ScheduleIntervalSpec,
+    ScheduleListActionStartWorkflow,
     ScheduleOverlapPolicy,
     SchedulePolicy,
     ScheduleSpec,
@@ -32,11 +34,11 @@ from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.service import RPCError, RPCStatusCode
 
 from rehydrate.errors import UserError
-from rehydrate.models import ReplayInput, ReplayResult
+from rehydrate.models import ReplayInput, ReplayResult, VerifyInput, VerifyResult
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
-from rehydrate.starter import check_replay_input, failure_cause
-from rehydrate.workflows.replay import WORKFLOW_TYPE
+from rehydrate.starter import check_replay_input, check_verify_input, drift_of, failure_cause
+from rehydrate.workflows import replay, verify
 
 MEMO_KEY = "rehydrate_projection"
 SPEC_KEY = "rehydrate_spec"  # as the user wrote it: the server turns cron expressions into calendar specs
@@ -60,6 +62,7 @@ class ScheduleView:
     spec: str
     paused: bool
     note: str | None
+    kind: str = "replay"  # or "verify" (created with --verify-only)
     next_runs: list[datetime] = field(default_factory=list)
     recent_runs: list[RecentRun] = field(default_factory=list)
     running: list[str] = field(default_factory=list)
@@ -80,9 +83,13 @@ def parse_every(text: str) -> timedelta:
     return interval
 
 
-def scheduled_workflow_id(projection: str) -> str:
-    """The prefix of a scheduled replay's workflow id (Temporal appends the scheduled time)."""
-    return f"rehydrate-scheduled-replay-{projection}"
+def scheduled_workflow_id(projection: str, kind: str = "replay") -> str:
+    """The prefix of a scheduled replay's (or verify's) workflow id (Temporal appends the scheduled time)."""
+    return f"rehydrate-scheduled-{kind}-{projection}"
+
+
+def _kind(workflow_type: str | None) -> str:
+    return "verify" if workflow_type == verify.WORKFLOW_TYPE else "replay"
 
 
 def schedule_spec(cron: str | None, every: str | None) -> ScheduleSpec:
@@ -106,18 +113,32 @@ async def create_schedule(
     every: str | None = None,
     lanes: int | None = None,
     registry: Registry | None = None,
+    verify_only: bool = False,
 ) -> ScheduleHandle:
-    """Create schedule NAME that rebuilds PROJECTION on a cron expression or every interval."""
+    """Create schedule NAME that rebuilds PROJECTION (or, `verify_only`, verifies it: rebuilds it into a sandbox and
+    compares) on a cron expression or every interval. `lanes` is the rebuild's, in both cases."""
     spec = schedule_spec(cron, every)
-    input = ReplayInput(projection, lanes=lanes, skip_if_running=True)
-    check_replay_input(input, registry)
-    action = ScheduleActionStartWorkflow(
-        WORKFLOW_TYPE,
-        input,
-        id=scheduled_workflow_id(projection),
-        task_queue=settings.temporal_task_queue,
-        static_summary=f"Scheduled replay of {projection} ({name})",
-    )
+    action: ScheduleActionStartWorkflow
+    if verify_only:
+        verify_input = VerifyInput(projection, lanes=lanes, skip_if_running=True)
+        check_verify_input(verify_input, registry)
+        action = ScheduleActionStartWorkflow(
+            verify.WORKFLOW_TYPE,
+            verify_input,
+            id=scheduled_workflow_id(projection, "verify"),
+            task_queue=settings.temporal_task_queue,
+            static_summary=f"Scheduled verify of {projection} ({name})",
+        )
+    else:
+        replay_input = ReplayInput(projection, lanes=lanes, skip_if_running=True)
+        check_replay_input(replay_input, registry)
+        action = ScheduleActionStartWorkflow(
+            replay.WORKFLOW_TYPE,
+            replay_input,
+            id=scheduled_workflow_id(projection),
+            task_queue=settings.temporal_task_queue,
+            static_summary=f"Scheduled replay of {projection} ({name})",
+        )
     try:
         return await client.create_schedule(
             name,
@@ -125,7 +146,7 @@ async def create_schedule(
                 action=action,
                 spec=spec,
                 policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-                state=ScheduleState(note=f"rebuilds {projection}"),
+                state=ScheduleState(note=f"{'verifies' if verify_only else 'rebuilds'} {projection}"),
             ),
             memo={MEMO_KEY: projection, SPEC_KEY: f"cron {cron}" if cron is not None else f"every {every}"},
         )
@@ -147,6 +168,7 @@ async def list_schedules(client: Client) -> list[ScheduleView]:
         projection = await entry.memo_value(MEMO_KEY, None)
         if projection is None:
             continue
+        action = entry.schedule.action if entry.schedule else None
         views.append(
             ScheduleView(
                 name=entry.id,
@@ -154,6 +176,7 @@ async def list_schedules(client: Client) -> list[ScheduleView]:
                 spec=str(await entry.memo_value(SPEC_KEY, "")),
                 paused=bool(entry.schedule and entry.schedule.state.paused),
                 note=entry.schedule.state.note if entry.schedule else None,
+                kind=_kind(action.workflow if isinstance(action, ScheduleListActionStartWorkflow) else None),
                 next_runs=list(entry.info.next_action_times[:3]) if entry.info else [],
             )
         )
@@ -161,15 +184,18 @@ async def list_schedules(client: Client) -> list[ScheduleView]:
 
 
 async def describe_schedule(client: Client, name: str) -> ScheduleView:
-    """Next runs, and the recent runs with their outcome: the new generation, skipped, or the failure."""
+    """Next runs, and the recent runs with their outcome: the new generation, skipped, or the failure (a verify's:
+    no drift, the keys that differ, skipped, or the failure)."""
     description = await _describe(client, name)
     info = description.info
+    scheduled = description.schedule.action
     view = ScheduleView(
         name=name,
         projection=str(await description.memo_value(MEMO_KEY, "")),
         spec=str(await description.memo_value(SPEC_KEY, "")),
         paused=description.schedule.state.paused,
         note=description.schedule.state.note,
+        kind=_kind(scheduled.workflow if isinstance(scheduled, ScheduleActionStartWorkflow) else None),
         next_runs=list(info.next_action_times[:5]),
         running=[r.workflow_id for r in info.running_actions if isinstance(r, ScheduleActionExecutionStartWorkflow)],
         skipped_overlap=info.num_actions_skipped_overlap,
@@ -177,7 +203,8 @@ async def describe_schedule(client: Client, name: str) -> ScheduleView:
     for action in info.recent_actions:
         run = action.action
         if isinstance(run, ScheduleActionExecutionStartWorkflow):
-            status, outcome = await _outcome(client, run.workflow_id, run.first_execution_run_id)
+            outcome_of = _verify_outcome if view.kind == "verify" else _outcome
+            status, outcome = await outcome_of(client, run.workflow_id, run.first_execution_run_id)
             view.recent_runs.append(
                 RecentRun(run.workflow_id, run.first_execution_run_id, action.started_at, status, outcome)
             )
@@ -203,6 +230,24 @@ async def _outcome(client: Client, workflow_id: str, run_id: str) -> tuple[str, 
         f"generation {result.generation} active: {result.events_applied:,} events in {result.seconds:.1f} s, "
         f"{result.rows:,} rows"
     )
+
+
+async def _verify_outcome(client: Client, workflow_id: str, run_id: str) -> tuple[str, str]:
+    handle = client.get_workflow_handle(workflow_id, first_execution_run_id=run_id, result_type=VerifyResult)
+    try:
+        status = (await handle.describe()).status
+    except RPCError:
+        return "UNKNOWN", "no longer in Temporal's history (retention)"
+    if status == Status.RUNNING:
+        return "RUNNING", "running"
+    try:
+        result = await handle.result()
+    except WorkflowFailureError as failure:
+        drift = drift_of(failure)
+        if drift is not None:
+            return status.name if status else "FAILED", verify.drift_message(drift)
+        return status.name if status else "FAILED", f"failed: {failure_cause(failure)}"
+    return "COMPLETED", result.skipped or verify.clean_message(result)
 
 
 async def pause_schedule(client: Client, name: str, note: str | None = None) -> None:

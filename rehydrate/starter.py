@@ -12,11 +12,13 @@ from typing import Any, TypeVar
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.converter import value_to_type
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from rehydrate import catalog
 from rehydrate.activities.replay import parse_as_of
+from rehydrate.activities.verify import MAX_SHOW
 from rehydrate.aggregates import AggregateRegistry
 from rehydrate.catalog import sandbox_schema
 from rehydrate.errors import UserError
@@ -28,12 +30,15 @@ from rehydrate.models import (
     SnapshotRebuildProgress,
     SnapshotRebuildResult,
     TailInput,
+    VerifyInput,
+    VerifyResult,
 )
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.workflows.replay import ReplayWorkflow, replay_workflow_id
 from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow, snapshot_workflow_id
 from rehydrate.workflows.tail import TailWorkflow, tail_workflow_id
+from rehydrate.workflows.verify import DRIFT, VerifyWorkflow, verify_workflow_id
 
 
 @dataclass
@@ -313,6 +318,68 @@ async def tail_state(client: Client, projection: str) -> tuple[str, str | None]:
         except WorkflowFailureError as failure:
             error = failure_cause(failure)
     return status, error
+
+
+# -- verify ---------------------------------------------------------------------------------------------------
+
+
+async def start_verify(
+    client: Client,
+    settings: Settings,
+    input: VerifyInput,
+    *,
+    registry: Registry | None = None,
+    task_queue: str | None = None,
+) -> WorkflowHandle[VerifyWorkflow, VerifyResult]:
+    """Start the projection's verify under its fixed workflow id; a second one while it runs is refused."""
+    check_verify_input(input, registry)
+    workflow_id = verify_workflow_id(input.projection)
+    try:
+        return await client.start_workflow(
+            VerifyWorkflow.run,
+            input,
+            id=workflow_id,
+            task_queue=task_queue or settings.temporal_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            static_summary=f"Verify of {input.projection}",
+        )
+    except WorkflowAlreadyStartedError:
+        raise UserError(
+            f"a verify of {input.projection!r} is already running (workflow {workflow_id})",
+            fix="wait for it to finish",
+        ) from None
+
+
+def check_verify_input(input: VerifyInput, registry: Registry | None = None) -> None:
+    """Refuse an unknown projection (when a registry is given) or out-of-range tuning, before anything starts."""
+    check_replay_input(
+        ReplayInput(input.projection, lanes=input.lanes, chunk_size=input.chunk_size, max_parallel=input.max_parallel),
+        registry,
+    )
+    if not 0 <= input.show <= MAX_SHOW:
+        raise UserError(f"show={input.show} is out of range", fix=f"use 0 to {MAX_SHOW}")
+
+
+async def wait_for_verify(handle: WorkflowHandle[VerifyWorkflow, VerifyResult]) -> VerifyResult:
+    """The verify's result, drift included (a run with drift fails with the result as its error's details); any
+    other failure becomes one UserError."""
+    try:
+        return await handle.result()
+    except WorkflowFailureError as error:
+        drift = drift_of(error)
+        if drift is not None:
+            return drift
+        raise UserError(f"verify failed: {failure_cause(error)}") from None
+
+
+def drift_of(error: WorkflowFailureError) -> VerifyResult | None:
+    """The result a verify that found drift carries in its failure, or None for any other failure."""
+    cause = error.cause
+    if isinstance(cause, ApplicationError) and cause.type == DRIFT and cause.details:
+        result: VerifyResult = value_to_type(VerifyResult, cause.details[0])
+        return result
+    return None
 
 
 # -- bulk snapshot rebuilds -------------------------------------------------------------------------------

@@ -14,20 +14,20 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from rehydrate import catalog
-from rehydrate.activities import ReplayActivities, SnapshotActivities, TailActivities
+from rehydrate.activities import ReplayActivities, SnapshotActivities, TailActivities, VerifyActivities
 from rehydrate.aggregates import AggregateRegistry
 from rehydrate.database import create_pool, ensure_schema, resolve_url
 from rehydrate.metrics import declare, prometheus_runtime
 from rehydrate.projections import Registry
 from rehydrate.settings import Settings
 from rehydrate.temporal import connect_client
-from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow, tail_task_queue
+from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow, VerifyWorkflow, tail_task_queue
 
 log = logging.getLogger("rehydrate.worker")
 
 _TAIL_SLOTS = 64  # tails one worker process can run at once (each holds a LISTEN connection while it runs)
 
-WORKFLOWS: Sequence[type] = (ReplayWorkflow, TailWorkflow, SnapshotRebuildWorkflow)
+WORKFLOWS: Sequence[type] = (ReplayWorkflow, TailWorkflow, SnapshotRebuildWorkflow, VerifyWorkflow)
 
 # The sandbox re-imports a workflow's modules for every run. Re-importing asyncpg's C extension next to the
 # copy the activities use crashed the process (asyncpg >= 0.31, MagicStack/asyncpg#1292), and re-importing
@@ -74,12 +74,13 @@ async def running_worker(
         replays = ReplayActivities(pool, registry, settings)
         tails = TailActivities(pool, url, registry, settings)
         snapshots = SnapshotActivities(pool, aggregates, settings)
+        verifies = VerifyActivities(pool, registry, settings)
         worker = Worker(
             client,
             task_queue=queue,
             workflows=list(WORKFLOWS),
             workflow_runner=workflow_runner(),
-            activities=[*replays.all(), tails.run_tail, *snapshots.all()],
+            activities=[*replays.all(), tails.run_tail, *snapshots.all(), *verifies.all()],
             max_concurrent_activities=settings.max_concurrent_activities,
             graceful_shutdown_timeout=timedelta(seconds=10),
             # An activity learns of its cancellation from a heartbeat's reply. The SDK otherwise throttles

@@ -156,7 +156,7 @@ async def test_verify_finds_nothing_on_a_clean_generation_and_a_row_changed_behi
         await support.append_all(store, support.random_history(56, streams=25, events=60))
         async with store.pool.acquire() as conn:
             await catalog.tail_batch(conn, store, "public", support.accounts, 10_000)
-        clean = await operations.verify(client, store.pool, settings, support.accounts)
+        clean = await operations.verify(client, settings, "accounts")
         assert (clean.differing, clean.first, clean.stale) == (0, [], False)
         assert clean.live_rows == clean.rebuilt_rows > 0
         victim = await store.pool.fetchval("SELECT account_id FROM public.account__g1 ORDER BY account_id LIMIT 1")
@@ -164,10 +164,12 @@ async def test_verify_finds_nothing_on_a_clean_generation_and_a_row_changed_behi
         await store.pool.execute(
             "DELETE FROM public.account__g1 WHERE account_id = (SELECT max(account_id) FROM public.account__g1)"
         )
-        drifted = await operations.verify(client, store.pool, settings, support.accounts)
+        drifted = await operations.verify(client, settings, "accounts")
+        counted = await operations.verify(client, settings, "accounts", show=0)
     assert drifted.differing == 2
     assert drifted.first[0] == operations.Drift(victim, "differs")
     assert [d.problem for d in drifted.first] == ["differs", "missing in live"]
+    assert (counted.differing, counted.first) == (2, []), "show 0 still counts the drift"
     assert await store.pool.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rehydrate_sandbox_%'") == 0
 
 

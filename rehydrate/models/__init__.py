@@ -27,12 +27,14 @@ from rehydrate.models.snapshots import (
     SnapshotRebuildState,
 )
 from rehydrate.models.tail import TailInput, TailRun, TailStatus
+from rehydrate.models.verify import Drift, VerifyCompareInput, VerifyInput, VerifyResult, VerifyStart, VerifyStartInput
 
 __all__ = [
     "CatchUpInput",
     "CatchUpResult",
     "ChunkInput",
     "ChunkResult",
+    "Drift",
     "GenerationRef",
     "LaneState",
     "PartitionState",
@@ -54,4 +56,9 @@ __all__ = [
     "TailInput",
     "TailRun",
     "TailStatus",
+    "VerifyCompareInput",
+    "VerifyInput",
+    "VerifyResult",
+    "VerifyStart",
+    "VerifyStartInput",
 ]
