@@ -1,10 +1,10 @@
-"""The replay workflow's code stays deterministic against histories it has already written.
+"""The replay and verify workflows' code stays deterministic against histories it has already written.
 
 A worker that is upgraded while replays run must replay their histories without a nondeterminism error, so
 besides a fresh history this replays one recorded by an earlier version of the code, committed in
 tests/histories/. Record it again (only when a change to the workflow is meant to break running replays) with
 
-    REHYDRATE_RECORD_HISTORY=1 /tmp/venv/bin/python -m pytest tests/test_determinism.py
+    REHYDRATE_RECORD_HISTORY=1 /tmp/venv/bin/python -m pytest tests/test_determinism.py -k NAME_OF_THE_TEST
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
-from rehydrate.models import ReplayInput, ReplayResult
+from rehydrate.models import ReplayInput, ReplayResult, VerifyInput
 from rehydrate.settings import Settings
-from rehydrate.starter import start_replay, wait_for_replay
+from rehydrate.starter import start_replay, start_verify, wait_for_replay, wait_for_verify
 from rehydrate.store import EventStore
 from rehydrate.worker import running_worker, workflow_runner
-from rehydrate.workflows import ReplayWorkflow
+from rehydrate.workflows import ReplayWorkflow, VerifyWorkflow, verify_workflow_id
 from rehydrate.workflows.replay import replay_workflow_id
 from tests import support
 
@@ -32,14 +32,17 @@ RECORDED = Path(__file__).parent / "histories" / "replay_accounts.json"
 WORKFLOW_ID = replay_workflow_id("accounts")
 
 
+VERIFY_RECORDED = Path(__file__).parent / "histories" / "verify_accounts.json"
+
+
 def replayer() -> Replayer:
-    return Replayer(workflows=[ReplayWorkflow], workflow_runner=workflow_runner())
+    return Replayer(workflows=[ReplayWorkflow, VerifyWorkflow], workflow_runner=workflow_runner())
 
 
-def recorded_history() -> WorkflowHistory:
-    if not RECORDED.exists():
-        pytest.fail(f"{RECORDED} is missing: record it with REHYDRATE_RECORD_HISTORY=1 (see this module's docstring)")
-    return WorkflowHistory.from_json(WORKFLOW_ID, RECORDED.read_text())
+def recorded_history(path: Path = RECORDED, workflow_id: str = WORKFLOW_ID) -> WorkflowHistory:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: record it with REHYDRATE_RECORD_HISTORY=1 (see this module's docstring)")
+    return WorkflowHistory.from_json(workflow_id, path.read_text())
 
 
 def event_types(history: WorkflowHistory) -> list[int]:
@@ -66,6 +69,33 @@ async def test_replay_workflow_is_deterministic_against_a_recorded_history(
         RECORDED.parent.mkdir(parents=True, exist_ok=True)
         RECORDED.write_text(fresh.to_json())
     recorded = recorded_history()
+    assert event_types(recorded)[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    await replayer().replay_workflow(recorded)
+
+
+async def test_verify_workflow_is_deterministic_against_a_recorded_history(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await support.append_all(store, support.random_history(42, streams=20, events=200))
+    histories = []
+    async with running_worker(settings, support.registry(), client=client):
+        await wait_for_replay(await start_replay(client, settings, ReplayInput("accounts", lanes=2)))
+        for tamper in (False, True):  # a clean run (completes) and a drifted one (fails as "Drift")
+            if tamper:
+                await store.pool.execute("UPDATE public.account__g1 SET balance = balance + 1")
+            handle = await start_verify(client, settings, VerifyInput("accounts", lanes=2, chunk_size=50))
+            assert ((await wait_for_verify(handle)).differing > 0) is tamper
+            histories.append(await handle.fetch_history())
+    clean, drifted = histories
+    assert event_types(clean)[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    assert event_types(drifted)[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED
+    assert EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_COMPLETED in event_types(clean)
+    for fresh in histories:
+        await replayer().replay_workflow(fresh)
+
+    if os.environ.get("REHYDRATE_RECORD_HISTORY") == "1":
+        VERIFY_RECORDED.write_text(clean.to_json())
+    recorded = recorded_history(VERIFY_RECORDED, verify_workflow_id("accounts"))
     assert event_types(recorded)[-1] == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
     await replayer().replay_workflow(recorded)
 

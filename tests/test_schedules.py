@@ -119,6 +119,69 @@ async def test_schedule_overlap_between_its_own_runs_is_skipped_by_temporal(
         await schedules.delete_schedule(client, name)
 
 
+async def test_verify_schedule_shows_no_drift_then_the_drifted_keys_and_skips_while_a_replay_builds(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await support.append_all(store, support.random_history(23, streams=20, events=300))
+    name = f"accounts-verify-{uuid.uuid4().hex[:6]}"
+    registry = support.registry()
+    async with running_worker(settings, registry, client=client):
+        await wait_for_replay(await start_replay(client, settings, ReplayInput("accounts")))
+        await schedules.create_schedule(
+            client, settings, name, "accounts", every="6h", lanes=2, registry=registry, verify_only=True
+        )
+        view = await schedules.describe_schedule(client, name)
+        assert (view.projection, view.kind, view.spec, view.note) == (
+            "accounts",
+            "verify",
+            "every 6h",
+            "verifies accounts",
+        )
+
+        await schedules.trigger_schedule(client, name)
+        view = await eventually(lambda: schedules.describe_schedule(client, name), finished(1))
+        [clean] = view.recent_runs
+        rows = len(await support.read_model(store.pool, support.accounts))
+        assert clean.status == "COMPLETED", clean
+        assert clean.outcome.startswith("no drift: generation 1 of accounts equals a rebuild at mark"), clean
+        assert clean.outcome.endswith(f"({rows} rows)"), clean
+        assert clean.workflow_id.startswith(schedules.scheduled_workflow_id("accounts", "verify"))
+        assert clean.workflow_id.startswith("rehydrate-scheduled-verify-accounts")
+
+        # A row changed behind rehydrate's back: the next run ends as drift, naming the count and the key.
+        victim = await store.pool.fetchval("SELECT min(account_id) FROM public.account__g1")
+        await store.pool.execute("UPDATE public.account__g1 SET balance = -1 WHERE account_id = $1", victim)
+        await schedules.trigger_schedule(client, name)
+        view = await eventually(lambda: schedules.describe_schedule(client, name), finished(2))
+        drift = view.recent_runs[-1]
+        assert drift.status == "FAILED", drift
+        assert drift.outcome.startswith("drift: 1 key(s) of accounts differ between generation 1"), drift
+        assert drift.outcome.endswith(f"; first: {victim} (differs)"), drift
+
+        # A replay of the projection is building: the scheduled verify skips and says why.
+        manual = await start_replay(client, settings, ReplayInput("accounts"))
+        await manual.signal(ReplayWorkflow.pause)
+        await eventually(
+            lambda: store.pool.fetchval(
+                "SELECT count(*) FROM rehydrate.generations WHERE projection = 'accounts' AND state = 'building'"
+            ),
+            lambda count: count == 1,
+        )
+        await schedules.trigger_schedule(client, name)
+        view = await eventually(lambda: schedules.describe_schedule(client, name), finished(3))
+        skipped = view.recent_runs[-1]
+        assert (skipped.status, skipped.outcome) == (
+            "COMPLETED",
+            f"skipped: accounts is being rebuilt by {manual.id}; the next verify checks the generation it swaps in",
+        )
+        await manual.cancel()
+        listed = await eventually(
+            lambda: schedules.list_schedules(client), lambda views: any(v.name == name for v in views)
+        )
+        assert [(v.projection, v.kind) for v in listed if v.name == name] == [("accounts", "verify")]
+        await schedules.delete_schedule(client, name)
+
+
 async def test_schedule_bad_input_is_refused_before_anything_is_created(client: Client, settings: Settings) -> None:
     registry = support.registry()
     cases: list[tuple[dict[str, str | None], str]] = [
@@ -133,6 +196,12 @@ async def test_schedule_bad_input_is_refused_before_anything_is_created(client: 
             await schedules.create_schedule(client, settings, "bad", "accounts", registry=registry, **options)  # type: ignore[arg-type]
     with pytest.raises(UserError, match="nope"):
         await schedules.create_schedule(client, settings, "bad", "nope", every="1h", registry=registry)
+    with pytest.raises(UserError, match="nope"):
+        await schedules.create_schedule(
+            client, settings, "bad", "nope", every="1h", registry=registry, verify_only=True
+        )
+    with pytest.raises(UserError, match="lanes=0 is out of range"):
+        await schedules.create_schedule(client, settings, "bad", "accounts", every="1h", lanes=0, verify_only=True)
     with pytest.raises(UserError, match="no schedule named"):
         await schedules.trigger_schedule(client, "never-created")
     assert schedules.parse_every("1d12h") == timedelta(days=1, hours=12)
@@ -167,3 +236,33 @@ async def test_schedule_commands_create_describe_list_pause_delete(settings: Set
     assert (gone.code, gone.stderr.splitlines()[0]) == (1, f"error: no schedule named {name!r}"), gone
     twice = await rehydrate(settings, tmp_path, "schedule", "create", "x", "--projection", "nope", "--every", "1h")
     assert twice.code == 1 and "nope" in twice.stderr, twice
+
+    verifies = f"cli-verify-{uuid.uuid4().hex[:6]}"
+    created = await rehydrate(
+        settings, tmp_path, "schedule", "create", verifies, "-p", "accounts", "--every", "1d", "--verify-only"
+    )
+    assert created.code == 0, created
+    assert f"schedule {verifies} verifies accounts (every 1d)" in created.stdout
+    described = await rehydrate(settings, tmp_path, "schedule", "describe", verifies)
+    assert described.stdout.startswith(f"{verifies}: verifies accounts every 1d, active"), described
+    listed = await eventually(
+        lambda: rehydrate(settings, tmp_path, "schedule", "list", "--json"),
+        lambda run: any(v["name"] == verifies for v in orjson.loads(run.stdout)),
+    )
+    assert [v["kind"] for v in orjson.loads(listed.stdout) if v["name"] == verifies] == ["verify"]
+    assert (await rehydrate(settings, tmp_path, "schedule", "delete", verifies)).code == 0
+    bad = await rehydrate(
+        settings,
+        tmp_path,
+        "schedule",
+        "create",
+        "y",
+        "-p",
+        "accounts",
+        "--every",
+        "1h",
+        "--verify-only",
+        "--lanes",
+        "0",
+    )
+    assert (bad.code, bad.stderr.splitlines()[0]) == (1, "error: lanes=0 is out of range"), bad
