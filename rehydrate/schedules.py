@@ -203,17 +203,17 @@ async def describe_schedule(client: Client, name: str) -> ScheduleView:
     for action in info.recent_actions:
         run = action.action
         if isinstance(run, ScheduleActionExecutionStartWorkflow):
-            outcome_of = _verify_outcome if view.kind == "verify" else _outcome
-            status, outcome = await outcome_of(client, run.workflow_id, run.first_execution_run_id)
+            status, outcome = await _outcome(client, run.workflow_id, run.first_execution_run_id, view.kind)
             view.recent_runs.append(
                 RecentRun(run.workflow_id, run.first_execution_run_id, action.started_at, status, outcome)
             )
     return view
 
 
-async def _outcome(client: Client, workflow_id: str, run_id: str) -> tuple[str, str]:
+async def _outcome(client: Client, workflow_id: str, run_id: str, kind: str) -> tuple[str, str]:
     # first_execution_run_id: following it reaches the last run of a replay that continued as new.
-    handle = client.get_workflow_handle(workflow_id, first_execution_run_id=run_id, result_type=ReplayResult)
+    result_type = VerifyResult if kind == "verify" else ReplayResult
+    handle = client.get_workflow_handle(workflow_id, first_execution_run_id=run_id, result_type=result_type)
     try:
         status = (await handle.describe()).status
     except RPCError:
@@ -223,31 +223,17 @@ async def _outcome(client: Client, workflow_id: str, run_id: str) -> tuple[str, 
     try:
         result = await handle.result()
     except WorkflowFailureError as failure:
-        return status.name if status else "FAILED", f"failed: {failure_cause(failure)}"
+        drift = drift_of(failure)  # a verify that found drift: its own line, with the count and the first keys
+        message = verify.drift_message(drift) if drift is not None else f"failed: {failure_cause(failure)}"
+        return status.name if status else "FAILED", message
+    if isinstance(result, VerifyResult):
+        return "COMPLETED", result.skipped or verify.clean_message(result)
     if result.skipped:
         return "COMPLETED", result.skipped
     return "COMPLETED", (
         f"generation {result.generation} active: {result.events_applied:,} events in {result.seconds:.1f} s, "
         f"{result.rows:,} rows"
     )
-
-
-async def _verify_outcome(client: Client, workflow_id: str, run_id: str) -> tuple[str, str]:
-    handle = client.get_workflow_handle(workflow_id, first_execution_run_id=run_id, result_type=VerifyResult)
-    try:
-        status = (await handle.describe()).status
-    except RPCError:
-        return "UNKNOWN", "no longer in Temporal's history (retention)"
-    if status == Status.RUNNING:
-        return "RUNNING", "running"
-    try:
-        result = await handle.result()
-    except WorkflowFailureError as failure:
-        drift = drift_of(failure)
-        if drift is not None:
-            return status.name if status else "FAILED", verify.drift_message(drift)
-        return status.name if status else "FAILED", f"failed: {failure_cause(failure)}"
-    return "COMPLETED", result.skipped or verify.clean_message(result)
 
 
 async def pause_schedule(client: Client, name: str, note: str | None = None) -> None:

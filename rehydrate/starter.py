@@ -15,6 +15,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.converter import value_to_type
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
+from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType, SelfType
 
 from rehydrate import catalog
 from rehydrate.activities.replay import parse_as_of
@@ -320,6 +321,31 @@ async def tail_state(client: Client, projection: str) -> tuple[str, str | None]:
     return status, error
 
 
+async def _start_once(
+    client: Client,
+    run: MethodAsyncSingleParam[SelfType, ParamType, ReturnType],
+    input: ParamType,
+    *,
+    workflow_id: str,
+    task_queue: str,
+    summary: str,
+    refusal: UserError,
+) -> WorkflowHandle[SelfType, ReturnType]:
+    """Start a workflow under its fixed id; `refusal` is raised while one with that id runs."""
+    try:
+        return await client.start_workflow(
+            run,
+            input,
+            id=workflow_id,
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            static_summary=summary,
+        )
+    except WorkflowAlreadyStartedError:
+        raise refusal from None
+
+
 # -- verify ---------------------------------------------------------------------------------------------------
 
 
@@ -334,21 +360,18 @@ async def start_verify(
     """Start the projection's verify under its fixed workflow id; a second one while it runs is refused."""
     check_verify_input(input, registry)
     workflow_id = verify_workflow_id(input.projection)
-    try:
-        return await client.start_workflow(
-            VerifyWorkflow.run,
-            input,
-            id=workflow_id,
-            task_queue=task_queue or settings.temporal_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            static_summary=f"Verify of {input.projection}",
-        )
-    except WorkflowAlreadyStartedError:
-        raise UserError(
+    return await _start_once(
+        client,
+        VerifyWorkflow.run,
+        input,
+        workflow_id=workflow_id,
+        task_queue=task_queue or settings.temporal_task_queue,
+        summary=f"Verify of {input.projection}",
+        refusal=UserError(
             f"a verify of {input.projection!r} is already running (workflow {workflow_id})",
             fix="wait for it to finish",
-        ) from None
+        ),
+    )
 
 
 def check_verify_input(input: VerifyInput, registry: Registry | None = None) -> None:
@@ -402,22 +425,19 @@ async def start_snapshot_rebuild(
             fix="use 1 to 256 partitions and a chunk size of at least 1",
         )
     workflow_id = snapshot_workflow_id(input.aggregate_type)
-    try:
-        return await client.start_workflow(
-            SnapshotRebuildWorkflow.run,
-            input,
-            id=workflow_id,
-            task_queue=task_queue or settings.temporal_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            static_summary=f"Snapshots of {input.aggregate_type}",
-        )
-    except WorkflowAlreadyStartedError:
-        raise UserError(
+    return await _start_once(
+        client,
+        SnapshotRebuildWorkflow.run,
+        input,
+        workflow_id=workflow_id,
+        task_queue=task_queue or settings.temporal_task_queue,
+        summary=f"Snapshots of {input.aggregate_type}",
+        refusal=UserError(
             f"a snapshot rebuild of {input.aggregate_type!r} is already running (workflow {workflow_id})",
             fix=f"watch it with `rehydrate snapshots status {input.aggregate_type}` or stop it with "
             f"`rehydrate snapshots cancel {input.aggregate_type}`",
-        ) from None
+        ),
+    )
 
 
 async def wait_for_snapshot_rebuild(

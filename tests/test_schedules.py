@@ -12,11 +12,11 @@ from typing import TypeVar
 
 import orjson
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from rehydrate import schedules
 from rehydrate.errors import UserError
-from rehydrate.models import ReplayInput
+from rehydrate.models import ReplayInput, ReplayResult
 from rehydrate.schedules import ScheduleView
 from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, wait_for_replay
@@ -35,6 +35,21 @@ async def eventually(probe: Callable[[], Awaitable[T]], check: Callable[[T], boo
         if check(value) or time.monotonic() > deadline:
             return value
         await asyncio.sleep(0.3)
+
+
+async def paused_replay(
+    client: Client, settings: Settings, store: EventStore, projection: str
+) -> WorkflowHandle[ReplayWorkflow, ReplayResult]:
+    """A manual replay of `projection`, paused once its generation is building: it stays so until resumed."""
+    manual = await start_replay(client, settings, ReplayInput(projection))
+    await manual.signal(ReplayWorkflow.pause)
+    await eventually(
+        lambda: store.pool.fetchval(
+            "SELECT count(*) FROM rehydrate.generations WHERE projection = $1 AND state = 'building'", projection
+        ),
+        lambda count: count == 1,
+    )
+    return manual
 
 
 def finished(count: int) -> Callable[[ScheduleView], bool]:
@@ -65,14 +80,7 @@ async def test_schedule_lifecycle_trigger_swaps_overlap_is_skipped_pause_and_del
         assert await support.read_model(store.pool, support.accounts) == support.oracle(support.accounts, events)
 
         # Overlap: a manual replay is building (paused, so it stays so); the scheduled run skips and says why.
-        manual = await start_replay(client, settings, ReplayInput("accounts"))
-        await manual.signal(ReplayWorkflow.pause)
-        await eventually(
-            lambda: store.pool.fetchval(
-                "SELECT count(*) FROM rehydrate.generations WHERE projection = 'accounts' AND state = 'building'"
-            ),
-            lambda count: count == 1,
-        )
+        manual = await paused_replay(client, settings, store, "accounts")
         await schedules.trigger_schedule(client, name)
         view = await eventually(lambda: schedules.describe_schedule(client, name), finished(2))
         skipped = view.recent_runs[-1]
@@ -159,14 +167,7 @@ async def test_verify_schedule_shows_no_drift_then_the_drifted_keys_and_skips_wh
         assert drift.outcome.endswith(f"; first: {victim} (differs)"), drift
 
         # A replay of the projection is building: the scheduled verify skips and says why.
-        manual = await start_replay(client, settings, ReplayInput("accounts"))
-        await manual.signal(ReplayWorkflow.pause)
-        await eventually(
-            lambda: store.pool.fetchval(
-                "SELECT count(*) FROM rehydrate.generations WHERE projection = 'accounts' AND state = 'building'"
-            ),
-            lambda count: count == 1,
-        )
+        manual = await paused_replay(client, settings, store, "accounts")
         await schedules.trigger_schedule(client, name)
         view = await eventually(lambda: schedules.describe_schedule(client, name), finished(3))
         skipped = view.recent_runs[-1]
@@ -174,7 +175,9 @@ async def test_verify_schedule_shows_no_drift_then_the_drifted_keys_and_skips_wh
             "COMPLETED",
             f"skipped: accounts is being rebuilt by {manual.id}; the next verify checks the generation it swaps in",
         )
-        await manual.cancel()
+        await manual.cancel()  # and wait for it: a replay left running would hold the fixed id for later tests
+        with pytest.raises(WorkflowFailureError):
+            await manual.result()
         listed = await eventually(
             lambda: schedules.list_schedules(client), lambda views: any(v.name == name for v in views)
         )

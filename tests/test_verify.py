@@ -27,6 +27,7 @@ from rehydrate.workflows.replay import replay_workflow_id
 from rehydrate.workflows.verify import verify_label
 from tests import support
 from tests.test_cli import assert_one_clear_error, rehydrate
+from tests.test_schedules import paused_replay
 
 SANDBOXES = "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rehydrate_sandbox_%'"
 
@@ -148,11 +149,7 @@ async def test_a_scheduled_style_verify_skips_while_a_replay_of_the_projection_b
     await support.append_all(store, support.random_history(63, streams=20, events=300))
     async with running_worker(settings, support.registry(), client=client):
         await build(client, settings, "accounts")
-        manual = await start_replay(client, settings, ReplayInput("accounts"))
-        await manual.signal(ReplayWorkflow.pause)
-        await until(
-            lambda: store.pool.fetchval("SELECT count(*) = 2 FROM rehydrate.generations WHERE projection = 'accounts'")
-        )
+        manual = await paused_replay(client, settings, store, "accounts")
         skipped: VerifyResult = await client.execute_workflow(
             VerifyWorkflow.run,
             VerifyInput("accounts", skip_if_running=True),
