@@ -15,7 +15,7 @@ import pytest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from rehydrate import operations
+from rehydrate import operations, search_attributes
 from rehydrate.errors import UserError
 from rehydrate.models import ReplayInput, VerifyInput, VerifyResult
 from rehydrate.settings import Settings
@@ -50,11 +50,14 @@ async def test_a_verify_started_like_the_web_ui_does_completes_clean_and_fails_a
     async with running_worker(settings, support.registry(), client=client):
         await build(client, settings, "group_totals")
         # Exactly what the UI's Start Workflow form sends: a workflow type, a task queue, one JSON payload.
+        clean_id = f"ui-{uuid.uuid4().hex[:8]}"
         clean: dict[str, Any] = await client.execute_workflow(
-            "Verify",
-            {"projection": "group_totals"},
-            id=f"ui-{uuid.uuid4().hex[:8]}",
-            task_queue=settings.temporal_task_queue,
+            "Verify", {"projection": "group_totals"}, id=clean_id, task_queue=settings.temporal_task_queue
+        )
+        found = (await client.get_workflow_handle(clean_id).describe()).typed_search_attributes
+        assert (found.get(search_attributes.PROJECTION), found.get(search_attributes.PHASE)) == (
+            "group_totals",
+            "clean",
         )
         rows = len(await support.read_model(store.pool, support.group_totals))
         assert (clean["differing"], clean["first"], clean["live_rows"], clean["rebuilt_rows"]) == (0, [], rows, rows)
