@@ -4,8 +4,8 @@ Off by default, and then free: no interceptor, no OpenTelemetry import, `span()`
 (`REHYDRATE_TRACING=otlp`, `worker --tracing otlp`; needs `pip install 'rehydrate[otel]'`), every client that
 `temporal.connect_client` makes carries the interceptor, and so does every worker built on such a client: the
 trace context travels in Temporal headers, so `replay start` → the Replay workflow → its activities (across
-continue-as-new) form one trace. The exporter is configured by the standard OTEL_* variables
-(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, ...).
+continue-as-new) form one trace (the `--wait` progress polls are left out). The exporter is configured by the
+standard OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME, ...).
 
 rehydrate's spans (`rehydrate.chunk`, `rehydrate.catch_up`, `rehydrate.swap`) are children of Temporal's
 `RunActivity:…` spans and carry `rehydrate.*` attributes; they are made only inside a traced activity. Workflow
@@ -45,7 +45,8 @@ def interceptors(settings: Settings) -> list[Interceptor]:
         return []
     try:
         from opentelemetry import trace
-        from temporalio.contrib.opentelemetry import TracingInterceptor
+
+        from rehydrate.tracing_interceptor import RehydrateTracingInterceptor
     except ImportError as error:
         raise UserError(
             f"REHYDRATE_TRACING={settings.tracing} needs OpenTelemetry, which is not installed ({error.name or error})",
@@ -57,7 +58,7 @@ def interceptors(settings: Settings) -> list[Interceptor]:
     # A replay started without a trace (from the Web UI, by a schedule) gets no workflow spans: each of its
     # activities is a trace of its own, found by its temporalWorkflowID attribute. (always_create_workflow_spans
     # would add the workflow's spans, but as roots of their own traces, none joined to the activities'.)
-    return [TracingInterceptor(trace.get_tracer("rehydrate"))]
+    return [RehydrateTracingInterceptor(trace.get_tracer("rehydrate"))]
 
 
 def tracer_provider(kind: str) -> TracerProvider:

@@ -21,17 +21,18 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from temporalio.client import Client
-from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Replayer
 
 from rehydrate import tracing
 from rehydrate.errors import UserError
-from rehydrate.models import ReplayInput
+from rehydrate.models import ReplayInput, ReplayProgress
 from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.store import EventStore
 from rehydrate.temporal import connect_client
+from rehydrate.tracing_interceptor import RehydrateTracingInterceptor
 from rehydrate.worker import WORKFLOWS, running_worker, workflow_runner
+from rehydrate.workflows import ReplayWorkflow
 from tests import support
 
 
@@ -73,13 +74,28 @@ async def test_a_traced_replay_is_one_trace_from_the_starter_through_every_run_t
     await support.append_all(store, support.random_history(51, streams=25, events=600))
     traced_settings = settings.model_copy(update={"tracing": "otlp"})
     traced = await connect_client(traced_settings)
-    assert [type(i) for i in traced.config()["interceptors"]] == [TracingInterceptor]
+    assert [type(i) for i in traced.config()["interceptors"]] == [RehydrateTracingInterceptor]
     spans.clear()
+    progress: list[ReplayProgress] = []
     async with running_worker(traced_settings, support.registry(), client=traced):
         handle = await start_replay(traced, traced_settings, ReplayInput("accounts", lanes=2, chunk_size=5))
-        result = await wait_for_replay(handle)
+        await handle.signal(ReplayWorkflow.resume)  # not paused: changes nothing, but is traced
+        result = await wait_for_replay(handle, progress.append, interval=0.1)
     assert result.runs > 1
-    found = of_workflow(list(spans.get_finished_spans()), handle.id)
+    assert progress, "the watch loop polled progress"
+    everything = list(spans.get_finished_spans())
+    # The watch loop's progress polls are not traced (one trace each, thousands for a long replay); signals are.
+    assert not [span for span in everything if "Query" in span.name]
+    assert sorted(span.name for span in everything if "Signal" in span.name) == [
+        "HandleSignal:resume",
+        "SignalWorkflow:resume",
+    ]
+    # The signal is a trace of its own (sent outside any span); the workflow's handling of it, in the replay's trace,
+    # links to it.
+    [sent] = named(everything, "SignalWorkflow:resume")
+    [handled] = named(everything, "HandleSignal:resume")
+    assert [link.context.span_id for link in handled.links] == [sent.context.span_id]
+    found = [span for span in of_workflow(everything, handle.id) if span is not sent]
 
     assert len(named(found, "StartWorkflow:Replay")) == 1
     runs = named(found, "RunWorkflow:Replay")
@@ -117,7 +133,7 @@ async def test_a_traced_replay_is_one_trace_from_the_starter_through_every_run_t
     # restarted with tracing off).
     for run_id in sorted({attrs(span)["temporalRunID"] for span in runs}):
         history = await traced.get_workflow_handle(handle.id, run_id=run_id).fetch_history()
-        for interceptors in ([TracingInterceptor()], []):
+        for interceptors in ([RehydrateTracingInterceptor()], []):
             replayer = Replayer(workflows=list(WORKFLOWS), workflow_runner=workflow_runner(), interceptors=interceptors)
             await replayer.replay_workflow(history)
 
