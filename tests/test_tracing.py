@@ -199,7 +199,7 @@ def test_tracing_off_does_not_even_import_opentelemetry() -> None:
 async def test_tracing_without_the_packages_names_the_extra_to_install(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for module in ("opentelemetry", "temporalio.contrib.opentelemetry"):
+    for module in ("opentelemetry", "temporalio.contrib.opentelemetry", "rehydrate.tracing_interceptor"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
     with pytest.raises(UserError) as raised:
         await connect_client(settings.model_copy(update={"tracing": "otlp"}))
