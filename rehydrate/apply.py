@@ -6,7 +6,7 @@ after a crash between commit and acknowledgement) finds the checkpoint already p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,15 @@ def fold(
 
 def _record(projection: Projection, row: Row, event: Event) -> tuple[Any, ...]:
     shape = projection.table
+    if len(row) == len(shape.columns):
+        # The usual row: every column, nothing else (as many keys as columns, each column present).
+        try:
+            values = shape.values(row)
+        except KeyError:
+            pass
+        else:
+            if None not in shape.required_values(row):
+                return values
     if len(row) > len(shape.columns) or not row.keys() <= shape.column_set:
         unknown = sorted(set(row) - set(shape.columns))
         raise _fail(
@@ -173,8 +182,12 @@ class Folding:
         schema: str,
         physical_table: str,
         parking: Parking | None = None,
+        stored_keys: Iterable[Any] | None = None,
     ) -> None:
+        """`stored_keys`, when the caller knows them: the only keys that may already have a row (or dead
+        letters) in the table; the rest are new, so no lookup is needed. None: any key may."""
         self.conn = conn
+        self.stored_keys = None if stored_keys is None else list(stored_keys)
         self.parking = parking
         # Parked keys (on_error="park"): loaded from the dead letters as keys are met; new entries written at the end.
         self.parked: Parked | None = {} if projection.on_error == "park" else None
@@ -198,13 +211,16 @@ class Folding:
         handled = projection.handlers
         looked_up = self.looked_up
         keys: list[Any] = []
-        for event in events:
-            if event.type not in handled:
-                continue
-            key = event.stream_id if key_field is None else event.data.get(key_field)
-            if key is not None and not isinstance(key, (dict, list)) and key not in looked_up:
-                looked_up.add(key)
-                keys.append(key)
+        if self.stored_keys is not None:
+            keys, self.stored_keys = self.stored_keys, []
+        else:
+            for event in events:
+                if event.type not in handled:
+                    continue
+                key = event.stream_id if key_field is None else event.data.get(key_field)
+                if key is not None and not isinstance(key, (dict, list)) and key not in looked_up:
+                    looked_up.add(key)
+                    keys.append(key)
         if keys:
             try:
                 rows = await self.conn.fetch(

@@ -238,7 +238,8 @@ async def save_lane(
 async def finish_generation(
     conn: asyncpg.Connection, schema: str, read_schema: str, projection: Projection, generation: int
 ) -> int:
-    """Build the secondary indexes after the load (faster than maintaining them row by row) and ANALYZE."""
+    """Build the secondary indexes after the load (faster than maintaining them row by row) and ANALYZE.
+    The plan's events_total was an estimate; from here it is what the build applied."""
     physical = physical_table_name(projection, generation)
     for statement in projection.table.create_index_sql(read_schema, generation):
         await conn.execute(statement)
@@ -248,7 +249,9 @@ async def finish_generation(
         f"""UPDATE {quote(schema)}.generations
             SET built_at = coalesce(built_at, now()), rows_count = $3,
                 events_applied = (SELECT coalesce(sum(events_applied), 0) FROM {quote(schema)}.lane_checkpoints
-                                  WHERE projection = $1 AND generation = $2)
+                                  WHERE projection = $1 AND generation = $2),
+                events_total = (SELECT coalesce(sum(events_applied), 0) FROM {quote(schema)}.lane_checkpoints
+                                WHERE projection = $1 AND generation = $2)
             WHERE projection = $1 AND generation = $2""",
         projection.name,
         generation,

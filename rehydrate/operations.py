@@ -249,14 +249,14 @@ async def plan(
                 raise _Discard
         except _Discard:
             pass
-    total = sum(count for count, _ in counts)
+    total = sum(counts)
     rate = fetched / seconds if seconds > 0 and fetched else 0.0
     parallel = min(lanes, max_parallel)
     return ReplayPlan(
         projection=projection.name,
         mark=mark,
         events=total,
-        lanes=[LanePlan(lane, count, count // chunk_size + 1) for lane, (count, _) in enumerate(counts)],
+        lanes=[LanePlan(lane, count, count // chunk_size + 1) for lane, count in enumerate(counts)],
         chunk_size=chunk_size,
         max_parallel=max_parallel,
         sample_events=fetched,

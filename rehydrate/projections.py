@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import operator
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +33,15 @@ _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 _SQL_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_ ]*(\(\d+(, ?\d+)?\))?[A-Za-z ]*$")
 
 
+def _tuple_getter(names: tuple[str, ...]) -> Callable[[Row], tuple[Any, ...]]:
+    if len(names) == 1:
+        name = names[0]
+        return lambda row: (row[name],)
+    if not names:
+        return lambda row: ()
+    return operator.itemgetter(*names)
+
+
 @dataclass(frozen=True)
 class TableShape:
     """What rehydrate needs of a read-model table, read once from its SQLModel class."""
@@ -52,6 +62,15 @@ class TableShape:
     @cached_property
     def column_set(self) -> frozenset[str]:
         return frozenset(self.columns)
+
+    @cached_property
+    def values(self) -> Callable[[Row], tuple[Any, ...]]:
+        """A row's values in column order, taken in C (KeyError: a column is missing)."""
+        return _tuple_getter(self.columns)
+
+    @cached_property
+    def required_values(self) -> Callable[[Row], tuple[Any, ...]]:
+        return _tuple_getter(tuple(sorted(self.required)))
 
     @classmethod
     def of(cls, model: type[SQLModel], projection: str) -> TableShape:

@@ -17,6 +17,7 @@ from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.store import NO_STREAM, EventStore, KeySpec, NewEvent
 from rehydrate.worker import running_worker
+from rehydrate.workflows.replay import ReplayWorkflow
 from tests import support
 
 
@@ -216,3 +217,42 @@ async def test_import_keeps_every_character_that_copy_text_format_escapes(store:
     ]
     assert stored[1].metadata == {"m": tricky}
     assert stored[1].recorded_at.isoformat() == "2024-02-29T00:00:00+00:00"
+
+
+async def test_a_plan_estimates_lane_sizes_from_a_sample_and_the_replay_reports_the_exact_counts(
+    store: EventStore, settings: Settings, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay's plan does not count the store (that cost as much as a fifth of a replay): lane sizes come from
+    the same sample that cuts the lanes. Each lane's total becomes exact when it is done, and so does the
+    generation's."""
+    history = support.random_history(seed=11, streams=300, events=12_000)
+    lines = [{"stream_id": stream, "type": e.type, "data": e.data} for stream, e in history]
+    await import_events(store, enumerate(lines, start=1))
+    await store.pool.execute("ANALYZE rehydrate.events")
+    monkeypatch.setattr(EventStore, "sample_rows", 1_500)
+    types = support.accounts.event_types
+    async with store.pool.acquire() as conn:
+        mark = await store.high_water_mark(conn)
+        boundaries = await store.stream_boundaries(conn, mark=mark, types=types, lanes=4)
+        exact = await store.count_ranges(conn, mark=mark, types=types, boundaries=boundaries)
+        estimated = await store.count_ranges(conn, mark=mark, types=types, boundaries=boundaries, estimate=True)
+        by_hash = await store.count_lanes(conn, mark=mark, types=types, key=KeySpec(), lanes=4, estimate=True)
+    assert estimated != exact, "the estimate is taken from a sample, not by counting"
+    assert sum(estimated) == pytest.approx(sum(exact), rel=0.25)
+    assert sum(by_hash) == pytest.approx(sum(exact), rel=0.25)
+
+    async with running_worker(settings, support.registry(), client=client):
+        handle = await start_replay(client, settings, ReplayInput("accounts", lanes=4, chunk_size=1_000))
+        result = await wait_for_replay(handle)
+        progress = await handle.query(ReplayWorkflow.progress)
+    applied = sum(1 for _, e in history if e.type in support.accounts.handlers)
+    assert result.events_applied == applied
+    assert progress.events_total == applied and all(lane.total == lane.applied for lane in progress.lanes)
+    total = await store.pool.fetchval(
+        "SELECT events_total FROM rehydrate.generations WHERE projection = 'accounts' AND generation = $1",
+        result.generation,
+    )
+    assert total == applied
+    assert await support.read_model(store.pool, support.accounts) == support.oracle(
+        support.accounts, await support.all_events(store)
+    )

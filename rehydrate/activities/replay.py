@@ -170,6 +170,7 @@ class ReplayActivities:
                     key=projection.key,
                     lanes=building["lanes"],
                     cutoff=cutoff,
+                    estimate=True,
                 )
             else:
                 counts = await self.store.count_ranges(
@@ -178,8 +179,9 @@ class ReplayActivities:
                     types=projection.event_types,
                     boundaries=[high for _, high in ranges[:-1] if high is not None],
                     cutoff=cutoff,
+                    estimate=True,
                 )
-            total = sum(count for count, _ in counts)
+            total = sum(counts)
             await catalog.set_total(conn, self.schema, projection.name, building["generation"], total)
             checkpoints = await catalog.lane_checkpoints(conn, self.schema, projection.name, building["generation"])
         return Plan(
@@ -187,7 +189,7 @@ class ReplayActivities:
             physical_table=building["physical_table"],
             mark=building["target_xmin"],
             lanes=[
-                LaneState(lane=lane, position=pos, applied=applied, total=counts[lane][0], done=done)
+                LaneState(lane=lane, position=pos, applied=applied, total=counts[lane], done=done)
                 for lane, pos, applied, done in checkpoints
             ],
             chunk_size=building["chunk_size"],
@@ -242,14 +244,20 @@ class ReplayActivities:
             where = catalog.table_schema(self.read_schema, checkpoint["sandbox"])
             cutoff = _cutoff(checkpoint["to_position"], checkpoint["as_of"])
             parking = Parking(self.schema, input.generation)
-            folding = Folding(conn, projection, where, physical, parking)
             fetched = 0
             position = checkpoint["position"]
             tracing.annotate(from_position=position)
             after: tuple[str, int] | None = None
+            stored_keys: list[str] | None = None  # None: any key may have a row already
             if checkpoint["by_stream"]:
                 if checkpoint["after_stream"] is not None:
                     after = (checkpoint["after_stream"], checkpoint["after_version"])
+                if projection.key.field is None:
+                    # Whole streams in id order: of the streams this chunk reads, only the one the last chunk
+                    # stopped in can have a row (or dead letters) already.
+                    stored_keys = [] if after is None else [after[0]]
+            folding = Folding(conn, projection, where, physical, parking, stored_keys)
+            if checkpoint["by_stream"]:
                 batches = self.store.read_streams(
                     conn,
                     low=checkpoint["low_stream"],

@@ -203,6 +203,9 @@ class ReplayWorkflow:
                 lane.position = result.position
                 lane.applied = result.applied
                 lane.done = result.done
+                if lane.done:  # the plan's total was estimated from a sample: now it is known
+                    state.events_total += lane.applied - lane.total
+                    lane.total = lane.applied
                 state.chunks_done += 1
                 self._show()
                 if workflow.info().is_continue_as_new_suggested():
