@@ -10,10 +10,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone, so that a code change does not reinstall them.
+# Dependencies first, from pyproject.toml alone, so that a code change does not reinstall them. The otel extra
+# lets REHYDRATE_TRACING=otlp work in the image.
 COPY pyproject.toml ./
 RUN mkdir rehydrate && touch rehydrate/__init__.py \
-    && pip install . \
+    && pip install '.[otel]' \
     && pip uninstall -y rehydrate \
     && rm -rf rehydrate build *.egg-info
 

@@ -176,6 +176,10 @@ def worker_command(
         int | None, typer.Option(help="Serve Prometheus metrics on this port (REHYDRATE_METRICS_PORT).")
     ] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log one JSON object a line.")] = False,
+    tracing: Annotated[
+        str | None,
+        typer.Option(help="OpenTelemetry tracing: otlp, console or off (REHYDRATE_TRACING; needs rehydrate[otel])."),
+    ] = None,
 ) -> None:
     """Run a worker: replays, tails and their activities, until SIGINT or SIGTERM."""
     settings = _settings(
@@ -183,6 +187,7 @@ def worker_command(
         tails=tails,
         metrics_port=metrics_port,
         log_format="json" if log_json else None,
+        tracing=tracing,
     )
     _configure_logs(settings)
     registry = _registry(settings)
@@ -1259,4 +1264,8 @@ def main(args: list[str] | None = None) -> None:
     configure(json=False)
     from rehydrate.dev import quiet_exit
 
-    quiet_exit(_exit_code(args))
+    code = _exit_code(args)
+    from rehydrate.tracing import flush
+
+    flush()  # os._exit below runs no exit handler: export the spans still batched
+    quiet_exit(code)

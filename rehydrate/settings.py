@@ -73,6 +73,10 @@ class Settings(BaseSettings):
 
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Serve Prometheus /metrics here")
     log_format: Literal["text", "json"] = "text"
+    tracing: Literal["off", "otlp", "console"] = Field(
+        default="off",
+        description="OpenTelemetry tracing (needs rehydrate[otel]): otlp exports where the OTEL_* variables say",
+    )
 
     # NoDecode: the variable is a comma-separated list, not JSON (the validator below splits it).
     projections: Annotated[list[str], NoDecode] = Field(

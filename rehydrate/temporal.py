@@ -72,10 +72,14 @@ def connect_options(settings: Settings) -> dict[str, Any]:
 
 
 async def connect_client(settings: Settings, *, runtime: Runtime | None = None) -> Client:
+    """A client for the settings' cluster; with tracing on, it (and any worker built on it) traces."""
+    from rehydrate.tracing import interceptors
+
     options = connect_options(settings)
     address, namespace = options["target_host"], options["namespace"]
+    traced = interceptors(settings)  # before connecting: a missing package is the error to report
     try:
-        return await Client.connect(**options, runtime=runtime)
+        return await Client.connect(**options, runtime=runtime, interceptors=traced)
     except Exception as error:
         raise UserError(
             f"cannot connect to Temporal at {address} (namespace {namespace!r}): {error}",

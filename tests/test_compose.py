@@ -465,6 +465,23 @@ def test_worker_environment_gives_the_expected_settings(monkeypatch: pytest.Monk
     assert str(settings.metrics_port) in [str(port) for port in service(WORKER).get("expose", [])]
 
 
+def test_worker_tracing_is_off_by_default_and_configured_by_variables_opentelemetry_reads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from opentelemetry.sdk import environment_variables
+
+    assert worker_settings(monkeypatch, tmp_path, environment(service(WORKER))).tracing == "off"
+    traced = environment(service(WORKER, {"REHYDRATE_TRACING": "otlp"}))
+    assert worker_settings(monkeypatch, tmp_path, traced).tracing == "otlp"
+    otel = {key for key in traced if key.startswith("OTEL_")}
+    known = {value for name, value in vars(environment_variables).items() if name.startswith("OTEL_")}
+    assert otel and otel <= known, f"OpenTelemetry does not read {otel - known}"
+    assert urlsplit(traced["OTEL_EXPORTER_OTLP_ENDPOINT"]).port == 4318  # OTLP/HTTP, the exporter rehydrate[otel] has
+    # The image has the packages that tracing needs.
+    runs = [arguments for keyword, arguments in dockerfile_instructions() if keyword == "RUN"]
+    assert any(re.search(r"pip install '?\.\[[^]]*\botel\b", arguments) for arguments in runs)
+
+
 def test_worker_reaches_temporal_on_its_grpc_port() -> None:
     host, _, port = environment(service(WORKER))["REHYDRATE_TEMPORAL_ADDRESS"].rpartition(":")
     assert host == TEMPORAL

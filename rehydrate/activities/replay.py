@@ -14,7 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from rehydrate import catalog, logs, metrics, search_attributes
+from rehydrate import catalog, logs, metrics, search_attributes, tracing
 from rehydrate.apply import Folding, Parking
 from rehydrate.errors import UserError
 from rehydrate.models import (
@@ -204,8 +204,20 @@ class ReplayActivities:
     async def apply_chunk(self, input: ChunkInput) -> ChunkResult:
         """Apply the next `chunk_size` events of one lane, with its checkpoint, in one transaction."""
         started = time.monotonic()
-        with logs.context(projection=input.projection, generation=input.generation, lane=input.lane, chunk=_chunk()):
+        with (
+            logs.context(projection=input.projection, generation=input.generation, lane=input.lane, chunk=_chunk()),
+            tracing.span(
+                "chunk",
+                projection=input.projection,
+                generation=input.generation,
+                lane=input.lane,
+                chunk=_chunk(),
+                chunk_size=input.chunk_size,
+                mark=input.mark,
+            ),
+        ):
             result = await _user_errors_fail_the_replay(lambda: self._apply_chunk(input))
+            tracing.annotate(to_position=result.position, events_applied=result.chunk_events, lane_done=result.done)
             seconds = time.monotonic() - started
             metrics.events_applied(input.projection, result.chunk_events)
             metrics.chunk_duration(input.projection, seconds)
@@ -234,6 +246,7 @@ class ReplayActivities:
             parking = Parking(self.schema, input.generation)
             fetched = 0
             position = checkpoint["position"]
+            tracing.annotate(from_position=position)
             after: tuple[str, int] | None = None
             stored_keys: list[str] | None = None  # None: any key may have a row already
             if checkpoint["by_stream"]:
@@ -315,9 +328,11 @@ class ReplayActivities:
             async with self.pool.acquire() as conn, conn.transaction():
                 applied, mark = await catalog.catch_up(conn, self.store, self.read_schema, projection, input.generation)
             metrics.events_applied(input.projection, applied)
+            tracing.annotate(events_applied=applied, mark=mark)
             return CatchUpResult(applied=applied, mark=mark)
 
-        return await _user_errors_fail_the_replay(work)
+        with tracing.span("catch_up", projection=input.projection, generation=input.generation):
+            return await _user_errors_fail_the_replay(work)
 
     @activity.defn(name="rehydrate.swap")
     async def swap(self, input: GenerationRef) -> SwapResult:
@@ -342,6 +357,13 @@ class ReplayActivities:
                         result.dropped_generations = await catalog.retire_old(
                             conn, self.schema, self.read_schema, projection, self.settings.retain_generations
                         )
+                        tracing.annotate(
+                            previous_generation=result.previous_generation or 0,
+                            final_delta=result.final_delta,
+                            lock_ms=result.lock_ms,
+                            rows=result.rows,
+                            attempts=attempt,
+                        )
                         if self.settings.tails and projection.name in await catalog.tails_to_run(conn, self.schema):
                             # The tail goes on from the new generation's checkpoint (it reads it afresh).
                             from rehydrate.starter import ensure_tail
@@ -352,9 +374,11 @@ class ReplayActivities:
                     # A long reader holds the view; we gave up the lock quickly so readers were not queued
                     # behind us. Try again shortly.
                     activity.heartbeat(f"swap lock busy, attempt {attempt}")
+                    tracing.event("swap lock busy", attempt=attempt)
                     await asyncio.sleep(min(0.2 * attempt, 2.0))
 
-        return await _user_errors_fail_the_replay(work)
+        with tracing.span("swap", projection=input.projection, generation=input.generation):
+            return await _user_errors_fail_the_replay(work)
 
     @activity.defn(name="rehydrate.drop_generation")
     async def drop_generation(self, input: GenerationRef) -> None:
