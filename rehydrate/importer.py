@@ -21,6 +21,7 @@ import asyncpg
 import orjson
 
 from rehydrate.errors import UserError
+from rehydrate.identifiers import quote
 from rehydrate.store import EventStore, has_nul
 
 _COPY_COLUMNS = [
@@ -123,7 +124,8 @@ def _record(where: Callable[[], str], line: Any, now: str) -> tuple[str, Any, st
         recorded_at = (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).isoformat()
     if "\x00" in stream_id or "\x00" in event_type:
         raise _bad(where(), "contains a NUL character, which Postgres cannot store in text or JSON")
-    rest = f"\t{_text(event_type)}\t{schema_version}\t{_json(where, data)}\t{_json(where, metadata)}\t{recorded_at}\n"
+    meta = _json(where, metadata) if metadata else "{}"
+    rest = f"\t{_text(event_type)}\t{schema_version}\t{_json(where, data)}\t{meta}\t{recorded_at}\n"
     return stream_id, line.get("stream_version"), rest
 
 
@@ -156,6 +158,7 @@ async def import_events(
         return batch
 
     async with store.pool.acquire() as conn, conn.transaction():
+        deferred = await _defer_indexes(conn, store)
         copying: asyncio.Task[None] | None = None
         try:
             while True:
@@ -173,8 +176,43 @@ async def import_events(
                 # A bad line while a batch was being written: let the COPY end before the rollback.
                 with contextlib.suppress(Exception):
                     await copying
+        if deferred:
+            await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+            for definition in deferred:
+                await conn.execute(definition)
         await conn.execute("SELECT pg_notify($1, '')", store.channel)
     return ImportReport(total, len(known), time.perf_counter() - started)
+
+
+# Indexes only readers use. Into an empty store they are dropped and built after the load, in the import's
+# transaction (a sort is several times cheaper than an insertion per event); the unique (stream, version) and the
+# primary key stay, as appends and the import's own numbering need them.
+_DEFERRABLE = ("events_tx_position_idx", "events_type_position_idx")
+
+
+async def _defer_indexes(conn: asyncpg.Connection, store: EventStore) -> list[str]:
+    """Into an empty events table, drop the readers' indexes for the load; returns their definitions to
+    create again before commit ([]: the store has events, or the role may not lock the table or drop them).
+
+    The table stays locked (ACCESS EXCLUSIVE) until the import commits: nobody reads a store being loaded
+    for the first time, and a reader that tries waits instead of seeing a table without its indexes."""
+    if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {store.table})"):
+        return []
+    try:
+        async with conn.transaction():  # a savepoint: without the privileges, the import goes on as usual
+            await conn.execute(f"LOCK TABLE {store.table} IN ACCESS EXCLUSIVE MODE")
+            if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {store.table})"):
+                return []
+            rows = await conn.fetch(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = ANY($2::text[])",
+                store.schema,
+                list(_DEFERRABLE),
+            )
+            for row in rows:
+                await conn.execute(f"DROP INDEX {quote(store.schema)}.{quote(row['indexname'])}")
+            return [row["indexdef"] for row in rows]
+    except asyncpg.InsufficientPrivilegeError:
+        return []
 
 
 async def _number(

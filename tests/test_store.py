@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 import pytest
 from temporalio.client import Client
 
-from rehydrate.errors import ConcurrencyError
+from rehydrate.database import create_pool
+from rehydrate.errors import ConcurrencyError, UserError
 from rehydrate.importer import import_events, read_jsonl
 from rehydrate.models import ReplayInput
 from rehydrate.settings import Settings
@@ -256,3 +259,59 @@ async def test_a_plan_estimates_lane_sizes_from_a_sample_and_the_replay_reports_
     assert await support.read_model(store.pool, support.accounts) == support.oracle(
         support.accounts, await support.all_events(store)
     )
+
+
+async def _reader_index_oids(store: EventStore) -> dict[str, int]:
+    rows = await store.pool.fetch(
+        "SELECT indexname, (quote_ident(schemaname) || '.' || quote_ident(indexname))::regclass::oid AS oid "
+        "FROM pg_indexes WHERE schemaname = 'rehydrate' AND tablename = 'events'"
+    )
+    return {row["indexname"]: row["oid"] for row in rows}
+
+
+async def test_an_import_into_an_empty_store_builds_the_readers_indexes_after_the_load(
+    store: EventStore, database_url: str
+) -> None:
+    """Into an empty store the readers' indexes are dropped and built again after the load (new index objects,
+    same definitions), in the import's transaction: a bad line leaves them as they were. Into a store with
+    events, and for a role that may not drop them, the import maintains them as it goes."""
+    lines = [(n, {"stream_id": f"s-{n % 7}", "type": "Opened", "data": {"n": n}}) for n in range(1, 501)]
+    before = await _reader_index_oids(store)
+    assert {"events_tx_position_idx", "events_type_position_idx"} <= before.keys()
+
+    with pytest.raises(UserError, match="input:501"):
+        await import_events(store, [*lines, (501, {"stream_id": "s", "type": "Opened", "data": []})])
+    assert await _reader_index_oids(store) == before and await store.head() == 0
+
+    await import_events(store, lines)
+    after = await _reader_index_oids(store)
+    assert after.keys() == before.keys()
+    rebuilt = {name for name in after if after[name] != before[name]}
+    assert rebuilt == {"events_tx_position_idx", "events_type_position_idx"}
+    assert len(await store.read_stream("s-3")) == 72
+
+    await import_events(store, lines[:10])  # the store has events: indexes maintained, not rebuilt
+    assert await _reader_index_oids(store) == after
+
+
+async def test_an_import_by_a_role_that_may_only_insert_maintains_the_indexes(
+    store: EventStore, database_url: str
+) -> None:
+    role, password = f"rh_importer_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    await store.pool.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER")
+    await store.pool.execute(
+        f"GRANT USAGE ON SCHEMA rehydrate TO {role}; GRANT SELECT, INSERT ON rehydrate.events TO {role}; "
+        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA rehydrate TO {role}"
+    )
+    parts = urlsplit(database_url)
+    url = urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.netloc.rpartition('@')[2]}"))
+    before = await _reader_index_oids(store)
+    pool = await create_pool(url)
+    try:
+        lines = [(n, {"stream_id": f"s-{n % 3}", "type": "Opened", "data": {}}) for n in range(1, 31)]
+        report = await import_events(EventStore(pool), lines)
+    finally:
+        await pool.close()
+        await store.pool.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    assert report.events == 30 and await store.head() == 30
+    assert await _reader_index_oids(store) == before
