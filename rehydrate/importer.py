@@ -1,4 +1,5 @@
-"""Bulk import of events from JSON Lines through binary COPY, in one transaction.
+"""Bulk import of events from JSON Lines through COPY, in one transaction (into an empty store, the readers' indexes
+are built after the load).
 
 A malformed line stops the import with its line number; because the whole file is one transaction, nothing
 of it is written and it can be fixed and imported again without duplicates.
