@@ -123,3 +123,33 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(workers: list[int]) -> dict[str, float]:
+    """CPU time (user + system) used so far by the given worker processes, by Postgres' processes, by the
+    Temporal server and by everything else on the machine (from /proc: Linux only)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {"workers": 0.0, "postgres": 0.0, "temporal": 0.0, "other": 0.0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(entry.name) in workers:
+            used["workers"] += seconds
+        elif name.startswith("postgres"):
+            used["postgres"] += seconds
+        elif name.startswith("temporal"):
+            used["temporal"] += seconds
+        elif int(entry.name) != os.getpid():
+            used["other"] += seconds
+    return used
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
+    return ", ".join(f"{name} {after[name] - before.get(name, 0.0):.1f} s" for name in after)

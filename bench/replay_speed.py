@@ -44,6 +44,8 @@ from pathlib import Path
 import asyncpg
 import orjson
 from common import (  # bench/ is on sys.path: the script's folder
+    cpu_seconds,
+    cpu_used,
     create_database,
     peak_rss_mb,
     postgres_server,
@@ -309,11 +311,14 @@ async def main(args: argparse.Namespace) -> int:
                     url, client, args.workers, HOME / "worker.log", split, args.activities_per_worker
                 ) as (settings, pids):
                     for lanes in lane_counts:
+                        before = cpu_seconds(pids)
                         took, applied = await replay(client, settings, lanes, args.chunk_size)
+                        used = cpu_used(before, cpu_seconds(pids))
                         wrong = await differences(conn, PROJECTION.table.name)
                         label = f"{lanes} lane(s) by {split}"
                         results.append((label, took, applied, wrong))
                         print(f"  replay, {label}: {took:.1f} s, {rate(applied, took)}, rows wrong: {wrong}")
+                        print(f"    CPU time during it: {used} (this script: not counted)")
                     rss += [peak_rss_mb(pid) for pid in pids]
         finally:
             await conn.close()

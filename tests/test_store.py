@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -315,3 +316,22 @@ async def test_an_import_by_a_role_that_may_only_insert_maintains_the_indexes(
         await store.pool.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
     assert report.events == 30 and await store.head() == 30
     assert await _reader_index_oids(store) == before
+
+
+async def test_import_reads_every_iso_8601_form_of_recorded_at_as_python_does(store: EventStore) -> None:
+    """Common forms go to Postgres as written; the rest (no offset, compact, week dates) as Python reads them."""
+    forms = [
+        "2025-03-04T05:06:07+00:00",
+        "2025-03-04T05:06:07.123456+02:00",
+        "2025-03-04 05:06:07Z",
+        "2025-03-04T05:06-03",
+        "2025-03-04T05:06:07",  # no offset: UTC
+        "20250304T050607+0100",
+        "2025-W10-2T05:06:07+00:00",
+    ]
+    lines = [(n, {"stream_id": f"s{n}", "type": "T", "data": {}, "recorded_at": f}) for n, f in enumerate(forms, 1)]
+    await import_events(store, lines)
+    for n, form in enumerate(forms, 1):
+        (event,) = await store.read_stream(f"s{n}")
+        expected = datetime.fromisoformat(form)
+        assert event.recorded_at == (expected if expected.tzinfo else expected.replace(tzinfo=UTC)), form
