@@ -165,6 +165,9 @@ async def import_events(
 
     async with store.pool.acquire() as conn, conn.transaction():
         deferred = await _defer_indexes(conn, store)
+        # Into an empty store every stream starts at version 1: nothing to look up (a stream appended to
+        # meanwhile by someone else is caught by the unique (stream, version) index, and nothing is written).
+        empty = bool(deferred) or not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {store.table})")
         copying: asyncio.Task[None] | None = None
         try:
             while True:
@@ -174,7 +177,7 @@ async def import_events(
                     copying = None
                 if not batch:
                     break
-                data = await _number(conn, store, batch, known, source)
+                data = await _number(conn, store, batch, known, source, empty=empty)
                 copying = asyncio.create_task(_copy(conn, store, data, source))
                 total += len(batch)
         finally:
@@ -222,11 +225,14 @@ async def _defer_indexes(conn: asyncpg.Connection, store: EventStore) -> list[st
 
 
 async def _number(
-    conn: asyncpg.Connection, store: EventStore, batch: Parsed, known: dict[str, int], source: str
+    conn: asyncpg.Connection, store: EventStore, batch: Parsed, known: dict[str, int], source: str, *, empty: bool
 ) -> bytes:
-    """Give each event its stream's next version (the stored versions of new streams are looked up)."""
+    """Give each event its stream's next version (the stored versions of new streams are looked up, unless
+    the store was `empty`)."""
     new_streams = sorted({stream_id for _, (stream_id, _, _) in batch} - known.keys())
-    if new_streams:
+    if new_streams and empty:
+        known.update(dict.fromkeys(new_streams, 0))
+    elif new_streams:
         rows = await conn.fetch(
             f"""SELECT stream_id, max(stream_version) FROM {store.table}
                 WHERE stream_id = ANY($1::text[]) GROUP BY stream_id""",

@@ -289,7 +289,7 @@ async def test_an_import_into_an_empty_store_builds_the_readers_indexes_after_th
     assert after.keys() == before.keys()
     rebuilt = {name for name in after if after[name] != before[name]}
     assert rebuilt == {"events_tx_position_idx", "events_type_position_idx"}
-    assert len(await store.read_stream("s-3")) == 72
+    assert [e.stream_version for e in await store.read_stream("s-3")] == list(range(1, 73))
 
     await import_events(store, lines[:10])  # the store has events: indexes maintained, not rebuilt
     assert await _reader_index_oids(store) == after
