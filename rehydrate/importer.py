@@ -77,6 +77,8 @@ _COPY_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 def _text(value: str) -> str:
     """A value for COPY's text format: backslash, tab, newline and carriage return escaped."""
+    if value.isprintable() and "\\" not in value:  # the usual value, found without the regex
+        return value
     if _COPY_SPECIALS.search(value) is None:
         return value
     return _COPY_SPECIALS.sub(lambda m: _COPY_ESCAPES[m.group()], value)
