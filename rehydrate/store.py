@@ -121,6 +121,12 @@ _COLUMNS = (
 )
 
 
+# Rows a lane read takes from its cursor at a time. Measured on 1M events (2 cores): 5,000 → 50,000 took one lane
+# from 170-180k to 247k events/s and four from 253k to 287-292k: Postgres produces a batch while asyncpg parses
+# what has arrived, and every batch boundary stalls both. A chunk holds at most this many events at once.
+FETCH_SIZE = 50_000
+
+
 def _types(types: Sequence[str] | None) -> list[str] | None:
     """The event types to read; None reads every type (a strict projection)."""
     return None if types is None else list(types)
@@ -255,7 +261,7 @@ class EventStore:
         lane: int,
         lanes: int,
         limit: int,
-        fetch_size: int = 5_000,
+        fetch_size: int = FETCH_SIZE,
         cutoff: Cutoff | None = None,
     ) -> AsyncIterator[list[Event]]:
         """Yield batches of one lane's events after `after_position` and below `mark`, in position order.
@@ -293,7 +299,7 @@ class EventStore:
         mark: int,
         types: Sequence[str] | None,
         limit: int,
-        fetch_size: int = 5_000,
+        fetch_size: int = FETCH_SIZE,
         cutoff: Cutoff | None = None,
     ) -> AsyncIterator[list[Event]]:
         """Yield batches of the events of streams in [`low`, `high`) (None: unbounded) below `mark`, stream by
