@@ -224,7 +224,7 @@ async def _outcome(client: Client, workflow_id: str, run_id: str, kind: str) -> 
         result = await handle.result()
     except WorkflowFailureError as failure:
         drift = drift_of(failure)  # a verify that found drift: its own line, with the count and the first keys
-        message = verify.drift_message(drift) if drift is not None else f"failed: {failure_cause(failure)}"
+        message = verify.drift_message(drift) if drift is not None else failure_cause(failure)  # shown after "failed: "
         return status.name if status else "FAILED", message
     if isinstance(result, VerifyResult):
         return "COMPLETED", result.skipped or verify.clean_message(result)

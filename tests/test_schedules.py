@@ -20,7 +20,7 @@ from rehydrate.models import ReplayInput, ReplayResult
 from rehydrate.schedules import ScheduleView
 from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, wait_for_replay
-from rehydrate.store import EventStore
+from rehydrate.store import EventStore, NewEvent
 from rehydrate.worker import running_worker
 from rehydrate.workflows import ReplayWorkflow
 from tests import support
@@ -269,3 +269,23 @@ async def test_schedule_commands_create_describe_list_pause_delete(settings: Set
         "0",
     )
     assert (bad.code, bad.stderr.splitlines()[0]) == (1, "error: lanes=0 is out of range"), bad
+
+
+async def test_a_failed_scheduled_replay_shows_its_cause_once(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    """`describe` prints a run as "<status>: <outcome>": a failed run's outcome is the cause alone."""
+    await store.append("acct-1", [NewEvent("Opened", {"owner": "o"}), NewEvent("Deposited", {"amount": "x"})])
+    name = f"accounts-failing-{uuid.uuid4().hex[:6]}"
+    registry = support.registry()
+    async with running_worker(settings, registry, client=client):
+        await schedules.create_schedule(client, settings, name, "accounts", every="6h", registry=registry)
+        try:
+            await schedules.trigger_schedule(client, name)
+            view = await eventually(lambda: schedules.describe_schedule(client, name), finished(1))
+        finally:
+            await schedules.delete_schedule(client, name)
+    [run] = view.recent_runs
+    assert run.status == "FAILED", run
+    assert "handler 'moved' raised TypeError" in run.outcome, run
+    assert not run.outcome.lower().startswith("failed"), run
