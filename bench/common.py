@@ -17,7 +17,7 @@ import asyncpg
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from rehydrate.dev import temporal_cli
+from rehydrate.dev import dev_server_args, temporal_cli
 from rehydrate.settings import Settings
 
 
@@ -70,12 +70,15 @@ async def drop_database(server_url: str, name: str) -> None:
 
 @contextlib.asynccontextmanager
 async def temporal() -> AsyncIterator[Client]:
-    """A Temporal client: of REHYDRATE_TEMPORAL_ADDRESS, or of a dev server started for this run."""
+    """A Temporal client: of REHYDRATE_TEMPORAL_ADDRESS, or of a dev server started for this run (as `rehydrate dev`
+    starts one)."""
     address = os.environ.get("REHYDRATE_TEMPORAL_ADDRESS")
     if address:
         yield await Client.connect(address, namespace=os.environ.get("REHYDRATE_TEMPORAL_NAMESPACE", "default"))
         return
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_cli())
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(), dev_server_extra_args=dev_server_args()
+    )
     try:
         yield env.client
     finally:

@@ -64,6 +64,18 @@ class DevServer:
                 self.process.kill()
 
 
+# The history service hands a shard's new tasks to matching at most 20 times a second by default
+# (history.transferProcessorMaxPollRPS); the dev server has one shard, so once that burst is spent every workflow
+# and activity task of a replay waited 25-45 ms before a worker could take it: ~0.4 s of a 1,000-event replay,
+# and ~80 ms at every chunk boundary of a big one. Raised for the dev server (bench/replay_speed.py measures it).
+DEV_SERVER_TUNING = ("--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000")
+
+
+def dev_server_args() -> list[str]:
+    """`temporal server start-dev` arguments: rehydrate's search attributes and the dispatch tuning above."""
+    return [*search_attributes.dev_server_args(), *DEV_SERVER_TUNING]
+
+
 def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevServer:
     """Start `temporal server start-dev` with its state in `data_dir/temporal.db`, unless one already listens."""
     host, port = _split_address(settings.temporal_address)
@@ -94,7 +106,7 @@ def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevSe
         "--log-level",
         "warn",
     ]
-    command += search_attributes.dev_server_args()
+    command += dev_server_args()
     process = subprocess.Popen(
         command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
     )

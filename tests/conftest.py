@@ -17,7 +17,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from rehydrate import search_attributes
 from rehydrate.database import create_pool, ensure_schema
-from rehydrate.dev import temporal_cli
+from rehydrate.dev import DEV_SERVER_TUNING, temporal_cli
 from rehydrate.settings import Settings
 from rehydrate.store import EventStore
 
@@ -84,6 +84,7 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_extra_args=[
             "--dynamic-config-value",
             f"limit.historyCount.suggestContinueAsNew={CONTINUE_AS_NEW_AFTER}",
+            *DEV_SERVER_TUNING,
         ],
     )
     yield env
