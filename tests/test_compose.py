@@ -19,6 +19,7 @@ import yaml
 from pydantic import AliasChoices, AliasPath
 
 from rehydrate import search_attributes
+from rehydrate.dev import DEV_SERVER_TUNING
 from rehydrate.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -343,6 +344,11 @@ def test_temporal_gets_its_dynamic_config_file() -> None:
     assert isinstance(dynamic, dict)
     for key, values in dynamic.items():
         assert isinstance(values, list) and all("value" in v for v in values), key
+    # The dispatch tuning `rehydrate dev` gives its dev server holds for the compose cluster too.
+    flag, setting = DEV_SERVER_TUNING
+    assert flag == "--dynamic-config-value"
+    key, value = setting.split("=")
+    assert [v["value"] for v in dynamic[key]] == [int(value)]
 
 
 def test_schema_job_creates_and_migrates_both_databases() -> None:

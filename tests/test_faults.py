@@ -46,7 +46,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 
 from rehydrate.database import create_pool, ensure_schema
-from rehydrate.dev import DevServer, start_temporal
+from rehydrate.dev import DEV_SERVER_TUNING, DevServer, start_temporal
 from rehydrate.importer import import_events
 from rehydrate.models import ReplayInput, ReplayResult, TailInput
 from rehydrate.settings import Settings
@@ -507,6 +507,9 @@ async def test_temporal_dev_server_stopped_and_restarted_mid_replay(
         tails=False,
     )
     server: DevServer = await asyncio.to_thread(start_temporal, settings, log_path=tmp_path / "temporal.log")
+    assert server.process is not None, "a Temporal server of someone else answered on our port"
+    args = [str(arg) for arg in server.process.args]  # type: ignore[union-attr]
+    assert DEV_SERVER_TUNING in zip(args, args[1:]), "the dev server runs without its dispatch tuning"
     probe = Probe(database_url)
     try:
         client = await Client.connect(settings.temporal_address)
