@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import random
@@ -509,7 +510,7 @@ async def test_temporal_dev_server_stopped_and_restarted_mid_replay(
     server: DevServer = await asyncio.to_thread(start_temporal, settings, log_path=tmp_path / "temporal.log")
     assert server.process is not None, "a Temporal server of someone else answered on our port"
     args = [str(arg) for arg in server.process.args]  # type: ignore[union-attr]
-    assert DEV_SERVER_TUNING in zip(args, args[1:]), "the dev server runs without its dispatch tuning"
+    assert DEV_SERVER_TUNING in itertools.pairwise(args), "the dev server runs without its dispatch tuning"
     probe = Probe(database_url)
     try:
         client = await Client.connect(settings.temporal_address)
