@@ -83,7 +83,10 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
 @app.command()
 def demo(
     events: Annotated[int, typer.Option(help="Events in the example history (loaded once, then reused).")] = 250_000,
-    lanes: Annotated[int | None, typer.Option(help="Lanes per replay (default: REHYDRATE_LANES).")] = None,
+    lanes: Annotated[
+        int | None,
+        typer.Option(help="Lanes per replay (default: REHYDRATE_LANES; unset: 8 by stream range, 4 by hash)."),
+    ] = None,
 ) -> None:
     """Bring up Temporal and Postgres, load an order history, replay the example projections, then exit."""
     settings = _settings()
@@ -428,7 +431,9 @@ async def _stale_names(settings: Settings, registry: Any) -> list[str]:
 @replay_app.command("plan")
 def replay_plan(
     name: Annotated[str, typer.Argument(help="The projection.")],
-    lanes: Annotated[int | None, typer.Option(help="Lanes (default: REHYDRATE_LANES).")] = None,
+    lanes: Annotated[
+        int | None, typer.Option(help="Lanes (default: REHYDRATE_LANES; unset: 8 by stream range, 4 by hash).")
+    ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Events per chunk (default: REHYDRATE_CHUNK_SIZE).")] = None,
     max_parallel: Annotated[int | None, typer.Option(help="Chunks at once (default: REHYDRATE_MAX_PARALLEL).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -1037,7 +1042,10 @@ def schedule_create(
     projection: Annotated[str, typer.Option("--projection", "-p", help="The projection to rebuild.")],
     cron: Annotated[str | None, typer.Option(help="A cron expression, e.g. '0 3 * * *' (UTC).")] = None,
     every: Annotated[str | None, typer.Option(help="An interval: 6h, 30m, 1d, 1h30m.")] = None,
-    lanes: Annotated[int | None, typer.Option(help="Lanes per replay (default: the worker's REHYDRATE_LANES).")] = None,
+    lanes: Annotated[
+        int | None,
+        typer.Option(help="Lanes per replay (default: the worker's REHYDRATE_LANES; unset: 8 by range, 4 by hash)."),
+    ] = None,
     verify_only: Annotated[
         bool, typer.Option("--verify-only", help="Verify PROJECTION (as `rehydrate verify`) instead of rebuilding it.")
     ] = False,

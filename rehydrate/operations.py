@@ -14,7 +14,7 @@ from rehydrate.errors import UserError
 from rehydrate.identifiers import qualified, quote
 from rehydrate.models import Drift, VerifyInput, VerifyResult
 from rehydrate.projections import Projection, Registry
-from rehydrate.settings import Settings
+from rehydrate.settings import Settings, lanes_for
 from rehydrate.store import EventStore
 
 
@@ -207,21 +207,19 @@ async def plan(
     """What a replay would do, changing nothing: events to read below the current high-water mark, per lane and
     in chunks, and a duration estimated from one timed sample chunk (read, fold and COPY into a table created in
     a transaction that is rolled back)."""
-    lanes = settings.lanes if lanes is None else lanes
     chunk_size = settings.chunk_size if chunk_size is None else chunk_size
     max_parallel = settings.max_parallel if max_parallel is None else max_parallel
-    if not 1 <= lanes <= 256 or chunk_size < 1 or max_parallel < 1:
+    if (lanes is not None and not 1 <= lanes <= 256) or chunk_size < 1 or max_parallel < 1:
         raise UserError("lanes, chunk size and max_parallel must be positive (lanes at most 256)", fix="fix them")
     store = EventStore(pool, settings.schema_name)
     types = projection.event_types
     async with pool.acquire() as conn:
         mark = await store.high_water_mark(conn)
         boundaries: list[str] = []
-        split = settings.lane_split
-        if split == "auto" and projection.key.field is None:
-            split = "range" if await store.fits_in_cache(conn) else "hash"  # as the replay's plan decides
-        if projection.key.field is None and split == "range":
-            boundaries = await store.stream_boundaries(conn, mark=mark, types=types, lanes=lanes)
+        split = await store.lane_split(conn, projection.key, settings.lane_split)  # as the replay's plan decides
+        lanes = lanes_for(settings, split) if lanes is None else lanes
+        if split == "range":
+            boundaries, _ = await store.stream_boundaries(conn, mark=mark, types=types, lanes=lanes)
         if len(boundaries) == lanes - 1 and lanes > 1:
             counts = await store.count_ranges(conn, mark=mark, types=types, boundaries=boundaries)
         else:

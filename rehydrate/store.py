@@ -341,6 +341,15 @@ class EventStore:
             )
         )
 
+    async def lane_split(self, conn: asyncpg.Connection, key: KeySpec, setting: str) -> str:
+        """How a replay's lanes divide the events: "range" (of stream ids) or "hash" (of the key). `setting` is
+        Settings.lane_split; a payload-keyed projection always splits by hash."""
+        if key.field is not None:
+            return "hash"
+        if setting == "auto":
+            return "range" if await self.fits_in_cache(conn) else "hash"
+        return setting
+
     async def _sample(self, conn: asyncpg.Connection) -> tuple[str, float]:
         """A TABLESAMPLE clause that reads about `sample_rows` events (by the planner's row estimate), and the
         factor that scales a count over the sample to the whole table. ("", 1.0): small table, read it whole."""
@@ -361,25 +370,23 @@ class EventStore:
         types: Sequence[str] | None,
         lanes: int,
         cutoff: Cutoff | None = None,
-    ) -> list[str]:
-        """`lanes - 1` stream ids that split the events below `mark` into ranges of about equal size.
-
-        From a sample of about 100,000 events (all of them in a smaller store): lanes need not be exactly
-        equal, and sorting every stream id of a big store would cost more than the imbalance.
+    ) -> tuple[list[str], int]:
+        """`lanes - 1` stream ids that split the events below `mark` into ranges of about equal size, and how
+        many events there are, both from one sample of about 100,000 events (all of them in a smaller store, where
+        the count is exact): lanes need not be exactly equal, and sorting every stream id of a big store would
+        cost more than the imbalance.
         """
-        if lanes < 2:
-            return []
-        sample, _ = await self._sample(conn)
+        sample, scale = await self._sample(conn)
         args: list[Any] = [str(mark), _types(types), [lane / lanes for lane in range(1, lanes)]]
         until = _cutoff_sql(args, cutoff)
-        found = await conn.fetchval(
-            f"""SELECT percentile_disc($3::float8[]) WITHIN GROUP (ORDER BY stream_id)
+        found, events = await conn.fetchrow(
+            f"""SELECT percentile_disc($3::float8[]) WITHIN GROUP (ORDER BY stream_id), count(*)
                 FROM {self.table} {sample}
                 WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[])){until}""",
             *args,
         )
         # Equal boundaries (few streams) leave some lanes empty; that is harmless.
-        return [b for b in found or [] if b is not None]
+        return [b for b in found or [] if b is not None], round(events * scale)
 
     async def count_ranges(
         self,

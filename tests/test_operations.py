@@ -296,3 +296,25 @@ async def test_plan_counts_lanes_and_chunks_and_changes_nothing(settings: Settin
         await store.pool.fetch("SELECT table_schema, table_name FROM information_schema.tables ORDER BY 1, 2") == before
     )
     assert await store.pool.fetchval("SELECT count(*) FROM rehydrate.generations") == 0
+
+
+async def test_lanes_left_unset_are_8_by_stream_range_and_4_by_hash(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await support.append_all(store, support.random_history(61, streams=40, events=600))
+    unset = settings.model_copy(update={"lanes": None, "lane_split": "auto"})
+    by_stream = await operations.plan(store.pool, unset, support.accounts)
+    by_field = await operations.plan(store.pool, unset, support.group_totals)
+    assert (len(by_stream.lanes), len(by_field.lanes)) == (8, 4)
+    hashed = await operations.plan(store.pool, unset.model_copy(update={"lane_split": "hash"}), support.accounts)
+    assert len(hashed.lanes) == 4
+    assert len((await operations.plan(store.pool, settings, support.accounts)).lanes) == settings.lanes == 3
+    # The replay's own plan decides the same way: 8 lanes, each a range of stream ids.
+    async with running_worker(unset, support.registry(), client=client):
+        result = await replay(client, unset, ReplayInput("accounts"))
+    async with store.pool.acquire() as conn:
+        ranges = await catalog.lane_bounds(conn, "rehydrate", "accounts", result.generation)
+    assert ranges is not None and len(ranges) == 8
+    assert await support.read_model(store.pool, support.accounts) == support.oracle(
+        support.accounts, await support.all_events(store)
+    )

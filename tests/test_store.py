@@ -237,12 +237,13 @@ async def test_a_plan_estimates_lane_sizes_from_a_sample_and_the_replay_reports_
     types = support.accounts.event_types
     async with store.pool.acquire() as conn:
         mark = await store.high_water_mark(conn)
-        boundaries = await store.stream_boundaries(conn, mark=mark, types=types, lanes=4)
+        boundaries, sampled = await store.stream_boundaries(conn, mark=mark, types=types, lanes=4)
         exact = await store.count_ranges(conn, mark=mark, types=types, boundaries=boundaries)
         estimated = await store.count_ranges(conn, mark=mark, types=types, boundaries=boundaries, estimate=True)
         by_hash = await store.count_lanes(conn, mark=mark, types=types, key=KeySpec(), lanes=4, estimate=True)
     assert estimated != exact, "the estimate is taken from a sample, not by counting"
     assert sum(estimated) == pytest.approx(sum(exact), rel=0.25)
+    assert sampled == pytest.approx(sum(exact), rel=0.25)  # the boundaries' own sample, which the plan uses
     assert sum(by_hash) == pytest.approx(sum(exact), rel=0.25)
 
     async with running_worker(settings, support.registry(), client=client):

@@ -29,7 +29,7 @@ from rehydrate.models import (
     SwapResult,
 )
 from rehydrate.projections import Registry
-from rehydrate.settings import Settings
+from rehydrate.settings import Settings, lanes_for
 from rehydrate.store import Cutoff, EventStore, is_held
 
 log = logging.getLogger("rehydrate.activities")
@@ -106,10 +106,10 @@ class ReplayActivities:
     async def _plan(self, input: PlanInput) -> Plan:
         projection = self.registry.get(input.projection)
         # `is None`, not `or`: a 0 from a hand-written input (the Web UI) is refused below, not replaced.
-        lanes = self.settings.lanes if input.lanes is None else input.lanes
+        lanes = input.lanes  # None: by how the lanes split, once that is known
         chunk_size = self.settings.chunk_size if input.chunk_size is None else input.chunk_size
         max_parallel = self.settings.max_parallel if input.max_parallel is None else input.max_parallel
-        if not 1 <= lanes <= 256:
+        if lanes is not None and not 1 <= lanes <= 256:
             raise UserError(f"lanes={lanes} is out of range", fix="use 1 to 256 lanes")
         if chunk_size < 1:
             raise UserError(f"chunk size {chunk_size} is not positive", fix="use a chunk size of at least 1")
@@ -128,6 +128,7 @@ class ReplayActivities:
                     f"{building['workflow_id']!r} (generation {building['generation']})",
                     fix="wait for it, or cancel it with `rehydrate replay cancel`",
                 )
+            counts: list[int] | None = None  # each lane's events, estimated
             if building is None:
                 mark = await self.store.high_water_mark(conn)
                 if input.mark is not None:
@@ -138,14 +139,16 @@ class ReplayActivities:
                         )
                     mark = input.mark
                 boundaries = None
-                split = self.settings.lane_split
-                if split == "auto" and projection.key.field is None:
-                    split = "range" if await self.store.fits_in_cache(conn) else "hash"
-                if projection.key.field is None and split == "range":
-                    found = await self.store.stream_boundaries(
+                split = await self.store.lane_split(conn, projection.key, self.settings.lane_split)
+                lanes = lanes_for(self.settings, split) if lanes is None else lanes
+                if split == "range":
+                    found, estimated = await self.store.stream_boundaries(
                         conn, mark=mark, types=projection.event_types, lanes=lanes, cutoff=cutoff
                     )
-                    boundaries = found if len(found) == lanes - 1 else None  # too few events to split
+                    if len(found) == lanes - 1:  # else too few events to split
+                        boundaries = found
+                        # The boundaries cut the sample into equal parts: the lanes' sizes need no second look.
+                        counts = [estimated // lanes + (lane < estimated % lanes) for lane in range(lanes)]
                 building = await catalog.create_generation(
                     conn,
                     schema=self.schema,
@@ -162,7 +165,7 @@ class ReplayActivities:
                 )
             cutoff = _cutoff(building["to_position"], building["as_of"])
             ranges = await catalog.lane_bounds(conn, self.schema, projection.name, building["generation"])
-            if ranges is None:
+            if counts is None and ranges is None:
                 counts = await self.store.count_lanes(
                     conn,
                     mark=building["target_xmin"],
@@ -172,7 +175,8 @@ class ReplayActivities:
                     cutoff=cutoff,
                     estimate=True,
                 )
-            else:
+            elif counts is None:
+                assert ranges is not None
                 counts = await self.store.count_ranges(
                     conn,
                     mark=building["target_xmin"],
