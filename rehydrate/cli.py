@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -105,6 +106,9 @@ async def _demo(settings: Settings, registry: Any, events: int, lanes: int | Non
     from rehydrate.temporal import connect_client
     from rehydrate.worker import running_worker
 
+    # The demo's worker runs in this process: its per-chunk log lines would break into the progress bars, which
+    # say the same. Warnings and errors still show.
+    logging.getLogger("rehydrate").setLevel(logging.WARNING)
     out.print("[bold]rehydrate demo[/]: starting Temporal (dev server) and Postgres …")
     async with AsyncExitStack() as stack:
         server, url = await stack.enter_async_context(dev_stack(settings))

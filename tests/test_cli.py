@@ -16,9 +16,11 @@ import pytest
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from rehydrate.examples import orders
 from rehydrate.settings import Settings
 from rehydrate.store import EventStore, NewEvent
 from rehydrate.workflows.replay import replay_workflow_id
+from tests import support
 
 REPO = Path(__file__).resolve().parent.parent
 UNREACHABLE_DATABASE = "postgresql://nobody:secret@127.0.0.1:1/none"
@@ -242,3 +244,21 @@ async def test_import_of_a_good_file_writes_every_event_and_prints_the_rate(
         (2, "Deposited", 2, {"amount": 5}),
     ]
     assert new[1].metadata == {"source": "import"} and new[1].recorded_at.year == 2025
+
+
+async def test_the_demo_builds_both_read_models_and_prints_only_its_story(
+    settings: Settings, store: EventStore, tmp_path: Path
+) -> None:
+    """The README's first command, on a small history, against this test's Postgres and Temporal: both read models
+    are built, swapped in and equal to the oracle, and the output is the demo's own (no worker log lines)."""
+    run = await rehydrate(
+        settings, tmp_path, "demo", "--events", "3000", REHYDRATE_PROJECTIONS="rehydrate.examples.orders"
+    )
+    assert run.code == 0, run
+    for name in ("order_summary", "customer_stats"):
+        assert f"✓ {name}: generation 1 active" in run.stdout, run
+    assert " INFO " not in run.stdout + run.stderr, run
+    events = await support.all_events(store)
+    assert len(events) == 3000
+    for projection in (orders.order_summary, orders.customer_stats):
+        assert await support.read_model(store.pool, projection) == support.oracle(projection, events)
