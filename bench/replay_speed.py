@@ -2,7 +2,7 @@
 
 Usage:
 
-    python bench/replay_speed.py                      # 1,000,000 events, 2 worker processes, lanes 1, 2 and 4
+    python bench/replay_speed.py                      # 1,000,000 events, 2 worker processes, lanes 1, 2, 4 and 8
     python bench/replay_speed.py --events 5000000     # the big one
     python bench/replay_speed.py --workers 1 --lanes 4 --script-sample 20000 --reuse
 
@@ -16,9 +16,10 @@ deterministic: ~40 orders open at a time, so streams interleave):
 3. **usual script**: the loop people write: read the events in order, one INSERT/UPDATE/DELETE per event
    (asyncpg, prepared statements, a commit every 1,000 events), on the first `--script-sample` events,
    extrapolated.
-4. **rehydrate**: `--workers` real `rehydrate worker` processes and a Temporal dev server; for each lane count, a
-   full replay from start to swap, with lanes over stream-id ranges (the default); then the most lanes again
-   split by hash (`REHYDRATE_LANE_SPLIT=hash`). Each table is compared with the ceiling's, row for row.
+4. **rehydrate**: `--workers` real `rehydrate worker` processes and a Temporal dev server (started as `rehydrate dev`
+   starts one); for each lane count, a full replay from start to swap, with lanes over stream-id ranges (the
+   default); then the most lanes again split by hash (`REHYDRATE_LANE_SPLIT=hash`). Each table is compared with
+   the ceiling's, row for row.
 5. **small replay**: a replay of a 1,000-event store from start to swap (median of 5).
 
 Prints events/s for each, the ratios, and the workers' peak RSS (VmHWM). Exit status 1 if a table differs.
@@ -354,7 +355,7 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1_000_000, help="events in the store")
     parser.add_argument("--workers", type=int, default=2, help="rehydrate worker processes")
     parser.add_argument(
-        "--lanes", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2, 4], help="lane counts, e.g. 1,2,4"
+        "--lanes", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2, 4, 8], help="lane counts, e.g. 1,2,4"
     )
     parser.add_argument("--chunk-size", type=int, default=None, help="events per chunk (default: the setting's)")
     parser.add_argument(
