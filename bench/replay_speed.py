@@ -22,7 +22,8 @@ deterministic: ~40 orders open at a time, so streams interleave):
    the ceiling's, row for row.
 5. **small replay**: a replay of a 1,000-event store from start to swap (median of 5).
 
-Prints events/s for each, the ratios, and the workers' peak RSS (VmHWM). Exit status 1 if a table differs.
+Prints events/s for each, the ratios, and the workers' peak RSS (VmHWM); for each replay, the CPU time each process
+group used and the replay's phases from its Temporal history. Exit status 1 if a table differs.
 Postgres: an embedded server kept in `.rehydrate-bench/pgdata` (stopped at the end), or the server of
 REHYDRATE_DATABASE_URL (databases `rh_bench_*` are created on it). Temporal: a dev server started for the run,
 or REHYDRATE_TEMPORAL_ADDRESS.
@@ -259,11 +260,56 @@ async def workers(
         await asyncio.gather(*(stop_process(p) for p in processes))
 
 
-async def replay(client: Client, settings: Settings, lanes: int, chunk_size: int | None = None) -> tuple[float, int]:
+async def replay(
+    client: Client, settings: Settings, lanes: int | None, chunk_size: int | None = None
+) -> tuple[float, int, str]:
+    """A replay from start to swap: seconds, events applied, and where its time went (from its history)."""
     began = time.perf_counter()
     started = await start_replay(client, settings, ReplayInput(PROJECTION.name, lanes=lanes, chunk_size=chunk_size))
     result = await wait_for_replay(started)
-    return time.perf_counter() - began, result.events_applied
+    took = time.perf_counter() - began
+    return took, result.events_applied, await phases(client, started.id, started.result_run_id)
+
+
+async def phases(client: Client, workflow_id: str, run_id: str | None) -> str:
+    """Each activity type's span in the replay's history (first scheduled to last completed, over every run of it
+    across continue-as-new), and how busy the chunks kept the workers' slots while the build lasted."""
+    spans: dict[str, list[float]] = {}
+    chunk_seconds = 0.0
+    scheduled: dict[int, str] = {}
+    started_at: dict[int, float] = {}
+    while run_id:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        run_id = None
+        for event in history.events:
+            at = event.event_time.ToDatetime().timestamp()
+            kind = event.WhichOneof("attributes")
+            if kind == "activity_task_scheduled_event_attributes":
+                name = event.activity_task_scheduled_event_attributes.activity_type.name.removeprefix("rehydrate.")
+                scheduled[event.event_id] = name
+                spans.setdefault(name, [at, at])[1] = at
+            elif kind == "activity_task_started_event_attributes":
+                started_at[event.event_id] = at
+            elif kind == "activity_task_completed_event_attributes":
+                done = event.activity_task_completed_event_attributes
+                name = scheduled[done.scheduled_event_id]
+                spans[name][1] = at
+                if name == "apply_chunk":
+                    chunk_seconds += at - started_at[done.started_event_id]
+            elif kind == "workflow_execution_continued_as_new_event_attributes":
+                run_id = event.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+    ms = {name: (end - start) * 1000 for name, (start, end) in spans.items()}
+    build = ms.get("apply_chunk", 0.0)
+    parts = [f"plan {ms.get('plan_replay', 0):.0f} ms", f"build {build:,.0f} ms"]
+    parts += [
+        f"indexes {ms.get('finish_tables', 0):.0f} ms",
+        f"catch-up + swap {ms.get('catch_up', 0) + ms.get('swap', 0):.0f} ms",
+    ]
+    return (
+        ", ".join(parts) + f"; chunks ran {chunk_seconds * 1000 / build:.1f} at a time on average"
+        if build
+        else ", ".join(parts)
+    )
 
 
 async def small_replays(server_url: str, client: Client, runs: int) -> list[float]:
@@ -278,7 +324,7 @@ async def small_replays(server_url: str, client: Client, runs: int) -> list[floa
     seconds = []
     async with workers(url, client, 1, HOME / "small-worker.log") as (settings, _):
         for _ in range(runs):
-            took, _ = await replay(client, settings, settings.lanes)
+            took, _, _ = await replay(client, settings, settings.lanes)
             seconds.append(took)
     return seconds
 
@@ -313,13 +359,14 @@ async def main(args: argparse.Namespace) -> int:
                 ) as (settings, pids):
                     for lanes in lane_counts:
                         before = cpu_seconds(pids)
-                        took, applied = await replay(client, settings, lanes, args.chunk_size)
+                        took, applied, spent = await replay(client, settings, lanes, args.chunk_size)
                         used = cpu_used(before, cpu_seconds(pids))
                         wrong = await differences(conn, PROJECTION.table.name)
                         label = f"{lanes} lane(s) by {split}"
                         results.append((label, took, applied, wrong))
                         print(f"  replay, {label}: {took:.1f} s, {rate(applied, took)}, rows wrong: {wrong}")
                         print(f"    CPU time during it: {used} (this script: not counted)")
+                        print(f"    its history: {spent}")
                     rss += [peak_rss_mb(pid) for pid in pids]
         finally:
             await conn.close()
