@@ -165,26 +165,26 @@ class ReplayActivities:
                 )
             cutoff = _cutoff(building["to_position"], building["as_of"])
             ranges = await catalog.lane_bounds(conn, self.schema, projection.name, building["generation"])
-            if counts is None and ranges is None:
-                counts = await self.store.count_lanes(
-                    conn,
-                    mark=building["target_xmin"],
-                    types=projection.event_types,
-                    key=projection.key,
-                    lanes=building["lanes"],
-                    cutoff=cutoff,
-                    estimate=True,
-                )
-            elif counts is None:
-                assert ranges is not None
-                counts = await self.store.count_ranges(
-                    conn,
-                    mark=building["target_xmin"],
-                    types=projection.event_types,
-                    boundaries=[high for _, high in ranges[:-1] if high is not None],
-                    cutoff=cutoff,
-                    estimate=True,
-                )
+            if counts is None:  # a resumed generation, or lanes by hash
+                if ranges is None:
+                    counts = await self.store.count_lanes(
+                        conn,
+                        mark=building["target_xmin"],
+                        types=projection.event_types,
+                        key=projection.key,
+                        lanes=building["lanes"],
+                        cutoff=cutoff,
+                        estimate=True,
+                    )
+                else:
+                    counts = await self.store.count_ranges(
+                        conn,
+                        mark=building["target_xmin"],
+                        types=projection.event_types,
+                        boundaries=[high for _, high in ranges[:-1] if high is not None],
+                        cutoff=cutoff,
+                        estimate=True,
+                    )
             total = sum(counts)
             await catalog.set_total(conn, self.schema, projection.name, building["generation"], total)
             checkpoints = await catalog.lane_checkpoints(conn, self.schema, projection.name, building["generation"])
