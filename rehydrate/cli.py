@@ -461,7 +461,7 @@ def replay_plan(
             f"{chunks:,} chunks of up to {p.chunk_size:,} events, at most {p.max_parallel} at once"
         )
         for lane in p.lanes:
-            out.print(f"  lane {lane.lane}: {lane.events:,} events, {lane.chunks:,} chunks")
+            out.print(f"  lane {lane.lane}: {lane.events:,} events, {lane.chunks:,} chunk{'s' * (lane.chunks != 1)}")
         out.print(
             f"  sample chunk: {p.sample_events:,} events read, folded and written in {p.sample_seconds:.3f} s "
             f"({p.events_per_second:,.0f} events/s, rolled back)"

@@ -262,3 +262,17 @@ async def test_the_demo_builds_both_read_models_and_prints_only_its_story(
     assert len(events) == 3000
     for projection in (orders.order_summary, orders.customer_stats):
         assert await support.read_model(store.pool, projection) == support.oracle(projection, events)
+
+
+async def test_replay_plan_prints_each_lane_and_its_chunks(
+    settings: Settings, store: EventStore, tmp_path: Path
+) -> None:
+    await support.append_all(store, support.random_history(5, streams=30, events=500))
+    run = await rehydrate(settings, tmp_path, "replay", "plan", "accounts", "--lanes", "2", "--chunk-size", "1000")
+    assert run.code == 0, run
+    handled = sum(1 for e in await support.all_events(store) if e.type in support.accounts.handlers)
+    text = " ".join(run.stdout.split())  # the console wraps long lines
+    assert f"accounts: {handled:,} events to read" in text and ", 2 lanes, 2 chunks of up to 1,000 events" in text
+    lanes = [line.strip() for line in run.stdout.splitlines() if line.strip().startswith("lane ")]
+    assert len(lanes) == 2 and all(line.endswith("events, 1 chunk") for line in lanes), run
+    assert sum(int(line.split(": ")[1].split(" events")[0].replace(",", "")) for line in lanes) == handled
