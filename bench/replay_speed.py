@@ -305,11 +305,8 @@ async def phases(client: Client, workflow_id: str, run_id: str | None) -> str:
         f"indexes {ms.get('finish_tables', 0):.0f} ms",
         f"catch-up + swap {ms.get('catch_up', 0) + ms.get('swap', 0):.0f} ms",
     ]
-    return (
-        ", ".join(parts) + f"; chunks ran {chunk_seconds * 1000 / build:.1f} at a time on average"
-        if build
-        else ", ".join(parts)
-    )
+    busy = f"; chunks ran {chunk_seconds * 1000 / build:.1f} at a time on average" if build else ""
+    return ", ".join(parts) + busy
 
 
 async def small_replays(server_url: str, client: Client, runs: int) -> list[float]:
