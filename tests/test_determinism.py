@@ -23,7 +23,7 @@ from rehydrate.models import ReplayInput, ReplayResult, VerifyInput
 from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, start_verify, wait_for_replay, wait_for_verify
 from rehydrate.store import EventStore
-from rehydrate.worker import running_worker, workflow_runner
+from rehydrate.worker import passthrough_modules, running_worker, workflow_runner
 from rehydrate.workflows import ReplayWorkflow, VerifyWorkflow, verify_workflow_id
 from rehydrate.workflows.replay import replay_workflow_id
 from tests import support
@@ -115,3 +115,12 @@ async def test_the_recorded_history_catches_a_nondeterministic_change() -> None:
     changed = Replayer(workflows=[ReplayWithAnExtraTimer], workflow_runner=UnsandboxedWorkflowRunner())
     with pytest.raises(workflow.NondeterminismError):
         await changed.replay_workflow(recorded_history())
+
+
+def test_the_sandbox_shares_rehydrate_with_the_worker_but_not_its_workflows() -> None:
+    """A run's sandbox imports its own copy of the workflows (their code keeps the sandbox's checks) and shares the
+    rest of rehydrate; copying it too made every run's first workflow task take ~30 ms instead of ~8."""
+    shared = set(passthrough_modules())
+    assert {"rehydrate.store", "rehydrate.activities", "rehydrate.models", "rehydrate.projections"} <= shared
+    assert {"asyncpg", "sqlalchemy", "orjson"} <= shared
+    assert not [name for name in shared if name == "rehydrate" or name.startswith("rehydrate.workflows")], shared
