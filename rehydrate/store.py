@@ -121,6 +121,9 @@ _COLUMNS = (
 )
 
 
+# Of a sample's events, those whose stream ids are sorted to cut lanes by stream range (see stream_boundaries).
+BOUNDARY_THINNING = 8
+
 # Rows a lane read takes from its cursor at a time. Measured on 1M events (2 cores): 5,000 → 50,000 took one lane
 # from 170-180k to 247k events/s and four from 253k to 287-292k: Postgres produces a batch while asyncpg parses
 # what has arrived, and every batch boundary stalls both. A chunk holds at most this many events at once.
@@ -320,6 +323,11 @@ class EventStore:
             args.append(high)
             where.append(f"stream_id < ${len(args)}")
         until = _cutoff_sql(args, cutoff)
+        # Range lanes are used while the events fit in the cache (see `lane_split`), where a random page costs
+        # about what a sequential one does; at the default cost (4) the planner took a chunk whose range held
+        # more events than the limit to a bitmap scan and an external sort of the whole range (2-3x the index
+        # scan's time, and nothing streams until the sort is done), as it plans each statement's first executions.
+        await conn.execute("SET LOCAL random_page_cost = 1.1")
         cursor = await conn.cursor(
             f"""SELECT {_COLUMNS} FROM {self.table} WHERE {" AND ".join(where)}{until}
                 ORDER BY stream_id, stream_version LIMIT $3""",
@@ -379,8 +387,13 @@ class EventStore:
         sample, scale = await self._sample(conn)
         args: list[Any] = [str(mark), _types(types), [lane / lanes for lane in range(1, lanes)]]
         until = _cutoff_sql(args, cutoff)
+        # The sampled pages set how good the boundaries are (a page holds the events of the streams that were
+        # open when it was written, so they come in clumps); sorting the sample's stream ids is most of the
+        # cost. Every 8th event of the sampled pages is sorted, all are counted: the same boundaries to within
+        # a percent of a lane, at a third of the time (46 -> 14 ms at 1M events).
+        thinned = f" FILTER (WHERE global_position % {BOUNDARY_THINNING} = 0)" if sample else ""
         found, events = await conn.fetchrow(
-            f"""SELECT percentile_disc($3::float8[]) WITHIN GROUP (ORDER BY stream_id), count(*)
+            f"""SELECT percentile_disc($3::float8[]) WITHIN GROUP (ORDER BY stream_id){thinned}, count(*)
                 FROM {self.table} {sample}
                 WHERE tx_id < $1::text::xid8 AND ($2::text[] IS NULL OR event_type = ANY($2::text[])){until}""",
             *args,

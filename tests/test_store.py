@@ -336,3 +336,49 @@ async def test_import_reads_every_iso_8601_form_of_recorded_at_as_python_does(st
         (event,) = await store.read_stream(f"s{n}")
         expected = datetime.fromisoformat(form)
         assert event.recorded_at == (expected if expected.tzinfo else expected.replace(tzinfo=UTC)), form
+
+
+async def test_a_read_by_stream_range_streams_through_the_index_even_when_its_range_exceeds_the_limit(
+    store: EventStore,
+) -> None:
+    """A chunk of a lane by stream range reads its events in (stream id, version) order up to its limit. At the
+    planner's default page cost, a range holding somewhat more events than the limit was read by a bitmap scan
+    of the whole range and sorted (spilling to disk at real chunk sizes): slower, and nothing streams until the
+    sort ends. The read tells the planner the events are cached, which they are whenever lanes split by range."""
+    history = support.random_history(seed=5, streams=400, events=20_000)
+    lines = [{"stream_id": stream, "type": e.type, "data": e.data} for stream, e in history]
+    await import_events(store, enumerate(lines, start=1))
+    await store.pool.execute("ANALYZE rehydrate.events")
+    async with store.pool.acquire() as conn, conn.transaction():
+        mark = await store.high_water_mark(conn)
+        (low, high, *_), _ = await store.stream_boundaries(conn, mark=mark, types=None, lanes=4)
+        in_range = await conn.fetchval(
+            "SELECT count(*) FROM rehydrate.events WHERE stream_id >= $1 AND stream_id < $2", low, high
+        )
+        limit = in_range * 2 // 3
+        read = [
+            e
+            async for batch in store.read_streams(
+                conn, low=low, high=high, after=None, mark=mark, types=None, limit=limit, fetch_size=1_000
+            )
+            for e in batch
+        ]
+        # The read's own prepared statement, planned again as its first executions are (with these values).
+        name = await conn.fetchval(
+            "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%ORDER BY stream_id, stream_version%'"
+        )
+        explain = await conn.fetchval(
+            "SELECT format('EXPLAIN EXECUTE %I(%L, NULL, %s, %L, %L)', "
+            "$1::text, $2::text, $3::int, $4::text, $5::text)",
+            name,
+            str(mark),
+            limit,
+            low,
+            high,
+        )
+        explained = await conn.fetch(explain)
+        plan = "\n".join(row[0] for row in explained)
+    assert len(read) == limit
+    assert [(e.stream_id, e.stream_version) for e in read] == sorted((e.stream_id, e.stream_version) for e in read)
+    assert "Index Scan using events_stream_version_key" in plan, plan
+    assert "Sort" not in plan, plan
