@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +340,19 @@ async def test_auto_split_reads_by_stream_range_while_the_events_fit_in_the_cach
             assert not await store.fits_in_cache(conn)
         finally:
             await conn.execute("RESET effective_cache_size")
+
+
+async def test_a_chunk_heartbeats_only_after_a_quarter_of_its_heartbeat_timeout_at_most_a_second(
+    pool: asyncpg.Pool, store: EventStore, activity_settings: Settings
+) -> None:
+    """The SDK sends an activity's first heartbeat at once: for a chunk of well under a second, a round trip and a
+    server write that tell the server nothing its completion will not. A chunk that runs longer still beats."""
+    lab = await make_lab(pool, store, activity_settings, support.accounts, seed=37)
+    for timeout, expected in ((timedelta(seconds=30), 0), (None, 0), (timedelta(microseconds=40), 1)):
+        beats: list[tuple[Any, ...]] = []
+        env = ActivityEnvironment()
+        env.info = replace(env.info, heartbeat_timeout=timeout)
+        env.on_heartbeat = lambda *details, beats=beats: beats.append(details)
+        result = await env.run(lab.activities.apply_chunk, lab.chunk(0))
+        assert len(beats) == expected, (timeout, beats)
+        assert beats == [(result.position,)] * expected
