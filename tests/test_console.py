@@ -113,3 +113,34 @@ async def test_search_attributes_details_and_summaries_survive_continue_as_new(
         r.id async for r in client.list_workflows(f'RehydrateProjection = "accounts" AND WorkflowId = "{workflow_id}"')
     ]
     assert len(found) == len(runs)
+
+
+async def test_progress_is_upserted_at_most_once_a_second_and_the_phases_every_time(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    """Each upsert is a history event and a visibility write; a chunk's progress is not worth one every time."""
+    await support.append_all(store, support.random_history(33, streams=20, events=600))
+    workflow_id = f"ui-{uuid.uuid4().hex[:8]}"
+    async with running_worker(settings, support.registry(), client=client):
+        result: dict[str, Any] = await client.execute_workflow(
+            "Replay",
+            {"projection": "accounts", "lanes": 2, "chunk_size": 20},
+            id=workflow_id,
+            task_queue=settings.temporal_task_queue,
+        )
+    handle = client.get_workflow_handle(workflow_id)
+    history = await handle.fetch_history()
+    assert result["runs"] == 1
+    chunks = [
+        e
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "rehydrate.apply_chunk"
+    ]
+    upserts = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES]
+    seconds = (history.events[-1].event_time.ToDatetime() - history.events[0].event_time.ToDatetime()).total_seconds()
+    phases = 5  # planning, building, indexing, catching_up, swapping, done: the first is shown with the second
+    assert len(chunks) >= 20
+    assert len(upserts) <= phases + 1 + int(seconds), (len(upserts), seconds)
+    attributes = (await handle.describe()).typed_search_attributes
+    assert (attributes.get(search_attributes.PHASE), attributes.get(search_attributes.PROGRESS)) == ("done", 100)
