@@ -101,7 +101,12 @@ class Settings(BaseSettings):
         "range while the events table fits in Postgres' effective_cache_size, hash beyond. Payload-keyed "
         "projections always split by hash.",
     )
-    chunk_size: int = Field(default=50_000, ge=1)
+    chunk_size: int = Field(
+        default=100_000,
+        ge=1,
+        description="Events per chunk: one activity, one transaction. Memory holds its touched rows and one batch "
+        "of events, not the chunk's events; each chunk costs a few Temporal tasks and a commit.",
+    )
     max_parallel: int = Field(default=8, ge=1, le=500)
     retain_generations: int = Field(default=1, ge=0, description="Retired generations kept for rollback")
     max_concurrent_activities: int = Field(
