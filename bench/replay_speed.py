@@ -301,9 +301,10 @@ async def phases(client: Client, workflow_id: str, run_id: str | None) -> str:
     ms = {name: (end - start) * 1000 for name, (start, end) in spans.items()}
     build = ms.get("apply_chunk", 0.0)
     parts = [f"plan {ms.get('plan_replay', 0):.0f} ms", f"build {build:,.0f} ms"]
+    swap = ms.get("catch_up", 0) + ms.get("swap", 0)
     parts += [
-        f"indexes {ms.get('finish_tables', 0):.0f} ms",
-        f"catch-up + swap {ms.get('catch_up', 0) + ms.get('swap', 0):.0f} ms",
+        f"indexes {ms.get('index_tables', ms.get('finish_tables', 0)):.0f} ms",  # finish_tables: ANALYZE too
+        f"ANALYZE {ms.get('analyze_table', 0):.0f} ms beside catch-up + swap {swap:.0f} ms",
     ]
     busy = f"; chunks ran {chunk_seconds * 1000 / build:.1f} at a time on average" if build else ""
     return ", ".join(parts) + busy

@@ -8,6 +8,7 @@ views of the user's own, and leaves the old generation's table untouched for an 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -238,12 +239,29 @@ async def save_lane(
 async def finish_generation(
     conn: asyncpg.Connection, schema: str, read_schema: str, projection: Projection, generation: int
 ) -> int:
-    """Build the secondary indexes after the load (faster than maintaining them row by row) and ANALYZE.
-    The plan's events_total was an estimate; from here it is what the build applied."""
+    """Build the secondary indexes after the load and ANALYZE; returns the row count."""
+    rows = await index_generation(conn, schema, read_schema, projection, generation)
+    await analyze_generation(conn, read_schema, projection, generation)
+    return rows
+
+
+async def analyze_generation(
+    conn: asyncpg.Connection, read_schema: str, projection: Projection, generation: int
+) -> None:
+    """Gather the planner's statistics of a generation's table. ANALYZE blocks neither readers nor writers, so it
+    may run beside the catch-up and the swap; a table dropped meanwhile (a cancelled replay) is left alone."""
+    with contextlib.suppress(asyncpg.UndefinedTableError):
+        await conn.execute(f"ANALYZE {qualified(read_schema, physical_table_name(projection, generation))}")
+
+
+async def index_generation(
+    conn: asyncpg.Connection, schema: str, read_schema: str, projection: Projection, generation: int
+) -> int:
+    """Build the secondary indexes after the load (faster than maintaining them row by row); returns the row
+    count. The plan's events_total was an estimate; from here it is what the build applied."""
     physical = physical_table_name(projection, generation)
     for statement in projection.table.create_index_sql(read_schema, generation):
         await conn.execute(statement)
-    await conn.execute(f"ANALYZE {qualified(read_schema, physical)}")
     rows = int(await conn.fetchval(f"SELECT count(*) FROM {qualified(read_schema, physical)}"))
     await conn.execute(
         f"""UPDATE {quote(schema)}.generations

@@ -57,3 +57,35 @@ async def test_readers_never_see_an_error_an_empty_table_or_a_mix_during_swaps(
     assert [r.generation for r in results] == [2, 3, 4]
     assert all(r.swap_lock_ms < 1000 for r in results), [r.swap_lock_ms for r in results]
     assert await support.read_model(store.pool, support.accounts) == expected
+
+
+async def test_the_new_generation_is_analyzed_beside_the_catch_up_and_the_swap(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    """ANALYZE blocks neither the catch-up's writes nor the swap (which locks the view), so it runs beside them;
+    the replay ends only when the table has its statistics."""
+    await support.append_all(store, support.random_history(32, streams=60, events=1500))
+    async with running_worker(settings, support.registry(), client=client):
+        handle = await start_replay(client, settings, ReplayInput("accounts"))
+        result = await wait_for_replay(handle)
+    physical = await store.pool.fetchval(
+        "SELECT physical_table FROM rehydrate.generations WHERE projection = 'accounts' AND generation = $1",
+        result.generation,
+    )
+    analyzed = await store.pool.fetchrow(
+        "SELECT c.reltuples, (SELECT count(*) FROM pg_stats s WHERE s.tablename = c.relname) AS columns "
+        "FROM pg_class c WHERE c.relname = $1",
+        physical,
+    )
+    assert analyzed["reltuples"] == result.rows > 0
+    assert analyzed["columns"] == len(support.accounts.table.columns)
+
+    history = await client.get_workflow_handle(handle.id, run_id=handle.result_run_id).fetch_history()
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name.removeprefix("rehydrate.")
+        for e in history.events
+        if e.activity_task_scheduled_event_attributes.activity_type.name
+    ]
+    assert "finish_tables" not in scheduled
+    finish = scheduled[scheduled.index("index_tables") :]
+    assert finish[:2] == ["index_tables", "analyze_table"] and finish[-1] == "swap", finish

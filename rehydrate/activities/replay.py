@@ -335,6 +335,33 @@ class ReplayActivities:
 
         return await _user_errors_fail_the_replay(work)
 
+    @activity.defn(name="rehydrate.index_tables")
+    async def index_tables(self, input: GenerationRef) -> int:
+        """Create the secondary indexes; returns the row count. (ANALYZE is `analyze_table`, beside the swap.)"""
+
+        async def work() -> int:
+            projection = self.registry.get(input.projection)
+            async with self.pool.acquire() as conn:
+                row = await catalog.generation_row(conn, self.schema, projection.name, input.generation)
+                where = catalog.table_schema(self.read_schema, row["sandbox"])
+                return await catalog.index_generation(conn, self.schema, where, projection, input.generation)
+
+        return await _user_errors_fail_the_replay(work)
+
+    @activity.defn(name="rehydrate.analyze_table")
+    async def analyze_table(self, input: GenerationRef) -> None:
+        """ANALYZE the generation's table (nothing if it was dropped meanwhile)."""
+
+        async def work() -> None:
+            projection = self.registry.get(input.projection)
+            async with self.pool.acquire() as conn:
+                row = await catalog.generation_row(conn, self.schema, projection.name, input.generation)
+                if row["state"] in ("building", "sandbox", "active"):  # not dropped by a cancel meanwhile
+                    where = catalog.table_schema(self.read_schema, row["sandbox"])
+                    await catalog.analyze_generation(conn, where, projection, input.generation)
+
+        await _user_errors_fail_the_replay(work)
+
     @activity.defn(name="rehydrate.catch_up")
     async def catch_up(self, input: CatchUpInput) -> CatchUpResult:
         """Apply the events that became visible since the generation's checkpoint, up to the current mark."""
@@ -427,6 +454,8 @@ class ReplayActivities:
             self.plan_replay,
             self.apply_chunk,
             self.finish_tables,
+            self.index_tables,
+            self.analyze_table,
             self.catch_up,
             self.swap,
             self.drop_generation,

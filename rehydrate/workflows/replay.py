@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.workflow import ActivityHandle
 
 with workflow.unsafe.imports_passed_through():
     from rehydrate import search_attributes
@@ -22,12 +23,15 @@ with workflow.unsafe.imports_passed_through():
         ReplayProgress,
         ReplayResult,
         ReplayState,
+        SwapResult,
     )
     from rehydrate.models.replay import Plan
 
 WORKFLOW_TYPE = "Replay"
 # Replays started by an earlier version upserted their progress after every chunk; they still do when replayed.
 _PROGRESS_EVERY_SECOND = "progress-upserted-at-most-every-second"
+# They also ran ANALYZE before the catch-up (in finish_tables), and still do when replayed.
+_ANALYZE_BESIDE_SWAP = "analyze-beside-catch-up-and-swap"
 _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
 )
@@ -231,40 +235,42 @@ class ReplayWorkflow:
         _raise_if_cancel_requested()
         self._phase = "indexing"
         self._show()
-        built_rows = await workflow.execute_activity_method(
-            ReplayActivities.finish_tables,
-            ref,
-            start_to_close_timeout=timedelta(hours=2),
-            retry_policy=_RETRY,
-            summary=f"indexes and ANALYZE of {state.physical_table}",
-        )
+        analyzing: ActivityHandle[None] | None = None
+        if input.sandbox or not workflow.patched(_ANALYZE_BESIDE_SWAP):
+            built_rows = await workflow.execute_activity_method(
+                ReplayActivities.finish_tables,
+                ref,
+                start_to_close_timeout=timedelta(hours=2),
+                retry_policy=_RETRY,
+                summary=f"indexes and ANALYZE of {state.physical_table}",
+            )
+        else:
+            built_rows = await workflow.execute_activity_method(
+                ReplayActivities.index_tables,
+                ref,
+                start_to_close_timeout=timedelta(hours=2),
+                retry_policy=_RETRY,
+                summary=f"indexes of {state.physical_table}",
+            )
+            # ANALYZE blocks neither the catch-up's writes nor the swap (which locks the view, not the table):
+            # it runs beside them, and the replay ends when both have.
+            analyzing = workflow.start_activity_method(
+                ReplayActivities.analyze_table,
+                ref,
+                start_to_close_timeout=timedelta(hours=2),
+                retry_policy=_RETRY,
+                summary=f"ANALYZE {state.physical_table}",
+            )
         if input.sandbox:
             return await self._publish_sandbox(input, state, ref, built_rows)
-        self._phase = "catching_up"
-        for _ in range(_MAX_CATCH_UP_ROUNDS):
-            _raise_if_cancel_requested()
-            self._show()
-            caught = await workflow.execute_activity_method(
-                ReplayActivities.catch_up,
-                CatchUpInput(input.projection, state.generation),
-                start_to_close_timeout=timedelta(hours=1),
-                retry_policy=_RETRY,
-                summary="catch up with events appended since the target",
-            )
-            self._caught_up += caught.applied
-            if caught.applied < input.catch_up_threshold:
-                break
-        _raise_if_cancel_requested()
-        self._phase = "swapping"
-        self._show()
-        swapped = await workflow.execute_activity_method(
-            ReplayActivities.swap,
-            GenerationRef(input.projection, state.generation, allow_dead_letters=input.allow_dead_letters),
-            start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(seconds=max(input.heartbeat_timeout_seconds, 30)),
-            retry_policy=_RETRY,
-            summary=f"swap {input.projection} to generation {state.generation}",
-        )
+        try:
+            swapped = await self._catch_up_and_swap(input, state)
+            if analyzing is not None:
+                await analyzing
+        except BaseException:
+            if analyzing is not None and not analyzing.done():
+                analyzing.cancel()
+            raise
         self._caught_up += swapped.final_delta
         self._phase = "done"
         self._mark()
@@ -285,6 +291,34 @@ class ReplayWorkflow:
             events_per_second=applied / seconds if seconds > 0 else 0.0,
             swap_lock_ms=swapped.lock_ms,
             runs=state.runs,
+        )
+
+    async def _catch_up_and_swap(self, input: ReplayInput, state: ReplayState) -> SwapResult:
+        """Catch up in rounds until few events are left, then swap (the swap applies the rest under its lock)."""
+        self._phase = "catching_up"
+        for _ in range(_MAX_CATCH_UP_ROUNDS):
+            _raise_if_cancel_requested()
+            self._show()
+            caught = await workflow.execute_activity_method(
+                ReplayActivities.catch_up,
+                CatchUpInput(input.projection, state.generation),
+                start_to_close_timeout=timedelta(hours=1),
+                retry_policy=_RETRY,
+                summary="catch up with events appended since the target",
+            )
+            self._caught_up += caught.applied
+            if caught.applied < input.catch_up_threshold:
+                break
+        _raise_if_cancel_requested()
+        self._phase = "swapping"
+        self._show()
+        return await workflow.execute_activity_method(
+            ReplayActivities.swap,
+            GenerationRef(input.projection, state.generation, allow_dead_letters=input.allow_dead_letters),
+            start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=timedelta(seconds=max(input.heartbeat_timeout_seconds, 30)),
+            retry_policy=_RETRY,
+            summary=f"swap {input.projection} to generation {state.generation}",
         )
 
     async def _publish_sandbox(
