@@ -28,7 +28,7 @@ from rehydrate.models import (
     PlanInput,
     SwapResult,
 )
-from rehydrate.projections import Registry
+from rehydrate.projections import Projection, Registry
 from rehydrate.settings import Settings, lanes_for
 from rehydrate.store import Cutoff, EventStore, is_held
 
@@ -322,45 +322,43 @@ class ReplayActivities:
 
     # -- finish, catch up, swap ----------------------------------------------------------------------
 
-    @activity.defn(name="rehydrate.finish_tables")
-    async def finish_tables(self, input: GenerationRef) -> int:
-        """Create the secondary indexes and ANALYZE; returns the row count."""
+    async def _on_table(
+        self, input: GenerationRef, step: Callable[[asyncpg.Connection, Projection, asyncpg.Record, str], Awaitable[T]]
+    ) -> T:
+        """Run `step(conn, projection, generation row, schema of its table)` on a generation's table."""
 
-        async def work() -> int:
+        async def work() -> T:
             projection = self.registry.get(input.projection)
             async with self.pool.acquire() as conn:
                 row = await catalog.generation_row(conn, self.schema, projection.name, input.generation)
-                where = catalog.table_schema(self.read_schema, row["sandbox"])
-                return await catalog.finish_generation(conn, self.schema, where, projection, input.generation)
+                return await step(conn, projection, row, catalog.table_schema(self.read_schema, row["sandbox"]))
 
         return await _user_errors_fail_the_replay(work)
+
+    @activity.defn(name="rehydrate.finish_tables")
+    async def finish_tables(self, input: GenerationRef) -> int:
+        """Create the secondary indexes and ANALYZE; returns the row count. (Sandbox builds, and replays started
+        before `index_tables` and `analyze_table` split it so that ANALYZE runs beside the catch-up and swap.)"""
+        return await self._on_table(
+            input, lambda conn, p, _, where: catalog.finish_generation(conn, self.schema, where, p, input.generation)
+        )
 
     @activity.defn(name="rehydrate.index_tables")
     async def index_tables(self, input: GenerationRef) -> int:
         """Create the secondary indexes; returns the row count. (ANALYZE is `analyze_table`, beside the swap.)"""
-
-        async def work() -> int:
-            projection = self.registry.get(input.projection)
-            async with self.pool.acquire() as conn:
-                row = await catalog.generation_row(conn, self.schema, projection.name, input.generation)
-                where = catalog.table_schema(self.read_schema, row["sandbox"])
-                return await catalog.index_generation(conn, self.schema, where, projection, input.generation)
-
-        return await _user_errors_fail_the_replay(work)
+        return await self._on_table(
+            input, lambda conn, p, _, where: catalog.index_generation(conn, self.schema, where, p, input.generation)
+        )
 
     @activity.defn(name="rehydrate.analyze_table")
     async def analyze_table(self, input: GenerationRef) -> None:
-        """ANALYZE the generation's table (nothing if it was dropped meanwhile)."""
+        """ANALYZE the generation's table (nothing if a cancel dropped it meanwhile)."""
 
-        async def work() -> None:
-            projection = self.registry.get(input.projection)
-            async with self.pool.acquire() as conn:
-                row = await catalog.generation_row(conn, self.schema, projection.name, input.generation)
-                if row["state"] in ("building", "sandbox", "active"):  # not dropped by a cancel meanwhile
-                    where = catalog.table_schema(self.read_schema, row["sandbox"])
-                    await catalog.analyze_generation(conn, where, projection, input.generation)
+        async def analyze(conn: asyncpg.Connection, projection: Projection, row: asyncpg.Record, where: str) -> None:
+            if row["state"] in ("building", "sandbox", "active"):
+                await catalog.analyze_generation(conn, where, projection, input.generation)
 
-        await _user_errors_fail_the_replay(work)
+        await self._on_table(input, analyze)
 
     @activity.defn(name="rehydrate.catch_up")
     async def catch_up(self, input: CatchUpInput) -> CatchUpResult:

@@ -30,7 +30,7 @@ with workflow.unsafe.imports_passed_through():
 WORKFLOW_TYPE = "Replay"
 # Replays started by an earlier version upserted their progress after every chunk; they still do when replayed.
 _PROGRESS_EVERY_SECOND = "progress-upserted-at-most-every-second"
-# They also ran ANALYZE before the catch-up (in finish_tables), and still do when replayed.
+# They also ran ANALYZE before the catch-up and swap (finish_tables), and still do when replayed.
 _ANALYZE_BESIDE_SWAP = "analyze-beside-catch-up-and-swap"
 _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
@@ -235,25 +235,20 @@ class ReplayWorkflow:
         _raise_if_cancel_requested()
         self._phase = "indexing"
         self._show()
+        # Replays started before ANALYZE ran beside the catch-up and swap still run finish_tables (indexes and
+        # ANALYZE), as sandbox builds do (they have no catch-up or swap to run it beside).
+        beside = not input.sandbox and workflow.patched(_ANALYZE_BESIDE_SWAP)
+        built_rows = await workflow.execute_activity_method(
+            ReplayActivities.index_tables if beside else ReplayActivities.finish_tables,
+            ref,
+            start_to_close_timeout=timedelta(hours=2),
+            retry_policy=_RETRY,
+            summary=f"indexes {'' if beside else 'and ANALYZE '}of {state.physical_table}",
+        )
+        # ANALYZE blocks neither the catch-up's writes nor the swap (which locks the view, not the table): it
+        # runs beside them, and the replay ends when both have.
         analyzing: ActivityHandle[None] | None = None
-        if input.sandbox or not workflow.patched(_ANALYZE_BESIDE_SWAP):
-            built_rows = await workflow.execute_activity_method(
-                ReplayActivities.finish_tables,
-                ref,
-                start_to_close_timeout=timedelta(hours=2),
-                retry_policy=_RETRY,
-                summary=f"indexes and ANALYZE of {state.physical_table}",
-            )
-        else:
-            built_rows = await workflow.execute_activity_method(
-                ReplayActivities.index_tables,
-                ref,
-                start_to_close_timeout=timedelta(hours=2),
-                retry_policy=_RETRY,
-                summary=f"indexes of {state.physical_table}",
-            )
-            # ANALYZE blocks neither the catch-up's writes nor the swap (which locks the view, not the table):
-            # it runs beside them, and the replay ends when both have.
+        if beside:
             analyzing = workflow.start_activity_method(
                 ReplayActivities.analyze_table,
                 ref,
