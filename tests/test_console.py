@@ -45,6 +45,16 @@ async def test_a_replay_started_like_the_web_ui_does_runs_to_completion(
     assert result["events_applied"] == handled
 
 
+async def replay_like_the_ui(client: Client, settings: Settings, input: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Run a replay as the Web UI's Start Workflow form starts it (a type, a task queue, one JSON payload), on a
+    running worker; returns its workflow id and result."""
+    workflow_id = f"ui-{uuid.uuid4().hex[:8]}"
+    result: dict[str, Any] = await client.execute_workflow(
+        "Replay", input, id=workflow_id, task_queue=settings.temporal_task_queue
+    )
+    return workflow_id, result
+
+
 async def run_ids(client: Client, workflow_id: str) -> list[str]:
     """Every run of a workflow id, oldest first (visibility is eventually consistent: wait until all closed)."""
     deadline = time.monotonic() + 30
@@ -60,13 +70,9 @@ async def test_search_attributes_details_and_summaries_survive_continue_as_new(
 ) -> None:
     # 1,000 events in chunks of 5 over 2 lanes: ~200 activities, past the session's continue-as-new limit.
     await support.append_all(store, support.random_history(32, streams=25, events=1000))
-    workflow_id = f"ui-{uuid.uuid4().hex[:8]}"
     async with running_worker(settings, support.registry(), client=client):
-        result: dict[str, Any] = await client.execute_workflow(
-            "Replay",
-            {"projection": "accounts", "lanes": 2, "chunk_size": 5},
-            id=workflow_id,
-            task_queue=settings.temporal_task_queue,
+        workflow_id, result = await replay_like_the_ui(
+            client, settings, {"projection": "accounts", "lanes": 2, "chunk_size": 5}
         )
         assert result["runs"] > 1
         runs = await run_ids(client, workflow_id)
@@ -120,13 +126,9 @@ async def test_progress_is_upserted_at_most_once_a_second_and_the_phases_every_t
 ) -> None:
     """Each upsert is a history event and a visibility write; a chunk's progress is not worth one every time."""
     await support.append_all(store, support.random_history(33, streams=20, events=600))
-    workflow_id = f"ui-{uuid.uuid4().hex[:8]}"
     async with running_worker(settings, support.registry(), client=client):
-        result: dict[str, Any] = await client.execute_workflow(
-            "Replay",
-            {"projection": "accounts", "lanes": 2, "chunk_size": 20},
-            id=workflow_id,
-            task_queue=settings.temporal_task_queue,
+        workflow_id, result = await replay_like_the_ui(
+            client, settings, {"projection": "accounts", "lanes": 2, "chunk_size": 20}
         )
     handle = client.get_workflow_handle(workflow_id)
     history = await handle.fetch_history()
