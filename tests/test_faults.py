@@ -54,6 +54,7 @@ from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.store import ConcurrencyError, Event, EventStore, NewEvent
 from rehydrate.workflows import ReplayWorkflow, TailWorkflow, tail_workflow_id
+from rehydrate.workflows.replay import replay_workflow_id
 from tests import support
 from tests.test_crash import _tail, chunk_transactions_open, start_worker
 
@@ -444,6 +445,9 @@ async def test_postgres_restart_fast_and_immediate_mid_chunk_and_mid_swap(
             swap_retries += await activity_retries(client, handle.id, "rehydrate.swap")
     finally:
         await probe.close()
+        # A replay left running on the session's Temporal server would refuse every later test's replay.
+        with contextlib.suppress(RPCError):
+            await client.get_workflow_handle(replay_workflow_id(PROJECTION.name)).terminate("the test ended")
 
     pool = await create_pool(private_postgres.url, max_size=2)
     try:
@@ -473,13 +477,17 @@ async def hold_view(url: str, *, since: datetime | None) -> asyncpg.Connection:
     deadline = time.monotonic() + 60
     while True:
         assert time.monotonic() < deadline, "the restarted server never let a reader in"
-        with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        conn: asyncpg.Connection | None = None
+        # A server that is shutting down can also leave a fresh connection mid-operation (InternalClientError).
+        errors = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+        with contextlib.suppress(*errors):
             conn = await asyncpg.connect(url, timeout=2)
             if since is None or await conn.fetchval("SELECT pg_postmaster_start_time()") > since:
                 await conn.execute("BEGIN")
                 await conn.fetchval("SELECT count(*) FROM public.account")
                 return conn
-            await conn.close()
+        if conn is not None:
+            conn.terminate()
         await asyncio.sleep(0.005)
 
 
