@@ -129,6 +129,22 @@ BOUNDARY_THINNING = 8
 # what has arrived, and every batch boundary stalls both. A chunk holds at most this many events at once.
 FETCH_SIZE = 50_000
 
+# Events a read hands out at a time, of the rows fetched at once. Measured on 1M events (8 lanes, 2 cores, each
+# replay against the ceiling measured beside it): 50,000 at a time 37-41% of the ceiling, 5,000 at a time 43-46%.
+# A slice's Events are folded while they are still in the CPU's cache, and the worker's event loop (which also
+# runs its workflow tasks and heartbeats) gets a turn between slices, not only every 50,000 events.
+SLICE = 5_000
+
+
+async def _batches(cursor: asyncpg.cursor.Cursor[Any], fetch_size: int) -> AsyncIterator[list[Event]]:
+    """The cursor's events, `fetch_size` rows fetched at a time, handed out `SLICE` at a time."""
+    while True:
+        rows = await cursor.fetch(fetch_size)
+        if not rows:
+            return
+        for start in range(0, len(rows), SLICE):
+            yield _events(rows[start : start + SLICE])
+
 
 def _types(types: Sequence[str] | None) -> list[str] | None:
     """The event types to read; None reads every type (a strict projection)."""
@@ -286,11 +302,8 @@ class EventStore:
                     {lane_filter}{until}
                     ORDER BY global_position LIMIT $4"""
         cursor = await conn.cursor(query, *args)
-        while True:
-            rows = await cursor.fetch(fetch_size)
-            if not rows:
-                return
-            yield _events(rows)
+        async for batch in _batches(cursor, fetch_size):
+            yield batch
 
     async def read_streams(
         self,
@@ -333,11 +346,8 @@ class EventStore:
                 ORDER BY stream_id, stream_version LIMIT $3""",
             *args,
         )
-        while True:
-            rows = await cursor.fetch(fetch_size)
-            if not rows:
-                return
-            yield _events(rows)
+        async for batch in _batches(cursor, fetch_size):
+            yield batch
 
     async def fits_in_cache(self, conn: asyncpg.Connection) -> bool:
         """Whether the events table is no bigger than the cache Postgres assumes (effective_cache_size): then

@@ -8,7 +8,8 @@ that is how a retry sees the database — a second delivery of the same `ChunkIn
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,9 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from rehydrate import catalog
+from rehydrate import store as store_module
 from rehydrate.activities import ReplayActivities
+from rehydrate.apply import Folding
 from rehydrate.models import ChunkInput, ChunkResult, Plan, PlanInput
 from rehydrate.projections import Projection, Registry, Row
 from rehydrate.settings import Settings
@@ -356,3 +359,40 @@ async def test_a_chunk_heartbeats_only_after_a_quarter_of_its_heartbeat_timeout_
         result = await env.run(lab.activities.apply_chunk, lab.chunk(0))
         assert len(beats) == expected, (timeout, beats)
         assert beats == [(result.position,)] * expected
+
+
+async def test_a_chunk_folds_its_fetched_rows_a_slice_at_a_time_and_lets_the_event_loop_turn_between_slices(
+    pool: asyncpg.Pool, store: EventStore, activity_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker runs its workflow tasks, heartbeats and other chunks on the event loop its chunks fold on: a
+    chunk that folded a whole fetch (50,000 events) in one go held them all up. Between slices it lets them in.
+    Lanes by stream range: there folding a slice awaits nothing of its own (no lookup of stored rows)."""
+    settings = activity_settings.model_copy(update={"lane_split": "range"})
+    lab = await make_lab(pool, store, settings, support.accounts, seed=38)
+    monkeypatch.setattr(store_module, "SLICE", 7)
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    slices: list[tuple[int, int]] = []  # (events in the slice, turns the event loop had taken when it was folded)
+    add = Folding.add
+
+    async def counting_add(self: Folding, events: Sequence[Event]) -> None:
+        slices.append((len(events), turns))
+        await add(self, events)
+
+    monkeypatch.setattr(Folding, "add", counting_add)
+    counter = asyncio.create_task(count_turns())
+    try:
+        result = await lab.run(0)
+    finally:
+        counter.cancel()
+    assert not result.done
+    assert [size for size, _ in slices] == [7] * (CHUNK // 7) + [CHUNK % 7]  # one fetch, cut into slices
+    assert all(later > earlier for (_, earlier), (_, later) in itertools.pairwise(slices)), slices
+    read = await range_read_so_far(pool, lab.projection.name, lab.plan.generation, 0)
+    assert await lab.rows() == support.oracle(support.accounts, [e for e in lab.events if e.global_position in read])

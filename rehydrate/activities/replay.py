@@ -302,6 +302,7 @@ class ReplayActivities:
                 if held:
                     batch = [e for e in batch if not is_held(held, e.stream_id, e.stream_version)]
                 await folding.add(batch)
+                await asyncio.sleep(0)  # the worker's workflow tasks and other chunks get a turn (see store.SLICE)
                 if time.monotonic() >= beat_from:
                     activity.heartbeat(position)
             applied = await folding.write()
