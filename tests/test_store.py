@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -13,6 +16,7 @@ import orjson
 import pytest
 from temporalio.client import Client
 
+from rehydrate import importer
 from rehydrate.database import create_pool
 from rehydrate.errors import ConcurrencyError, UserError
 from rehydrate.importer import import_events, read_jsonl
@@ -294,6 +298,29 @@ async def test_an_import_into_an_empty_store_builds_the_readers_indexes_after_th
 
     await import_events(store, lines[:10])  # the store has events: indexes maintained, not rebuilt
     assert await _reader_index_oids(store) == after
+
+
+async def test_an_import_hands_the_interpreter_between_its_threads_often_while_it_runs_and_only_then(
+    store: EventStore,
+) -> None:
+    """The import parses in a thread while the event loop's thread feeds COPY: it shortens the interpreter's
+    switch interval while it runs (two at once included) and restores it when the last ends, failed or not."""
+    seen: list[float] = []
+
+    def lines(count: int, bad: bool = False) -> Iterator[tuple[int, Any]]:
+        for n in range(1, count + 1):
+            seen.append(sys.getswitchinterval())  # read in the import's parsing thread
+            yield n, {"stream_id": f"s-{n % 3}", "type": "Opened", "data": [] if bad and n == count else {"n": n}}
+
+    before = sys.getswitchinterval()
+    assert before > importer.SWITCH_INTERVAL
+    await asyncio.gather(import_events(store, lines(300), batch_size=7), import_events(store, lines(50), batch_size=3))
+    assert sys.getswitchinterval() == before
+    with pytest.raises(UserError, match="input:20"):
+        await import_events(store, lines(20, bad=True))
+    assert sys.getswitchinterval() == before
+    assert len(seen) == 370 and set(seen) == {importer.SWITCH_INTERVAL}
+    assert [e.stream_version for e in await store.read_stream("s-1")] == list(range(1, 100 + 17 + 1))
 
 
 async def test_an_import_by_a_role_that_may_only_insert_maintains_the_indexes(
