@@ -21,7 +21,9 @@ deterministic: ~40 orders open at a time, so streams interleave):
 4. **rehydrate**: `--workers` real `rehydrate worker` processes and a Temporal dev server (started as `rehydrate dev`
    starts one); for each lane count, a full replay from start to swap, with lanes over stream-id ranges (the
    default); then the most lanes again split by hash (`REHYDRATE_LANE_SPLIT=hash`). Each table is compared with
-   the ceiling's, row for row.
+   the ceiling's, row for row. "To the swap" ends when the new generation went live (the swap activity's
+   completion in the replay's history); the workflow ends when the new generation's `ANALYZE`, begun before the
+   catch-up and the swap, is done too, and that time is printed beside it.
 5. **small replay**: a replay of a 1,000-event store from start to swap (median of 5).
 
 Prints events/s for each, the ratios, and the workers' peak RSS (VmHWM); for each replay, the CPU time each process
@@ -264,18 +266,22 @@ async def workers(
 
 async def replay(
     client: Client, settings: Settings, lanes: int | None, chunk_size: int | None = None
-) -> tuple[float, int, str]:
-    """A replay from start to swap: seconds, events applied, and where its time went (from its history)."""
-    began = time.perf_counter()
+) -> tuple[float, float, int, str]:
+    """A replay: seconds from `replay start` to the swap and to the workflow's end (it waits for the new
+    generation's ANALYZE, begun before the catch-up and the swap), events applied, where its time went."""
+    began, clock = time.perf_counter(), time.time()
     started = await start_replay(client, settings, ReplayInput(PROJECTION.name, lanes=lanes, chunk_size=chunk_size))
     result = await wait_for_replay(started)
     took = time.perf_counter() - began
-    return took, result.events_applied, await phases(client, started.id, started.result_run_id)
+    spent, swapped_at = await phases(client, started.id, started.result_run_id)
+    return swapped_at - clock, took, result.events_applied, spent
 
 
-async def phases(client: Client, workflow_id: str, run_id: str | None) -> str:
+async def phases(client: Client, workflow_id: str, run_id: str | None) -> tuple[str, float]:
     """Each activity type's span in the replay's history (first scheduled to last completed, over every run of it
-    across continue-as-new), and how busy the chunks kept the workers' slots while the build lasted."""
+    across continue-as-new), how busy the chunks kept the workers' slots while the build lasted, and when (Unix
+    time, the server's clock: the same machine's) the swap completed."""
+    swapped_at = 0.0
     spans: dict[str, list[float]] = {}
     chunk_seconds = 0.0
     scheduled: dict[int, str] = {}
@@ -298,6 +304,8 @@ async def phases(client: Client, workflow_id: str, run_id: str | None) -> str:
                 spans[name][1] = at
                 if name == "apply_chunk":
                     chunk_seconds += at - started_at[done.started_event_id]
+                elif name == "swap":
+                    swapped_at = event.event_time.ToMicroseconds() / 1e6
             elif kind == "workflow_execution_continued_as_new_event_attributes":
                 run_id = event.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
     ms = {name: (end - start) * 1000 for name, (start, end) in spans.items()}
@@ -309,7 +317,7 @@ async def phases(client: Client, workflow_id: str, run_id: str | None) -> str:
         f"ANALYZE {ms.get('analyze_table', 0):.0f} ms beside catch-up + swap {swap:.0f} ms",
     ]
     busy = f"; chunks ran {chunk_seconds * 1000 / build:.1f} at a time on average" if build else ""
-    return ", ".join(parts) + busy
+    return ", ".join(parts) + busy, swapped_at
 
 
 async def small_replays(server_url: str, client: Client, runs: int) -> list[float]:
@@ -324,8 +332,8 @@ async def small_replays(server_url: str, client: Client, runs: int) -> list[floa
     seconds = []
     async with workers(url, client, 1, HOME / "small-worker.log") as (settings, _):
         for _ in range(runs):
-            took, _, _ = await replay(client, settings, settings.lanes)
-            seconds.append(took)
+            to_swap, _, _, _ = await replay(client, settings, settings.lanes)
+            seconds.append(to_swap)
     return seconds
 
 
@@ -359,7 +367,7 @@ async def main(args: argparse.Namespace) -> int:
                     for lanes in lane_counts:
                         ceilings.append((await ceiling(conn))[0])
                         before = cpu_seconds(pids)
-                        took, applied, spent = await replay(client, settings, lanes, args.chunk_size)
+                        took, to_end, applied, spent = await replay(client, settings, lanes, args.chunk_size)
                         used = cpu_used(before, cpu_seconds(pids))
                         wrong = await differences(conn, PROJECTION.table.name)
                         after, _ = await ceiling(conn)
@@ -368,8 +376,10 @@ async def main(args: argparse.Namespace) -> int:
                         label = f"{lanes} lane(s) by {split}"
                         results.append((label, took, applied, wrong, beside))
                         print(
-                            f"  replay, {label}: {took:.1f} s, {rate(applied, took)}, rows wrong: {wrong}; "
-                            f"ceiling before and after it: {rate(events, ceilings[-2])}, {rate(events, after)}"
+                            f"  replay, {label}: {took:.2f} s to the swap, {rate(applied, took)}, rows wrong: {wrong}; "
+                            f"the workflow ended {to_end - took:.2f} s later ({rate(applied, to_end).strip()}, "
+                            f"{(applied / to_end) / (events / beside):.0%} of the ceiling beside it); ceiling before "
+                            f"and after it: {rate(events, ceilings[-2]).strip()}, {rate(events, after).strip()}"
                         )
                         print(f"    CPU time during it: {used} (this script: not counted)")
                         print(f"    its history: {spent}")
@@ -395,8 +405,9 @@ async def main(args: argparse.Namespace) -> int:
     for label, took, applied, wrong, beside in results:
         mine = applied / took
         print(
-            f"rehydrate, {label:<17} {took:5.1f} s  {rate(applied, took)}  = {mine / (events / beside):4.0%} of the "
-            f"ceiling beside it, {mine / script_rate:5.1f}x the script, rows wrong {wrong}"
+            f"rehydrate, {label:<17} {took:5.1f} s to the swap {rate(applied, took)}"
+            f"  = {mine / (events / beside):4.0%} of the ceiling beside it, {mine / script_rate:5.1f}x the script, "
+            f"rows wrong {wrong}"
         )
     print(f"{args.workers} worker process(es); peak RSS of each: {', '.join(f'{mb:.0f} MB' for mb in rss)}")
     print(
