@@ -126,7 +126,7 @@ BOUNDARY_THINNING = 8
 
 # Rows a lane read takes from its cursor at a time. Measured on 1M events (2 cores): 5,000 → 50,000 took one lane
 # from 170-180k to 247k events/s and four from 253k to 287-292k: Postgres produces a batch while asyncpg parses
-# what has arrived, and every batch boundary stalls both. A chunk holds at most this many events at once.
+# what has arrived, and every batch boundary stalls both. A chunk holds at most this many rows at once.
 FETCH_SIZE = 50_000
 
 # Events a read hands out at a time, of the rows fetched at once: a chunk holds 5,000 Events at a time instead of
