@@ -177,40 +177,44 @@ async def import_events(
         return len(batch), _numbered(batch, known, source)
 
     with _switching_often():
-        async with store.pool.acquire() as conn, conn.transaction():
-            deferred = await _defer_indexes(conn, store)
-            # Into an empty store every stream starts at version 1: nothing to look up (a stream appended to
-            # meanwhile by someone else is caught by the unique (stream, version) index, and nothing is written), so
-            # the thread numbers the events too, while Postgres takes the batch before.
-            empty = bool(deferred) or not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {store.table})")
-            copying: asyncio.Task[None] | None = None
-            try:
-                while True:
-                    if empty:
-                        size, data = await asyncio.to_thread(next_data)
-                    else:
-                        batch = await asyncio.to_thread(next_batch)
-                        size = len(batch)
+        async with store.pool.acquire() as conn:
+            # Looked at before the transaction: a read in it would hold a share lock until the commit, and two
+            # imports into an empty store would each wait for the other's to take the exclusive one (a deadlock).
+            looks_empty = not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {store.table})")
+            async with conn.transaction():
+                deferred = await _defer_indexes(conn, store) if looks_empty else []
+                # Into an empty store every stream starts at version 1: nothing to look up (a stream appended to
+                # meanwhile by someone else is caught by the unique (stream, version) index, and nothing is written), so
+                # the thread numbers the events too, while Postgres takes the batch before.
+                empty = bool(deferred) or not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {store.table})")
+                copying: asyncio.Task[None] | None = None
+                try:
+                    while True:
+                        if empty:
+                            size, data = await asyncio.to_thread(next_data)
+                        else:
+                            batch = await asyncio.to_thread(next_batch)
+                            size = len(batch)
+                        if copying is not None:
+                            await copying
+                            copying = None
+                        if not size:
+                            break
+                        if not empty:
+                            await _look_up_versions(conn, store, batch, known)
+                            data = _numbered(batch, known, source)
+                        copying = asyncio.create_task(_copy(conn, store, data, source))
+                        total += size
+                finally:
                     if copying is not None:
-                        await copying
-                        copying = None
-                    if not size:
-                        break
-                    if not empty:
-                        await _look_up_versions(conn, store, batch, known)
-                        data = _numbered(batch, known, source)
-                    copying = asyncio.create_task(_copy(conn, store, data, source))
-                    total += size
-            finally:
-                if copying is not None:
-                    # A bad line while a batch was being written: let the COPY end before the rollback.
-                    with contextlib.suppress(Exception):
-                        await copying
-            if deferred:
-                await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
-                for definition in deferred:
-                    await conn.execute(definition)
-            await conn.execute("SELECT pg_notify($1, '')", store.channel)
+                        # A bad line while a batch was being written: let the COPY end before the rollback.
+                        with contextlib.suppress(Exception):
+                            await copying
+                if deferred:
+                    await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+                    for definition in deferred:
+                        await conn.execute(definition)
+                await conn.execute("SELECT pg_notify($1, '')", store.channel)
     return ImportReport(total, len(known), time.perf_counter() - started)
 
 
@@ -244,18 +248,18 @@ _DEFERRABLE = ("events_tx_position_idx", "events_type_position_idx")
 
 
 async def _defer_indexes(conn: asyncpg.Connection, store: EventStore) -> list[str]:
-    """Into an empty events table, drop the readers' indexes for the load; returns their definitions to
-    create again before commit ([]: the store has events, or the role may not lock the table or drop them).
+    """Into an events table found empty before the import's transaction began, drop the readers' indexes for the
+    load; returns their definitions to create again before commit ([]: the store has events by now, or the role
+    may not lock the table or drop them).
 
     The table stays locked (ACCESS EXCLUSIVE) until the import commits: nobody reads a store being loaded
-    for the first time, and a reader that tries waits instead of seeing a table without its indexes."""
-    if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {store.table})"):
-        return []
+    for the first time, and a reader that tries waits instead of seeing a table without its indexes. An import
+    that finds events once it has the lock (another import loaded them meanwhile) lets the lock go again."""
     try:
         async with conn.transaction():  # a savepoint: without the privileges, the import goes on as usual
             await conn.execute(f"LOCK TABLE {store.table} IN ACCESS EXCLUSIVE MODE")
             if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {store.table})"):
-                return []
+                raise _HasEvents  # rolls the savepoint back, and its lock with it
             rows = await conn.fetch(
                 "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = ANY($2::text[])",
                 store.schema,
@@ -264,8 +268,12 @@ async def _defer_indexes(conn: asyncpg.Connection, store: EventStore) -> list[st
             for row in rows:
                 await conn.execute(f"DROP INDEX {quote(store.schema)}.{quote(row['indexname'])}")
             return [row["indexdef"] for row in rows]
-    except asyncpg.InsufficientPrivilegeError:
+    except (_HasEvents, asyncpg.InsufficientPrivilegeError):
         return []
+
+
+class _HasEvents(Exception):
+    """The store an import found empty has events once the import holds its lock."""
 
 
 async def _look_up_versions(conn: asyncpg.Connection, store: EventStore, batch: Parsed, known: dict[str, int]) -> None:

@@ -300,6 +300,38 @@ async def test_an_import_into_an_empty_store_builds_the_readers_indexes_after_th
     assert await _reader_index_oids(store) == after
 
 
+async def test_two_imports_into_an_empty_store_at_once_both_commit_one_after_the_other(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both find the store empty and both go for its exclusive lock: the first loads it with the readers' indexes
+    deferred, the second waits, then finds events and imports as into any store with events. (A look at the table
+    inside the transaction held a share lock that made the two wait for each other: a deadlock.)"""
+    arrived: list[int] = []
+    both = asyncio.Event()
+    defer = importer._defer_indexes
+
+    async def together(conn: asyncpg.Connection, events: EventStore) -> list[str]:
+        arrived.append(1)
+        if len(arrived) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), timeout=10)
+        return await defer(conn, events)
+
+    monkeypatch.setattr(importer, "_defer_indexes", together)
+    before = await _reader_index_oids(store)
+
+    def lines(stream: str) -> list[tuple[int, Any]]:
+        return [(n, {"stream_id": f"{stream}-{n % 5}", "type": "Opened", "data": {"n": n}}) for n in range(1, 201)]
+
+    reports = await asyncio.gather(import_events(store, lines("a")), import_events(store, lines("b")))
+    assert [r.events for r in reports] == [200, 200] and len(arrived) == 2
+    assert await store.head() == 400
+    after = await _reader_index_oids(store)
+    assert after.keys() == before.keys() and after != before  # rebuilt once, by the first
+    for stream in ("a-0", "b-4"):
+        assert [e.stream_version for e in await store.read_stream(stream)] == list(range(1, 41))
+
+
 async def test_an_import_hands_the_interpreter_between_its_threads_often_while_it_runs_and_only_then(
     store: EventStore,
 ) -> None:
