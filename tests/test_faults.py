@@ -426,15 +426,14 @@ async def test_postgres_restart_fast_and_immediate_mid_chunk_and_mid_swap(
             reader = await hold_view(private_postgres.url, since=restarted_at)
             await restart
             swap_retries = 0
-            if not await swap_waits_or_replay_ends(probe, handle, 60):
+            waits = await swap_waits_or_replay_ends(probe, handle, 60)
+            figures.recoveries.append(time.monotonic() - fault_at)  # back inside its transaction, or swapped
+            if not waits:
                 # The retry reached the view in the few milliseconds between the server letting connections in
                 # and the reader's SELECT, and swapped: replay 2 recovered. Replay 3's swap waits for the reader.
-                figures.recoveries.append(time.monotonic() - fault_at)
                 swap_retries += await activity_retries(client, handle.id, "rehydrate.swap")
                 handle = await replay(client, settings)
                 await until(lambda: swap_waiting(probe), 120, "the swap to wait for the view (immediate)", 0.005)
-            else:
-                figures.recoveries.append(time.monotonic() - fault_at)  # the swap is back inside its transaction
             fault_at = time.monotonic()
             await private_postgres.restart("immediate")
             figures.faults_injected += 1
