@@ -514,15 +514,22 @@ async def swap_waits_or_replay_ends(probe: Probe, handle: WorkflowHandle[Any, An
 
 
 def free_port() -> int:
-    """A port that is free, and so is port + 1000 (the dev server's UI)."""
+    """A port that is free, and so is port + 1000 (the dev server's UI), both below Linux's ephemeral range
+    (32768 on): a port from that range, or its UI port, can be taken meanwhile as the local end of any outgoing
+    connection (seen: "bind: address already in use" for the UI port), and the server restarts on the same port."""
     while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port + 1000 < 65536:
-            with socket.socket() as ui:
-                if ui.connect_ex(("127.0.0.1", port + 1000)) != 0:
-                    return port
+        port = random.randrange(20_000, 31_000)
+        if all(_bindable(candidate) for candidate in (port, port + 1000)):
+            return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 async def test_temporal_dev_server_stopped_and_restarted_mid_replay(
