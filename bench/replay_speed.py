@@ -61,14 +61,14 @@ from common import (  # bench/ is on sys.path: the script's folder
 )
 from temporalio.client import Client
 
-from rehydrate.database import create_pool, ensure_schema
-from rehydrate.dev import quiet_exit
+from rehydrate import EventStore
+from rehydrate.core.database import create_pool, ensure_schema
+from rehydrate.core.settings import Settings
+from rehydrate.core.temporal import quiet_exit
+from rehydrate.engine.importer import import_events
 from rehydrate.examples import orders
-from rehydrate.importer import import_events
 from rehydrate.models import ReplayInput
-from rehydrate.settings import Settings
 from rehydrate.starter import start_replay, wait_for_replay
-from rehydrate.store import EventStore
 
 HOME = Path(".rehydrate-bench")
 PROJECTION = orders.order_summary

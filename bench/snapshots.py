@@ -41,18 +41,18 @@ from common import (  # bench/ is on sys.path: the script's folder
 )
 from temporalio.client import Client
 
-from rehydrate.aggregates import AggregateRegistry, Repository
-from rehydrate.database import create_pool, ensure_schema
-from rehydrate.dev import quiet_exit
+from rehydrate import EventStore, NewEvent
+from rehydrate.core.database import create_pool, ensure_schema
+from rehydrate.core.settings import Settings
+from rehydrate.core.temporal import quiet_exit
+from rehydrate.engine.aggregates import AggregateRegistry, Repository
+from rehydrate.engine.importer import import_events
+from rehydrate.engine.projections import Registry
+from rehydrate.engine.snapshots import SnapshotStore
 from rehydrate.examples import orders
 from rehydrate.examples.order_aggregate import Order
-from rehydrate.importer import import_events
 from rehydrate.models import SnapshotRebuildInput
-from rehydrate.projections import Registry
-from rehydrate.settings import Settings
-from rehydrate.snapshots import SnapshotStore
 from rehydrate.starter import start_snapshot_rebuild, wait_for_snapshot_rebuild
-from rehydrate.store import EventStore, NewEvent
 from rehydrate.worker import running_worker
 
 AGGREGATE_MODULE = "rehydrate.examples.order_aggregate"

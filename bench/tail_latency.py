@@ -46,17 +46,17 @@ from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.service import RPCError
 
-from rehydrate.database import create_pool, ensure_schema
-from rehydrate.dev import quiet_exit
+from rehydrate import Event, EventStore, NewEvent
+from rehydrate.core.database import create_pool, ensure_schema
+from rehydrate.core.settings import Settings
+from rehydrate.core.temporal import quiet_exit
+from rehydrate.engine.importer import import_events
+from rehydrate.engine.projections import Projection, Registry
 from rehydrate.examples import orders
-from rehydrate.importer import import_events
 from rehydrate.models import ReplayInput
-from rehydrate.projections import Projection, Registry
-from rehydrate.settings import Settings
+from rehydrate.models.names import tail_workflow_id
 from rehydrate.starter import start_replay, wait_for_replay
-from rehydrate.store import Event, EventStore, NewEvent
 from rehydrate.worker import running_worker
-from rehydrate.workflows import tail_workflow_id
 
 PROJECTION = orders.order_summary
 PROJECTION_MODULE = "rehydrate.examples.orders"

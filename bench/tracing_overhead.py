@@ -28,10 +28,9 @@ from common import postgres_server, spawn_worker, stop_process, temporal, worker
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from replay_speed import HOME, build_store, replay
 
-from rehydrate import tracing
-from rehydrate.dev import quiet_exit
-from rehydrate.settings import Settings
-from rehydrate.temporal import connect_client
+from rehydrate.core import tracing
+from rehydrate.core.settings import Settings
+from rehydrate.core.temporal import connect_client, quiet_exit
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):

@@ -1,17 +1,23 @@
-"""rehydrate: durable, zero-downtime rebuilds of event-sourced read models, on Temporal and Postgres."""
+"""rehydrate: durable, zero-downtime rebuilds of event-sourced read models, on Temporal and Postgres.
 
-from rehydrate.aggregates import Aggregate, AggregateNotFoundError, AggregateRegistry, Repository, applies
-from rehydrate.errors import (
+The public API: what a service or a projection module imports. Everything else is reached through the `rehydrate`
+command, the Temporal workflows, or these names.
+"""
+
+from rehydrate.core.database import create_pool
+from rehydrate.core.errors import (
     ConcurrencyError,
     ProjectionError,
     RehydrateError,
     UnknownProjectionError,
     UserError,
 )
-from rehydrate.projections import Projection, Registry, Row
-from rehydrate.settings import Settings
-from rehydrate.store import NO_STREAM, Event, EventStore, NewEvent
-from rehydrate.upcasting import UpcastError, Upcasters
+from rehydrate.core.settings import Settings
+from rehydrate.engine.aggregates import Aggregate, AggregateNotFoundError, AggregateRegistry, Repository, applies
+from rehydrate.engine.projections import Projection, Registry, Row
+from rehydrate.engine.upcasting import UpcastError, Upcasters
+from rehydrate.sources.events import NO_STREAM, Event, NewEvent
+from rehydrate.sources.store import EventStore
 
 __all__ = [
     "NO_STREAM",
@@ -34,4 +40,5 @@ __all__ = [
     "Upcasters",
     "UserError",
     "applies",
+    "create_pool",
 ]

@@ -33,12 +33,13 @@ from temporalio.client import (
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.service import RPCError, RPCStatusCode
 
-from rehydrate.errors import UserError
+from rehydrate.core.errors import UserError
+from rehydrate.core.settings import Settings
+from rehydrate.engine.projections import Registry
 from rehydrate.models import ReplayInput, ReplayResult, VerifyInput, VerifyResult
-from rehydrate.projections import Registry
-from rehydrate.settings import Settings
+from rehydrate.models.names import REPLAY, VERIFY, scheduled_workflow_id
 from rehydrate.starter import check_replay_input, check_verify_input, drift_of, failure_cause
-from rehydrate.workflows import replay, verify
+from rehydrate.workflows.verify import clean_message, drift_message
 
 MEMO_KEY = "rehydrate_projection"
 SPEC_KEY = "rehydrate_spec"  # as the user wrote it: the server turns cron expressions into calendar specs
@@ -83,13 +84,8 @@ def parse_every(text: str) -> timedelta:
     return interval
 
 
-def scheduled_workflow_id(projection: str, kind: str = "replay") -> str:
-    """The prefix of a scheduled replay's (or verify's) workflow id (Temporal appends the scheduled time)."""
-    return f"rehydrate-scheduled-{kind}-{projection}"
-
-
 def _kind(workflow_type: str | None) -> str:
-    return "verify" if workflow_type == verify.WORKFLOW_TYPE else "replay"
+    return "verify" if workflow_type == VERIFY else "replay"
 
 
 def schedule_spec(cron: str | None, every: str | None) -> ScheduleSpec:
@@ -123,7 +119,7 @@ async def create_schedule(
         verify_input = VerifyInput(projection, lanes=lanes, skip_if_running=True)
         check_verify_input(verify_input, registry)
         action = ScheduleActionStartWorkflow(
-            verify.WORKFLOW_TYPE,
+            VERIFY,
             verify_input,
             id=scheduled_workflow_id(projection, "verify"),
             task_queue=settings.temporal_task_queue,
@@ -133,7 +129,7 @@ async def create_schedule(
         replay_input = ReplayInput(projection, lanes=lanes, skip_if_running=True)
         check_replay_input(replay_input, registry)
         action = ScheduleActionStartWorkflow(
-            replay.WORKFLOW_TYPE,
+            REPLAY,
             replay_input,
             id=scheduled_workflow_id(projection),
             task_queue=settings.temporal_task_queue,
@@ -224,10 +220,10 @@ async def _outcome(client: Client, workflow_id: str, run_id: str, kind: str) -> 
         result = await handle.result()
     except WorkflowFailureError as failure:
         drift = drift_of(failure)  # a verify that found drift: its own line, with the count and the first keys
-        message = verify.drift_message(drift) if drift is not None else failure_cause(failure)  # shown after "failed: "
+        message = drift_message(drift) if drift is not None else failure_cause(failure)  # shown after "failed: "
         return status.name if status else "FAILED", message
     if isinstance(result, VerifyResult):
-        return "COMPLETED", result.skipped or verify.clean_message(result)
+        return "COMPLETED", result.skipped or clean_message(result)
     if result.skipped:
         return "COMPLETED", result.skipped
     return "COMPLETED", (

@@ -1,4 +1,5 @@
-"""Starts, watches and controls replays, tails and snapshot rebuilds through Temporal."""
+"""Starts, watches and controls replays, verifies, tails and snapshot rebuilds through Temporal; the client side of
+every run, shared by the CLI, schedules and programs that embed rehydrate."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType, SelfType
 
-from rehydrate import catalog
-from rehydrate.activities.replay import parse_as_of
-from rehydrate.activities.verify import MAX_SHOW
-from rehydrate.aggregates import AggregateRegistry
-from rehydrate.catalog import sandbox_schema
-from rehydrate.errors import UserError
+from rehydrate.activities.tail import ensure_tail
+from rehydrate.core.errors import UserError
+from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, MAX_PARTITIONS, MAX_SHOW, check_range
+from rehydrate.core.settings import Settings
+from rehydrate.engine.aggregates import AggregateRegistry
+from rehydrate.engine.catalog import Catalog
+from rehydrate.engine.projections import Registry
+from rehydrate.engine.readmodels import sandbox_schema
 from rehydrate.models import (
     ReplayInput,
     ReplayProgress,
@@ -30,16 +33,15 @@ from rehydrate.models import (
     SnapshotRebuildInput,
     SnapshotRebuildProgress,
     SnapshotRebuildResult,
-    TailInput,
     VerifyInput,
     VerifyResult,
 )
-from rehydrate.projections import Registry
-from rehydrate.settings import Settings
-from rehydrate.workflows.replay import ReplayWorkflow, replay_workflow_id
-from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow, snapshot_workflow_id
-from rehydrate.workflows.tail import TailWorkflow, tail_workflow_id
-from rehydrate.workflows.verify import DRIFT, VerifyWorkflow, verify_workflow_id
+from rehydrate.models.names import replay_workflow_id, snapshot_workflow_id, tail_workflow_id, verify_workflow_id
+from rehydrate.sources.events import parse_as_of
+from rehydrate.workflows.replay import ReplayWorkflow
+from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
+from rehydrate.workflows.tail import TailWorkflow
+from rehydrate.workflows.verify import DRIFT, VerifyWorkflow
 
 
 @dataclass
@@ -126,13 +128,10 @@ def _check_point_in_time(input: ReplayInput) -> None:
 
 
 def _check_tuning(input: ReplayInput) -> None:
-    for name, low, high in (("lanes", 1, 256), ("chunk_size", 1, None), ("max_parallel", 1, 500)):
+    for name, high in (("lanes", MAX_LANES), ("chunk_size", None), ("max_parallel", MAX_PARALLEL)):
         value = getattr(input, name)
-        if value is None:
-            continue
-        if value < low or (high is not None and value > high):
-            bound = f"{low}..{high}" if high is not None else f"at least {low}"
-            raise UserError(f"{name}={value} is out of range", fix=f"use {bound}")
+        if value is not None:
+            check_range(name, value, 1, high)
 
 
 async def wait_for_replay(
@@ -247,34 +246,10 @@ async def tune_replay(client: Client, projection: str, max_parallel: int) -> int
         ) from None
 
 
-async def ensure_tail(client: Client, projection: str, task_queue: str) -> str:
-    """Start the projection's tail unless it already runs on `task_queue`; returns its workflow id.
-
-    A tail left running on another task queue (the workers moved to a new one) would never be picked up
-    again: it is replaced.
-    """
-    workflow_id = tail_workflow_id(projection)
-    policy = WorkflowIDConflictPolicy.USE_EXISTING
-    with contextlib.suppress(RPCError):
-        running = await client.get_workflow_handle(workflow_id).describe()
-        if running.status == Status.RUNNING and running.task_queue != task_queue:
-            policy = WorkflowIDConflictPolicy.TERMINATE_EXISTING
-    await client.start_workflow(
-        TailWorkflow.run,
-        TailInput(projection),
-        id=workflow_id,
-        task_queue=task_queue,
-        id_conflict_policy=policy,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        static_summary=f"Tail of {projection}",
-    )
-    return workflow_id
-
-
 async def start_tail(client: Client, pool: Any, settings: Settings, projection: str) -> str:
     """Enable and start a projection's tail (it must have an active generation)."""
     async with pool.acquire() as conn:
-        if not await catalog.set_tail(conn, settings.schema_name, projection, enabled=True):
+        if not await Catalog(conn, settings.schema_name).set_tail(projection, enabled=True):
             raise UserError(
                 f"projection {projection!r} has no active generation to keep current",
                 fix=f"build one first: `rehydrate replay start {projection}`",
@@ -291,7 +266,7 @@ async def stop_tail(
     that no batch is applied, and a `tail start` starts a new run instead of attaching to the one being cancelled.
     """
     async with pool.acquire() as conn:
-        if not await catalog.set_tail(conn, settings.schema_name, projection, enabled=False):
+        if not await Catalog(conn, settings.schema_name).set_tail(projection, enabled=False):
             raise UserError(f"projection {projection!r} was never built", fix="check the projection name")
     workflow_id = tail_workflow_id(projection)
     handle = client.get_workflow_handle(workflow_id)
@@ -374,14 +349,29 @@ async def start_verify(
     )
 
 
+async def verify(
+    client: Client,
+    settings: Settings,
+    projection: str,
+    *,
+    keep: bool = False,
+    show: int = 5,
+    registry: Registry | None = None,
+) -> VerifyResult:
+    """Rebuild `projection` into a sandbox at the live generation's checkpoint and compare the two, key by key: the
+    `Verify` workflow, started under its fixed id and waited for. Drift is a result here (`differing`), not an
+    error; a failed verify is a UserError."""
+    handle = await start_verify(client, settings, VerifyInput(projection, keep=keep, show=show), registry=registry)
+    return await wait_for_verify(handle)
+
+
 def check_verify_input(input: VerifyInput, registry: Registry | None = None) -> None:
     """Refuse an unknown projection (when a registry is given) or out-of-range tuning, before anything starts."""
     check_replay_input(
         ReplayInput(input.projection, lanes=input.lanes, chunk_size=input.chunk_size, max_parallel=input.max_parallel),
         registry,
     )
-    if not 0 <= input.show <= MAX_SHOW:
-        raise UserError(f"show={input.show} is out of range", fix=f"use 0 to {MAX_SHOW}")
+    check_range("show", input.show, 0, MAX_SHOW)
 
 
 async def wait_for_verify(handle: WorkflowHandle[VerifyWorkflow, VerifyResult]) -> VerifyResult:
@@ -419,11 +409,8 @@ async def start_snapshot_rebuild(
     """Start the aggregate type's snapshot rebuild under its fixed workflow id; a second start is refused."""
     if aggregates is not None:
         aggregates.get(input.aggregate_type)
-    if not 1 <= input.partitions <= 256 or input.chunk_size < 1:
-        raise UserError(
-            f"partitions={input.partitions}, chunk_size={input.chunk_size} are out of range",
-            fix="use 1 to 256 partitions and a chunk size of at least 1",
-        )
+    check_range("partitions", input.partitions, 1, MAX_PARTITIONS)
+    check_range("chunk_size", input.chunk_size, 1)
     workflow_id = snapshot_workflow_id(input.aggregate_type)
     return await _start_once(
         client,

@@ -15,15 +15,16 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 import rehydrate
-from rehydrate import catalog
-from rehydrate.activities import ReplayActivities, SnapshotActivities, TailActivities, VerifyActivities
-from rehydrate.aggregates import AggregateRegistry
-from rehydrate.database import create_pool, ensure_schema, resolve_url
-from rehydrate.metrics import declare, prometheus_runtime
-from rehydrate.projections import Registry
-from rehydrate.settings import Settings
-from rehydrate.temporal import connect_client
-from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow, VerifyWorkflow, tail_task_queue
+from rehydrate.activities import ReplayActivities, SnapshotActivities, TailActivities, VerifyActivities, ensure_tail
+from rehydrate.core.database import create_pool, ensure_schema, resolve_url
+from rehydrate.core.metrics import declare, prometheus_runtime
+from rehydrate.core.settings import Settings
+from rehydrate.core.temporal import connect_client
+from rehydrate.engine.aggregates import AggregateRegistry
+from rehydrate.engine.catalog import Catalog
+from rehydrate.engine.projections import Registry
+from rehydrate.models.names import tail_task_queue
+from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow, VerifyWorkflow
 
 log = logging.getLogger("rehydrate.worker")
 
@@ -112,10 +113,8 @@ async def running_worker(
         )
         async with worker, tail_worker:
             if settings.tails:
-                from rehydrate.starter import ensure_tail
-
                 async with pool.acquire() as conn:
-                    names = await catalog.tails_to_run(conn, settings.schema_name)
+                    names = await Catalog(conn, settings.schema_name).tails_to_run()
                 for name in names:
                     if name in registry.names():
                         await ensure_tail(client, name, queue)

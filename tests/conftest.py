@@ -1,8 +1,10 @@
-"""Fixtures: a real Postgres (REHYDRATE_TEST_DATABASE_URL, or an embedded one), a fresh database per test, and
-a real Temporal dev server for the session."""
+"""Fixtures every kind of test shares: a real Postgres (REHYDRATE_TEST_DATABASE_URL, or an embedded one), a fresh
+database per test, a real Temporal dev server for the session, and the settings of one test. Each test is marked by
+its folder (unit, integration, faults), so `pytest -m "not faults"` is the fast loop."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import warnings
@@ -13,13 +15,15 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
-from rehydrate import search_attributes
-from rehydrate.database import create_pool, ensure_schema
-from rehydrate.dev import DEV_SERVER_TUNING, temporal_cli
-from rehydrate.settings import Settings
-from rehydrate.store import EventStore
+from rehydrate import EventStore
+from rehydrate.core import search_attributes
+from rehydrate.core.database import create_pool, ensure_schema
+from rehydrate.core.settings import Settings
+from rehydrate.devstack import DEV_SERVER_TUNING, temporal_cli
+from rehydrate.models.names import tail_workflow_id
 
 # Continue-as-new is suggested after this many history events, so that tests exercise it.
 CONTINUE_AS_NEW_AFTER = 400
@@ -112,9 +116,34 @@ def settings(database_url: str, temporal_address: str, tmp_path: Path) -> Settin
         lanes=3,
         chunk_size=50,
         max_parallel=8,
-        projections=["tests.support"],
+        projections=["tests.helpers.domain"],
         tails=False,  # tests of the tail turn it on
     )
+
+
+@pytest.fixture
+async def tail_settings(settings: Settings, client: Client) -> AsyncIterator[Settings]:
+    """The test's settings with tails on. Tail workflow ids are fixed per projection and every test shares the
+    session's Temporal server: afterwards this test's tails end, so that the next test's worker starts its own
+    instead of attaching to an orphan."""
+    yield settings.model_copy(update={"tails": True})
+    conn = await asyncpg.connect(str(settings.database_url))
+    try:
+        names = [row[0] for row in await conn.fetch("SELECT name FROM rehydrate.projections")]
+    except asyncpg.UndefinedTableError:
+        names = []
+    finally:
+        await conn.close()
+    for name in names:
+        with contextlib.suppress(RPCError):
+            await client.get_workflow_handle(tail_workflow_id(name)).terminate("test finished")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = Path(str(item.fspath)).parent.name
+        if kind in ("unit", "integration", "faults"):
+            item.add_marker(getattr(pytest.mark, kind))
 
 
 _exit_status = 0

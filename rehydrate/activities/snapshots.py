@@ -11,9 +11,12 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from rehydrate.aggregates import AggregateRegistry
-from rehydrate.errors import UserError
-from rehydrate.identifiers import quote
+from rehydrate.activities._common import Activities, user_errors_fail_the_run
+from rehydrate.core.limits import MAX_PARTITIONS, check_range
+from rehydrate.core.settings import Settings
+from rehydrate.engine.aggregates import AggregateRegistry
+from rehydrate.engine.catalog import Catalog
+from rehydrate.engine.snapshots import SnapshotStore
 from rehydrate.models import (
     PartitionState,
     SnapshotChunkInput,
@@ -21,67 +24,42 @@ from rehydrate.models import (
     SnapshotPlan,
     SnapshotPlanInput,
 )
-from rehydrate.settings import Settings
-from rehydrate.snapshots import SnapshotStore
-from rehydrate.store import EventStore
+from rehydrate.sources.events import Event
 
 
-class SnapshotActivities:
-    """Holds the worker's pool and aggregate types; each method is one activity."""
+class SnapshotActivities(Activities):
+    """The bulk snapshot rebuild's activities, with the worker's aggregate types."""
 
     def __init__(self, pool: asyncpg.Pool, aggregates: AggregateRegistry, settings: Settings) -> None:
-        self.pool = pool
+        super().__init__(pool, settings)
         self.aggregates = aggregates
-        self.schema = settings.schema_name
-        self.store = EventStore(pool, self.schema)
-        self.snapshots = SnapshotStore(pool, self.schema)
-        self.rebuilds = f"{quote(self.schema)}.snapshot_rebuilds"
+        self.snapshots = SnapshotStore(pool, settings.schema_name)
 
     @activity.defn(name="rehydrate.plan_snapshots")
+    @user_errors_fail_the_run
     async def plan_snapshots(self, input: SnapshotPlanInput) -> SnapshotPlan:
         """Create the rebuild's partition cursors (kept on retry) and count the aggregate type's streams."""
-        try:
-            aggregate = self.aggregates.get(input.aggregate_type)
-            if not 1 <= input.partitions <= 256:
-                raise UserError(f"partitions={input.partitions} is out of range", fix="use 1 to 256 partitions")
-        except UserError as error:
-            raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+        aggregate = self.aggregates.get(input.aggregate_type)
+        check_range("partitions", input.partitions, 1, MAX_PARTITIONS)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                f"""INSERT INTO {self.rebuilds} (rebuild_id, aggregate_type, partition)
-                    SELECT $1, $2, p FROM generate_series(0, $3 - 1) AS p
-                    ON CONFLICT (rebuild_id, partition) DO NOTHING""",
-                input.rebuild_id,
-                input.aggregate_type,
-                input.partitions,
-            )
-            rows = await conn.fetch(
-                f"""SELECT partition, after_stream, streams_done, done FROM {self.rebuilds}
-                    WHERE rebuild_id = $1 ORDER BY partition""",
-                input.rebuild_id,
+            rows = await Catalog(conn, self.settings.schema_name).start_partitions(
+                input.rebuild_id, input.aggregate_type, input.partitions
             )
             total = await self.store.count_streams(conn, prefix=aggregate.stream_prefix)
         return SnapshotPlan(total, [PartitionState(*row) for row in rows])
 
     @activity.defn(name="rehydrate.snapshot_chunk")
+    @user_errors_fail_the_run
     async def snapshot_chunk(self, input: SnapshotChunkInput) -> SnapshotChunkResult:
         """Snapshot the partition's next `chunk_size` streams and move its cursor, in one transaction.
 
         A retry (after a crash between commit and acknowledgement, or a killed worker) starts from the committed
         cursor: a chunk done twice writes the same snapshots again, which changes nothing.
         """
-        try:
-            aggregate = self.aggregates.get(input.aggregate_type)
-        except UserError as error:
-            raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+        aggregate = self.aggregates.get(input.aggregate_type)
         async with self.pool.acquire() as conn, conn.transaction():
-            # The row lock makes a retry wait for a zombie attempt of the same partition.
-            cursor = await conn.fetchrow(
-                f"""SELECT after_stream, streams_done, done FROM {self.rebuilds}
-                    WHERE rebuild_id = $1 AND partition = $2 FOR UPDATE""",
-                input.rebuild_id,
-                input.partition,
-            )
+            catalog = Catalog(conn, self.settings.schema_name)
+            cursor = await catalog.lock_partition(input.rebuild_id, input.partition)
             if cursor is None:
                 raise ApplicationError(
                     f"snapshot rebuild {input.rebuild_id} has no partition {input.partition}", non_retryable=True
@@ -98,24 +76,16 @@ class SnapshotActivities:
             )
             activity.heartbeat(f"{len(streams)} streams after {cursor['after_stream']!r}")
             events = await self.store.read_streams_by_id(conn, streams)
-            snapshots = []
-            try:
-                for stream_id, stream_events in groupby(events, key=_stream_of):
-                    snapshots.append(aggregate.new(stream_id).fold(stream_events).to_snapshot())
-            except UserError as error:
-                raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+            snapshots = [
+                aggregate.new(stream_id).fold(stream_events).to_snapshot()
+                for stream_id, stream_events in groupby(events, key=_stream_of)
+            ]
             await self.snapshots.put(conn, snapshots)
             after = streams[-1] if streams else cursor["after_stream"]
             done_count = cursor["streams_done"] + len(streams)
             done = len(streams) < input.chunk_size
-            await conn.execute(
-                f"""UPDATE {self.rebuilds} SET after_stream = $3, streams_done = $4, done = $5, updated_at = now()
-                    WHERE rebuild_id = $1 AND partition = $2""",
-                input.rebuild_id,
-                input.partition,
-                after,
-                done_count,
-                done,
+            await catalog.save_partition(
+                input.rebuild_id, input.partition, after_stream=after, streams_done=done_count, done=done
             )
         return SnapshotChunkResult(after, done_count, len(streams), done)
 
@@ -123,5 +93,5 @@ class SnapshotActivities:
         return [self.plan_snapshots, self.snapshot_chunk]
 
 
-def _stream_of(event: Any) -> str:
-    return str(event.stream_id)
+def _stream_of(event: Event) -> str:
+    return event.stream_id

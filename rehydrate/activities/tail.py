@@ -1,4 +1,5 @@
-"""The tail's activity: apply new events to a projection's active generation as they commit, until cancelled."""
+"""The tail's activity: apply new events to a projection's active generation as they commit, until cancelled; and
+how a tail is started (by a worker for the projections it serves, by a swap, by `rehydrate tail start`)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,56 @@ from typing import Any
 
 import asyncpg
 from temporalio import activity
+from temporalio.client import Client
+from temporalio.client import WorkflowExecutionStatus as Status
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
-from rehydrate import catalog, metrics
-from rehydrate.database import connect
-from rehydrate.errors import ProjectionError, UserError
+from rehydrate.activities._common import Activities, non_retryable
+from rehydrate.core import metrics
+from rehydrate.core.database import connect
+from rehydrate.core.errors import ProjectionError, UserError
+from rehydrate.core.settings import Settings
+from rehydrate.engine.catalog import Catalog
+from rehydrate.engine.projections import Registry
 from rehydrate.models import TailInput, TailRun
-from rehydrate.projections import Registry
-from rehydrate.settings import Settings
-from rehydrate.store import EventStore
+from rehydrate.models.names import TAIL, tail_workflow_id
 
 _LAG_EVERY_SECONDS = 5.0  # the lag gauge's count query runs at most this often
 
 
-class TailActivities:
-    """Holds the worker's pool, the database URL (for a LISTEN connection of its own) and the projections."""
+async def ensure_tail(client: Client, projection: str, task_queue: str) -> str:
+    """Start the projection's tail workflow unless it already runs on `task_queue`; returns its workflow id.
+
+    A tail left running on another task queue (the workers moved to a new one) would never be picked up
+    again: it is replaced.
+    """
+    workflow_id = tail_workflow_id(projection)
+    policy = WorkflowIDConflictPolicy.USE_EXISTING
+    with contextlib.suppress(RPCError):
+        running = await client.get_workflow_handle(workflow_id).describe()
+        if running.status == Status.RUNNING and running.task_queue != task_queue:
+            policy = WorkflowIDConflictPolicy.TERMINATE_EXISTING
+    await client.start_workflow(
+        TAIL,
+        TailInput(projection),
+        id=workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=policy,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        static_summary=f"Tail of {projection}",
+    )
+    return workflow_id
+
+
+class TailActivities(Activities):
+    """The tail's activity, with the worker's projections and the database URL (for a LISTEN connection of its own)."""
 
     def __init__(self, pool: asyncpg.Pool, database_url: str, registry: Registry, settings: Settings) -> None:
-        self.pool = pool
+        super().__init__(pool, settings)
         self.database_url = database_url
         self.registry = registry
-        self.settings = settings
-        self.store = EventStore(pool, settings.schema_name)
 
     @activity.defn(name="rehydrate.run_tail")
     async def run_tail(self, input: TailInput) -> TailRun:
@@ -43,7 +72,7 @@ class TailActivities:
         try:
             projection = self.registry.get(input.projection)
         except UserError as error:
-            raise ApplicationError(str(error), type=type(error).__name__, non_retryable=True) from None
+            raise non_retryable(error) from None
         wake = asyncio.Event()
         listener = await connect(self.database_url)
 
@@ -60,13 +89,11 @@ class TailActivities:
             while time.monotonic() < deadline and not activity.is_worker_shutdown():
                 wake.clear()
                 try:
-                    async with self.pool.acquire() as conn:
-                        result = await catalog.tail_batch(
-                            conn, self.store, self.settings.read_model_schema, projection, input.batch_size
-                        )
+                    async with self.generations() as generations:
+                        result = await generations.tail_batch(projection, input.batch_size)
                 except ProjectionError as error:
                     async with self.pool.acquire() as conn:
-                        await catalog.set_tail_error(conn, self.settings.schema_name, projection.name, str(error))
+                        await Catalog(conn, self.settings.schema_name).set_tail_error(projection.name, str(error))
                     raise ApplicationError(
                         f"tail stopped: {error}", type="ProjectionError", non_retryable=True
                     ) from None
@@ -79,9 +106,8 @@ class TailActivities:
                     if time.monotonic() >= lag_due:
                         lag_due = time.monotonic() + _LAG_EVERY_SECONDS
                         async with self.pool.acquire() as conn:
-                            metrics.tail_lag(
-                                projection.name, *await catalog.lag(conn, self.store, projection, checkpoint)
-                            )
+                            lag = await self.store.lag(conn, checkpoint, projection.event_types)
+                        metrics.tail_lag(projection.name, *lag)
                 activity.heartbeat(checkpoint)
                 if moved == 0:
                     with contextlib.suppress(asyncio.TimeoutError):

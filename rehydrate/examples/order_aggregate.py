@@ -11,9 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from rehydrate.aggregates import Aggregate, applies
-from rehydrate.store import Event
-from rehydrate.upcasting import Upcasters
+from rehydrate import Aggregate, Event, Upcasters, applies
 
 order_events = Upcasters()
 

@@ -9,8 +9,7 @@ from typing import Any
 
 from sqlmodel import Field, SQLModel
 
-from rehydrate.projections import Projection, Row
-from rehydrate.store import Event
+from rehydrate import Event, Projection, Row
 
 
 class OrderSummary(SQLModel, table=True):

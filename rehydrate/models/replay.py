@@ -148,6 +148,20 @@ class ReplayProgress:
     paused: bool = False
     max_parallel: int = 0
 
+    def counts(self) -> str:
+        """Events applied of total, the share, the rate and, while it runs, the ETA: what the CLI's status and the
+        Web UI's details both show."""
+        percent = 100 * self.events_applied / self.events_total if self.events_total else 100.0
+        eta = "" if self.paused or self.eta_seconds is None else f", ETA {self.eta_seconds:,.0f} s"
+        return (
+            f"{self.events_applied:,} of {self.events_total:,} events ({percent:.0f}%), {self.rate:,.0f} events/s{eta}"
+        )
+
+    def summary(self) -> str:
+        """One line: the phase (or paused), the generation and `counts()`."""
+        state = "paused" if self.paused else f"phase {self.phase}"
+        return f"{state}, generation {self.generation}: {self.counts()}"
+
 
 @dataclass
 class ReplayResult:
@@ -164,3 +178,19 @@ class ReplayResult:
     skipped: str | None = None  # why nothing was built (a scheduled run found another replay building)
     sandbox: str | None = None  # the sandbox label of a sandbox build (nothing swapped)
     dead_letters: int = 0  # events the generation parked (on_error="park")
+
+    def describe(self) -> str:
+        """One line: what the replay built, and how fast."""
+        if self.skipped:
+            return f"{self.projection}: {self.skipped}"
+        speed = f"{self.events_applied:,} events in {self.seconds:.1f} s ({self.events_per_second:,.0f} events/s)"
+        if self.sandbox:
+            return (
+                f"{self.projection}: sandbox {self.sandbox} built (generation {self.generation}), live read model "
+                f"untouched — {speed}, {self.rows:,} rows, {self.dead_letters:,} parked"
+            )
+        previous = f" (was g{self.previous_generation})" if self.previous_generation else ""
+        return (
+            f"{self.projection}: generation {self.generation} active{previous} — {speed}, {self.rows:,} rows, "
+            f"{self.caught_up:,} caught up, swap lock {self.swap_lock_ms:.1f} ms"
+        )

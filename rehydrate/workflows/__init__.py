@@ -1,18 +1,9 @@
-"""Workflows: deterministic orchestration only, no database code."""
+"""Workflows: deterministic orchestration of activities, no database code. Each is started with one JSON input (the
+Temporal Web UI's start form sends exactly that)."""
 
-from rehydrate.workflows.replay import ReplayWorkflow, replay_workflow_id
-from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow, snapshot_workflow_id
-from rehydrate.workflows.tail import TailWorkflow, tail_task_queue, tail_workflow_id
-from rehydrate.workflows.verify import VerifyWorkflow, verify_workflow_id
+from rehydrate.workflows.replay import ReplayWorkflow
+from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
+from rehydrate.workflows.tail import TailWorkflow
+from rehydrate.workflows.verify import VerifyWorkflow
 
-__all__ = [
-    "ReplayWorkflow",
-    "SnapshotRebuildWorkflow",
-    "TailWorkflow",
-    "VerifyWorkflow",
-    "replay_workflow_id",
-    "snapshot_workflow_id",
-    "tail_task_queue",
-    "tail_workflow_id",
-    "verify_workflow_id",
-]
+__all__ = ["ReplayWorkflow", "SnapshotRebuildWorkflow", "TailWorkflow", "VerifyWorkflow"]

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.workflow import ActivityHandle
 
 with workflow.unsafe.imports_passed_through():
-    from rehydrate import search_attributes
     from rehydrate.activities.replay import ReplayActivities
+    from rehydrate.core import search_attributes
+    from rehydrate.core.limits import MAX_PARALLEL
     from rehydrate.models import (
         CatchUpInput,
         ChunkInput,
@@ -25,44 +24,24 @@ with workflow.unsafe.imports_passed_through():
         ReplayState,
         SwapResult,
     )
+    from rehydrate.models.names import REPLAY, REPLAY_PHASES
     from rehydrate.models.replay import Plan
+    from rehydrate.workflows._common import (
+        RETRY,
+        execute_chunk,
+        failure_message,
+        raise_if_cancel_requested,
+        run_all,
+    )
 
-WORKFLOW_TYPE = "Replay"
 # Replays started by an earlier version upserted their progress after every chunk; they still do when replayed.
 _PROGRESS_EVERY_SECOND = "progress-upserted-at-most-every-second"
 # They also ran ANALYZE before the catch-up and swap (finish_tables), and still do when replayed.
 _ANALYZE_BESIDE_SWAP = "analyze-beside-catch-up-and-swap"
-_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
-)
 _MAX_CATCH_UP_ROUNDS = 20
-MAX_PARALLEL = 500
-# The value of the `rehydrate_replay_phase` gauge, in the order a replay goes through its phases.
-PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
 
 
-def replay_workflow_id(projection: str, sandbox: str | None = None) -> str:
-    """The fixed workflow id of a projection's replay: one replay per projection at a time (and one per
-    projection and sandbox label: a sandbox build does not block the live replay)."""
-    return f"rehydrate-sandbox-{sandbox}-{projection}" if sandbox else f"rehydrate-replay-{projection}"
-
-
-def failure_message(error: BaseException) -> str:
-    """The innermost message of an activity failure: the one line that names what went wrong."""
-    while isinstance(error, ActivityError) and error.cause is not None:
-        error = error.cause
-    return str(error.message if isinstance(error, ApplicationError) else error)
-
-
-def _raise_if_cancel_requested() -> None:
-    """A cancel that arrives while an activity is finishing is absorbed when the activity then completes (the SDK
-    lets the activity's outcome stand), so the request is checked before each next step: a cancelled replay
-    never starts another chunk, and never swaps."""
-    if workflow.cancellation_reason() is not None:
-        raise asyncio.CancelledError()
-
-
-@workflow.defn(name=WORKFLOW_TYPE)
+@workflow.defn(name=REPLAY)
 class ReplayWorkflow:
     """Rebuilds one projection into a new generation and swaps it in. Start it with `{"projection": NAME}`."""
 
@@ -136,7 +115,7 @@ class ReplayWorkflow:
                     mark=input.mark,
                 ),
                 start_to_close_timeout=timedelta(minutes=30),
-                retry_policy=_RETRY,
+                retry_policy=RETRY,
                 summary=f"plan {input.projection}",
             )
         except ActivityError as error:
@@ -187,10 +166,10 @@ class ReplayWorkflow:
                     await workflow.wait_condition(may_start)
                 if self._stop_for_continue:
                     return
-                _raise_if_cancel_requested()
+                raise_if_cancel_requested()
                 self._running += 1
                 try:
-                    result = await workflow.execute_activity_method(
+                    result = await execute_chunk(
                         ReplayActivities.apply_chunk,
                         ChunkInput(
                             projection=input.projection,
@@ -200,10 +179,8 @@ class ReplayWorkflow:
                             mark=state.mark,
                             chunk_size=state.chunk_size,
                         ),
-                        start_to_close_timeout=timedelta(hours=2),
-                        heartbeat_timeout=heartbeat,
-                        retry_policy=_RETRY,
-                        cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                        heartbeat=heartbeat,
+                        start_to_close=timedelta(hours=2),
                         summary=f"lane {lane.lane} after position {lane.position}",
                     )
                 finally:
@@ -219,20 +196,13 @@ class ReplayWorkflow:
                 if workflow.info().is_continue_as_new_suggested():
                     self._stop_for_continue = True
 
-        tasks = [asyncio.create_task(run_lane(lane)) for lane in state.lanes if not lane.done]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await run_all(run_lane(lane) for lane in state.lanes if not lane.done)
         return all(lane.done for lane in state.lanes)
 
     async def _finish(self, input: ReplayInput, state: ReplayState) -> ReplayResult:
         ref = GenerationRef(input.projection, state.generation)
         await workflow.wait_condition(lambda: not self._paused)
-        _raise_if_cancel_requested()
+        raise_if_cancel_requested()
         self._phase = "indexing"
         self._show()
         # Replays started before ANALYZE ran beside the catch-up and swap still run finish_tables (indexes and
@@ -242,7 +212,7 @@ class ReplayWorkflow:
             ReplayActivities.index_tables if beside else ReplayActivities.finish_tables,
             ref,
             start_to_close_timeout=timedelta(hours=2),
-            retry_policy=_RETRY,
+            retry_policy=RETRY,
             summary=f"indexes {'' if beside else 'and ANALYZE '}of {state.physical_table}",
         )
         # ANALYZE blocks neither the catch-up's writes nor the swap (which locks the view, not the table): it
@@ -253,7 +223,7 @@ class ReplayWorkflow:
                 ReplayActivities.analyze_table,
                 ref,
                 start_to_close_timeout=timedelta(hours=2),
-                retry_policy=_RETRY,
+                retry_policy=RETRY,
                 summary=f"ANALYZE {state.physical_table}",
             )
         if input.sandbox:
@@ -292,19 +262,19 @@ class ReplayWorkflow:
         """Catch up in rounds until few events are left, then swap (the swap applies the rest under its lock)."""
         self._phase = "catching_up"
         for _ in range(_MAX_CATCH_UP_ROUNDS):
-            _raise_if_cancel_requested()
+            raise_if_cancel_requested()
             self._show()
             caught = await workflow.execute_activity_method(
                 ReplayActivities.catch_up,
                 CatchUpInput(input.projection, state.generation),
                 start_to_close_timeout=timedelta(hours=1),
-                retry_policy=_RETRY,
+                retry_policy=RETRY,
                 summary="catch up with events appended since the target",
             )
             self._caught_up += caught.applied
             if caught.applied < input.catch_up_threshold:
                 break
-        _raise_if_cancel_requested()
+        raise_if_cancel_requested()
         self._phase = "swapping"
         self._show()
         return await workflow.execute_activity_method(
@@ -312,7 +282,7 @@ class ReplayWorkflow:
             GenerationRef(input.projection, state.generation, allow_dead_letters=input.allow_dead_letters),
             start_to_close_timeout=timedelta(minutes=10),
             heartbeat_timeout=timedelta(seconds=max(input.heartbeat_timeout_seconds, 30)),
-            retry_policy=_RETRY,
+            retry_policy=RETRY,
             summary=f"swap {input.projection} to generation {state.generation}",
         )
 
@@ -324,7 +294,7 @@ class ReplayWorkflow:
             ReplayActivities.publish_sandbox,
             ref,
             start_to_close_timeout=timedelta(minutes=10),
-            retry_policy=_RETRY,
+            retry_policy=RETRY,
             summary=f"publish sandbox {input.sandbox}",
         )
         self._phase = "done"
@@ -355,7 +325,7 @@ class ReplayWorkflow:
             ReplayActivities.drop_generation,
             GenerationRef(self._input.projection if self._input else "", state.generation, reason),
             start_to_close_timeout=timedelta(minutes=5),
-            retry_policy=_RETRY,
+            retry_policy=RETRY,
             summary=f"drop generation {state.generation}",
         )
 
@@ -380,10 +350,10 @@ class ReplayWorkflow:
         percent = (
             100 if self._phase == "done" else min(99, 100 * applied // state.events_total) if state.events_total else 0
         )
-        if self._phase in PHASES:
+        if self._phase in REPLAY_PHASES:
             workflow.metric_meter().create_gauge(
-                "rehydrate_replay_phase", "The phase of the running replay: index in PHASES (done = 6)"
-            ).set(PHASES.index(self._phase), {"projection": projection})
+                "rehydrate_replay_phase", "The phase of the running replay: index in REPLAY_PHASES (done = 6)"
+            ).set(REPLAY_PHASES.index(self._phase), {"projection": projection})
         if not state.search_attributes or self._shown == (self._phase, percent):
             return
         now = workflow.now()
@@ -404,15 +374,12 @@ class ReplayWorkflow:
         """Current details in the Web UI; set again in every run because continue-as-new clears them."""
         self._mark(throttle)
         progress = self.progress()
-        percent = 100 * progress.events_applied / progress.events_total if progress.events_total else 100.0
         lanes = " · ".join(
             f"lane {lane.lane}: {lane.applied:,}/{lane.total:,}{' ✓' if lane.done else ''}" for lane in progress.lanes
         )
         workflow.set_current_details(
             f"**{progress.projection}** → generation {progress.generation}, phase **{progress.phase}**"
-            f"{' — **paused** (signal `resume` to go on)' if self._paused else ''}\n\n"
-            f"{progress.events_applied:,} of {progress.events_total:,} events ({percent:.0f}%), "
-            f"{progress.rate:,.0f} events/s\n\n{lanes}"
+            f"{' — **paused** (signal `resume` to go on)' if self._paused else ''}\n\n{progress.counts()}\n\n{lanes}"
         )
 
     @workflow.query(description="Phase, events applied of total, per-lane position, rate and ETA.")

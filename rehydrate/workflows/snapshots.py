@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
@@ -20,20 +18,11 @@ with workflow.unsafe.imports_passed_through():
         SnapshotRebuildResult,
         SnapshotRebuildState,
     )
-    from rehydrate.workflows.replay import failure_message
-
-WORKFLOW_TYPE = "SnapshotRebuild"
-_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
-)
+    from rehydrate.models.names import SNAPSHOT_REBUILD
+    from rehydrate.workflows._common import RETRY, execute_chunk, failure_message, raise_if_cancel_requested, run_all
 
 
-def snapshot_workflow_id(aggregate_type: str) -> str:
-    """The fixed workflow id of an aggregate type's rebuild: one at a time per type."""
-    return f"rehydrate-snapshots-{aggregate_type}"
-
-
-@workflow.defn(name=WORKFLOW_TYPE)
+@workflow.defn(name=SNAPSHOT_REBUILD)
 class SnapshotRebuildWorkflow:
     """Rewrites the snapshot of every stream of one aggregate type. Start it with `{"aggregate_type": NAME}`.
 
@@ -86,7 +75,7 @@ class SnapshotRebuildWorkflow:
             SnapshotActivities.plan_snapshots,
             SnapshotPlanInput(input.aggregate_type, rebuild_id, input.partitions),
             start_to_close_timeout=timedelta(minutes=10),
-            retry_policy=_RETRY,
+            retry_policy=RETRY,
             summary=f"plan snapshots of {input.aggregate_type}",
         )
         return SnapshotRebuildState(
@@ -103,12 +92,10 @@ class SnapshotRebuildWorkflow:
 
         async def run_partition(partition: PartitionState) -> None:
             while not partition.done and not self._stop_for_continue:
-                # A chunk that completes while the workflow is being cancelled returns normally (the SDK lets a
-                # Temporal command decide the outcome), so the request must be checked before the next one.
                 if workflow.cancellation_reason() is not None:
                     self._phase = "cancelled"
-                    raise asyncio.CancelledError()
-                result = await workflow.execute_activity_method(
+                raise_if_cancel_requested()
+                result = await execute_chunk(
                     SnapshotActivities.snapshot_chunk,
                     SnapshotChunkInput(
                         aggregate_type=input.aggregate_type,
@@ -117,10 +104,8 @@ class SnapshotRebuildWorkflow:
                         partitions=len(state.partitions),
                         chunk_size=state.chunk_size,
                     ),
-                    start_to_close_timeout=timedelta(hours=1),
-                    heartbeat_timeout=heartbeat,
-                    retry_policy=_RETRY,
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    heartbeat=heartbeat,
+                    start_to_close=timedelta(hours=1),
                     summary=f"partition {partition.partition} after {partition.after_stream or 'the start'}",
                 )
                 partition.after_stream = result.after_stream
@@ -131,14 +116,7 @@ class SnapshotRebuildWorkflow:
                 if workflow.info().is_continue_as_new_suggested():
                     self._stop_for_continue = True
 
-        tasks = [asyncio.create_task(run_partition(p)) for p in state.partitions if not p.done]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await run_all(run_partition(p) for p in state.partitions if not p.done)
         return all(p.done for p in state.partitions)
 
     def _elapsed(self, state: SnapshotRebuildState) -> float:

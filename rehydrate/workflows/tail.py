@@ -12,26 +12,16 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 with workflow.unsafe.imports_passed_through():
     from rehydrate.activities.tail import TailActivities
     from rehydrate.models import TailInput, TailStatus
-    from rehydrate.workflows.replay import failure_message
+    from rehydrate.models.names import TAIL, tail_task_queue
+    from rehydrate.workflows._common import failure_message
 
-TAIL_WORKFLOW_TYPE = "Tail"
+# A tail retries sooner than a replay's activities: its read model falls behind while it waits.
 _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=15)
 )
 
 
-def tail_workflow_id(projection: str) -> str:
-    """The fixed workflow id of a projection's tail: at most one runs."""
-    return f"rehydrate-tail-{projection}"
-
-
-def tail_task_queue(task_queue: str) -> str:
-    """The task queue of the tail activities of workers on `task_queue`: tails run for minutes, so they get
-    slots of their own and never take the slots that size a worker's replay chunks to its core."""
-    return f"{task_queue}.tails"
-
-
-@workflow.defn(name=TAIL_WORKFLOW_TYPE)
+@workflow.defn(name=TAIL)
 class TailWorkflow:
     """Runs the tail activity again and again; any worker can run it, a crashed one is replaced after the
     heartbeat timeout. Start it with `{"projection": NAME}`; cancel it to stop the tail."""

@@ -5,20 +5,18 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
     ChildWorkflowError,
-    FailureError,
     WorkflowAlreadyStartedError,
     is_cancelled_exception,
 )
 
 with workflow.unsafe.imports_passed_through():
-    from rehydrate import search_attributes
     from rehydrate.activities.verify import VerifyActivities
-    from rehydrate.errors import shorten
+    from rehydrate.core import search_attributes
+    from rehydrate.core.errors import shorten
     from rehydrate.models import (
         ReplayInput,
         VerifyCompareInput,
@@ -26,23 +24,11 @@ with workflow.unsafe.imports_passed_through():
         VerifyResult,
         VerifyStartInput,
     )
-    from rehydrate.workflows.replay import ReplayWorkflow, replay_workflow_id
+    from rehydrate.models.names import VERIFY, replay_workflow_id, verify_label
+    from rehydrate.workflows._common import RETRY, failure_message
+    from rehydrate.workflows.replay import ReplayWorkflow
 
-WORKFLOW_TYPE = "Verify"
 DRIFT = "Drift"  # the error type of a run that found drift
-_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
-)
-
-
-def verify_workflow_id(projection: str) -> str:
-    """The fixed workflow id of `rehydrate verify NAME`: one verify per projection at a time from the CLI."""
-    return f"rehydrate-verify-{projection}"
-
-
-def verify_label(projection: str) -> str:
-    """The sandbox a verify rebuilds into (schema `rehydrate_sandbox_verify_<projection>`)."""
-    return f"verify_{projection}"[:45]
 
 
 def drift_message(result: VerifyResult) -> str:
@@ -63,14 +49,7 @@ def clean_message(result: VerifyResult) -> str:
     )
 
 
-def _innermost(error: BaseException) -> str:
-    """The message of the failure at the bottom of an activity's or a child workflow's chain."""
-    while isinstance(error, (ActivityError, ChildWorkflowError)) and error.cause is not None:
-        error = error.cause
-    return str(error.message if isinstance(error, FailureError) else error)
-
-
-@workflow.defn(name=WORKFLOW_TYPE)
+@workflow.defn(name=VERIFY)
 class VerifyWorkflow:
     """Verifies one projection against a fresh rebuild. Start it with `{"projection": NAME}`.
 
@@ -95,11 +74,11 @@ class VerifyWorkflow:
                 VerifyActivities.verify_start,
                 VerifyStartInput(input.projection, skip_if_running=input.skip_if_running, show=input.show),
                 start_to_close_timeout=timedelta(minutes=5),
-                retry_policy=_RETRY,
+                retry_policy=RETRY,
                 summary=f"live checkpoint of {input.projection}",
             )
         except ActivityError as error:
-            raise ApplicationError(_innermost(error), type="VerifyFailed", non_retryable=True) from None
+            raise ApplicationError(failure_message(error), type="VerifyFailed", non_retryable=True) from None
         self._search_attributes = start.search_attributes
         if start.running_elsewhere is not None:
             return self._skip(
@@ -148,19 +127,21 @@ class VerifyWorkflow:
                 VerifyActivities.verify_compare,
                 VerifyCompareInput(input.projection, label, built.generation, input.show),
                 start_to_close_timeout=timedelta(hours=2),
-                retry_policy=_RETRY,
+                retry_policy=RETRY,
                 summary=f"compare {input.projection} g{start.live_generation} with the rebuild g{built.generation}",
             )
         except BaseException as error:
             cancelled = is_cancelled_exception(error)
-            message = "cancelled" if cancelled else f"failed: {_innermost(error)}"
+            message = "cancelled" if cancelled else f"failed: {failure_message(error)}"
             self._show("cancelled" if cancelled else "failed", f"**{input.projection}**: verify {message}")
             if not input.keep:
                 await self._drop(label, quietly=True)
             if cancelled or not isinstance(error, (ActivityError, ChildWorkflowError)):
                 raise
             raise ApplicationError(
-                f"verify of {input.projection} failed: {_innermost(error)}", type="VerifyFailed", non_retryable=True
+                f"verify of {input.projection} failed: {failure_message(error)}",
+                type="VerifyFailed",
+                non_retryable=True,
             ) from None
 
         if not input.keep:
@@ -185,7 +166,7 @@ class VerifyWorkflow:
                 VerifyActivities.drop_verify_sandbox,
                 label,
                 start_to_close_timeout=timedelta(minutes=10),
-                retry_policy=_RETRY,
+                retry_policy=RETRY,
                 summary=f"drop sandbox {label}",
             )
         except ActivityError:

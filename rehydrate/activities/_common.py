@@ -1,0 +1,61 @@
+"""What every activity class shares: the worker's pool, settings and event store, a connection's generations, and how
+an activity fails: an expected mistake (a UserError) or a missing privilege fails the run at once, without retries,
+with the one line that names the input and the fix; anything else is retried by Temporal."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import ParamSpec, TypeVar
+
+import asyncpg
+from temporalio.exceptions import ApplicationError
+
+from rehydrate.core.errors import UserError
+from rehydrate.core.settings import Settings
+from rehydrate.engine.generations import Generations
+from rehydrate.sources.store import EventStore
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def non_retryable(error: UserError) -> ApplicationError:
+    """The failure a UserError becomes: its type name, its message and fix, no retry."""
+    return ApplicationError(str(error), type=type(error).__name__, non_retryable=True)
+
+
+def user_errors_fail_the_run(activity: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Wrap an activity so that a UserError (a bad projection, a bad event) or a missing privilege fails its workflow
+    run instead of being retried for ever."""
+
+    @functools.wraps(activity)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await activity(*args, **kwargs)
+        except UserError as error:
+            raise non_retryable(error) from None
+        except asyncpg.InsufficientPrivilegeError as error:
+            message = UserError(
+                f"the worker's database role lacks a privilege: {error}",
+                fix="grant what `rehydrate db grants ROLE` prints (docs: a least-privilege role), then start again",
+            )
+            raise ApplicationError(str(message), type="InsufficientPrivilege", non_retryable=True) from None
+
+    return run
+
+
+class Activities:
+    """Base of the activity classes: each method of a subclass is one activity, run with the worker's pool."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.store = EventStore(pool, settings.schema_name)
+
+    @asynccontextmanager
+    async def generations(self) -> AsyncIterator[Generations]:
+        """The generations, on a connection of the pool held for the block."""
+        async with self.pool.acquire() as conn:
+            yield Generations(conn, self.store, self.settings.read_model_schema)

@@ -1,0 +1,83 @@
+"""What every command shares: settings and the projections it knows, running its async work, and output (text and
+tables for people, `--json` for scripts, full width when not a terminal)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
+import orjson
+import typer
+from rich.console import Console
+
+from rehydrate.core.database import ready_pool, resolve_url
+from rehydrate.core.logs import configure as configure_logs
+from rehydrate.core.settings import Settings, load_settings
+from rehydrate.engine.aggregates import AggregateRegistry
+from rehydrate.engine.projections import Registry
+
+T = TypeVar("T")
+
+DEMO_PROJECTIONS = ["rehydrate.examples.orders"]
+DEMO_AGGREGATES = ["rehydrate.examples.order_aggregate"]
+
+# Not a terminal (a pipe, a file, a CI log): no wrapping at 80 columns, so lines, URLs and table cells stay whole.
+_WIDTH = None if sys.stdout.isatty() else 10_000
+out = Console(highlight=False, width=_WIDTH, soft_wrap=_WIDTH is not None)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 10_000)
+
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def settings(**overrides: Any) -> Settings:
+    """The settings, with the options given on the command line (None: not given) over the environment."""
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def projections(settings: Settings, fallback: list[str] | None = None) -> Registry:
+    return Registry.from_modules(settings.projections or fallback or [])
+
+
+def aggregates(settings: Settings) -> AggregateRegistry:
+    return AggregateRegistry.from_modules(settings.aggregates)
+
+
+def log_as_configured(settings: Settings) -> None:
+    if settings.log_format == "json":
+        configure_logs(json=True)
+
+
+def run(work: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await work()
+
+    return asyncio.run(main())
+
+
+def with_pool(settings: Settings, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    """Run `work` with a pool on the configured database (its rehydrate schema made on first use)."""
+
+    async def main() -> T:
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool:
+            return await work(pool)
+
+    return run(main)
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, default=_default, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def when(moment: datetime | None) -> str:
+    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S}"

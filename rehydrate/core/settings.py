@@ -1,0 +1,209 @@
+"""Settings for every rehydrate process, read from `REHYDRATE_*` variables, Temporal's `TEMPORAL_*` and `.env`."""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from rehydrate.core.errors import UserError
+from rehydrate.core.identifiers import check_identifier
+from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL
+
+
+class Settings(BaseSettings):
+    """Where rehydrate finds Postgres, Temporal and the user's projections.
+
+    Leaving `database_url` unset means the embedded Postgres in `data_dir`; the Temporal address defaults
+    to the dev server that `rehydrate dev` runs on localhost.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="REHYDRATE_", env_file=".env", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = Field(default=None, description="Postgres URL; unset: embedded Postgres", repr=False)
+    schema_name: str = Field(
+        default="rehydrate", validation_alias=AliasChoices("REHYDRATE_SCHEMA", "REHYDRATE_SCHEMA_NAME")
+    )
+    read_model_schema: str = "public"
+    data_dir: Path = Path(".rehydrate")
+
+    temporal_address: str = Field(
+        default="localhost:7233",
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_ADDRESS", "TEMPORAL_ADDRESS"),
+    )
+    temporal_namespace: str = Field(
+        default="default", validation_alias=AliasChoices("REHYDRATE_TEMPORAL_NAMESPACE", "TEMPORAL_NAMESPACE")
+    )
+    temporal_task_queue: str = Field(
+        default="rehydrate",
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TASK_QUEUE", "TEMPORAL_TASK_QUEUE"),
+    )
+    temporal_ui_url: str | None = Field(default=None, description="Base URL of the Temporal Web UI for links")
+    # Real clusters. Temporal's own environment configuration (TEMPORAL_PROFILE, TEMPORAL_CONFIG_FILE and the
+    # TOML profile file) is read too; these settings, when set, win over it.
+    temporal_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_API_KEY", "TEMPORAL_API_KEY")
+    )
+    temporal_tls: bool | None = Field(
+        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS", "TEMPORAL_TLS")
+    )
+    temporal_tls_client_cert_path: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_CLIENT_CERT_PATH", "TEMPORAL_TLS_CLIENT_CERT_PATH"),
+    )
+    temporal_tls_client_key_path: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_CLIENT_KEY_PATH", "TEMPORAL_TLS_CLIENT_KEY_PATH"),
+    )
+    temporal_tls_server_ca_cert_path: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_SERVER_CA_CERT_PATH", "TEMPORAL_TLS_SERVER_CA_CERT_PATH"),
+    )
+    temporal_tls_server_name: str | None = Field(
+        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_SERVER_NAME", "TEMPORAL_TLS_SERVER_NAME")
+    )
+    temporal_profile: str | None = Field(
+        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_PROFILE", "TEMPORAL_PROFILE")
+    )
+
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Serve Prometheus /metrics here")
+    log_format: Literal["text", "json"] = "text"
+    tracing: Literal["off", "otlp", "console"] = Field(
+        default="off",
+        description="OpenTelemetry tracing (needs rehydrate[otel]): otlp exports where the OTEL_* variables say",
+    )
+
+    # NoDecode: the variable is a comma-separated list, not JSON (the validator below splits it).
+    projections: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Modules that define projections"
+    )
+    aggregates: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Modules that define aggregates (for bulk snapshot rebuilds)"
+    )
+    lanes: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_LANES,
+        description="Lanes per replay. Unset: 8 when the lanes split by stream range, 4 by hash. Range lanes each "
+        "read only their own streams, so more lanes than chunk slots cost nothing, and a slot that a finished lane "
+        "frees takes another lane's next chunk instead of idling; hash lanes each scan every event.",
+    )
+    lane_split: Literal["auto", "range", "hash"] = Field(
+        default="auto",
+        description="How a stream-keyed projection's lanes split the streams: by ranges of stream id, each lane "
+        "reading only its own events through the (stream_id, stream_version) index (in random heap order), or by "
+        "hash, each lane scanning every event in position order (sequential reads) and keeping its own. auto: "
+        "range while the events table fits in Postgres' effective_cache_size, hash beyond. Payload-keyed "
+        "projections always split by hash.",
+    )
+    chunk_size: int = Field(
+        default=100_000,
+        ge=1,
+        description="Events per chunk: one activity, one transaction. Memory holds its touched rows and one fetch "
+        "(50,000 rows, folded 5,000 at a time), not the chunk's events; each chunk costs a few Temporal tasks and a "
+        "commit.",
+    )
+    max_parallel: int = Field(
+        default=8, ge=1, le=MAX_PARALLEL, description="Chunks of one replay running at once, over all its lanes"
+    )
+    retain_generations: int = Field(default=1, ge=0, description="Retired generations kept for rollback")
+    max_concurrent_activities: int = Field(
+        default=2,
+        ge=1,
+        description="Replay chunks (and other short activities) one worker process runs at once. A chunk keeps a "
+        "core busy: run one worker process per core, each with 2 (one folding while the other waits on Postgres). "
+        "Tails have slots of their own.",
+    )
+    tails: bool = Field(default=True, description="Workers start the tails of active projections by themselves")
+
+    @field_validator("projections", "aggregates", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                try:
+                    return orjson.loads(value)
+                except orjson.JSONDecodeError:
+                    pass
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("schema_name", "read_model_schema")
+    @classmethod
+    def _plain_identifier(cls, value: str) -> str:
+        return check_identifier(value, "schema name")
+
+    @cached_property
+    def ui_url(self) -> str:
+        """The Temporal Web UI's base URL: set, or the dev server's (its gRPC port + 1000)."""
+        if self.temporal_ui_url:
+            return self.temporal_ui_url.rstrip("/")
+        host, _, port = self.temporal_address.rpartition(":")
+        try:
+            return f"http://{host or 'localhost'}:{int(port) + 1000}"
+        except ValueError:
+            return f"http://{self.temporal_address}"
+
+    def workflow_url(self, workflow_id: str, run_id: str | None = None) -> str:
+        """A link to one run in the Temporal Web UI."""
+        tail = f"/{run_id}" if run_id else ""
+        return f"{self.ui_url}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}{tail}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning a validation failure into one line naming the variable and the fix."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except Exception as error:  # pydantic.ValidationError, but keep the message short
+        if isinstance(error, SettingsError):
+            raise UserError(f"settings are invalid: {error}", fix="check the REHYDRATE_* variables and .env") from None
+        if isinstance(error, ValidationError):
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "settings"
+            raise UserError(
+                f"setting {field!r} is invalid: {first['msg']}",
+                fix=f"check REHYDRATE_{field.upper()} in the environment or .env",
+            ) from None
+        raise
+
+
+_USER_INFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<password>.*)@")
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced, fit for logs and errors.
+
+    Read without a URL parser, so that a malformed URL (an unescaped `/`, `?`, `#` or `[` in the password) is
+    redacted too: everything between the user name's `:` and the last `@` is the password.
+    """
+    match = _USER_INFO.match(url)
+    if match is None:
+        return url
+    return f"{match['scheme']}{match['user']}:***@{url[match.end() :]}"
+
+
+def url_password(url: str) -> str | None:
+    """The password of a database URL as written (percent-encoded or not), read as `redact_url` reads it."""
+    match = _USER_INFO.match(url)
+    return match["password"] if match and match["password"] else None
+
+
+def is_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+RANGE_LANES = 8  # 2 workers x 2 chunk slots, twice over (bench/replay_speed.py: 8 lanes beat 4 by 10% on average)
+HASH_LANES = 4
+
+
+def lanes_for(settings: Settings, split: str) -> int:
+    """The lanes of a replay that asked for none, by how they split the events ("range" or "hash")."""
+    if settings.lanes is not None:
+        return settings.lanes
+    return RANGE_LANES if split == "range" else HASH_LANES

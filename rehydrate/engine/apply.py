@@ -1,0 +1,345 @@
+"""Folds a batch of events into a projection's rows and writes them to one generation's table.
+
+The caller owns the transaction: it writes its checkpoint in the same one, so a batch applied twice (a retry
+after a crash between commit and acknowledgement) finds the checkpoint already past it and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from rehydrate.core.errors import ProjectionError
+from rehydrate.engine.catalog import Catalog
+from rehydrate.engine.projections import Projection, Row
+from rehydrate.engine.readmodels import GenerationTable
+from rehydrate.sources.events import Event
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    events: int
+    rows_written: int
+    rows_deleted: int
+    parked: int = 0
+
+
+def _fail(projection: Projection, event: Event, problem: str, fix: str) -> ProjectionError:
+    return ProjectionError(projection.name, event.global_position, event.stream_id, event.type, problem, fix)
+
+
+@dataclass(frozen=True, slots=True)
+class Parking:
+    """Where a projection with on_error="park" keeps what it could not apply: the dead letters of a generation."""
+
+    catalog: Catalog
+    generation: int
+
+
+# The events of a key parked by an earlier failure, each with its error (keys parked before: an empty list).
+Parked = dict[Any, list[tuple[Event, str]]]
+PARKED_AFTER = "parked: an earlier event of this key failed"
+
+
+def fold(
+    projection: Projection,
+    events: Sequence[Event],
+    state: dict[Any, Row | None],
+    last: dict[Any, Event],
+    parked: Parked | None = None,
+) -> int:
+    """Apply `events` in order over the rows in `state` (by key; None: no row), in place. Records in `last` the
+    last event that touched each key (to name it in an error); returns how many events a handler applied.
+
+    With `parked` (a projection with on_error="park"), a handler's failure parks its key instead of raising: that
+    event and every later event of the key go into `parked`, and the key is dropped from `last` (not written)."""
+    handlers = projection.handlers
+    key_field = projection.key.field
+    key_column = projection.table.key_column
+    strict = projection.strict
+    ignored = projection.ignore
+    blank = projection.table.blank_row
+    width = len(blank)
+    applied = 0
+    upcast = projection.upcaster()
+    for event in events:
+        if upcast is not None:
+            event = upcast(event)  # the handler sees the event at its type's current version
+        handler = handlers.get(event.type)
+        if handler is None:
+            if strict and event.type not in ignored:
+                raise _fail(
+                    projection,
+                    event,
+                    "no handler for this event type and the projection is strict",
+                    f"add a handler with @{projection.name}.on({event.type!r}), or list it in ignore=",
+                )
+            continue
+        if key_field is None:
+            key = event.stream_id
+        else:
+            key = event.data.get(key_field, _MISSING)
+            if key is _MISSING or key is None or isinstance(key, (dict, list)):
+                raise _fail(
+                    projection,
+                    event,
+                    f"the payload has no usable key field {key_field!r}",
+                    "fix the event (or an upcaster), or key the projection by another field",
+                )
+        if parked is not None and key in parked:
+            parked[key].append((event, PARKED_AFTER))
+            continue
+        previous = state.get(key)
+        try:
+            try:
+                row = handler(previous, event)
+            except Exception as error:
+                raise _fail(
+                    projection,
+                    event,
+                    f"handler {getattr(handler, '__name__', handler)!r} raised {type(error).__name__}: {error}",
+                    "fix the handler (or the event), then start the replay again",
+                ) from error
+            if row is not None:
+                if not isinstance(row, dict):
+                    raise _fail(
+                        projection,
+                        event,
+                        f"handler returned {type(row).__name__}, not a dict or None",
+                        "return the new row as a dict, or None to delete it",
+                    )
+                if len(row) < width:
+                    # Columns a handler leaves out take their defaults, so the next handler sees every column.
+                    row = {**blank, key_column: key, **row}
+                current_key = row.get(key_column, _MISSING)
+                if current_key is _MISSING:
+                    row[key_column] = key
+                elif current_key != key:
+                    raise _fail(
+                        projection,
+                        event,
+                        f"handler set {key_column!r} to {current_key!r}, but the event's key is {key!r}",
+                        "a handler may not move a row to another key",
+                    )
+        except ProjectionError as failure:
+            if parked is None:
+                raise
+            # The handler may have changed the row in place before it failed: this transaction writes nothing for
+            # the key (its stored row stays as it was), and a retry rebuilds the key from its whole history.
+            last.pop(key, None)
+            parked[key] = [(event, failure.message)]
+            continue
+        state[key] = row
+        last[key] = event
+        applied += 1
+    return applied
+
+
+def _record(projection: Projection, row: Row, event: Event) -> tuple[Any, ...]:
+    shape = projection.table
+    if len(row) == len(shape.columns):
+        # The usual row: every column, nothing else (as many keys as columns, each column present).
+        try:
+            values = shape.values(row)
+        except KeyError:
+            pass
+        else:
+            if None not in shape.required_values(row):
+                return values
+    if len(row) > len(shape.columns) or not row.keys() <= shape.column_set:
+        unknown = sorted(set(row) - set(shape.columns))
+        raise _fail(
+            projection,
+            event,
+            f"handler returned unknown column(s) {unknown} for table {shape.name!r}",
+            f"return only the table's columns: {', '.join(shape.columns)}",
+        )
+    values = tuple(row.get(c) for c in shape.columns)
+    for column in shape.required:
+        if row.get(column) is None:
+            raise _fail(
+                projection,
+                event,
+                f"column {column!r} of table {shape.name!r} is required but the row has no value",
+                "set it in the handler that creates the row, or give the column a default",
+            )
+    return values
+
+
+class Folding:
+    """The rows one transaction writes: events are folded in batch by batch (a batch's keys' stored rows are
+    read when first met), and the rows written once at the end. Memory holds the touched rows, not the events.
+    """
+
+    def __init__(
+        self,
+        projection: Projection,
+        table: GenerationTable,
+        parking: Parking | None = None,
+        stored_keys: Iterable[Any] | None = None,
+    ) -> None:
+        """`stored_keys`, when the caller knows them: the only keys that may already have a row (or dead
+        letters) in the table; the rest are new, so no lookup is needed. None: any key may."""
+        self.table = table
+        self.stored_keys = None if stored_keys is None else list(stored_keys)
+        self.parking = parking
+        # Parked keys (on_error="park"): loaded from the dead letters as keys are met; new entries written at the end.
+        self.parked: Parked | None = {} if projection.on_error == "park" else None
+        self.projection = projection
+        self.state: dict[Any, Row | None] = {}
+        self.last: dict[Any, Event] = {}
+        self.looked_up: set[Any] = set()
+        self.stored: set[Any] = set()  # keys that have a row in the table: deleted before the new rows go in
+        self.events = 0
+
+    async def add(self, events: Sequence[Event]) -> None:
+        """Fold `events` (in order, after every batch added before) into the rows."""
+        if not events:
+            return
+        projection = self.projection
+        shape = projection.table
+        key_field = projection.key.field
+        handled = projection.handlers
+        looked_up = self.looked_up
+        keys: list[Any] = []
+        if self.stored_keys is not None:
+            keys, self.stored_keys = self.stored_keys, []
+        else:
+            for event in events:
+                if event.type not in handled:
+                    continue
+                key = event.stream_id if key_field is None else event.data.get(key_field)
+                if key is not None and not isinstance(key, (dict, list)) and key not in looked_up:
+                    looked_up.add(key)
+                    keys.append(key)
+        if keys:
+            try:
+                rows = await self.table.rows(keys)
+            except (asyncpg.DataError, ValueError, TypeError) as error:
+                # A key of the wrong type (say a number for a text column) would fail every retry the same way.
+                raise await _name_bad_key(self.table, projection, events, error) from None
+            for row in rows:
+                key = row[shape.key_column]
+                self.state[key] = dict(row)
+                self.stored.add(key)
+            if self.parked is not None and self.parking is not None:
+                await self._load_parked(keys)
+        self.events += fold(projection, events, self.state, self.last, self.parked)
+
+    async def _load_parked(self, keys: list[Any]) -> None:
+        """Keys parked by an earlier transaction of this generation stay parked: their events are parked too."""
+        assert self.parked is not None and self.parking is not None
+        by_text = {str(key): key for key in keys}
+        found = await self.parking.catalog.parked_keys(self.projection.name, self.parking.generation, list(by_text))
+        for key in found:
+            self.parked.setdefault(by_text[key], [])
+
+    async def write(self) -> Applied:
+        """Replace the touched keys' rows. Must run inside the caller's transaction."""
+        projection, state, last = self.projection, self.state, self.last
+        records = [_record(projection, row, last[key]) for key, row in state.items() if row is not None and key in last]
+        gone = [key for key in self.stored if key in last]
+        if gone:
+            await self.table.delete(gone)
+        if records:
+            try:
+                async with self.table.conn.transaction():
+                    await self.table.copy(records)
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, TypeError) as error:
+                raise await _name_bad_row(self.table, projection, state, last, error) from None
+        parked = await self._write_parked()
+        return Applied(self.events, len(records), sum(1 for key in gone if state.get(key) is None), parked)
+
+    async def _write_parked(self) -> int:
+        """Store the events parked in this transaction; returns how many."""
+        if not self.parked or self.parking is None:
+            return 0
+        letters = [
+            (self.parking.generation, e.global_position, e.stream_id, e.stream_version, e.type, str(key), error)
+            for key, entries in self.parked.items()
+            for e, error in entries
+        ]
+        await self.parking.catalog.park(self.projection.name, letters)
+        return len(letters)
+
+
+async def apply_events(
+    projection: Projection, table: GenerationTable, events: Sequence[Event], parking: Parking | None = None
+) -> Applied:
+    """Fold `events` into a generation's table. Must run inside the caller's transaction."""
+    folding = Folding(projection, table, parking)
+    await folding.add(events)
+    return await folding.write()
+
+
+async def _name_bad_key(
+    table: GenerationTable, projection: Projection, events: Sequence[Event], error: Exception
+) -> ProjectionError:
+    """The keys did not fit the key column: find the first event whose key does not (in savepoints)."""
+    shape = projection.table
+    field = projection.key.field
+    source = "the stream id" if field is None else f"field {field!r}"
+    checked: set[Any] = set()
+    for event in events:
+        if event.type not in projection.handlers:
+            continue
+        key = event.stream_id if field is None else event.data.get(field)
+        if key is None or isinstance(key, (dict, list)) or key in checked:
+            continue
+        checked.add(key)
+        try:
+            async with table.conn.transaction():
+                await table.check_key(key)
+        except (asyncpg.DataError, ValueError, TypeError) as key_error:
+            return _fail(
+                projection,
+                event,
+                f"its key {key!r} ({source}) does not fit the key column {shape.key_column!r} "
+                f"({shape.key_sql_type}): {key_error}",
+                "fix the event (or an upcaster), or give the key column a type that fits",
+            )
+        except asyncpg.PostgresError:
+            break  # the transaction is unusable (the first error was the server's): name the batch instead
+    first = next(event for event in events if event.type in projection.handlers)
+    return _fail(projection, first, f"the keys of this batch cannot be read: {error}", "check the key column's type")
+
+
+async def _name_bad_row(
+    table: GenerationTable,
+    projection: Projection,
+    state: dict[Any, Row | None],
+    last: dict[Any, Event],
+    error: Exception,
+) -> ProjectionError:
+    """A COPY failed: write the rows one by one (in savepoints) to find the event whose row is wrong."""
+    for key, row in state.items():
+        if row is None or key not in last:
+            continue
+        try:
+            async with table.conn.transaction():
+                await table.copy([_record(projection, row, last[key])])
+                raise _Rollback
+        except _Rollback:
+            continue
+        except Exception as row_error:
+            return _fail(
+                projection,
+                last[key],
+                f"its row cannot be stored in table {projection.table.name!r}: {row_error}",
+                "return values of the column types the table declares",
+            )
+    return _fail(
+        projection,
+        next(iter(last.values())),
+        f"the rows of this batch cannot be stored: {error}",
+        "return values of the column types the table declares",
+    )
+
+
+class _Rollback(Exception):
+    pass

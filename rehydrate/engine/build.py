@@ -1,0 +1,229 @@
+"""A replay's build: plan a generation (its target mark, lanes cut by stream range or by hash, their sizes), then
+apply one chunk of a lane at a time, the chunk's rows and the lane's checkpoint in one transaction.
+
+A chunk applied twice changes nothing: it starts from the lane's committed checkpoint, which its own transaction
+moves. The lane's row lock makes a retried chunk wait for a zombie attempt of the same lane (a worker that lost its
+heartbeat but still runs), and the retry then starts from whatever that attempt committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from rehydrate.core.errors import UserError
+from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, check_range
+from rehydrate.core.settings import Settings, lanes_for
+from rehydrate.engine.apply import Folding, Parking
+from rehydrate.engine.generations import Generations
+from rehydrate.engine.projections import Projection
+from rehydrate.models import ChunkInput, ChunkResult, LaneState, Plan, PlanInput
+from rehydrate.sources.events import Cutoff, Event, is_held
+from rehydrate.sources.store import EventStore
+
+
+async def plan_generation(
+    conn: asyncpg.Connection, store: EventStore, settings: Settings, projection: Projection, input: PlanInput
+) -> Plan:
+    """Take the high-water mark as the target, create the generation's table and its lane checkpoints, and estimate
+    each lane's events. A plan run again (a retried activity, a replay after continue-as-new) finds the generation it
+    made and returns it with the lanes' progress."""
+    # `is None`, not `or`: a 0 from a hand-written input (the Web UI) is refused, not replaced.
+    lanes = None if input.lanes is None else check_range("lanes", input.lanes, 1, MAX_LANES)
+    chunk_size = check_range("chunk_size", settings.chunk_size if input.chunk_size is None else input.chunk_size, 1)
+    max_parallel = check_range(
+        "max_parallel", settings.max_parallel if input.max_parallel is None else input.max_parallel, 1, MAX_PARALLEL
+    )
+    sandbox = input.sandbox or ""
+    generations = Generations(conn, store, settings.read_model_schema)
+    catalog = generations.catalog
+    building = await catalog.building_generation(projection.name, sandbox)
+    if building is not None and building["workflow_id"] != input.workflow_id:
+        if input.skip_if_running:
+            return Plan(0, "", 0, [], 0, 0, 0, running_elsewhere=building["workflow_id"])
+        raise UserError(
+            f"projection {projection.name!r} is already being rebuilt by workflow "
+            f"{building['workflow_id']!r} (generation {building['generation']})",
+            fix="wait for it, or cancel it with `rehydrate replay cancel`",
+        )
+    counts: list[int] | None = None  # each lane's events, estimated
+    if building is None:
+        cutoff = Cutoff.of(input.to_position, input.as_of)
+        mark = await store.high_water_mark(conn)
+        if input.mark is not None:
+            if input.mark > mark:
+                raise UserError(
+                    f"target mark {input.mark} is above the high-water mark {mark}",
+                    fix="use a mark at or below the current high-water mark",
+                )
+            mark = input.mark
+        boundaries = None
+        split = await store.lane_split(conn, projection.key, settings.lane_split)
+        lanes = lanes_for(settings, split) if lanes is None else lanes
+        if split == "range":
+            found, estimated = await store.stream_boundaries(
+                conn, mark=mark, types=projection.event_types, lanes=lanes, cutoff=cutoff
+            )
+            if len(found) == lanes - 1:  # else too few events to split
+                boundaries = found
+                # The boundaries cut the sample into equal parts: the lanes' sizes need no second look.
+                counts = [estimated // lanes + (lane < estimated % lanes) for lane in range(lanes)]
+        building = await generations.create(
+            projection,
+            mark=mark,
+            lanes=lanes,
+            chunk_size=chunk_size,
+            workflow_id=input.workflow_id,
+            run_id=input.run_id,
+            boundaries=boundaries,
+            sandbox=sandbox,
+            cutoff=cutoff,
+        )
+    generation = building["generation"]
+    if counts is None:  # a resumed generation, or lanes by hash
+        counts = await _lane_sizes(
+            conn, store, projection, building, await catalog.lane_bounds(projection.name, generation)
+        )
+    total = sum(counts)
+    await catalog.set_total(projection.name, generation, total)
+    checkpoints = await catalog.lanes(projection.name, generation)
+    return Plan(
+        generation=generation,
+        physical_table=building["physical_table"],
+        mark=building["target_xmin"],
+        lanes=[
+            LaneState(lane=lane, position=pos, applied=applied, total=counts[lane], done=done)
+            for lane, pos, applied, done in checkpoints
+        ],
+        chunk_size=building["chunk_size"],
+        max_parallel=max_parallel,
+        events_total=total,
+    )
+
+
+async def _lane_sizes(
+    conn: asyncpg.Connection,
+    store: EventStore,
+    projection: Projection,
+    building: asyncpg.Record,
+    ranges: list[tuple[str | None, str | None]] | None,
+) -> list[int]:
+    """Each lane's events below the generation's target, estimated from a sample."""
+    cutoff = Cutoff.of(building["to_position"], building["as_of"])
+    if ranges is None:
+        return await store.count_lanes(
+            conn,
+            mark=building["target_xmin"],
+            types=projection.event_types,
+            key=projection.key,
+            lanes=building["lanes"],
+            cutoff=cutoff,
+            estimate=True,
+        )
+    return await store.count_ranges(
+        conn,
+        mark=building["target_xmin"],
+        types=projection.event_types,
+        boundaries=[high for _, high in ranges[:-1] if high is not None],
+        cutoff=cutoff,
+        estimate=True,
+    )
+
+
+@dataclass
+class ChunkProgress:
+    """What a running chunk tells its caller: the lane's checkpoint it started from, and how to say it lives."""
+
+    heartbeat: Callable[[int], None]  # called with the lane's position after each slice once `quiet_until` passed
+    quiet_until: float  # loop time before which no heartbeat is sent
+    from_position: int = 0
+
+
+async def apply_chunk(
+    conn: asyncpg.Connection,
+    store: EventStore,
+    read_schema: str,
+    projection: Projection,
+    input: ChunkInput,
+    progress: ChunkProgress,
+) -> ChunkResult:
+    """Apply the next `input.chunk_size` events of one lane below the generation's target, with the lane's new
+    checkpoint, in one transaction."""
+    async with conn.transaction():
+        generations = Generations(conn, store, read_schema)
+        catalog = generations.catalog
+        checkpoint = await catalog.lock_lane(input.projection, input.generation, input.lane)
+        if checkpoint is None or checkpoint["state"] != "building":
+            raise UserError(
+                f"generation {input.generation} of {input.projection!r} is no longer being built",
+                fix="it was cancelled or failed; start a new replay",
+            )
+        if checkpoint["done"]:
+            return ChunkResult(checkpoint["position"], checkpoint["events_applied"], 0, True)
+        held = await store.held_back(conn, input.mark)
+        table = generations.read_models(checkpoint["sandbox"]).table(
+            projection.table, projection.table.physical_name(input.generation)
+        )
+        cutoff = Cutoff.of(checkpoint["to_position"], checkpoint["as_of"])
+        position = progress.from_position = checkpoint["position"]
+        after: tuple[str, int] | None = None
+        stored_keys: list[str] | None = None  # None: any key may have a row already
+        batches: AsyncIterator[list[Event]]
+        if checkpoint["by_stream"]:
+            if checkpoint["after_stream"] is not None:
+                after = (checkpoint["after_stream"], checkpoint["after_version"])
+            if projection.key.field is None:
+                # Whole streams in id order: of the streams this chunk reads, only the one the last chunk stopped in
+                # can have a row (or dead letters) already.
+                stored_keys = [] if after is None else [after[0]]
+            batches = store.read_streams(
+                conn,
+                low=checkpoint["low_stream"],
+                high=checkpoint["high_stream"],
+                after=after,
+                mark=input.mark,
+                types=projection.event_types,
+                limit=input.chunk_size,
+                cutoff=cutoff,
+            )
+        else:
+            batches = store.read_lane(
+                conn,
+                after_position=position,
+                mark=input.mark,
+                types=projection.event_types,
+                key=projection.key,
+                lane=input.lane,
+                lanes=input.lanes,
+                limit=input.chunk_size,
+                cutoff=cutoff,
+            )
+        folding = Folding(projection, table, Parking(catalog, input.generation), stored_keys)
+        loop = asyncio.get_running_loop()
+        fetched = 0
+        async for batch in batches:
+            fetched += len(batch)
+            last = batch[-1]
+            position, after = last.global_position, (last.stream_id, last.stream_version)
+            if held:
+                batch = [e for e in batch if not is_held(held, e.stream_id, e.stream_version)]
+            await folding.add(batch)
+            await asyncio.sleep(0)  # the worker's workflow tasks and other chunks get a turn (see store.SLICE)
+            if loop.time() >= progress.quiet_until:
+                progress.heartbeat(position)
+        applied = await folding.write()
+        done = fetched < input.chunk_size
+        total_applied = checkpoint["events_applied"] + applied.events
+        await catalog.save_lane(
+            input.projection,
+            input.generation,
+            input.lane,
+            position,
+            total_applied,
+            done,
+            after if checkpoint["by_stream"] else None,
+        )
+    return ChunkResult(position=position, applied=total_applied, chunk_events=applied.events, done=done)

@@ -1,0 +1,336 @@
+"""A projection's generations, from first table to last drop: create one, apply its catch-up, swap it in, keep it
+current (the tail's batches), roll back to a retained one, rebuild parked keys, publish and drop sandboxes.
+
+Each step is one transaction on one connection, across the control tables (`Catalog`), the read models
+(`ReadModels`) and the events (`EventStore`); the steps that write the active generation hold the projection's lock,
+so the tail, a swap, a rollback and a verify's comparison never interleave.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import asyncpg
+
+from rehydrate.core.errors import UserError
+from rehydrate.engine.apply import Parking, apply_events
+from rehydrate.engine.catalog import Catalog
+from rehydrate.engine.projections import Projection
+from rehydrate.engine.readmodels import ReadModels, sandbox_schema, table_schema
+from rehydrate.models import SwapResult, VerifyResult
+from rehydrate.sources.events import Cutoff
+from rehydrate.sources.store import EventStore
+
+SWAP_LOCK_TIMEOUT_MS = 500  # a swap waiting for readers gives up this soon, and its activity tries again
+ROLLBACK_LOCK_TIMEOUT_MS = 5_000
+
+
+class Generations:
+    """The generations of every projection, on one connection: the events in `store`, read models in `read_schema`."""
+
+    def __init__(self, conn: asyncpg.Connection, store: EventStore, read_schema: str) -> None:
+        self.conn = conn
+        self.store = store
+        self.read_schema = read_schema
+        self.catalog = Catalog(conn, store.schema)
+
+    def read_models(self, sandbox: str = "") -> ReadModels:
+        """The read models of the live schema, or of a sandbox."""
+        return ReadModels(self.conn, table_schema(self.read_schema, sandbox))
+
+    # -- building --------------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        projection: Projection,
+        *,
+        mark: int,
+        lanes: int,
+        chunk_size: int,
+        workflow_id: str,
+        run_id: str,
+        boundaries: Sequence[str] | None = None,
+        sandbox: str = "",
+        cutoff: Cutoff | None = None,
+    ) -> asyncpg.Record:
+        """Register a new building generation, create its table (no secondary indexes) and its lane checkpoints;
+        returns its row as `Catalog.building_generation` reads it."""
+        tables = self.read_models(sandbox)
+        async with self.conn.transaction():
+            await tables.ensure_schema()
+            number = await self.catalog.insert_generation(
+                projection=projection.name,
+                version=projection.version,
+                fingerprint=projection.fingerprint,
+                physical_table=projection.table.physical_name,
+                mark=mark,
+                lanes=lanes,
+                chunk_size=chunk_size,
+                workflow_id=workflow_id,
+                run_id=run_id,
+                sandbox=sandbox,
+                to_position=None if cutoff is None else cutoff.position,
+                as_of=None if cutoff is None else cutoff.as_of,
+            )
+            await tables.create_table(projection.table, number)
+            await self.catalog.insert_lanes(projection.name, number, lanes, boundaries)
+        row = await self.catalog.building_generation(projection.name, sandbox)
+        assert row is not None
+        return row
+
+    async def index(self, projection: Projection, generation: int) -> int:
+        """Build the secondary indexes after the load (faster than keeping them row by row) and record the build's
+        counts; returns the row count."""
+        row = await self.catalog.generation(projection.name, generation)
+        tables = self.read_models(row["sandbox"])
+        await tables.create_indexes(projection.table, generation)
+        rows = await tables.count_rows(row["physical_table"])
+        await self.catalog.mark_built(projection.name, generation, rows)
+        return rows
+
+    async def analyze(self, projection: Projection, generation: int) -> None:
+        """ANALYZE the generation's table, unless a cancel or failure dropped it meanwhile."""
+        row = await self.catalog.generation(projection.name, generation)
+        if row["state"] in ("building", "sandbox", "active"):
+            await self.read_models(row["sandbox"]).analyze(row["physical_table"])
+
+    async def end(self, projection: str, generation: int, reason: str) -> None:
+        """Mark a building generation cancelled ("cancelled") or failed (the error) and drop its table. Never touches
+        an active one."""
+        async with self.conn.transaction():
+            ended = await self.catalog.end_building(projection, generation, reason)
+            if ended is not None:
+                await self.read_models(ended["sandbox"]).drop_table(ended["physical_table"])
+
+    # -- catching up, swapping, keeping current ----------------------------------------------------------
+
+    async def catch_up(
+        self, projection: Projection, generation: int, *, max_events: int | None = None, to_mark: int | None = None
+    ) -> tuple[int, int]:
+        """Move a generation's checkpoint to the current high-water mark (or `to_mark`, or, with `max_events`, to an
+        earlier mark that bounds the batch), applying the delta: (events applied, the new checkpoint). Runs in the
+        caller's transaction."""
+        row = await self.catalog.lock_generation(projection.name, generation)
+        if row["state"] not in ("building", "active", "sandbox"):
+            raise UserError(
+                f"generation {generation} of {projection.name!r} is {row['state']}", fix="start a new replay"
+            )
+        checkpoint = row["checkpoint"]
+        mark = await self.store.high_water_mark(self.conn) if to_mark is None else to_mark
+        if mark <= checkpoint:
+            return 0, checkpoint
+        if max_events is not None:
+            mark = await self.store.bounded_mark(self.conn, from_mark=checkpoint, to_mark=mark, max_events=max_events)
+        events = await self.store.read_delta(
+            self.conn, from_mark=checkpoint, to_mark=mark, types=projection.event_types
+        )
+        table = self.read_models(row["sandbox"]).table(projection.table, row["physical_table"])
+        applied = await apply_events(projection, table, events, Parking(self.catalog, generation))
+        await self.catalog.move_checkpoint(projection.name, generation, mark, applied.events)
+        return applied.events, mark
+
+    async def swap(self, projection: Projection, generation: int, *, allow_dead_letters: bool = False) -> SwapResult:
+        """Apply the last delta and make `generation` the active one, atomically. Idempotent on retry; gives up
+        with asyncpg's LockNotAvailableError when readers hold the view longer than SWAP_LOCK_TIMEOUT_MS.
+
+        A generation that parked events (on_error="park") is refused unless `allow_dead_letters`."""
+        async with self.conn.transaction():
+            await self.catalog.lock_projection(projection.name)
+            row = await self.catalog.lock_generation(projection.name, generation)
+            previous = await self.catalog.active_generation_or_none(projection.name)
+            if row["state"] == "active":
+                return SwapResult(generation, None, 0, 0.0, row["rows_count"] or 0)
+            final_delta, _ = await self.catch_up(projection, generation)
+            parked = await self.catalog.dead_letter_count(projection.name, generation)
+            if parked and not allow_dead_letters:
+                raise UserError(
+                    f"generation {generation} of {projection.name!r} parked {parked} event(s) and was not swapped in",
+                    fix=f"see them with `rehydrate dead-letters list {projection.name} --generation {generation}`; "
+                    f"fix the handler and replay again, or replay with --allow-dead-letters and then "
+                    f"`rehydrate dead-letters retry {projection.name}` after the fix",
+                )
+            tables = self.read_models()
+            rows = await tables.count_rows(row["physical_table"])
+            started = time.perf_counter()
+            await tables.point_view(projection.table, row["physical_table"], lock_timeout_ms=SWAP_LOCK_TIMEOUT_MS)
+            await self.catalog.activate(
+                projection.name,
+                generation,
+                version=projection.version,
+                fingerprint=projection.fingerprint,
+                rows=rows,
+                swapped=True,
+            )
+        lock_ms = (time.perf_counter() - started) * 1000
+        return SwapResult(generation, previous, final_delta, lock_ms, rows)
+
+    async def retire_old(self, projection: Projection, keep: int) -> list[int]:
+        """Drop the tables of retired generations beyond the newest `keep`; returns their numbers."""
+        tables = self.read_models()
+        rows = await self.catalog.retired_beyond(projection.name, keep)
+        for row in rows:
+            async with self.conn.transaction():
+                await tables.drop_table(row["physical_table"])
+                await self.catalog.mark_dropped(projection.name, row["generation"])
+        return [row["generation"] for row in rows]
+
+    async def tail_batch(self, projection: Projection, max_events: int) -> tuple[int, int, int] | None:
+        """Apply the next batch of new events to the active generation: (generation, events applied, checkpoint).
+
+        Holds the projection's lock for the batch, so a swap waits for it and the next batch reads the active
+        generation afresh: after a swap the tail goes on from exactly where the new generation ends. None when the
+        projection has no active generation.
+        """
+        async with self.conn.transaction():
+            await self.catalog.lock_projection(projection.name)
+            generation = await self.catalog.active_generation_or_none(projection.name)
+            if generation is None:
+                return None
+            applied, mark = await self.catch_up(projection, generation, max_events=max_events)
+        return generation, applied, mark
+
+    # -- operating -------------------------------------------------------------------------------------
+
+    async def rollback(self, projection: Projection, to: int | None = None) -> tuple[int, int]:
+        """Make a retained (retired, table kept) generation active again, at once; returns (from, to).
+
+        The same view swap as `swap`, under the same lock. The rolled-back generation is not caught up here: it
+        goes on from its own checkpoint, caught up by the tail (or by `catch_up`) like any active generation."""
+        async with self.conn.transaction():
+            await self.catalog.lock_projection(projection.name)
+            current = await self.catalog.active_generation(projection.name)
+            retained = await self.catalog.retained(projection.name)
+            if not retained:
+                raise UserError(
+                    f"projection {projection.name!r} has no retained generation to roll back to (active: g{current})",
+                    fix="old generations are kept only up to REHYDRATE_RETAIN_GENERATIONS (default 1); raise it "
+                    "before the next replay to be able to roll back",
+                )
+            if to is None:
+                chosen = next((r for r in retained if r["generation"] < current), retained[0])
+            else:
+                found = [r for r in retained if r["generation"] == to]
+                if not found:
+                    raise UserError(
+                        f"generation {to} of {projection.name!r} is not retained (retained: "
+                        f"{', '.join(f'g{r[0]}' for r in retained)})",
+                        fix="choose one of the retained generations (see `rehydrate generations`)",
+                    )
+                chosen = found[0]
+            tables = self.read_models()
+            if not await tables.table_exists(chosen["physical_table"]):
+                raise UserError(
+                    f"the table of generation {chosen['generation']} of {projection.name!r} is gone",
+                    fix="it was dropped by hand; start a new replay instead",
+                )
+            await tables.point_view(
+                projection.table, chosen["physical_table"], lock_timeout_ms=ROLLBACK_LOCK_TIMEOUT_MS
+            )
+            await self.catalog.activate(
+                projection.name,
+                chosen["generation"],
+                version=chosen["version"],
+                fingerprint=chosen["fingerprint"],
+                rows=None,
+                swapped=False,
+            )
+        return current, int(chosen["generation"])
+
+    async def retry_dead_letters(self, projection: Projection) -> tuple[int, int]:
+        """Rebuild every parked key of the active generation from its whole history, with the current handlers.
+
+        Under the projection's lock, in one transaction: the keys' dead letters and rows are deleted, their events up
+        to the generation's checkpoint (the same set a clean build at that checkpoint reads) are folded from nothing,
+        and the rows written. A key that fails again is parked again. Returns (keys retried, keys still parked)."""
+        async with self.conn.transaction():
+            await self.catalog.lock_projection(projection.name)
+            generation = await self.catalog.active_generation(projection.name)
+            row = await self.catalog.lock_generation(projection.name, generation)
+            keys = await self.catalog.take_parked_keys(projection.name, generation)
+            if not keys:
+                return 0, 0
+            table = self.read_models().table(projection.table, row["physical_table"])
+            await table.delete_as_text(keys)
+            events = await self.store.read_keys(
+                self.conn, key=projection.key, keys=keys, mark=row["checkpoint"], types=projection.event_types
+            )
+            await apply_events(projection, table, events, Parking(self.catalog, generation))
+            still = await self.catalog.parked_key_count(projection.name, generation)
+        return len(keys), still
+
+    async def compare_with_live(
+        self, projection: Projection, label: str, sandbox_generation: int, show: int
+    ) -> VerifyResult:
+        """Compare the sandbox build `sandbox_generation` (built at the live checkpoint C read earlier) with the live
+        generation, at one point.
+
+        The live generation moves with the tail, so under the projection's lock (the tail waits) the sandbox is
+        caught up from C to the live checkpoint of that moment with exactly the delta the tail applied, and both
+        tables are hashed in the same transaction. Everything happens in that transaction: a retry starts over."""
+        async with self.conn.transaction():
+            await self.catalog.lock_projection(projection.name)
+            live = await self.catalog.active_generation(projection.name)
+            live_row = await self.catalog.generation(projection.name, live)
+            sandbox_row = await self.catalog.generation(projection.name, sandbox_generation)
+            if live_row["checkpoint"] < sandbox_row["checkpoint"]:
+                # A rollback during the rebuild put back a generation that is behind the mark the sandbox was built
+                # at: comparing them would report the events in between as drift.
+                raise UserError(
+                    f"the live generation of {projection.name!r} (g{live}, checkpoint {live_row['checkpoint']}) is "
+                    f"behind the rebuild's mark {sandbox_row['checkpoint']} (a rollback while verifying?)",
+                    fix="run the verify again",
+                )
+            if live_row["checkpoint"] > sandbox_row["checkpoint"]:
+                await self.catch_up(projection, sandbox_generation, to_mark=live_row["checkpoint"])
+            count, first, live_rows, rebuilt_rows = await self.read_models().compare(
+                projection.table,
+                live_row["physical_table"],
+                self.read_models(label),
+                sandbox_row["physical_table"],
+                show,
+            )
+        return VerifyResult(
+            projection.name,
+            live,
+            sandbox_generation,
+            int(live_row["checkpoint"]),
+            live_rows,
+            rebuilt_rows,
+            count,
+            first,
+            stale=live_row["fingerprint"] != projection.fingerprint,
+        )
+
+    # -- sandboxes -------------------------------------------------------------------------------------
+
+    async def publish_sandbox(self, projection: Projection, generation: int) -> int:
+        """Point the sandbox's own view at a finished sandbox build and drop the label's older build of the
+        projection. Returns the events the build parked."""
+        async with self.conn.transaction():
+            row = await self.catalog.lock_generation(projection.name, generation)
+            tables = self.read_models(row["sandbox"])
+            older = await self.catalog.drop_older_sandbox_builds(projection.name, row["sandbox"], generation)
+            await tables.point_view(projection.table, row["physical_table"])
+            for physical in older:
+                await tables.drop_table(physical)
+            await self.catalog.mark_sandbox(projection.name, generation)
+            return await self.catalog.dead_letter_count(projection.name, generation)
+
+    async def drop_sandbox(self, label: str, *, missing_ok: bool = False) -> int:
+        """Drop a sandbox's schema and forget its builds; refused while one of them is still building, and (unless
+        `missing_ok`) when there is no such sandbox. Returns how many builds it forgot."""
+        tables = ReadModels(self.conn, sandbox_schema(label))
+        async with self.conn.transaction():
+            building = await self.catalog.building_in_sandbox(label)
+            if building is not None:
+                raise UserError(
+                    f"sandbox {label!r} is still building {building!r}",
+                    fix=f"wait for it, or cancel it with `rehydrate replay cancel {building} --sandbox {label}`",
+                )
+            exists = await tables.schema_exists()
+            gone = await self.catalog.forget_sandbox(label)
+            if not exists and not gone and not missing_ok:
+                raise UserError(f"there is no sandbox {label!r}", fix="see them with `rehydrate sandbox list`")
+            await tables.drop_schema()
+        return gone

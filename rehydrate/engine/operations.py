@@ -1,0 +1,229 @@
+"""What operators ask of projections, answered from Postgres: their status and lag, which are stale, a plan of a
+replay, and a rollback brought up to date."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, check_range
+from rehydrate.core.settings import Settings, lanes_for
+from rehydrate.engine.apply import Folding
+from rehydrate.engine.catalog import Catalog
+from rehydrate.engine.generations import Generations
+from rehydrate.engine.projections import Projection, Registry
+from rehydrate.engine.readmodels import ReadModels
+from rehydrate.sources.store import EventStore
+
+# -- status ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LastReplay:
+    generation: int
+    state: str
+    started_at: datetime
+    ended_at: datetime | None
+    error: str | None
+    events_applied: int
+    workflow_id: str | None
+
+
+@dataclass
+class ProjectionStatus:
+    """One projection as `rehydrate projections` shows it: registered in this process, built, stale, current."""
+
+    name: str
+    registered: bool
+    version: int | None
+    fingerprint: str | None  # of the code in this process (None: not registered here)
+    active_generation: int | None
+    stale: bool  # the active generation was built from other code (version, handlers, types, upcasters)
+    rows: int | None  # rows of the active generation when it was swapped in
+    checkpoint: int | None
+    tail_enabled: bool | None
+    tail_error: str | None
+    lag_events: int | None  # events the active generation does not have yet (held-back ones included)
+    lag_seconds: float | None  # the age of the oldest of them
+    last_replay: LastReplay | None = None
+
+
+async def projection_statuses(
+    conn: asyncpg.Connection, store: EventStore, registry: Registry
+) -> list[ProjectionStatus]:
+    """Every projection that is registered or was ever built, by name, with its lag when this process knows it."""
+    known = await Catalog(conn, store.schema).projections()
+    statuses = []
+    for name in sorted(set(registry.names()) | set(known)):
+        row = known.get(name, {})
+        projection = registry.get(name) if name in registry.names() else None
+        lag: tuple[int, float] | None = None
+        if projection is not None and row.get("checkpoint") is not None:
+            lag = await store.lag(conn, row["checkpoint"], projection.event_types)
+        last = None
+        if row.get("last_generation") is not None:
+            last = LastReplay(
+                row["last_generation"],
+                row["last_state"],
+                row["last_started"],
+                row["last_ended"],
+                row["last_error"],
+                row["last_events"],
+                row["last_workflow_id"],
+            )
+        statuses.append(
+            ProjectionStatus(
+                name=name,
+                registered=projection is not None,
+                version=projection.version if projection is not None else row.get("version"),
+                fingerprint=projection.fingerprint if projection is not None else None,
+                active_generation=row.get("active_generation"),
+                stale=projection is not None
+                and row.get("active_generation") is not None
+                and row.get("fingerprint") != projection.fingerprint,
+                rows=row.get("rows_count"),
+                checkpoint=row.get("checkpoint"),
+                tail_enabled=row.get("tail_enabled"),
+                tail_error=row.get("tail_error"),
+                lag_events=None if lag is None else lag[0],
+                lag_seconds=None if lag is None else round(lag[1], 3),
+                last_replay=last,
+            )
+        )
+    return statuses
+
+
+async def stale_projections(conn: asyncpg.Connection, store: EventStore, registry: Registry) -> list[str]:
+    """Registered projections whose active generation was built from another fingerprint than the code's."""
+    return [status.name for status in await projection_statuses(conn, store, registry) if status.stale]
+
+
+# -- rollback -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollback:
+    projection: str
+    from_generation: int
+    to_generation: int
+    caught_up: int
+    fingerprint_differs: bool
+
+
+async def rollback(
+    pool: asyncpg.Pool, settings: Settings, projection: Projection, to: int | None = None, catch_up_batch: int = 10_000
+) -> Rollback:
+    """Swap a retained generation back in at once, then bring it up to date from its own checkpoint.
+
+    The catch-up runs here in bounded batches, each under the projection's lock like a tail batch, so it is correct
+    with or without a running tail (which would do the same from its next batch)."""
+    store = EventStore(pool, settings.schema_name)
+    async with pool.acquire() as conn:
+        generations = Generations(conn, store, settings.read_model_schema)
+        before, after = await generations.rollback(projection, to)
+        fingerprint = (await generations.catalog.generation(projection.name, after))["fingerprint"]
+        caught = 0
+        while True:
+            batch = await generations.tail_batch(projection, catch_up_batch)
+            if batch is None or batch[1] == 0:
+                break
+            caught += batch[1]
+    return Rollback(projection.name, before, after, caught, fingerprint != projection.fingerprint)
+
+
+# -- plan -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LanePlan:
+    lane: int
+    events: int
+    chunks: int
+
+
+@dataclass
+class ReplayPlan:
+    projection: str
+    mark: int
+    events: int
+    lanes: list[LanePlan]
+    chunk_size: int
+    max_parallel: int
+    sample_events: int
+    sample_seconds: float
+    events_per_second: float
+    estimated_seconds: float | None
+
+
+class _Discard(Exception):
+    """Rolls the sample's transaction back."""
+
+
+async def plan(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    projection: Projection,
+    *,
+    lanes: int | None = None,
+    chunk_size: int | None = None,
+    max_parallel: int | None = None,
+) -> ReplayPlan:
+    """What a replay would do, changing nothing: events to read below the current high-water mark, per lane and
+    in chunks, and a duration estimated from one timed sample chunk (read, fold and COPY into a table created in
+    a transaction that is rolled back)."""
+    chunk_size = check_range("chunk_size", settings.chunk_size if chunk_size is None else chunk_size, 1)
+    max_parallel = check_range(
+        "max_parallel", settings.max_parallel if max_parallel is None else max_parallel, 1, MAX_PARALLEL
+    )
+    if lanes is not None:
+        check_range("lanes", lanes, 1, MAX_LANES)
+    store = EventStore(pool, settings.schema_name)
+    types = projection.event_types
+    async with pool.acquire() as conn:
+        mark = await store.high_water_mark(conn)
+        boundaries: list[str] = []
+        split = await store.lane_split(conn, projection.key, settings.lane_split)  # as the replay's plan decides
+        lanes = lanes_for(settings, split) if lanes is None else lanes
+        if split == "range":
+            boundaries, _ = await store.stream_boundaries(conn, mark=mark, types=types, lanes=lanes)
+        if len(boundaries) == lanes - 1 and lanes > 1:
+            counts = await store.count_ranges(conn, mark=mark, types=types, boundaries=boundaries)
+        else:
+            counts = await store.count_lanes(conn, mark=mark, types=types, key=projection.key, lanes=lanes)
+        sample = min(chunk_size, 20_000)
+        fetched, seconds = 0, 0.0
+        tables = ReadModels(conn, settings.read_model_schema)
+        try:
+            async with conn.transaction():
+                await tables.ensure_schema()
+                await tables.create_table(projection.table, 0)
+                started = time.perf_counter()
+                folding = Folding(projection, tables.table(projection.table, projection.table.physical_name(0)))
+                async for batch in store.read_lane(
+                    conn, after_position=0, mark=mark, types=types, key=projection.key, lane=0, lanes=1, limit=sample
+                ):
+                    fetched += len(batch)
+                    await folding.add(batch)
+                await folding.write()
+                seconds = time.perf_counter() - started
+                raise _Discard
+        except _Discard:
+            pass
+    total = sum(counts)
+    rate = fetched / seconds if seconds > 0 and fetched else 0.0
+    parallel = min(lanes, max_parallel)
+    return ReplayPlan(
+        projection=projection.name,
+        mark=mark,
+        events=total,
+        lanes=[LanePlan(lane, count, count // chunk_size + 1) for lane, count in enumerate(counts)],
+        chunk_size=chunk_size,
+        max_parallel=max_parallel,
+        sample_events=fetched,
+        sample_seconds=seconds,
+        events_per_second=rate,
+        estimated_seconds=total / rate / parallel if rate else None,
+    )

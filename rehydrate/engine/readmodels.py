@@ -1,0 +1,244 @@
+"""The read models in Postgres: each generation's table, the view readers query by the projection's plain table name,
+and the sandbox schemas. Every statement on them is here.
+
+Readers query a projection by its plain table name, which is a view over the active generation's table
+(`<table>__g<N>`). The swap replaces that view in one short transaction, so a reader sees the old generation
+or the new one, whole. A view (not a rename of tables) keeps the reader's name stable for grants and for
+views of the user's own, and leaves the old generation's table untouched for an instant rollback.
+
+Statements here are built from a projection's table shape: every identifier in them was checked when the projection
+was declared (`identifiers.check_identifier`) and is quoted again here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from rehydrate.core.errors import UserError
+from rehydrate.core.identifiers import check_identifier, derived_name, qualified, quote
+from rehydrate.core.limits import MAX_IDENTIFIER
+from rehydrate.engine.projections import TableShape
+from rehydrate.models import Drift
+
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+SANDBOX_PREFIX = "rehydrate_sandbox_"
+
+_SCHEMA_EXISTS = "SELECT to_regnamespace($1) IS NOT NULL"
+# Only when missing: CREATE SCHEMA checks the CREATE privilege on the database even when the schema exists, and a
+# least-privilege worker has none.
+_CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
+_DROP_SCHEMA = "DROP SCHEMA IF EXISTS {schema} CASCADE"
+_DROP_TABLE = "DROP TABLE IF EXISTS {table}"
+_TABLE_EXISTS = "SELECT to_regclass($1) IS NOT NULL"
+_CREATE_INDEX = "CREATE {unique}INDEX IF NOT EXISTS {name} ON {table} ({columns})"
+_ANALYZE = "ANALYZE {table}"
+_COUNT = "SELECT count(*) FROM {table}"
+_RELATION_KIND = """SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = $2"""
+# Readers queue behind the view's lock while a swap waits for it: the swap gives up quickly and retries.
+_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '{milliseconds}ms'"
+_REPLACE_VIEW = "CREATE OR REPLACE VIEW {view} AS SELECT {columns} FROM {table}"
+_DROP_VIEW = "DROP VIEW {view}"
+_CREATE_VIEW = "CREATE VIEW {view} AS SELECT {columns} FROM {table}"
+_VIEW_CHANGE_FAILED = (asyncpg.InvalidTableDefinitionError, asyncpg.FeatureNotSupportedError)
+# Keys whose rows differ between two tables of one shape: an md5 of each row's columns, a full outer join on the key.
+_COMPARE = """WITH l AS (SELECT t.{key}::text AS k, md5(ROW({columns})::text) AS h FROM {live} t),
+         r AS (SELECT t.{key}::text AS k, md5(ROW({columns})::text) AS h FROM {rebuilt} t),
+         d AS (SELECT coalesce(l.k, r.k) AS k, l.h IS NULL AS no_live, r.h IS NULL AS no_rebuilt
+               FROM l FULL OUTER JOIN r ON l.k = r.k WHERE l.h IS DISTINCT FROM r.h)
+    SELECT k, no_live, no_rebuilt, count(*) OVER () AS n,
+           (SELECT count(*) FROM l) AS live_rows, (SELECT count(*) FROM r) AS rebuilt_rows
+    FROM d ORDER BY k LIMIT $1"""
+# The rows of a generation's table, for the fold.
+_ROWS_OF = "SELECT * FROM {table} WHERE {key} = ANY($1::{key_type}[])"
+_DELETE_KEYS = "DELETE FROM {table} WHERE {key} = ANY($1::{key_type}[])"
+_DELETE_KEYS_AS_TEXT = "DELETE FROM {table} WHERE {key}::text = ANY($1::text[])"
+_CAST_KEY = "SELECT $1::{key_type}"
+
+
+def sandbox_schema(label: str) -> str:
+    """The schema a sandbox build lives in: `rehydrate_sandbox_<label>`, for a plain-identifier label."""
+    check_identifier(label, "sandbox label")
+    if len(SANDBOX_PREFIX + label) > MAX_IDENTIFIER:
+        raise UserError(
+            f"sandbox label {label!r} is too long",
+            fix=f"use at most {MAX_IDENTIFIER - len(SANDBOX_PREFIX)} characters",
+        )
+    return SANDBOX_PREFIX + label
+
+
+def table_schema(read_schema: str, sandbox: str) -> str:
+    """Where a generation's table lives: the read-model schema, or its sandbox's schema."""
+    return sandbox_schema(sandbox) if sandbox else read_schema
+
+
+def create_table_sql(shape: TableShape, schema: str, generation: int) -> str:
+    """A generation's table, with its primary key but no secondary index (those come after the load)."""
+    clone = sa.Table(
+        shape.physical_name(generation),
+        sa.MetaData(),
+        *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in shape.sa_table.columns),
+        schema=schema,
+    )
+    return str(sa.schema.CreateTable(clone).compile(dialect=_DIALECT))
+
+
+def create_index_sql(shape: TableShape, schema: str, generation: int) -> list[str]:
+    """The secondary indexes of a generation's table (its model's indexes and unique columns)."""
+    physical = shape.physical_name(generation)
+    indexes: list[tuple[list[str], bool]] = [
+        ([c.name for c in index.columns], bool(index.unique)) for index in shape.sa_table.indexes
+    ]
+    indexes += [([c.name], bool(c.unique)) for c in shape.sa_table.columns if c.unique and not c.index]
+    return [
+        _CREATE_INDEX.format(
+            unique="UNIQUE " if unique else "",
+            name=quote(derived_name(physical, "_" + "_".join(columns) + "_idx")),
+            table=qualified(schema, physical),
+            columns=", ".join(quote(c) for c in columns),
+        )
+        for columns, unique in indexes
+    ]
+
+
+class ReadModels:
+    """The read models of one schema (the read-model schema, or a sandbox's), on one connection."""
+
+    def __init__(self, conn: asyncpg.Connection, schema: str) -> None:
+        self.conn = conn
+        self.schema = schema
+
+    def table(self, shape: TableShape, physical: str) -> GenerationTable:
+        return GenerationTable(self.conn, self.schema, physical, shape)
+
+    async def ensure_schema(self) -> None:
+        if not await self.conn.fetchval(_SCHEMA_EXISTS, self.schema):
+            await self.conn.execute(_CREATE_SCHEMA.format(schema=quote(self.schema)))
+
+    async def drop_schema(self) -> None:
+        await self.conn.execute(_DROP_SCHEMA.format(schema=quote(self.schema)))
+
+    async def schema_exists(self) -> bool:
+        return bool(await self.conn.fetchval(_SCHEMA_EXISTS, self.schema))
+
+    async def create_table(self, shape: TableShape, generation: int) -> None:
+        """A generation's table, new: one left by an earlier attempt at the same number is dropped first."""
+        await self.drop_table(shape.physical_name(generation))
+        await self.conn.execute(create_table_sql(shape, self.schema, generation))
+
+    async def create_indexes(self, shape: TableShape, generation: int) -> None:
+        for statement in create_index_sql(shape, self.schema, generation):
+            await self.conn.execute(statement)
+
+    async def analyze(self, physical: str) -> None:
+        """Gather the planner's statistics of a table. ANALYZE blocks neither readers nor writers, so it may run
+        beside the catch-up and the swap; a table dropped meanwhile (a cancelled replay) is left alone."""
+        with contextlib.suppress(asyncpg.UndefinedTableError):
+            await self.conn.execute(_ANALYZE.format(table=qualified(self.schema, physical)))
+
+    async def count_rows(self, physical: str) -> int:
+        return int(await self.conn.fetchval(_COUNT.format(table=qualified(self.schema, physical))))
+
+    async def table_exists(self, physical: str) -> bool:
+        return bool(await self.conn.fetchval(_TABLE_EXISTS, qualified(self.schema, physical)))
+
+    async def drop_table(self, physical: str) -> None:
+        await self.conn.execute(_DROP_TABLE.format(table=qualified(self.schema, physical)))
+
+    async def point_view(self, shape: TableShape, physical: str, *, lock_timeout_ms: int | None = None) -> None:
+        """Point the view named like the projection's table at `physical`; with `lock_timeout_ms`, give up after that
+        long when readers hold it (asyncpg's LockNotAvailableError). Inside the caller's transaction."""
+        if lock_timeout_ms is not None:
+            await self.conn.execute(_LOCK_TIMEOUT.format(milliseconds=int(lock_timeout_ms)))
+        kind = await self.conn.fetchval(_RELATION_KIND, self.schema, shape.name)
+        if kind is not None and kind not in (b"v", "v"):
+            raise UserError(
+                f"{self.schema}.{shape.name} exists and is not a view managed by rehydrate",
+                fix="rename or drop that table; rehydrate serves the read model under this name as a view",
+            )
+        parts = {
+            "view": qualified(self.schema, shape.name),
+            "columns": ", ".join(quote(c) for c in shape.columns),
+            "table": qualified(self.schema, physical),
+        }
+        try:
+            async with self.conn.transaction():
+                await self.conn.execute(_REPLACE_VIEW.format(**parts))
+        except _VIEW_CHANGE_FAILED:
+            # The columns changed shape (a new projection version): the view must be recreated, still inside
+            # the swap's transaction, so readers never find it missing.
+            try:
+                await self.conn.execute(_DROP_VIEW.format(**parts))
+            except asyncpg.DependentObjectsStillExistError as error:
+                raise UserError(
+                    f"the columns of {self.schema}.{shape.name} changed and other objects depend on it: {error}",
+                    fix="drop or adapt the dependent views, then start the replay again",
+                ) from None
+            await self.conn.execute(_CREATE_VIEW.format(**parts))
+
+    async def compare(
+        self, shape: TableShape, live: str, rebuilt: ReadModels, rebuilt_table: str, show: int
+    ) -> tuple[int, list[Drift], int, int]:
+        """Keys whose rows differ between table `live` here and `rebuilt_table` of `rebuilt`: (count, the first
+        `show` in key order as Drift, live rows, rebuilt rows)."""
+        live_table = qualified(self.schema, live)
+        other = qualified(rebuilt.schema, rebuilt_table)
+        rows = await self.conn.fetch(
+            _COMPARE.format(
+                key=quote(shape.key_column),
+                columns=", ".join(f"t.{quote(c)}" for c in shape.columns),
+                live=live_table,
+                rebuilt=other,
+            ),
+            max(show, 1),  # at least one row, which carries the count (`show` 0 must still find the drift)
+        )
+        if not rows:
+            return 0, [], await self.count_rows(live), await rebuilt.count_rows(rebuilt_table)
+        first = [
+            Drift(r["k"], "missing in live" if r["no_live"] else "missing in rebuild" if r["no_rebuilt"] else "differs")
+            for r in rows[:show]
+        ]
+        return int(rows[0]["n"]), first, int(rows[0]["live_rows"]), int(rows[0]["rebuilt_rows"])
+
+
+class GenerationTable:
+    """The rows of one generation's table: what the fold reads, deletes and writes."""
+
+    def __init__(self, conn: asyncpg.Connection, schema: str, physical: str, shape: TableShape) -> None:
+        self.conn = conn
+        self.schema = schema
+        self.physical = physical
+        self.shape = shape
+        parts = {"table": qualified(schema, physical), "key": quote(shape.key_column), "key_type": shape.key_sql_type}
+        self._rows_of = _ROWS_OF.format(**parts)
+        self._delete = _DELETE_KEYS.format(**parts)
+        self._delete_as_text = _DELETE_KEYS_AS_TEXT.format(**parts)
+        self._cast = _CAST_KEY.format(**parts)
+
+    async def rows(self, keys: Sequence[Any]) -> list[asyncpg.Record]:
+        """The stored rows of `keys` (raises asyncpg's DataError, or ValueError/TypeError, on a key of the wrong
+        type)."""
+        return list(await self.conn.fetch(self._rows_of, keys))
+
+    async def delete(self, keys: Sequence[Any]) -> None:
+        await self.conn.execute(self._delete, keys)
+
+    async def delete_as_text(self, keys: Sequence[str]) -> None:
+        """Delete the rows whose key, as text, is one of `keys` (dead letters keep keys as text)."""
+        await self.conn.execute(self._delete_as_text, list(keys))
+
+    async def copy(self, records: Sequence[tuple[Any, ...]]) -> None:
+        """Write rows (values in the shape's column order) through binary COPY."""
+        await self.conn.copy_records_to_table(
+            self.physical, schema_name=self.schema, columns=list(self.shape.columns), records=records
+        )
+
+    async def check_key(self, key: Any) -> None:
+        """Raise what Postgres raises when `key` does not fit the key column."""
+        await self.conn.fetchval(self._cast, key)

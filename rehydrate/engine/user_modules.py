@@ -1,0 +1,49 @@
+"""The user's code: the modules named in settings (REHYDRATE_PROJECTIONS, REHYDRATE_AGGREGATES), what they define,
+and the source text that code fingerprints hash."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from rehydrate.core.errors import UserError
+
+
+def module_definitions(
+    module_names: Iterable[str], accepts: Callable[[Any], bool], *, what: str, setting: str
+) -> list[Any]:
+    """The module-level values of each named module that `accepts` takes, in module order.
+
+    A module that fails to import, or defines no `what`, is a UserError naming it and the setting to correct.
+    """
+    found: list[Any] = []
+    for name in module_names:
+        try:
+            module = importlib.import_module(name)
+        except Exception as error:
+            raise UserError(
+                f"{what.lower()} module {name!r} failed to import: {type(error).__name__}: {error}",
+                fix=f"fix the module, or correct {setting}",
+            ) from None
+        values = [value for value in vars(module).values() if accepts(value)]
+        if not values:
+            raise UserError(
+                f"{what.lower()} module {name!r} defines no {what}",
+                fix=f"define one at module level, or remove the module from {setting}",
+            )
+        found += values
+    return found
+
+
+def source_text(function: Callable[..., Any]) -> str:
+    """A function's source, for fingerprints (so an edit shows even if it compiles to the same bytecode); its
+    bytecode and constants when the source cannot be read (a REPL, a frozen app). Stable across processes."""
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        code = getattr(function, "__code__", None)
+        if code is None:
+            return str(getattr(function, "__qualname__", type(function).__qualname__))
+        return f"{code.co_code.hex()}{code.co_consts!r}"

@@ -1,0 +1,50 @@
+"""The names rehydrate's runs go by in Temporal: workflow types, workflow ids, task queues and sandbox labels.
+
+Workflows, activities, the starter and schedules all address runs through these, so that a run started by one
+(the CLI, a schedule, the Web UI) is found by the others.
+"""
+
+REPLAY = "Replay"
+TAIL = "Tail"
+VERIFY = "Verify"
+SNAPSHOT_REBUILD = "SnapshotRebuild"
+
+# The value of the `rehydrate_replay_phase` gauge, in the order a replay goes through its phases.
+REPLAY_PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
+
+
+def replay_workflow_id(projection: str, sandbox: str | None = None) -> str:
+    """The fixed workflow id of a projection's replay: one replay per projection at a time (and one per
+    projection and sandbox label: a sandbox build does not block the live replay)."""
+    return f"rehydrate-sandbox-{sandbox}-{projection}" if sandbox else f"rehydrate-replay-{projection}"
+
+
+def tail_workflow_id(projection: str) -> str:
+    """The fixed workflow id of a projection's tail: at most one runs."""
+    return f"rehydrate-tail-{projection}"
+
+
+def verify_workflow_id(projection: str) -> str:
+    """The fixed workflow id of `rehydrate verify NAME`: one verify per projection at a time from the CLI."""
+    return f"rehydrate-verify-{projection}"
+
+
+def snapshot_workflow_id(aggregate_type: str) -> str:
+    """The fixed workflow id of an aggregate type's snapshot rebuild: one at a time per type."""
+    return f"rehydrate-snapshots-{aggregate_type}"
+
+
+def scheduled_workflow_id(projection: str, kind: str = "replay") -> str:
+    """The prefix of a scheduled replay's (or verify's) workflow id (Temporal appends the scheduled time)."""
+    return f"rehydrate-scheduled-{kind}-{projection}"
+
+
+def tail_task_queue(task_queue: str) -> str:
+    """The task queue of the tail activities of workers on `task_queue`: tails run for minutes, so they get
+    slots of their own and never take the slots that size a worker's replay chunks to its core."""
+    return f"{task_queue}.tails"
+
+
+def verify_label(projection: str) -> str:
+    """The sandbox a verify rebuilds into (schema `rehydrate_sandbox_verify_<projection>`)."""
+    return f"verify_{projection}"[:45]

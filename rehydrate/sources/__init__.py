@@ -1,0 +1,1 @@
+"""Event access: what an event is, and where a projection reads its events from (rehydrate's own event store)."""

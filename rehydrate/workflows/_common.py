@@ -1,0 +1,68 @@
+"""What every workflow shares: the activities' retry policy, the one line of a failure, cancellation checks, and
+running a set of chains (lanes, partitions) in parallel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterable
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ChildWorkflowError, FailureError
+from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType, SelfType
+
+RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
+)
+
+
+def failure_message(error: BaseException) -> str:
+    """The message of the failure at the bottom of an activity's or a child workflow's chain: the one line that
+    names what went wrong."""
+    while isinstance(error, (ActivityError, ChildWorkflowError)) and error.cause is not None:
+        error = error.cause
+    return str(error.message if isinstance(error, FailureError) else error)
+
+
+def raise_if_cancel_requested() -> None:
+    """A cancel that arrives while an activity is finishing is absorbed when the activity then completes (the SDK
+    lets the activity's outcome stand), so the request is checked before each next step: a cancelled run never
+    starts another one."""
+    if workflow.cancellation_reason() is not None:
+        raise asyncio.CancelledError()
+
+
+async def run_all(chains: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run `chains` at once and wait for all; when one fails (or the run is cancelled), cancel the others, wait for
+    them to end, and raise."""
+    tasks = [asyncio.create_task(chain) for chain in chains]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def execute_chunk(
+    activity: MethodAsyncSingleParam[SelfType, ParamType, ReturnType],
+    input: ParamType,
+    *,
+    heartbeat: timedelta,
+    start_to_close: timedelta,
+    summary: str,
+) -> ReturnType:
+    """Run one chunk activity: it heartbeats (a dead worker's chunk is retried elsewhere after `heartbeat`), it is
+    retried from its committed cursor, and a cancel waits for it to stop (it learns of it at its next heartbeat)."""
+    return await workflow.execute_activity_method(
+        activity,
+        input,
+        start_to_close_timeout=start_to_close,
+        heartbeat_timeout=heartbeat,
+        retry_policy=RETRY,
+        cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        summary=summary,
+    )

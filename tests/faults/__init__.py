@@ -1,0 +1,1 @@
+"""The fault suite: worker kills, Postgres and Temporal restarts, backends terminated mid-transaction."""

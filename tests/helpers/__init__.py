@@ -1,0 +1,1 @@
+"""What tests share: the test domains and their oracle, running the command and worker processes, waiting."""

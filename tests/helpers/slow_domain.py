@@ -1,0 +1,52 @@
+"""The domain's projections with a small cost per event, for the worker processes of the fault tests.
+
+Same names, tables, keys and handlers as `domain.accounts` and `domain.group_totals`, so the tests check the read
+models against `domain.oracle` unchanged. Only the worker (REHYDRATE_PROJECTIONS=tests.helpers.slow_domain) imports
+this module, and it builds new Projection objects rather than touching the domain's.
+
+Why a cost: a chunk of the real handlers folds in a millisecond or two, so a worker killed at a random moment is
+almost always between chunks (waiting on Temporal), and the crash test would mostly prove the easy case. With
+~0.25 ms per event a chunk of 100 events keeps its transaction open for ~25 ms of folding, most of a chunk's life,
+so a kill lands inside an open chunk transaction (the test also waits until it sees one). The cost is kept small
+because the fold blocks the worker's event loop, and with it the heartbeats: the chunks in flight together must
+fold well inside the crash test's 2 s heartbeat timeout, or they would time out without any crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+from rehydrate import Event
+from rehydrate.engine.projections import Handler, Projection, Row
+from tests.helpers import domain
+
+EVENT_COST_SECONDS = float(os.environ.get("REHYDRATE_TEST_EVENT_COST", "0.00025"))
+
+
+def _slow(handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    def handle(row: Row | None, event: Event) -> Row | None:
+        time.sleep(EVENT_COST_SECONDS)
+        return handler(row, event)
+
+    return handle
+
+
+def _slowed(projection: Projection) -> Projection:
+    slow = Projection(
+        projection.name,
+        version=projection.version,
+        table=projection.model,
+        key=projection.key.field or "stream",
+        strict=projection.strict,
+        ignore=projection.ignore,
+    )
+    for event_type, handler in projection.handlers.items():
+        slow.on(event_type)(_slow(handler))
+    return slow
+
+
+accounts = _slowed(domain.accounts)
+group_totals = _slowed(domain.group_totals)

@@ -1,0 +1,143 @@
+"""The replay against the oracle fold: any lanes, chunk sizes, continue-as-new; catch-up; swap; cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from rehydrate import EventStore
+from rehydrate.core.errors import UserError
+from rehydrate.core.settings import Settings
+from rehydrate.models import ReplayInput
+from rehydrate.starter import cancel_replay, replay_status, start_replay, wait_for_replay
+from rehydrate.worker import running_worker
+from rehydrate.workflows import ReplayWorkflow
+from tests.helpers import domain
+
+
+async def replay(client: Client, settings: Settings, input: ReplayInput) -> object:
+    handle = await start_replay(client, settings, input)
+    return await wait_for_replay(handle)
+
+
+@pytest.mark.parametrize(
+    ("lanes", "chunk_size", "seed", "split"),
+    [(1, 37, 1, "range"), (3, 11, 2, "range"), (3, 11, 2, "hash"), (8, 5, 3, "range"), (3, 1000, 4, "hash")],
+)
+async def test_replay_equals_the_oracle_fold_for_any_lanes_and_chunk_size(
+    client: Client, settings: Settings, store: EventStore, lanes: int, chunk_size: int, seed: int, split: str
+) -> None:
+    settings = settings.model_copy(update={"lane_split": split})  # payload-keyed projections always use hash
+    await domain.append_all(store, domain.random_history(seed, streams=30, events=500))
+    events = await domain.all_events(store)
+    registry = domain.registry()
+    async with running_worker(settings, registry, client=client):
+        for projection in registry:
+            result = await replay(client, settings, ReplayInput(projection.name, lanes=lanes, chunk_size=chunk_size))
+            expected = domain.oracle(projection, events)
+            assert await domain.read_model(store.pool, projection) == expected
+            assert result.rows == len(expected)  # type: ignore[attr-defined]
+
+
+async def test_replay_continues_as_new_and_still_equals_the_oracle(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    # 1,200 events in chunks of 5 over 2 lanes: ~240 activities, far past the session's continue-as-new limit.
+    await domain.append_all(store, domain.random_history(9, streams=25, events=1200))
+    events = await domain.all_events(store)
+    async with running_worker(settings, domain.registry(), client=client):
+        result = await replay(client, settings, ReplayInput("accounts", lanes=2, chunk_size=5))
+    assert result.runs > 1  # type: ignore[attr-defined]
+    assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(domain.accounts, events)
+
+
+async def test_second_replay_swaps_a_new_generation_and_keeps_the_previous_for_rollback(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await domain.append_all(store, domain.random_history(5, events=200))
+    async with running_worker(settings, domain.registry(), client=client):
+        first = await replay(client, settings, ReplayInput("accounts"))
+        await domain.append_all(store, domain.random_history(6, events=50))
+        second = await replay(client, settings, ReplayInput("accounts"))
+        third = await replay(client, settings, ReplayInput("accounts"))
+    assert (first.generation, second.generation, third.generation) == (1, 2, 3)  # type: ignore[attr-defined]
+    assert third.previous_generation == 2  # type: ignore[attr-defined]
+    states = dict(
+        await store.pool.fetch("SELECT generation, state FROM rehydrate.generations WHERE projection = 'accounts'")
+    )
+    assert states == {1: "dropped", 2: "retired", 3: "active"}
+    tables = {
+        r[0] for r in await store.pool.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE 'account__g%'")
+    }
+    assert tables == {"account__g2", "account__g3"}
+    indexes = await store.pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'account__g3'")
+    assert any("owner" in r[0] for r in indexes), "secondary index is built after the load"
+    events = await domain.all_events(store)
+    assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(domain.accounts, events)
+
+
+async def test_events_appended_during_the_replay_are_in_the_read_model_after_the_swap(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await domain.append_all(store, domain.random_history(11, streams=30, events=800))
+    more = domain.random_history(12, streams=30, events=300)
+    registry = domain.registry()
+    async with running_worker(settings, registry, client=client):
+        handle = await start_replay(client, settings, ReplayInput("accounts", lanes=2, chunk_size=10))
+
+        async def writer() -> None:
+            for stream, event in more:
+                await store.append(stream, [event])
+                await asyncio.sleep(0)
+
+        result, _ = await asyncio.gather(wait_for_replay(handle), writer())
+    # Everything the writer appended before the swap is in; the rest only differs by what came after the swap.
+    generation = await store.pool.fetchrow(
+        "SELECT checkpoint_xmin::text::bigint AS mark FROM rehydrate.generations WHERE generation = $1",
+        result.generation,
+    )
+    covered = await store.pool.fetch(
+        "SELECT global_position FROM rehydrate.events WHERE tx_id < $1::text::xid8", str(generation["mark"])
+    )
+    events = [e for e in await domain.all_events(store) if e.global_position in {r[0] for r in covered}]
+    assert len(events) == 1100, "the writer finished before the swap, so every event is covered"
+    assert result.caught_up > 0
+    assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(domain.accounts, events)
+
+
+async def test_a_second_start_while_a_replay_runs_is_refused_with_a_clear_error(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await domain.append_all(store, domain.random_history(3, events=50))
+    # No worker: the first replay stays running.
+    await start_replay(client, settings, ReplayInput("accounts"))
+    with pytest.raises(UserError, match="already running"):
+        await start_replay(client, settings, ReplayInput("accounts"))
+    attached = await start_replay(client, settings, ReplayInput("accounts"), attach=True)
+    async with running_worker(settings, domain.registry(), client=client):
+        result = await wait_for_replay(attached)
+    assert result.generation == 1
+
+
+async def test_cancel_drops_the_half_built_generation_and_keeps_the_active_one(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await domain.append_all(store, domain.random_history(21, events=300))
+    registry = domain.registry()
+    async with running_worker(settings, registry, client=client):
+        await replay(client, settings, ReplayInput("accounts"))
+        before = await domain.read_model(store.pool, domain.accounts)
+        handle = await start_replay(client, settings, ReplayInput("accounts", lanes=1, chunk_size=1, max_parallel=1))
+        while (await handle.query(ReplayWorkflow.progress)).events_applied < 5:
+            await asyncio.sleep(0.05)
+        await cancel_replay(client, "accounts")
+        with pytest.raises(UserError):
+            await wait_for_replay(handle)
+        status = await replay_status(client, "accounts")
+    assert status.status == WorkflowExecutionStatus.CANCELED.name
+    assert await domain.read_model(store.pool, domain.accounts) == before
+    rows = await store.pool.fetch("SELECT generation, state FROM rehydrate.generations ORDER BY generation")
+    assert [tuple(r) for r in rows] == [(1, "active"), (2, "cancelled")]
+    assert await store.pool.fetchval("SELECT to_regclass('public.account__g2')") is None

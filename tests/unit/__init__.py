@@ -1,0 +1,1 @@
+"""Tests that need no server: settings, parsing, the compose stack, upcasting, the import layers."""
