@@ -66,6 +66,7 @@ from rehydrate.core.database import create_pool, ensure_schema
 from rehydrate.core.settings import Settings
 from rehydrate.core.temporal import quiet_exit
 from rehydrate.engine.importer import import_events
+from rehydrate.engine.readmodels import create_table_sql
 from rehydrate.examples import orders
 from rehydrate.models import ReplayInput
 from rehydrate.starter import start_replay, wait_for_replay
@@ -173,7 +174,7 @@ async def build_store(server_url: str, events: int, reuse: bool) -> tuple[str, f
 async def fresh_table(conn: asyncpg.Connection, table: str) -> None:
     await conn.execute("CREATE SCHEMA IF NOT EXISTS bench")
     await conn.execute(f"DROP TABLE IF EXISTS bench.{table}")
-    create = PROJECTION.table.create_table_sql("bench", 0).replace(PROJECTION.table.physical_name(0), table)
+    create = create_table_sql(PROJECTION.table, "bench", 0).replace(PROJECTION.table.physical_name(0), table)
     await conn.execute(create)
 
 
