@@ -415,7 +415,7 @@ async def main(args: argparse.Namespace) -> int:
         f"replay of 1,000 events, start to swap: median {statistics.median(small):.2f} s (runs: "
         f"{', '.join(f'{s:.2f}' for s in small)})"
     )
-    return 1 if any(wrong for *_, wrong in results) else 0
+    return 1 if any(wrong for _, _, _, wrong, _ in results) else 0
 
 
 if __name__ == "__main__":
