@@ -29,12 +29,21 @@ Every field needs a default: that is the state before the first event. Being a p
 round-trips through a snapshot exactly (datetimes stay datetimes); a snapshot that no longer validates, or was
 written by another `state_version` or other code (the `fingerprint`), is ignored and the stream folded from the
 start.
+
+Why `save` folds again what `record` already applied: a command's events only get their position and their
+`recorded_at` when they are stored, and their payload and metadata come back from Postgres normalised (jsonb orders
+keys). A handler may read any of these, so the state a command computed in memory is provisional. `save` appends,
+reads the events back as stored, and folds them onto the state as it was last loaded or saved; the aggregate then
+holds exactly what a later load gives, and a snapshot written by `save` or `Repository.snapshot` is always a state
+that a fold of stored events produces. (Stamping `recorded_at` in `record` would fix one field, not the position or
+the normalised payload.)
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
+from copy import deepcopy
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -97,6 +106,9 @@ class Aggregate(BaseModel):
     _id: str = PrivateAttr(default="")
     _version: int = PrivateAttr(default=0)
     _pending: list[NewEvent] = PrivateAttr(default_factory=list)
+    # The state as a fold of the stored events gave it at the last load or save (None: the empty state, version 0):
+    # what `save` folds the stored events onto, and what `Repository.snapshot` writes.
+    _stored: Aggregate | None = PrivateAttr(default=None)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -152,7 +164,10 @@ class Aggregate(BaseModel):
         return aggregate
 
     def record(self, event_type: str, data: dict[str, Any], *, metadata: dict[str, Any] | None = None) -> None:
-        """Apply a new event to the state and keep it for `save`, at its type's current schema version."""
+        """Apply a new event to the state and keep it for `save`, at its type's current schema version.
+
+        The state this gives a command to check is provisional: its events have no position yet, and their
+        `recorded_at` is this process's clock. `Repository.save` replaces it with the fold of the events as stored."""
         upcasters = type(self).upcasters
         schema_version = upcasters.current_version(event_type) if upcasters is not None else 1
         new = NewEvent(event_type, data, schema_version=schema_version, metadata=metadata or {})
@@ -203,6 +218,24 @@ class Aggregate(BaseModel):
                 digest.update(cls.upcasters.fingerprint.encode())
             cls._fingerprint = digest.hexdigest()[:16]
         return cls._fingerprint
+
+    def _copy(self) -> Self:
+        """An independent copy of the state, identity and version (no pending events)."""
+        copy = self.model_copy(update={name: deepcopy(getattr(self, name)) for name in type(self).model_fields})
+        copy._id, copy._version, copy._pending, copy._stored = self._id, self._version, [], None
+        return copy
+
+    def _mark_stored(self) -> None:
+        """This state is a fold of the stored events: remember a copy of it (see `_stored`)."""
+        self._pending = []
+        self._stored = self._copy()
+
+    def _replace_state(self, stored: Aggregate) -> None:
+        """Take the fields and version of `stored` (a fold of stored events), dropping what commands applied."""
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(stored, name))
+        self._version = stored._version
+        self._mark_stored()
 
     # -- snapshots -------------------------------------------------------------------------------------
 
@@ -277,13 +310,16 @@ class Repository(Generic[A]):
                 f"{self.aggregate.aggregate_type} {stream_id!r} is at version {aggregate.version}, not {version} yet",
                 fix=f"load a version from 1 to {aggregate.version}",
             )
+        aggregate._mark_stored()
         return aggregate
 
     async def save(self, aggregate: A, *, connection: asyncpg.Connection | None = None) -> int:
         """Append the aggregate's pending events, expecting the stream where it was loaded; returns the new version.
 
-        Raises ConcurrencyError (and writes nothing) when the stream moved meanwhile. Writes a snapshot in the
-        same transaction when the aggregate type's `snapshot_every` says so.
+        Raises ConcurrencyError (and writes nothing) when the stream moved meanwhile. Afterwards the aggregate's
+        state is the fold of the events as stored — their positions, the database's `recorded_at`, payload and
+        metadata as read back — not what `record` applied provisionally, so it equals what any later load gives.
+        Writes a snapshot of that state in the same transaction when the aggregate type's `snapshot_every` says so.
         """
         pending = aggregate._pending
         if not pending:
@@ -293,29 +329,39 @@ class Repository(Generic[A]):
         due = every is not None and aggregate.version // every > expected // every
         if connection is None:
             async with self.store.pool.acquire() as conn, conn.transaction():
-                version = await self._save(conn, aggregate, pending, expected, due)
+                saved = await self._save(conn, aggregate, pending, expected, due)
         else:
             async with connection.transaction():
-                version = await self._save(connection, aggregate, pending, expected, due)
-        aggregate._pending = []
-        return version
+                saved = await self._save(connection, aggregate, pending, expected, due)
+        aggregate._replace_state(saved)
+        return saved.version
 
     async def _save(
         self, conn: asyncpg.Connection, aggregate: A, pending: Sequence[NewEvent], expected: int, due: bool
-    ) -> int:
-        version = await self.store.append(aggregate.id, pending, expected_version=expected, connection=conn)
+    ) -> Aggregate:
+        stored = await self.store.append_returning(aggregate.id, pending, expected_version=expected, connection=conn)
+        base = aggregate._stored
+        saved = base._copy() if base is not None else self.aggregate.new(aggregate.id)
+        saved.fold(stored)
         if due:
-            await self.snapshots.put(conn, [aggregate.to_snapshot()])
-        return version
+            await self.snapshots.put(conn, [saved.to_snapshot()])
+        return saved
 
     async def snapshot(self, aggregate: A) -> None:
-        """Write a snapshot of a saved aggregate now (on demand)."""
+        """Write a snapshot of a saved aggregate now (on demand): of its state as its stored events fold it, at its
+        version (a field changed outside an `@applies` method is not an event, and is not in it)."""
         if aggregate._pending:
             raise UserError(
                 f"{aggregate.aggregate_type} {aggregate.id!r} has unsaved events", fix="save it before a snapshot"
             )
+        stored = aggregate._stored
+        if stored is None or stored.version == 0:
+            raise UserError(
+                f"{aggregate.aggregate_type} {aggregate.id!r} has no stored events to snapshot",
+                fix="load it from its stream, or save it first",
+            )
         async with self.store.pool.acquire() as conn:
-            await self.snapshots.put(conn, [aggregate.to_snapshot()])
+            await self.snapshots.put(conn, [stored.to_snapshot()])
 
 
 class AggregateRegistry:

@@ -55,11 +55,14 @@ _COLUMNS = (
 _TYPES = "($2::text[] IS NULL OR event_type = ANY($2::text[]))"  # the event types a projection reads (NULL: all)
 
 _STREAM_VERSION = "SELECT coalesce(max(stream_version), 0) FROM {events} WHERE stream_id = $1"
+# Returns the events as stored (as every later read gives them): their positions, the database's recorded_at, and
+# payload and metadata as jsonb normalised them.
 _APPEND = """INSERT INTO {events}
         (stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at)
     SELECT $1, v, t, s, p::jsonb, m::jsonb, coalesce(r, now())
     FROM unnest($2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[], $7::timestamptz[])
-        AS u(v, t, s, p, m, r)"""
+        AS u(v, t, s, p, m, r)
+    RETURNING {columns}"""
 # Delivered at commit: wakes the tails at once instead of at their next poll.
 _NOTIFY = "SELECT pg_notify($1, '')"
 _HIGH_WATER_MARK = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
@@ -255,6 +258,21 @@ class EventStore:
         stream is elsewhere, nothing is written and `ConcurrencyError` is raised. Pass `connection` to
         append inside a transaction of your own.
         """
+        stored = await self.append_returning(
+            stream_id, events, expected_version=expected_version, connection=connection
+        )
+        return stored[-1].stream_version
+
+    async def append_returning(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = ANY_VERSION,
+        connection: asyncpg.Connection | None = None,
+    ) -> list[Event]:
+        """`append`, returning the events as stored: with their positions, the recorded_at the database gave them,
+        and payload and metadata as every later read returns them."""
         if not events:
             raise UserError(f"nothing to append to stream {stream_id!r}", fix="pass at least one event")
         if not isinstance(stream_id, str) or not stream_id or "\x00" in stream_id:
@@ -269,14 +287,14 @@ class EventStore:
 
     async def _append(
         self, conn: asyncpg.Connection, stream_id: str, events: Sequence[NewEvent], expected: int | None
-    ) -> int:
+    ) -> list[Event]:
         current = await conn.fetchval(self._sql(_STREAM_VERSION), stream_id)
         if expected is not None and current != expected:
             raise ConcurrencyError(stream_id, expected, current)
         versions = list(range(current + 1, current + 1 + len(events)))
         try:
             async with conn.transaction():  # a savepoint: a conflict leaves the caller's transaction usable
-                await conn.execute(
+                rows = await conn.fetch(
                     self._sql(_APPEND),
                     stream_id,
                     versions,
@@ -291,7 +309,7 @@ class EventStore:
             actual = await conn.fetchval(self._sql(_STREAM_VERSION), stream_id)
             raise ConcurrencyError(stream_id, current if expected is None else expected, actual) from None
         await self.notify(conn)
-        return versions[-1]
+        return _events(sorted(rows, key=lambda row: row[0]))
 
     async def notify(self, conn: asyncpg.Connection) -> None:
         """Announce new events to the tails (delivered when the caller's transaction commits)."""

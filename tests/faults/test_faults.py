@@ -452,9 +452,7 @@ async def test_postgres_restart_fast_and_immediate_mid_chunk_and_mid_swap(
     try:
         await check(pool, figures, first.generation)
         await check(pool, figures, second.generation)
-        active = await pool.fetchval(
-            "SELECT active_generation FROM rehydrate.projections WHERE name = $1", "accounts"
-        )
+        active = await pool.fetchval("SELECT active_generation FROM rehydrate.projections WHERE name = $1", "accounts")
     finally:
         await pool.close()
     assert first.generation == 1 and second.generation in (2, 3) and second.generation == active

@@ -222,9 +222,7 @@ async def test_concurrent_writers_during_a_replay_and_its_swap_end_equal_to_the_
         await eventually(lambda: lag_is_zero(store, "group_totals"), within=30)
         groups = await domain.read_model(store.pool, domain.group_totals)
         assert members(groups) == members(domain.oracle(domain.group_totals, events))
-    active = await store.pool.fetchval(
-        "SELECT active_generation FROM rehydrate.projections WHERE name = 'accounts'"
-    )
+    active = await store.pool.fetchval("SELECT active_generation FROM rehydrate.projections WHERE name = 'accounts'")
     assert active == result.generation == 2
 
 
@@ -283,9 +281,7 @@ async def test_a_poison_event_stops_that_projections_tail_with_a_clear_error_and
         assert error is not None
         for part in (f"event {poison.global_position}", "'poison'", "'Deposited'", "KeyError", "amount"):
             assert part in error, (part, error)
-        recorded = await store.pool.fetchval(
-            "SELECT tail_error FROM rehydrate.projections WHERE name = 'group_totals'"
-        )
+        recorded = await store.pool.fetchval("SELECT tail_error FROM rehydrate.projections WHERE name = 'group_totals'")
         assert recorded is not None
         for part in (f"event {poison.global_position}", "'poison'", "'Deposited'", "KeyError"):
             assert part in recorded, (part, recorded)
