@@ -1,10 +1,13 @@
-"""The embedded stack for one machine: a Temporal dev server (with its Web UI) and an embedded Postgres."""
+"""The embedded stack for one machine: a Temporal dev server (with its Web UI) and an embedded Postgres, started by
+`rehydrate dev` and `demo`, stopped by them when they end (unless kept), or by `rehydrate dev --stop`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,8 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rehydrate.core import search_attributes
-from rehydrate.core.database import resolve_url
+from rehydrate.core import embedded, search_attributes
 from rehydrate.core.errors import UserError
 from rehydrate.core.settings import Settings
 
@@ -49,11 +51,12 @@ def _listening(host: str, port: int) -> bool:
 
 @dataclass
 class DevServer:
-    """A running Temporal dev server: ours (we stop it) or one found already listening (we leave it)."""
+    """A running Temporal dev server: ours (`process`: we may stop it) or one found already listening (we leave it)."""
 
     address: str
     ui_url: str
     process: subprocess.Popen[bytes] | None
+    pid_file: Path | None = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -62,6 +65,13 @@ class DevServer:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
+
+
+def _pid_file(settings: Settings) -> Path:
+    """Where the pid of a dev server this data dir started is kept, so that `rehydrate dev --stop` finds it."""
+    return settings.data_dir / "temporal.pid"
 
 
 # The history service hands a shard's new tasks to matching at most 20 times a second by default
@@ -110,6 +120,7 @@ def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevSe
     process = subprocess.Popen(
         command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
     )
+    _pid_file(settings).write_text(str(process.pid))
     deadline = time.monotonic() + 30
     while not _listening(host, port):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -119,15 +130,69 @@ def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevSe
                 fix=f"free port {port} and {ui_port}, or set REHYDRATE_TEMPORAL_ADDRESS",
             )
         time.sleep(0.2)
-    return DevServer(settings.temporal_address, f"http://localhost:{ui_port}", process)
+    return DevServer(settings.temporal_address, f"http://localhost:{ui_port}", process, _pid_file(settings))
+
+
+@dataclass
+class Stack:
+    """Temporal and Postgres for one machine, and which of them this process started."""
+
+    temporal: DevServer
+    database_url: str
+    started_postgres: bool
 
 
 @contextlib.asynccontextmanager
-async def dev_stack(settings: Settings) -> AsyncIterator[tuple[DevServer, str]]:
-    """Temporal and Postgres for one machine: yields the dev server and the database URL."""
-    database_url = await asyncio.to_thread(resolve_url, settings)
-    server = await asyncio.to_thread(start_temporal, settings)
+async def dev_stack(settings: Settings, *, keep: bool = False) -> AsyncIterator[Stack]:
+    """Start (or attach to) the dev server and the database (REHYDRATE_DATABASE_URL, or the embedded Postgres); on
+    exit, stop what this started, unless `keep`."""
+    started_postgres = False
+    if settings.database_url:
+        url = settings.database_url
+    else:
+        url = embedded.running_url(settings.data_dir) or ""
+        if not url:
+            url = await asyncio.to_thread(embedded.start, settings.data_dir)
+            started_postgres = True
     try:
-        yield server, database_url
+        server = await asyncio.to_thread(start_temporal, settings)
+    except BaseException:
+        if started_postgres and not keep:
+            await asyncio.to_thread(embedded.stop, settings.data_dir)
+        raise
+    try:
+        yield Stack(server, url, started_postgres)
     finally:
-        server.stop()
+        if not keep:
+            await asyncio.to_thread(server.stop)
+            if started_postgres:
+                await asyncio.to_thread(embedded.stop, settings.data_dir)
+
+
+def stop_stack(settings: Settings) -> list[str]:
+    """Stop the dev server and the embedded Postgres that a kept `rehydrate dev` or `demo` left running in this data
+    dir; returns what was stopped."""
+    stopped = []
+    pid_file = _pid_file(settings)
+    if pid_file.exists():
+        pid = int(pid_file.read_text().strip() or 0)
+        if pid and _is_our_dev_server(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)  # its own session (start_new_session): the group is the server
+            deadline = time.monotonic() + 10
+            while _is_our_dev_server(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            stopped.append(f"the Temporal dev server (pid {pid})")
+        pid_file.unlink(missing_ok=True)
+    if embedded.stop(settings.data_dir):
+        stopped.append(f"the embedded Postgres in {embedded.pgdata(settings.data_dir)}")
+    return stopped
+
+
+def _is_our_dev_server(pid: int) -> bool:
+    """Whether `pid` is a running `temporal server start-dev` (a pid file outlives its process; pids are reused)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"server" in command and b"start-dev" in command

@@ -75,10 +75,11 @@ async def running_worker(
 ) -> AsyncIterator[Worker]:
     """A started worker (workflows and activities) with its own database pool; stops on exit.
 
-    Aggregate types (for snapshot rebuilds) are `aggregates`, or those of the modules in settings.aggregates.
+    Aggregate types (for snapshot rebuilds) are `aggregates`, or the project's (settings.aggregate_modules). A worker
+    may start the embedded Postgres when no database is configured.
     """
-    aggregates = aggregates if aggregates is not None else AggregateRegistry.from_modules(settings.aggregates)
-    url = database_url or resolve_url(settings)
+    aggregates = aggregates if aggregates is not None else AggregateRegistry.from_settings(settings)
+    url = database_url or resolve_url(settings, start=True)
     pool = await create_pool(url, max_size=settings.max_concurrent_activities + 4)
     try:
         async with pool.acquire() as conn:
@@ -136,11 +137,12 @@ async def run_worker(settings: Settings, registry: Registry) -> None:
     client = await connect_client(settings, runtime=runtime)
     async with running_worker(settings, registry, client=client):
         log.info(
-            "worker on task queue %r at %s, namespace %r; projections: %s%s",
+            "worker on task queue %r at %s, namespace %r; projections: %s (from %s)%s",
             settings.temporal_task_queue,
             client.service_client.config.target_host,
             client.namespace,
             ", ".join(registry.names()) or "none",
+            registry.origin or "the caller",
             f"; metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else "",
         )
         await stop.wait()

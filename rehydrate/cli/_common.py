@@ -23,9 +23,6 @@ from rehydrate.engine.projections import Registry
 
 T = TypeVar("T")
 
-DEMO_PROJECTIONS = ["rehydrate.examples.orders"]
-DEMO_AGGREGATES = ["rehydrate.examples.order_aggregate"]
-
 # Not a terminal (a pipe, a file, a CI log): no wrapping at 80 columns, so lines, URLs and table cells stay whole.
 _WIDTH = None if sys.stdout.isatty() else 10_000
 out = Console(highlight=False, width=_WIDTH, soft_wrap=_WIDTH is not None)
@@ -39,12 +36,13 @@ def settings(**overrides: Any) -> Settings:
     return load_settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def projections(settings: Settings, fallback: list[str] | None = None) -> Registry:
-    return Registry.from_modules(settings.projections or fallback or [])
+def projections(settings: Settings) -> Registry:
+    """The project's projections: the same in every process and shell (see Settings.projection_modules)."""
+    return Registry.from_settings(settings)
 
 
 def aggregates(settings: Settings) -> AggregateRegistry:
-    return AggregateRegistry.from_modules(settings.aggregates)
+    return AggregateRegistry.from_settings(settings)
 
 
 def log_as_configured(settings: Settings) -> None:

@@ -1,18 +1,20 @@
-"""`rehydrate db`: rehydrate's schema, and the grants of a least-privilege worker role."""
+"""`rehydrate db`: rehydrate's schema, the grants of a least-privilege worker role, and the database's URL and psql."""
 
 from __future__ import annotations
 
+import subprocess
 from typing import Annotated
 
 import asyncpg
 import typer
 
 from rehydrate.cli import _common as c
+from rehydrate.core import embedded
 from rehydrate.core.database import connect, ensure_schema, grant, grants_sql, resolve_url
 from rehydrate.core.identifiers import check_identifier
 from rehydrate.core.settings import redact_url
 
-app = typer.Typer(help="rehydrate's schema and the grants of its workers' role.", no_args_is_help=True)
+app = typer.Typer(help="The database: rehydrate's schema, its workers' grants, its URL and psql.", no_args_is_help=True)
 
 
 @app.command("init")
@@ -64,3 +66,31 @@ def grants(
 async def _grant(pool: asyncpg.Pool, schema: str, read_schema: str, role: str) -> int:
     async with pool.acquire() as conn:
         return await grant(conn, schema, read_schema, role)
+
+
+@app.command("url")
+def url(
+    show_password: Annotated[bool, typer.Option("--show-password", help="Print the password too.")] = False,
+    as_json: c.Json = False,
+) -> None:
+    """Print the database's URL: REHYDRATE_DATABASE_URL, or the running embedded Postgres's."""
+    settings = c.settings()
+    found = resolve_url(settings)
+    shown = found if show_password else redact_url(found)
+    if as_json:
+        c.print_json({"url": shown, "embedded": not settings.database_url})
+    else:
+        c.out.print(shown, soft_wrap=True)
+
+
+@app.command("psql")
+def psql(
+    command: Annotated[str | None, typer.Option("--command", "-c", help="Run one command and exit.")] = None,
+) -> None:
+    """Open psql on the database (the psql that comes with rehydrate's embedded Postgres): the read models are
+    views named like their tables, e.g. `SELECT * FROM order_summary LIMIT 5;`."""
+    settings = c.settings()
+    target = resolve_url(settings)
+    done = subprocess.run([str(embedded.psql()), target, *(["-c", command] if command else [])], check=False)
+    if done.returncode:
+        raise typer.Exit(done.returncode)

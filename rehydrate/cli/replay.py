@@ -153,9 +153,12 @@ async def watch(handle: WorkflowHandle[ReplayWorkflow, ReplayResult], name: str)
     return result
 
 
-def print_result(settings: Settings, result: ReplayResult, handle: WorkflowHandle[Any, Any]) -> None:
+def print_result(
+    settings: Settings, result: ReplayResult, handle: WorkflowHandle[Any, Any], *, link: bool = True
+) -> None:
     c.out.print(f"[green]✓[/] {result.describe()}")
-    c.out.print(f"  {url(settings, handle)}")
+    if link:
+        c.out.print(f"  {url(settings, handle)}")
 
 
 @app.command("plan")

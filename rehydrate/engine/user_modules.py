@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +21,7 @@ def module_definitions(
     A module that fails to import, or defines no `what`, is a UserError naming it and the setting to correct.
     """
     found: list[Any] = []
+    _project_importable()
     for name in module_names:
         try:
             module = importlib.import_module(name)
@@ -35,6 +38,14 @@ def module_definitions(
             )
         found += values
     return found
+
+
+def _project_importable() -> None:
+    """The current directory, the project's, is importable (as `python -m` makes it, and the console script does not):
+    `projections = ["myapp.projections"]` works from where its rehydrate.toml or pyproject.toml is."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
 
 
 def source_text(function: Callable[..., Any]) -> str:

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -56,6 +55,7 @@ from rehydrate.models.names import replay_workflow_id, tail_workflow_id
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.workflows import ReplayWorkflow, TailWorkflow
 from tests.helpers import domain
+from tests.helpers.ports import free_port
 from tests.helpers.workers import chunk_transactions_open, log_tail, start_worker
 
 pytestmark = pytest.mark.slow
@@ -511,25 +511,6 @@ async def swap_waits_or_replay_ends(probe: Probe, handle: WorkflowHandle[Any, An
 
 
 # -- 3. Temporal restarted ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port that is free, and so is port + 1000 (the dev server's UI), both below Linux's ephemeral range
-    (32768 on): a port from that range, or its UI port, can be taken meanwhile as the local end of any outgoing
-    connection (seen: "bind: address already in use" for the UI port), and the server restarts on the same port."""
-    while True:
-        port = random.randrange(20_000, 31_000)
-        if all(_bindable(candidate) for candidate in (port, port + 1000)):
-            return port
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 async def test_temporal_dev_server_stopped_and_restarted_mid_replay(

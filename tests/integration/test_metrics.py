@@ -6,7 +6,6 @@ import asyncio
 import io
 import logging
 import re
-import socket
 import urllib.request
 
 import orjson
@@ -20,12 +19,7 @@ from rehydrate.models import ReplayInput
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.worker import running_worker
 from tests.helpers import domain
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.helpers.ports import free_port
 
 
 def samples(text: str, name: str, **labels: str) -> list[float]:
