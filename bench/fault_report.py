@@ -1,4 +1,4 @@
-"""Run the fault suite (tests/faults/test_faults.py) and print its figures as a table: the README's *Fault injection*.
+"""Run the fault suite (tests/faults/test_faults.py) and print its figures as a table: docs/reliability.md's.
 
     python bench/fault_report.py [extra pytest arguments]
 

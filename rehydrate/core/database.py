@@ -124,7 +124,7 @@ async def ensure_schema(conn: Any, schema: str) -> None:
     """Create or update rehydrate's schema and tables; safe to run from many processes at once.
 
     The script's digest is kept as the schema's comment: when it matches, nothing is run, so a worker whose
-    role may not change the schema (see README, *A least-privilege role*) starts fine once an owner has run
+    role may not change the schema (docs/deployment.md, a least-privilege role) starts fine once an owner has run
     `rehydrate db init` with the same version of rehydrate.
     """
     script, tag = _schema_script(schema)

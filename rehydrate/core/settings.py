@@ -70,54 +70,84 @@ class Settings(BaseSettings):
             file_secret_settings,
         )
 
-    database_url: str | None = Field(default=None, description="Postgres URL; unset: embedded Postgres", repr=False)
-    schema_name: str = Field(
-        default="rehydrate", validation_alias=AliasChoices("REHYDRATE_SCHEMA", "REHYDRATE_SCHEMA_NAME")
+    database_url: str | None = Field(
+        default=None,
+        description="Postgres URL (libpq options such as sslmode in the query). Unset: the embedded Postgres in "
+        "data_dir, which rehydrate dev, demo and worker start",
+        repr=False,
     )
-    read_model_schema: str = "public"
-    data_dir: Path = Path(".rehydrate")
+    schema_name: str = Field(
+        default="rehydrate",
+        validation_alias=AliasChoices("REHYDRATE_SCHEMA", "REHYDRATE_SCHEMA_NAME"),
+        description="The schema of rehydrate's own tables: the events and the control tables",
+    )
+    read_model_schema: str = Field(
+        default="public", description="The schema of the read models: the views readers query and their tables"
+    )
+    data_dir: Path = Field(
+        default=Path(".rehydrate"),
+        description="Where the embedded Postgres (pgdata) and the dev server's history (temporal.db) live",
+    )
 
     temporal_address: str = Field(
         default="localhost:7233",
         validation_alias=AliasChoices("REHYDRATE_TEMPORAL_ADDRESS", "TEMPORAL_ADDRESS"),
+        description="host:port of Temporal's frontend (by default the dev server that rehydrate dev runs)",
     )
     temporal_namespace: str = Field(
-        default="default", validation_alias=AliasChoices("REHYDRATE_TEMPORAL_NAMESPACE", "TEMPORAL_NAMESPACE")
+        default="default",
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_NAMESPACE", "TEMPORAL_NAMESPACE"),
+        description="The Temporal namespace of every workflow and schedule",
     )
     temporal_task_queue: str = Field(
         default="rehydrate",
         validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TASK_QUEUE", "TEMPORAL_TASK_QUEUE"),
+        description="The task queue workers poll and runs are started on (tails' activities use <queue>.tails)",
     )
     temporal_ui_url: str | None = Field(default=None, description="Base URL of the Temporal Web UI for links")
     # Real clusters. Temporal's own environment configuration (TEMPORAL_PROFILE, TEMPORAL_CONFIG_FILE and the
     # TOML profile file) is read too; these settings, when set, win over it.
     temporal_api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_API_KEY", "TEMPORAL_API_KEY")
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_API_KEY", "TEMPORAL_API_KEY"),
+        description="An API key (Temporal Cloud); turns TLS on. Never printed",
     )
     temporal_tls: bool | None = Field(
-        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS", "TEMPORAL_TLS")
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS", "TEMPORAL_TLS"),
+        description="true: TLS with the system's CAs; false: no TLS even with certificates set; unset: TLS when "
+        "certificates, a server name or an API key are set",
     )
     temporal_tls_client_cert_path: Path | None = Field(
         default=None,
         validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_CLIENT_CERT_PATH", "TEMPORAL_TLS_CLIENT_CERT_PATH"),
+        description="mTLS: the client certificate (PEM file), with its key",
     )
     temporal_tls_client_key_path: Path | None = Field(
         default=None,
         validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_CLIENT_KEY_PATH", "TEMPORAL_TLS_CLIENT_KEY_PATH"),
+        description="mTLS: the client certificate's private key (PEM file)",
     )
     temporal_tls_server_ca_cert_path: Path | None = Field(
         default=None,
         validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_SERVER_CA_CERT_PATH", "TEMPORAL_TLS_SERVER_CA_CERT_PATH"),
+        description="A private CA to verify the server with (PEM file)",
     )
     temporal_tls_server_name: str | None = Field(
-        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_SERVER_NAME", "TEMPORAL_TLS_SERVER_NAME")
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_TLS_SERVER_NAME", "TEMPORAL_TLS_SERVER_NAME"),
+        description="The server name to verify (SNI), when it differs from the address's host",
     )
     temporal_profile: str | None = Field(
-        default=None, validation_alias=AliasChoices("REHYDRATE_TEMPORAL_PROFILE", "TEMPORAL_PROFILE")
+        default=None,
+        validation_alias=AliasChoices("REHYDRATE_TEMPORAL_PROFILE", "TEMPORAL_PROFILE"),
+        description="The profile to use from Temporal's TOML client configuration (TEMPORAL_CONFIG_FILE)",
     )
 
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Serve Prometheus /metrics here")
-    log_format: Literal["text", "json"] = "text"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json: one JSON object a line with the activity's projection, lane, chunk"
+    )
     tracing: Literal["off", "otlp", "console"] = Field(
         default="off",
         description="OpenTelemetry tracing (needs rehydrate[otel]): otlp exports where the OTEL_* variables say",

@@ -81,7 +81,7 @@ class AggregateError(UserError):
 
 
 class AggregateNotFoundError(UserError):
-    pass
+    """A load found no events for the stream (or none recorded by the time asked for)."""
 
 
 class Aggregate(BaseModel):

@@ -123,13 +123,14 @@ class TableShape:
 class Projection:
     """A read model built from events.
 
-    Example::
-
+    Example:
+        ```python
         order_summary = Projection("order_summary", version=1, table=OrderSummary, key="stream")
 
         @order_summary.on("OrderPlaced")
         def placed(row, event):
             return {"customer_id": event.data["customer_id"], "status": "placed"}
+        ```
 
     Args:
         name: the projection's name, a plain identifier.

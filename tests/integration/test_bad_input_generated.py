@@ -7,7 +7,7 @@ module adds volume. Hypothesis is the generator here (derandomized, so CI draws 
 cases run against the test's real Postgres, many in-process and a handful through the real command.
 
 The run writes its counts to `bad-input-report.json` in pytest's basetemp (and to $REHYDRATE_BAD_INPUT_REPORT when
-set): per kind, the cases run and the cases refused safely. README, "Bad input", gives the command and the figures.
+set): per kind, the cases run and the cases refused safely. docs/errors.md gives the command and the figures.
 """
 
 from __future__ import annotations
