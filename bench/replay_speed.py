@@ -3,6 +3,7 @@
 Usage:
 
     python bench/replay_speed.py                      # 1,000,000 events, 2 worker processes, lanes 1, 2, 4 and 8
+    python bench/replay_speed.py --lanes 8 --runs 5 --reuse   # the default five times: median and range
     python bench/replay_speed.py --events 5000000     # the big one
     python bench/replay_speed.py --workers 1 --lanes 4 --script-sample 20000 --reuse
 
@@ -27,7 +28,9 @@ deterministic: ~40 orders open at a time, so streams interleave):
 5. **small replay**: a replay of a 1,000-event store from start to swap (median of 5).
 
 Prints events/s for each, the ratios, and the workers' peak RSS (VmHWM); for each replay, the CPU time each process
-group used and the replay's phases from its Temporal history. Exit status 1 if a table differs.
+group used and the replay's phases from its Temporal history. With `--runs N` each lane count is replayed N times
+(in turn with the others) and the summary gives the median and the range of each, never the best run. Exit status 1
+if a table differs.
 Postgres: an embedded server kept in `.rehydrate-bench/pgdata` (stopped at the end), or the server of
 REHYDRATE_DATABASE_URL (databases `rh_bench_*` are created on it). Temporal: a dev server started for the run,
 or REHYDRATE_TEMPORAL_ADDRESS.
@@ -365,7 +368,7 @@ async def main(args: argparse.Namespace) -> int:
                 async with workers(
                     url, client, args.workers, HOME / "worker.log", split, args.activities_per_worker
                 ) as (settings, pids):
-                    for lanes in lane_counts:
+                    for lanes in [n for _ in range(args.runs) for n in lane_counts]:
                         ceilings.append((await ceiling(conn))[0])
                         before = cpu_seconds(pids)
                         took, to_end, applied, spent = await replay(client, settings, lanes, args.chunk_size)
@@ -403,12 +406,20 @@ async def main(args: argparse.Namespace) -> int:
         f"usual script (per-event UPDATE)   {script_seconds:7.1f} s  {rate(script_events, script_seconds)}"
         f"  (on {script_events:,} events)"
     )
-    for label, took, applied, wrong, beside in results:
-        mine = applied / took
+    for label in dict.fromkeys(label for label, *_ in results):  # in the order they ran
+        mine = [
+            (applied / took, (applied / took) / (events / beside), wrong)
+            for name, took, applied, wrong, beside in results
+            if name == label
+        ]
+        speeds = sorted(speed for speed, _, _ in mine)
+        shares = sorted(share for _, share, _ in mine)
+        spread = f" (runs: {len(mine)}, {speeds[0]:,.0f} to {speeds[-1]:,.0f})" if len(mine) > 1 else ""
+        share_spread = f" ({shares[0]:.0%} to {shares[-1]:.0%})" if len(mine) > 1 else ""
         print(
-            f"rehydrate, {label:<17} {took:5.1f} s to the swap {rate(applied, took)}"
-            f"  = {mine / (events / beside):4.0%} of the ceiling beside it, {mine / script_rate:5.1f}x the script, "
-            f"rows wrong {wrong}"
+            f"rehydrate, {label:<17} median {statistics.median(speeds):>10,.0f} events/s{spread}"
+            f"  = {statistics.median(shares):4.0%} of the ceiling beside it{share_spread}, "
+            f"{statistics.median(speeds) / script_rate:5.1f}x the script, rows wrong {sum(w for *_, w in mine)}"
         )
     print(f"{args.workers} worker process(es); peak RSS of each: {', '.join(f'{mb:.0f} MB' for mb in rss)}")
     print(
@@ -431,4 +442,5 @@ if __name__ == "__main__":
     )
     parser.add_argument("--script-sample", type=int, default=20_000, help="events the usual script applies")
     parser.add_argument("--reuse", action="store_true", help="reuse a store of the same size from an earlier run")
+    parser.add_argument("--runs", type=int, default=1, help="replays of each lane count (the summary: median, range)")
     quiet_exit(asyncio.run(main(parser.parse_args())))
