@@ -37,6 +37,7 @@ from rehydrate.models import (
     VerifyResult,
 )
 from rehydrate.models.names import replay_workflow_id, snapshot_workflow_id, tail_workflow_id, verify_workflow_id
+from rehydrate.runs import latest_replay
 from rehydrate.sources.events import parse_as_of
 from rehydrate.workflows.replay import ReplayWorkflow
 from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
@@ -177,28 +178,31 @@ def failure_cause(error: WorkflowFailureError | WorkflowUpdateFailedError) -> st
     return str(message)
 
 
-async def replay_status(client: Client, projection: str) -> ReplayStatus:
-    workflow_id = replay_workflow_id(projection)
-    handle = client.get_workflow_handle_for(ReplayWorkflow.run, workflow_id)
-    try:
-        description = await handle.describe()
-    except RPCError:
-        return ReplayStatus(workflow_id, None, "NEVER_RUN", None, None, None)
+async def replay_status(
+    client: Client, projection: str, sandbox: str | None = None, *, task_queue: str | None = None
+) -> ReplayStatus:
+    """The projection's running replay (into `sandbox`; None: the live build), else its latest one, whoever
+    started it and under whatever workflow id (on `task_queue`, when given)."""
+    handle = await latest_replay(client, projection, sandbox, task_queue=task_queue)
+    if handle is None:
+        return ReplayStatus(replay_workflow_id(projection, sandbox), None, "NEVER_RUN", None, None, None)
+    typed = client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
+    description = await typed.describe()
     status = description.status.name if description.status is not None else "UNKNOWN"
     progress = result = error = None
     if description.status == Status.RUNNING:
         try:
-            progress = await handle.query(ReplayWorkflow.progress)
+            progress = await typed.query(ReplayWorkflow.progress)
         except RPCError:
             progress = None
     elif description.status == Status.COMPLETED:
-        result = await handle.result()
+        result = await typed.result()
     elif description.status in (Status.FAILED, Status.TERMINATED, Status.TIMED_OUT, Status.CANCELED):
         try:
-            await handle.result()
+            await typed.result()
         except WorkflowFailureError as failure:
             error = f"replay failed: {failure_cause(failure)}"
-    return ReplayStatus(workflow_id, description.run_id, status, progress, result, error)
+    return ReplayStatus(handle.id, description.run_id, status, progress, result, error)
 
 
 async def _require_running(handle: WorkflowHandle[Any, Any], what: str, name: str, verb: str) -> None:
@@ -212,31 +216,47 @@ async def _require_running(handle: WorkflowHandle[Any, Any], what: str, name: st
         raise UserError(f"the {what} of {name!r} is not running (it is {state})", fix=f"nothing to {verb}")
 
 
-async def cancel_replay(client: Client, projection: str, sandbox: str | None = None) -> str:
-    """Request cancellation; the workflow drops its half-built generation and leaves the active one alone."""
-    workflow_id = replay_workflow_id(projection, sandbox)
-    handle = client.get_workflow_handle(workflow_id)
-    await _require_running(handle, "replay", projection, "cancel")
+async def running_replay(
+    client: Client, projection: str, verb: str, sandbox: str | None = None, *, task_queue: str | None = None
+) -> WorkflowHandle[ReplayWorkflow, ReplayResult]:
+    """The projection's running replay, whatever its workflow id; a UserError when none runs."""
+    handle = await latest_replay(client, projection, sandbox, running=True, task_queue=task_queue)
+    if handle is None:
+        into = f" into sandbox {sandbox!r}" if sandbox else ""
+        last = await latest_replay(client, projection, sandbox, task_queue=task_queue)
+        if last is None:
+            raise UserError(f"no replay of {projection!r}{into} was ever started", fix=f"nothing to {verb}")
+        state = (await last.describe()).status
+        raise UserError(
+            f"no replay of {projection!r}{into} is running (the latest, {last.id}, is "
+            f"{state.name.lower() if state else 'unknown'})",
+            fix=f"nothing to {verb}; `rehydrate replay list {projection}` shows its runs",
+        )
+    return client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
+
+
+async def cancel_replay(
+    client: Client, projection: str, sandbox: str | None = None, *, task_queue: str | None = None
+) -> str:
+    """Request cancellation of the running replay; the workflow drops its half-built generation and leaves the
+    active one alone. Returns its workflow id."""
+    handle = await running_replay(client, projection, "cancel", sandbox, task_queue=task_queue)
     await handle.cancel()
-    return workflow_id
+    return handle.id
 
 
-async def signal_replay(client: Client, projection: str, signal: str) -> str:
-    """Send `pause` or `resume` to the projection's running replay (the one `replay start` started)."""
-    workflow_id = replay_workflow_id(projection)
-    handle = client.get_workflow_handle(workflow_id)
-    await _require_running(handle, "replay", projection, signal)
+async def signal_replay(client: Client, projection: str, signal: str, *, task_queue: str | None = None) -> str:
+    """Send `pause` or `resume` to the projection's running replay, whoever started it; its workflow id."""
+    handle = await running_replay(client, projection, signal, task_queue=task_queue)
     await handle.signal(signal)
-    return workflow_id
+    return handle.id
 
 
-async def tune_replay(client: Client, projection: str, max_parallel: int) -> int:
+async def tune_replay(client: Client, projection: str, max_parallel: int, *, task_queue: str | None = None) -> int:
     """Move the running replay's window to `max_parallel` chunks at once (update `set_max_parallel`), from its
     next chunks on; returns the previous bound."""
     _check_tuning(ReplayInput(projection, max_parallel=max_parallel))
-    workflow_id = replay_workflow_id(projection)
-    handle = client.get_workflow_handle_for(ReplayWorkflow.run, workflow_id)
-    await _require_running(handle, "replay", projection, "tune")
+    handle = await running_replay(client, projection, "tune", task_queue=task_queue)
     try:
         return await handle.execute_update(ReplayWorkflow.set_max_parallel, max_parallel)
     except WorkflowUpdateFailedError as error:

@@ -20,6 +20,7 @@ from rehydrate.core.database import create_pool, ensure_schema, resolve_url
 from rehydrate.core.metrics import declare, prometheus_runtime
 from rehydrate.core.settings import Settings
 from rehydrate.core.temporal import connect_client
+from rehydrate.deployment import build_id, deployment_config, promote
 from rehydrate.engine.aggregates import AggregateRegistry
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
@@ -90,6 +91,7 @@ async def running_worker(
         tails = TailActivities(pool, url, registry, settings)
         snapshots = SnapshotActivities(pool, aggregates, settings)
         verifies = VerifyActivities(pool, registry, settings)
+        deployment = deployment_config(settings, registry, aggregates)
         worker = Worker(
             client,
             task_queue=queue,
@@ -102,6 +104,7 @@ async def running_worker(
             # heartbeats to 80% of the heartbeat timeout (16 s for a tail), so a stopped tail, or a cancelled
             # replay's chunk, would go on applying events that long.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
+            deployment_config=deployment,
         )
         # Tail activities (long-running, mostly waiting) on their own queue and slots.
         tail_worker = Worker(
@@ -111,8 +114,11 @@ async def running_worker(
             max_concurrent_activities=_TAIL_SLOTS,
             graceful_shutdown_timeout=timedelta(seconds=10),
             max_heartbeat_throttle_interval=timedelta(seconds=1),
+            deployment_config=deployment,
         )
         async with worker, tail_worker:
+            if deployment is not None and settings.worker_promote:
+                await promote(client, settings.worker_deployment, deployment.version.build_id)
             if settings.tails:
                 async with pool.acquire() as conn:
                     names = await Catalog(conn, settings.schema_name).tails_to_run()
@@ -136,14 +142,16 @@ async def run_worker(settings: Settings, registry: Registry) -> None:
         declare(runtime, registry.names())
     client = await connect_client(settings, runtime=runtime)
     async with running_worker(settings, registry, client=client):
+        build = build_id(registry, AggregateRegistry.from_settings(settings))
         log.info(
-            "worker on task queue %r at %s, namespace %r; projections: %s (from %s)%s",
+            "worker on task queue %r at %s, namespace %r; projections: %s (from %s)%s%s",
             settings.temporal_task_queue,
             client.service_client.config.target_host,
             client.namespace,
             ", ".join(registry.names()) or "none",
             registry.origin or "the caller",
             f"; metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else "",
+            f"; deployment {settings.worker_deployment!r}, build {build}" if settings.worker_deployment else "",
         )
         await stop.wait()
         log.info("shutting down")

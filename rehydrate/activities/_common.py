@@ -12,9 +12,10 @@ from typing import ParamSpec, TypeVar
 import asyncpg
 from temporalio.exceptions import ApplicationError
 
-from rehydrate.core.errors import UserError
+from rehydrate.core.errors import UnknownProjectionError, UserError, WrongWorker, worker_identity
 from rehydrate.core.settings import Settings
 from rehydrate.engine.generations import Generations
+from rehydrate.models.names import WRONG_WORKER
 from rehydrate.sources.store import EventStore
 
 P = ParamSpec("P")
@@ -26,6 +27,12 @@ def non_retryable(error: UserError) -> ApplicationError:
     return ApplicationError(str(error), type=type(error).__name__, non_retryable=True)
 
 
+def wrong_worker(error: UnknownProjectionError | WrongWorker) -> ApplicationError:
+    """The failure of a task this worker must not run (see WrongWorker): named with the worker, not retried here
+    (the same worker would take it again); the workflow schedules it again and another worker may take it."""
+    return ApplicationError(f"worker {worker_identity()}: {error}", type=WRONG_WORKER, non_retryable=True)
+
+
 def user_errors_fail_the_run(activity: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Wrap an activity so that a UserError (a bad projection, a bad event) or a missing privilege fails its workflow
     run instead of being retried for ever."""
@@ -34,6 +41,8 @@ def user_errors_fail_the_run(activity: Callable[P, Awaitable[T]]) -> Callable[P,
     async def run(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await activity(*args, **kwargs)
+        except (UnknownProjectionError, WrongWorker) as error:
+            raise wrong_worker(error) from None
         except UserError as error:
             raise non_retryable(error) from None
         except asyncpg.InsufficientPrivilegeError as error:

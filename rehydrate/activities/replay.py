@@ -123,7 +123,7 @@ class ReplayActivities(Activities):
         projection = self.registry.get(input.projection)
         async with self.generations() as generations:
             rows = await generations.index(projection, input.generation)
-            await generations.analyze(projection, input.generation)
+            await generations.analyze(projection.name, input.generation)
         return rows
 
     @activity.defn(name="rehydrate.index_tables")
@@ -138,9 +138,8 @@ class ReplayActivities(Activities):
     @user_errors_fail_the_run
     async def analyze_table(self, input: GenerationRef) -> None:
         """ANALYZE the generation's table (nothing if a cancel dropped it meanwhile)."""
-        projection = self.registry.get(input.projection)
         async with self.generations() as generations:
-            await generations.analyze(projection, input.generation)
+            await generations.analyze(input.projection, input.generation)
 
     @activity.defn(name="rehydrate.catch_up")
     @user_errors_fail_the_run

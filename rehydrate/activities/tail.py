@@ -16,10 +16,10 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from rehydrate.activities._common import Activities, non_retryable
+from rehydrate.activities._common import Activities, wrong_worker
 from rehydrate.core import metrics
 from rehydrate.core.database import connect
-from rehydrate.core.errors import ProjectionError, UserError
+from rehydrate.core.errors import ProjectionError, UnknownProjectionError
 from rehydrate.core.settings import Settings
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
@@ -71,8 +71,11 @@ class TailActivities(Activities):
         """
         try:
             projection = self.registry.get(input.projection)
-        except UserError as error:
-            raise non_retryable(error) from None
+        except UnknownProjectionError as error:
+            raise wrong_worker(error) from None
+        async with self.pool.acquire() as conn:
+            # What `rehydrate projections` compares with the code its generation was built with (STALE).
+            await Catalog(conn, self.settings.schema_name).set_tail_code(projection.name, projection.fingerprint)
         wake = asyncio.Event()
         listener = await connect(self.database_url)
 

@@ -16,9 +16,11 @@ import typer
 from rich.console import Console
 
 from rehydrate.core.database import ready_pool, resolve_url
+from rehydrate.core.errors import UnknownProjectionError
 from rehydrate.core.logs import configure as configure_logs
 from rehydrate.core.settings import Settings, load_settings
 from rehydrate.engine.aggregates import AggregateRegistry
+from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
 
 T = TypeVar("T")
@@ -39,6 +41,22 @@ def settings(**overrides: Any) -> Settings:
 def projections(settings: Settings) -> Registry:
     """The project's projections: the same in every process and shell (see Settings.projection_modules)."""
     return Registry.from_settings(settings)
+
+
+def known_projection(settings: Settings, name: str) -> None:
+    """Refuse a projection name that neither this project's registry nor the catalog (projections built before)
+    knows, listing the known ones: a typo is an error, never an empty answer."""
+    registry = projections(settings)
+    if name in registry.names():
+        return
+
+    async def built(pool: asyncpg.Pool) -> list[str]:
+        async with pool.acquire() as conn:
+            return list(await Catalog(conn, settings.schema_name).projections())
+
+    names = with_pool(settings, built)
+    if name not in names:
+        raise UnknownProjectionError(name, sorted({*registry.names(), *names}), registry.origin)
 
 
 def aggregates(settings: Settings) -> AggregateRegistry:
@@ -75,6 +93,11 @@ def _default(value: Any) -> Any:
 
 def print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, default=_default, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def state(status: str) -> str:
+    """A Temporal status (RUNNING, CANCELED, TIMED_OUT) as text, spelled as rehydrate spells states (cancelled)."""
+    return status.lower().replace("_", " ").replace("canceled", "cancelled")
 
 
 def when(moment: datetime | None) -> str:

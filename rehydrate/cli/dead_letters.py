@@ -32,6 +32,7 @@ def list_dead_letters(
 ) -> None:
     """List the events NAME parked: the active generation's, or else the latest generation that parked any."""
     settings = c.settings()
+    c.known_projection(settings, name)
 
     async def work(pool: asyncpg.Pool) -> tuple[int, list[dict[str, Any]]]:
         async with pool.acquire() as conn:

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Annotated
@@ -26,9 +26,9 @@ from rehydrate.devstack import Stack, dev_stack, stop_stack
 from rehydrate.engine.importer import import_events
 from rehydrate.engine.projections import Registry
 from rehydrate.examples.orders import generate
-from rehydrate.models import ReplayInput
+from rehydrate.models import ReplayInput, ReplayResult
 from rehydrate.sources.store import EventStore
-from rehydrate.starter import start_replay
+from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.worker import running_worker
 
 app = typer.Typer()
@@ -47,18 +47,27 @@ def demo(
         bool,
         typer.Option("--keep", help="Leave Temporal and Postgres running (stop them with `rehydrate dev --stop`)."),
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the replays' results as JSON (what it says on the way: stderr).")
+    ] = False,
 ) -> None:
     """Bring up Temporal and Postgres, load an order history, replay the example projections, then stop them."""
     settings = c.settings()
     registry = Registry.from_modules(EXAMPLE_PROJECTIONS, "the examples (the demo replays them)")
-    c.run(lambda: _demo(settings, registry, events, lanes, keep))
+    results = c.run(lambda: _demo(settings, registry, events, lanes, keep, as_json))
+    if as_json:
+        c.print_json(results)
 
 
-async def _demo(settings: Settings, registry: Registry, events: int, lanes: int | None, keep: bool) -> None:
+async def _demo(
+    settings: Settings, registry: Registry, events: int, lanes: int | None, keep: bool, as_json: bool
+) -> list[ReplayResult]:
     # The demo's worker runs in this process: its per-chunk log lines would break into the progress bars, which
     # say the same. Warnings and errors still show.
     logging.getLogger("rehydrate").setLevel(logging.WARNING)
-    c.out.print("[bold]rehydrate demo[/]: starting Temporal (dev server) and Postgres …")
+    say = c.err.print if as_json else c.out.print
+    results: list[ReplayResult] = []
+    say("[bold]rehydrate demo[/]: starting Temporal (dev server) and Postgres …")
     async with AsyncExitStack() as stack:
         dev = await stack.enter_async_context(dev_stack(settings, keep=keep))
         pool = await create_pool(dev.database_url)
@@ -68,36 +77,40 @@ async def _demo(settings: Settings, registry: Registry, events: int, lanes: int 
         store = EventStore(pool, settings.schema_name)
         existing = await store.head()
         if existing == 0:
-            c.out.print(f"Loading an order history of {events:,} events …")
+            say(f"Loading an order history of {events:,} events …")
             report = await import_events(store, enumerate(generate(events), start=1), source="demo history")
-            c.out.print(
+            say(
                 f"  imported {report.events:,} events in {report.streams:,} streams in {report.seconds:.1f} s "
                 f"({report.events_per_second:,.0f} events/s)"
             )
         else:
-            c.out.print(f"Reusing the {existing:,} events already in the store ({settings.data_dir}).")
+            say(f"Reusing the {existing:,} events already in the store ({settings.data_dir}).")
         client = await connect_client(settings)
         worker = running_worker(settings, registry, client=client, database_url=dev.database_url)
         await stack.enter_async_context(worker)
         for projection in registry:
             handle = await start_replay(client, settings, ReplayInput(projection.name, lanes=lanes), attach=True)
+            if as_json:
+                results.append(await wait_for_replay(handle))
+                continue
             # Its link would be dead once the demo has stopped its dev server, unless kept.
             print_result(settings, await watch(handle, projection.name), handle, link=keep)
-    _demo_closing(settings, dev, keep)
+    _demo_closing(settings, dev, keep, say)
+    return results
 
 
-def _demo_closing(settings: Settings, dev: Stack, keep: bool) -> None:
+def _demo_closing(settings: Settings, dev: Stack, keep: bool, say: Callable[..., None]) -> None:
     """What to do next, with no link that is dead once the demo has exited."""
     queries = "SELECT * FROM order_summary LIMIT 5;  SELECT * FROM customer_stats LIMIT 5;"
     if keep:
-        c.out.print(
+        say(
             f"\nTemporal and Postgres keep running (stop them with [bold]rehydrate dev --stop[/]):\n"
             f"  the runs in the Web UI: {dev.temporal.ui_url}/namespaces/{settings.temporal_namespace}/workflows\n"
             f"  the read models: [bold]rehydrate db psql[/], then {queries}\n"
             f"  Postgres: {redact_url(dev.database_url)}"
         )
         return
-    c.out.print(
+    say(
         "\nNext:\n"
         f"  [bold]rehydrate dev[/]       Temporal's Web UI ({dev.temporal.ui_url}) with these runs, Postgres and a "
         "worker, until Ctrl-C\n"

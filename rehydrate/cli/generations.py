@@ -23,6 +23,7 @@ Name = Annotated[str, typer.Argument(help="The projection.")]
 def generations(name: Name, as_json: c.Json = False) -> None:
     """List NAME's generations: state, version, fingerprint, counts, timings and the run that built each."""
     settings = c.settings()
+    c.known_projection(settings, name)
 
     async def work(pool: asyncpg.Pool) -> list[dict[str, Any]]:
         async with pool.acquire() as conn:

@@ -22,13 +22,15 @@ app = typer.Typer()
 
 @app.command("projections")
 def projections(as_json: c.Json = False) -> None:
-    """List projections: version, active generation (STALE when built from other code), rows, tail, lag, last replay."""
+    """List projections: version, active generation (STALE when other code made it), rows, tail, lag, last replay."""
     settings = c.settings()
     registry = c.projections(settings)
 
     async def work(pool: asyncpg.Pool) -> list[dict[str, Any]]:
         async with pool.acquire() as conn:
-            statuses = await projection_statuses(conn, EventStore(pool, settings.schema_name), registry)
+            statuses = await projection_statuses(
+                conn, EventStore(pool, settings.schema_name), registry, settings.read_model_schema
+            )
         tails: dict[str, tuple[str, str | None]] = {}
         built = [s.name for s in statuses if s.last_replay is not None]
         try:
@@ -51,7 +53,7 @@ def projections(as_json: c.Json = False) -> None:
             str(r["version"] or "-"),
             (f"g{r['active_generation']}" if r["active_generation"] else "-")
             + (" [yellow]STALE[/]" if r["stale"] else ""),
-            f"{r['rows']:,}" if r["rows"] is not None else "-",
+            "-" if r["rows"] is None else f"{r['rows']:,}" if r["rows_exact"] else f"≈{r['rows']:,}",
             _tail_text(r["tail"]),
             f"{r['tail']['lag_events']:,} ev, {r['tail']['lag_seconds']:.1f} s"
             if r["tail"]["lag_events"] is not None
@@ -61,8 +63,11 @@ def projections(as_json: c.Json = False) -> None:
             else "never",
         )
     c.out.print(table)
-    if any(r["stale"] for r in rows):
-        c.out.print("STALE: built from other projection code; rebuild with `rehydrate replay start --stale`")
+    for r in rows:
+        if r["stale"]:
+            c.out.print(f"{r['name']} is STALE: {r['stale_reason']}; rebuild with `rehydrate replay start --stale`")
+    if any(not r["rows_exact"] for r in rows if r["rows"] is not None):
+        c.out.print("≈: too many rows to count quickly; the planner's estimate as of the table's last ANALYZE")
     for r in rows:
         if r["tail"]["error"]:
             c.out.print(f"[red]{r['name']}[/]: {escape(r['tail']['error'])}", soft_wrap=True)
@@ -75,8 +80,10 @@ def _row(status: ProjectionStatus, tail: tuple[str, str | None]) -> dict[str, An
         "version": status.version,
         "active_generation": status.active_generation,
         "stale": status.stale,
+        "stale_reason": status.stale_reason,
         "fingerprint": status.fingerprint,
         "rows": status.rows,
+        "rows_exact": status.rows_exact,
         "checkpoint": status.checkpoint,
         "tail": {
             "enabled": status.tail_enabled,
@@ -94,4 +101,4 @@ def _tail_text(tail: dict[str, Any]) -> str:
         return "FAILED"
     if tail["enabled"] is False:
         return "stopped"
-    return str(tail["workflow"]).lower().replace("_", " ")
+    return c.state(str(tail["workflow"]))

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import asyncpg
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 from temporalio.client import WorkflowHandle
+from temporalio.service import RPCError
 
 from rehydrate.cli import _common as c
 from rehydrate.core.database import ready_pool, resolve_url
 from rehydrate.core.errors import UserError
 from rehydrate.core.limits import MAX_LANES
 from rehydrate.core.settings import Settings
-from rehydrate.core.temporal import connect_client
+from rehydrate.core.temporal import connect_client, workers_polling
 from rehydrate.engine import operations
 from rehydrate.engine.projections import Registry
 from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult
+from rehydrate.runs import ReplayRun, replay_runs, started_by
 from rehydrate.sources.store import EventStore
 from rehydrate.starter import (
     cancel_replay,
@@ -116,7 +120,9 @@ def url(settings: Settings, handle: WorkflowHandle[Any, Any]) -> str:
 
 async def _stale_names(settings: Settings, registry: Registry) -> list[str]:
     async with ready_pool(resolve_url(settings), settings.schema_name) as pool, pool.acquire() as conn:
-        return await operations.stale_projections(conn, EventStore(pool, settings.schema_name), registry)
+        return await operations.stale_projections(
+            conn, EventStore(pool, settings.schema_name), registry, settings.read_model_schema
+        )
 
 
 async def watch(handle: WorkflowHandle[ReplayWorkflow, ReplayResult], name: str) -> ReplayResult:
@@ -174,12 +180,19 @@ def plan(
     """Show what a replay of NAME would do, changing nothing: events, lanes, chunks and an estimated duration."""
     settings = c.settings()
     projection = c.projections(settings).get(name)
-    p = c.with_pool(
-        settings,
-        lambda pool: operations.plan(
-            pool, settings, projection, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel
-        ),
-    )
+
+    async def work(pool: asyncpg.Pool) -> operations.ReplayPlan:
+        workers: int | None = None
+        try:
+            client = await connect_client(settings)
+            workers = await workers_polling(client, settings.temporal_task_queue)
+        except (UserError, RPCError):
+            workers = None  # Temporal unreachable: the estimate assumes a worker per lane
+        return await operations.plan(
+            pool, settings, projection, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel, workers=workers
+        )
+
+    p = c.with_pool(settings, work)
     if as_json:
         c.print_json(p)
         return
@@ -192,29 +205,48 @@ def plan(
         c.out.print(f"  lane {lane.lane}: {lane.events:,} events, {lane.chunks:,} chunk{'s' * (lane.chunks != 1)}")
     c.out.print(
         f"  sample chunk: {p.sample_events:,} events read, folded and written in {p.sample_seconds:.3f} s "
-        f"({p.events_per_second:,.0f} events/s, rolled back)"
+        f"({p.events_per_second:,.0f} events/s in this process, rolled back)"
     )
-    if p.estimated_seconds is not None:
+    if p.measured_events_per_second is not None:
         c.out.print(
-            f"  estimated build: {p.estimated_seconds:,.1f} s with {min(len(p.lanes), p.max_parallel)} chunks in "
-            f"parallel on as many worker processes (one process is one core), plus indexes, catch-up and swap"
+            f"  latest build (g{p.measured_generation}): {p.measured_events_per_second:,.0f} events/s over the "
+            "whole build"
         )
-    else:
+    polling = "Temporal unreachable" if p.workers is None else f"{p.workers} polling {settings.temporal_task_queue}"
+    idle = " (a replay would wait for one: `rehydrate worker`)" if p.workers == 0 else ""
+    c.out.print(f"  workers: {polling}{idle}")
+    if p.estimated_seconds is None:
         c.out.print("  estimated build: nothing to sample (no events)")
+    elif p.estimated_from == "measured":
+        c.out.print(f"  estimated build: {p.estimated_seconds:,.1f} s at the latest build's rate")
+    else:
+        parallel = min(len(p.lanes), p.max_parallel, p.workers or len(p.lanes))
+        c.out.print(
+            f"  estimated build: {p.estimated_seconds:,.1f} s at the sample's rate with {parallel} chunk(s) at once "
+            "(one per worker process), plus indexes, catch-up and swap"
+        )
 
 
 @app.command("status")
-def status(name: Name, as_json: c.Json = False) -> None:
-    """Show the state of NAME's latest replay: progress while it runs, the result or error after."""
+def status(
+    name: Name,
+    sandbox: Annotated[str | None, typer.Option(help="The build into this sandbox instead.")] = None,
+    as_json: c.Json = False,
+) -> None:
+    """Show NAME's running replay, else its latest, however it was started: progress, or the result or error."""
     settings = c.settings()
+    c.known_projection(settings, name)
 
     async def work() -> None:
-        found = await replay_status(await connect_client(settings), name)
+        found = await replay_status(
+            await connect_client(settings), name, sandbox, task_queue=settings.temporal_task_queue
+        )
         if as_json:
             c.print_json(found)
             return
-        c.out.print(f"{name}: {found.status.lower()}")
+        c.out.print(f"{name}: {c.state(found.status)}")
         if found.run_id:
+            c.out.print(f"  {found.workflow_id} (started by {started_by(found.workflow_id, name)})")
             c.out.print(f"  {settings.workflow_url(found.workflow_id, found.run_id)}")
         if found.progress is not None:
             c.out.print(f"  {found.progress.summary()}")
@@ -231,17 +263,58 @@ def status(name: Name, as_json: c.Json = False) -> None:
     c.run(work)
 
 
+@app.command("list")
+def list_runs(
+    name: Name,
+    limit: Annotated[int, typer.Option(help="At most this many runs, newest first.")] = 20,
+    as_json: c.Json = False,
+) -> None:
+    """List NAME's recent replays (sandbox builds included), running first, with who started each: cli, schedule,
+    verify or other (the Web UI or a program)."""
+    settings = c.settings()
+    c.known_projection(settings, name)
+
+    async def work() -> list[ReplayRun]:
+        return await replay_runs(
+            await connect_client(settings), name, limit=limit, task_queue=settings.temporal_task_queue
+        )
+
+    runs = c.run(work)
+    if as_json:
+        c.print_json(runs)
+        return
+    if not runs:
+        c.out.print(f"{name}: no replay found in Temporal")
+        return
+    table = Table("status", "started", "closed", "started by", "sandbox", "workflow id", "run id")
+    for run in runs:
+        table.add_row(
+            c.state(run.status),
+            c.when(run.started_at),
+            c.when(run.closed_at),
+            run.started_by,
+            run.sandbox or "-",
+            run.workflow_id,
+            run.run_id,
+        )
+    c.out.print(table)
+
+
 @app.command("cancel")
 def cancel(
     name: Annotated[str, typer.Argument(help="The projection whose replay to cancel.")],
     sandbox: Annotated[str | None, typer.Option(help="Cancel the build into this sandbox instead.")] = None,
     as_json: c.Json = False,
 ) -> None:
-    """Cancel NAME's running replay: its half-built generation is dropped, the active one stays."""
+    """Cancel NAME's running replay, whoever started it: its half-built generation is dropped, the active one
+    stays."""
     settings = c.settings()
+    c.known_projection(settings, name)
 
     async def work() -> str:
-        return await cancel_replay(await connect_client(settings), name, sandbox)
+        return await cancel_replay(
+            await connect_client(settings), name, sandbox, task_queue=settings.temporal_task_queue
+        )
 
     workflow_id = c.run(work)
     _done(
@@ -267,9 +340,12 @@ def resume(
 
 def _signal(name: str, signal: str, as_json: bool) -> None:
     settings = c.settings()
+    c.known_projection(settings, name)
 
     async def work() -> str:
-        return await signal_replay(await connect_client(settings), name, signal)
+        return await signal_replay(
+            await connect_client(settings), name, signal, task_queue=settings.temporal_task_queue
+        )
 
     _done({"projection": name, "workflow_id": c.run(work), "requested": signal}, as_json, f"{signal} sent to")
 
@@ -282,9 +358,12 @@ def tune(
 ) -> None:
     """Change a running replay's --max-parallel; running chunks finish, the next ones start under the new bound."""
     settings = c.settings()
+    c.known_projection(settings, name)
 
     async def work() -> int:
-        return await tune_replay(await connect_client(settings), name, max_parallel)
+        return await tune_replay(
+            await connect_client(settings), name, max_parallel, task_queue=settings.temporal_task_queue
+        )
 
     previous = c.run(work)
     if as_json:

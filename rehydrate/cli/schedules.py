@@ -114,7 +114,8 @@ def describe(name: Name, as_json: c.Json = False) -> None:
     for moment in v.next_runs:
         c.out.print(f"  next: {moment:%Y-%m-%d %H:%M:%S} UTC")
     for run in v.recent_runs:
-        c.out.print(f"  {run.started_at:%Y-%m-%d %H:%M:%S} {run.status.lower()}: {escape(run.outcome)}", soft_wrap=True)
+        line = f"  {run.started_at:%Y-%m-%d %H:%M:%S} {c.state(run.status)}: {escape(run.outcome)}"
+        c.out.print(line, soft_wrap=True)
         c.out.print(f"    {settings.workflow_url(run.workflow_id, run.run_id)}")
     if v.skipped_overlap:
         c.out.print(f"  {v.skipped_overlap} run(s) skipped while this schedule's previous run was still going")

@@ -91,7 +91,7 @@ def status(aggregate_type: AggregateType, as_json: c.Json = False) -> None:
     if as_json:
         c.print_json({"status": state, "progress": progress})
         return
-    c.out.print(f"{aggregate_type}: {state.lower()}")
+    c.out.print(f"{aggregate_type}: {c.state(state)}")
     if progress is not None:
         c.out.print(f"  {progress.streams_done:,} of {progress.streams_total:,} streams ({progress.rate:,.0f}/s)")
 

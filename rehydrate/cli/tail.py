@@ -32,6 +32,7 @@ def stop(
 
 def _tail(name: str, *, start: bool, as_json: bool) -> None:
     settings = c.settings()
+    c.known_projection(settings, name)
 
     async def work(pool: asyncpg.Pool) -> str:
         client = await connect_client(settings)

@@ -87,10 +87,13 @@ def _unreachable(url: str, error: Exception) -> UserError:
     password = url_password(url)
     if password:
         detail = detail.replace(password, "***").replace(unquote(password), "***")
-    return UserError(
-        f"cannot connect to Postgres at {redact_url(url)}: {detail}",
-        fix="start Postgres or set REHYDRATE_DATABASE_URL to a reachable database",
-    )
+    if isinstance(error, (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError)):
+        fix = "Postgres is up but refused the login: check the user and password in REHYDRATE_DATABASE_URL"
+    elif isinstance(error, asyncpg.InvalidCatalogNameError):
+        fix = "Postgres is up but has no such database: create it (createdb NAME) or fix its name in the URL"
+    else:
+        fix = "start Postgres or set REHYDRATE_DATABASE_URL to a reachable database"
+    return UserError(f"cannot connect to Postgres at {redact_url(url)}: {detail}", fix=fix)
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

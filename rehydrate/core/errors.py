@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 # An error quotes the input it names (a key, a value in a handler's exception): cut, so that a 10 MB event does
 # not make a 10 MB message. A failure travels through Temporal, which refuses payloads over 2 MB; refused, the
 # activity would be retried for ever instead of failing the replay.
@@ -66,3 +69,17 @@ class ProjectionError(UserError):
             f"{problem}",
             fix=fix,
         )
+
+
+class WrongWorker(RehydrateError):
+    """A task reached a worker that must not run it: it lacks the projection, or has other code for it than the
+    generation was planned with. The run goes on with another worker; this is never a failure of the run itself."""
+
+    def __init__(self, message: str) -> None:
+        self.message = shorten(message)
+        super().__init__(self.message)
+
+
+def worker_identity() -> str:
+    """This process as Temporal names workers by default: pid@host."""
+    return f"{os.getpid()}@{socket.gethostname()}"

@@ -195,6 +195,18 @@ class Settings(BaseSettings):
         "Tails have slots of their own.",
     )
     tails: bool = Field(default=True, description="Workers start the tails of active projections by themselves")
+    worker_deployment: str = Field(
+        default="",
+        description="The Temporal worker deployment workers join (Worker Versioning): a worker's build id is derived "
+        "from its projections' and aggregates' code, and each replay, verify and snapshot rebuild runs to its end on "
+        "the build it started on, while tails move to the current one. Empty: unversioned workers",
+    )
+    worker_promote: bool = Field(
+        default=True,
+        description="With a worker deployment: a worker makes its build the deployment's current version when it "
+        "starts, unless a newer build is current (an old worker restarting never takes new work back). False: the "
+        "deploy tool sets it (temporal worker deployment set-current-version)",
+    )
 
     @field_validator("projections", "aggregates", mode="before")
     @classmethod

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 from temporalio.envconfig import ClientConfig
 from temporalio.runtime import Runtime
@@ -89,6 +92,19 @@ async def connect_client(settings: Settings, *, runtime: Runtime | None = None) 
             fix="start it (`rehydrate dev`) or set REHYDRATE_TEMPORAL_ADDRESS / TEMPORAL_ADDRESS "
             "(and TLS or an API key for a real cluster)",
         ) from None
+
+
+async def workers_polling(client: Client, task_queue: str) -> int:
+    """The worker processes polling `task_queue` for activities (Temporal forgets a poller a few minutes after
+    its last poll)."""
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+        )
+    )
+    return len({poller.identity for poller in response.pollers})
 
 
 def quiet_exit(code: int) -> None:

@@ -18,7 +18,7 @@ from rehydrate.core.errors import UserError
 from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, check_range
 from rehydrate.core.settings import Settings, lanes_for
 from rehydrate.engine.apply import Folding, Parking
-from rehydrate.engine.generations import Generations
+from rehydrate.engine.generations import Generations, other_code
 from rehydrate.engine.projections import Projection
 from rehydrate.models import ChunkInput, ChunkResult, LaneState, Plan, PlanInput
 from rehydrate.sources.events import Cutoff, Event, is_held
@@ -163,6 +163,10 @@ async def apply_chunk(
             )
         if checkpoint["done"]:
             return ChunkResult(checkpoint["position"], checkpoint["events_applied"], 0, True)
+        if checkpoint["fingerprint"] != projection.fingerprint:
+            # Workers of two releases on one task queue (a rolling deploy): this one has other code for the
+            # projection than the generation was planned with. One generation is built by one code, never two.
+            raise other_code(projection, input.generation, checkpoint["fingerprint"])
         held = await store.held_back(conn, input.mark)
         table = generations.read_models(checkpoint["sandbox"]).table(
             projection.table, projection.table.physical_name(input.generation)

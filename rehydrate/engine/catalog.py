@@ -38,7 +38,8 @@ _BUILDING = """SELECT generation, workflow_id, physical_table, target_xmin::text
     FROM {schema}.generations WHERE projection = $1 AND state = 'building' AND sandbox = $2"""
 _GENERATION = """SELECT *, checkpoint_xmin::text::bigint AS checkpoint, target_xmin::text::bigint AS target
     FROM {schema}.generations WHERE projection = $1 AND generation = $2"""
-_LOCK_GENERATION = """SELECT state, physical_table, checkpoint_xmin::text::bigint AS checkpoint, sandbox, rows_count
+_LOCK_GENERATION = """SELECT state, physical_table, checkpoint_xmin::text::bigint AS checkpoint, sandbox, rows_count,
+        fingerprint
     FROM {schema}.generations WHERE projection = $1 AND generation = $2 FOR UPDATE"""
 _SET_TOTAL = "UPDATE {schema}.generations SET events_total = $3 WHERE projection = $1 AND generation = $2"
 # The plan's events_total was an estimate; once built, it is what the lanes applied.
@@ -112,10 +113,13 @@ _SET_ACTIVE = """INSERT INTO {schema}.projections (name, active_generation, vers
 _SET_TAIL = """UPDATE {schema}.projections SET tail_enabled = $2, tail_error = NULL, updated_at = now()
     WHERE name = $1 RETURNING true"""
 _SET_TAIL_ERROR = "UPDATE {schema}.projections SET tail_error = $2, updated_at = now() WHERE name = $1"
+_SET_TAIL_CODE = """UPDATE {schema}.projections SET tail_fingerprint = $2, updated_at = now()
+    WHERE name = $1 AND tail_fingerprint IS DISTINCT FROM $2"""
 _TAILS_TO_RUN = """SELECT name FROM {schema}.projections
     WHERE active_generation IS NOT NULL AND tail_enabled ORDER BY name"""
 # Per projection ever built: its active generation, checkpoint and tail state, and its latest generation of any state.
 _PROJECTIONS = """SELECT n.name, p.active_generation, p.version, a.fingerprint, p.tail_enabled, p.tail_error,
+        p.tail_fingerprint, a.physical_table,
         a.rows_count, a.activated_at, a.checkpoint_xmin::text::bigint AS checkpoint,
         l.generation AS last_generation, l.state AS last_state, l.started_at AS last_started,
         l.ended_at AS last_ended, l.events_applied AS last_events, l.error AS last_error,
@@ -378,6 +382,10 @@ class Catalog:
 
     async def set_tail_error(self, projection: str, error: str) -> None:
         await self.conn.execute(self._sql(_SET_TAIL_ERROR), projection, error)
+
+    async def set_tail_code(self, projection: str, fingerprint: str) -> None:
+        """Record the fingerprint of the code the projection's tail applies new events with."""
+        await self.conn.execute(self._sql(_SET_TAIL_CODE), projection, fingerprint)
 
     async def tails_to_run(self) -> list[str]:
         """Projections with an active generation whose tail should run."""

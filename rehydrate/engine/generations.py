@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from rehydrate.core.errors import UserError
+from rehydrate.core.errors import UserError, WrongWorker
 from rehydrate.engine.apply import Parking, apply_events
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Projection
@@ -24,6 +24,14 @@ from rehydrate.sources.store import EventStore
 
 SWAP_LOCK_TIMEOUT_MS = 500  # a swap waiting for readers gives up this soon, and its activity tries again
 ROLLBACK_LOCK_TIMEOUT_MS = 5_000
+
+
+def other_code(projection: Projection, generation: int, planned_with: str) -> WrongWorker:
+    """This worker's code for `projection` is not what a building generation is built with: another worker's task."""
+    return WrongWorker(
+        f"its code for projection {projection.name!r} (fingerprint {projection.fingerprint}) is not the code "
+        f"generation {generation} is built with (fingerprint {planned_with})"
+    )
 
 
 class Generations:
@@ -83,15 +91,18 @@ class Generations:
         """Build the secondary indexes after the load (faster than keeping them row by row) and record the build's
         counts; returns the row count."""
         row = await self.catalog.generation(projection.name, generation)
+        if row["fingerprint"] != projection.fingerprint:
+            raise other_code(projection, generation, row["fingerprint"])
         tables = self.read_models(row["sandbox"])
         await tables.create_indexes(projection.table, generation)
         rows = await tables.count_rows(row["physical_table"])
         await self.catalog.mark_built(projection.name, generation, rows)
         return rows
 
-    async def analyze(self, projection: Projection, generation: int) -> None:
-        """ANALYZE the generation's table, unless a cancel or failure dropped it meanwhile."""
-        row = await self.catalog.generation(projection.name, generation)
+    async def analyze(self, projection: str, generation: int) -> None:
+        """ANALYZE the generation's table, unless a cancel or failure dropped it meanwhile (any worker may: it needs
+        neither the projection's code nor its table's shape)."""
+        row = await self.catalog.generation(projection, generation)
         if row["state"] in ("building", "sandbox", "active"):
             await self.read_models(row["sandbox"]).analyze(row["physical_table"])
 
@@ -116,6 +127,8 @@ class Generations:
             raise UserError(
                 f"generation {generation} of {projection.name!r} is {row['state']}", fix="start a new replay"
             )
+        if row["state"] == "building" and row["fingerprint"] != projection.fingerprint:
+            raise other_code(projection, generation, row["fingerprint"])
         checkpoint = row["checkpoint"]
         mark = await self.store.high_water_mark(self.conn) if to_mark is None else to_mark
         if mark <= checkpoint:
@@ -309,6 +322,8 @@ class Generations:
         projection. Returns the events the build parked."""
         async with self.conn.transaction():
             row = await self.catalog.lock_generation(projection.name, generation)
+            if row["fingerprint"] != projection.fingerprint:
+                raise other_code(projection, generation, row["fingerprint"])
             tables = self.read_models(row["sandbox"])
             older = await self.catalog.drop_older_sandbox_builds(projection.name, row["sandbox"], generation)
             await tables.point_view(projection.table, row["physical_table"])

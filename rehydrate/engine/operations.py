@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -41,21 +42,36 @@ class ProjectionStatus:
     version: int | None
     fingerprint: str | None  # of the code in this process (None: not registered here)
     active_generation: int | None
-    stale: bool  # the active generation was built from other code (version, handlers, types, upcasters)
-    rows: int | None  # rows of the active generation when it was swapped in
+    stale: bool  # the read model holds what other code made (see stale_reason)
+    rows: int | None  # rows of the active generation now (rows_exact: counted; else the planner's estimate)
     checkpoint: int | None
     tail_enabled: bool | None
     tail_error: str | None
     lag_events: int | None  # events the active generation does not have yet (held-back ones included)
     lag_seconds: float | None  # the age of the oldest of them
     last_replay: LastReplay | None = None
+    rows_exact: bool = True
+    stale_reason: str | None = None  # why it is stale: built from other code, or the tail applies other code
+
+
+def _stale_reason(projection: Projection | None, row: dict[str, Any]) -> str | None:
+    built = row.get("fingerprint")
+    if row.get("active_generation") is None or built is None:
+        return None
+    if projection is not None and built != projection.fingerprint:
+        return "built from other projection code than this process has"
+    tail = row.get("tail_fingerprint")
+    if tail is not None and tail != built:
+        return "the tail applies new events with other projection code than the generation was built with"
+    return None
 
 
 async def projection_statuses(
-    conn: asyncpg.Connection, store: EventStore, registry: Registry
+    conn: asyncpg.Connection, store: EventStore, registry: Registry, read_model_schema: str
 ) -> list[ProjectionStatus]:
     """Every projection that is registered or was ever built, by name, with its lag when this process knows it."""
     known = await Catalog(conn, store.schema).projections()
+    read_models = ReadModels(conn, read_model_schema)
     statuses = []
     for name in sorted(set(registry.names()) | set(known)):
         row = known.get(name, {})
@@ -63,6 +79,9 @@ async def projection_statuses(
         lag: tuple[int, float] | None = None
         if projection is not None and row.get("checkpoint") is not None:
             lag = await store.lag(conn, row["checkpoint"], projection.event_types)
+        rows, exact = (None, True)
+        if row.get("physical_table") is not None:
+            rows, exact = await read_models.live_rows(row["physical_table"])
         last = None
         if row.get("last_generation") is not None:
             last = LastReplay(
@@ -81,10 +100,10 @@ async def projection_statuses(
                 version=projection.version if projection is not None else row.get("version"),
                 fingerprint=projection.fingerprint if projection is not None else None,
                 active_generation=row.get("active_generation"),
-                stale=projection is not None
-                and row.get("active_generation") is not None
-                and row.get("fingerprint") != projection.fingerprint,
-                rows=row.get("rows_count"),
+                stale=_stale_reason(projection, row) is not None,
+                stale_reason=_stale_reason(projection, row),
+                rows=rows,
+                rows_exact=exact,
                 checkpoint=row.get("checkpoint"),
                 tail_enabled=row.get("tail_enabled"),
                 tail_error=row.get("tail_error"),
@@ -96,9 +115,12 @@ async def projection_statuses(
     return statuses
 
 
-async def stale_projections(conn: asyncpg.Connection, store: EventStore, registry: Registry) -> list[str]:
-    """Registered projections whose active generation was built from another fingerprint than the code's."""
-    return [status.name for status in await projection_statuses(conn, store, registry) if status.stale]
+async def stale_projections(
+    conn: asyncpg.Connection, store: EventStore, registry: Registry, read_model_schema: str
+) -> list[str]:
+    """Registered projections whose read model holds what other code made (see ProjectionStatus.stale_reason)."""
+    statuses = await projection_statuses(conn, store, registry, read_model_schema)
+    return [status.name for status in statuses if status.stale and status.registered]
 
 
 # -- rollback -------------------------------------------------------------------------------------------------------
@@ -154,8 +176,38 @@ class ReplayPlan:
     max_parallel: int
     sample_events: int
     sample_seconds: float
-    events_per_second: float
+    events_per_second: float  # of the sample chunk, in this process
     estimated_seconds: float | None
+    # The projection's latest build: its rate over the whole build (every lane and worker it had), and which one.
+    measured_events_per_second: float | None = None
+    measured_generation: int | None = None
+    workers: int | None = None  # worker processes polling the task queue (None: not asked)
+    estimated_from: str = "sample"  # "measured": the latest build's rate; "sample": the sample chunk's
+
+
+def _measured(generations: list[dict[str, Any]]) -> tuple[float, int] | None:
+    """The rate of the latest build that applied events, and its generation."""
+    for g in generations:
+        if g["build_seconds"] and g["events_applied"] and g["build_seconds"] > 0:
+            return g["events_applied"] / g["build_seconds"], g["generation"]
+    return None
+
+
+def estimate(plan: ReplayPlan, workers: int | None) -> ReplayPlan:
+    """The plan's duration: at the latest build's measured rate when there is one (it ran with every worker and
+    lane that build had), else at the sample chunk's rate times the chunks that can run at once, which is at most
+    the lanes, max_parallel and the worker processes polling (one process is one core)."""
+    plan.workers = workers
+    parallel = min(len(plan.lanes), plan.max_parallel, workers or len(plan.lanes))
+    if plan.measured_events_per_second:
+        plan.estimated_from = "measured"
+        plan.estimated_seconds = plan.events / plan.measured_events_per_second
+    elif plan.events_per_second:
+        plan.estimated_from = "sample"
+        plan.estimated_seconds = plan.events / plan.events_per_second / max(parallel, 1)
+    else:
+        plan.estimated_seconds = None
+    return plan
 
 
 class _Discard(Exception):
@@ -170,10 +222,12 @@ async def plan(
     lanes: int | None = None,
     chunk_size: int | None = None,
     max_parallel: int | None = None,
+    workers: int | None = None,
 ) -> ReplayPlan:
     """What a replay would do, changing nothing: events to read below the current high-water mark, per lane and
-    in chunks, and a duration estimated from one timed sample chunk (read, fold and COPY into a table created in
-    a transaction that is rolled back)."""
+    in chunks, and its duration (see `estimate`; `workers`: the worker processes polling, when known), from the
+    latest build's rate or one timed sample chunk (read, fold and COPY into a table created in a transaction that
+    is rolled back)."""
     chunk_size = check_range("chunk_size", settings.chunk_size if chunk_size is None else chunk_size, 1)
     max_parallel = check_range(
         "max_parallel", settings.max_parallel if max_parallel is None else max_parallel, 1, MAX_PARALLEL
@@ -212,10 +266,10 @@ async def plan(
                 raise _Discard
         except _Discard:
             pass
+        measured = _measured(await Catalog(conn, settings.schema_name).generations(projection.name))
     total = sum(counts)
     rate = fetched / seconds if seconds > 0 and fetched else 0.0
-    parallel = min(lanes, max_parallel)
-    return ReplayPlan(
+    made = ReplayPlan(
         projection=projection.name,
         mark=mark,
         events=total,
@@ -225,5 +279,8 @@ async def plan(
         sample_events=fetched,
         sample_seconds=seconds,
         events_per_second=rate,
-        estimated_seconds=total / rate / parallel if rate else None,
+        estimated_seconds=None,
+        measured_events_per_second=measured[0] if measured else None,
+        measured_generation=measured[1] if measured else None,
     )
+    return estimate(made, workers)

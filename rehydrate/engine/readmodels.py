@@ -39,6 +39,9 @@ _TABLE_EXISTS = "SELECT to_regclass($1) IS NOT NULL"
 _CREATE_INDEX = "CREATE {unique}INDEX IF NOT EXISTS {name} ON {table} ({columns})"
 _ANALYZE = "ANALYZE {table}"
 _COUNT = "SELECT count(*) FROM {table}"
+_STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = '{milliseconds}ms'"
+# The planner's row estimate (-1 before the first ANALYZE or VACUUM).
+_ESTIMATE = "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)"
 _RELATION_KIND = """SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = $1 AND c.relname = $2"""
 # Readers queue behind the view's lock while a swap waits for it: the swap gives up quickly and retries.
@@ -144,6 +147,20 @@ class ReadModels:
 
     async def count_rows(self, physical: str) -> int:
         return int(await self.conn.fetchval(_COUNT.format(table=qualified(self.schema, physical))))
+
+    async def live_rows(self, physical: str, *, within_ms: int = 2_000) -> tuple[int | None, bool]:
+        """The table's rows now, and whether that is an exact count: counted when that takes under `within_ms`,
+        else the planner's estimate (as of the last ANALYZE); (None, False) when the table is gone."""
+        table = qualified(self.schema, physical)
+        try:
+            async with self.conn.transaction():
+                await self.conn.execute(_STATEMENT_TIMEOUT.format(milliseconds=int(within_ms)))
+                return int(await self.conn.fetchval(_COUNT.format(table=table))), True
+        except asyncpg.QueryCanceledError:
+            estimate = await self.conn.fetchval(_ESTIMATE, table)
+            return (int(estimate) if estimate is not None and estimate >= 0 else None), False
+        except asyncpg.UndefinedTableError:
+            return None, False
 
     async def table_exists(self, physical: str) -> bool:
         return bool(await self.conn.fetchval(_TABLE_EXISTS, qualified(self.schema, physical)))

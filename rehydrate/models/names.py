@@ -9,6 +9,10 @@ TAIL = "Tail"
 VERIFY = "Verify"
 SNAPSHOT_REBUILD = "SnapshotRebuild"
 
+# The error type of a task that reached a worker that must not run it (it lacks the projection, or has other code
+# for it than the run was planned with): workflows schedule such a task again instead of failing.
+WRONG_WORKER = "WrongWorker"
+
 # The value of the `rehydrate_replay_phase` gauge, in the order a replay goes through its phases.
 REPLAY_PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
 

@@ -29,6 +29,7 @@ class ReplayState:
     runs: int = 1
     search_attributes: bool = False
     paused: bool = False
+    paused_seconds: float = 0.0  # time spent paused, left out of the rate and the ETA
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ReplayInput:
     as_of: str | None = None  # sandbox only: events recorded at or before this ISO timestamp (naive: UTC)
     mark: int | None = None  # sandbox only: the target high-water mark (verify sets it); default: the current one
     allow_dead_letters: bool = False  # swap even though the projection parked events
+    # How long a step may wait for a worker that can run it (one that serves the projection with the code the
+    # generation is built with) before the replay fails, naming the workers it met.
+    wrong_worker_patience_seconds: float = 300.0
 
 
 @dataclass
@@ -141,8 +145,9 @@ class ReplayProgress:
     caught_up: int = 0
     lanes: list[LaneState] = field(default_factory=list)
     started_at: str | None = None
-    elapsed_seconds: float = 0.0
-    rate: float = 0.0
+    elapsed_seconds: float = 0.0  # since the start, pauses included
+    paused_seconds: float = 0.0
+    rate: float = 0.0  # events per second of running time (pauses left out)
     eta_seconds: float | None = None
     runs: int = 1
     paused: bool = False

@@ -22,6 +22,9 @@ class VerifyInput:
     chunk_size: int | None = None
     max_parallel: int | None = None
     skip_if_running: bool = False
+    # How long a step waits for a worker that serves the projection (with the live generation's code) before the
+    # verify fails, naming the last worker it met.
+    wrong_worker_patience_seconds: float = 300.0
 
 
 @dataclass

@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS {schema}.projections (
 -- Databases created before the tail existed.
 ALTER TABLE {schema}.projections ADD COLUMN IF NOT EXISTS tail_enabled boolean NOT NULL DEFAULT true;
 ALTER TABLE {schema}.projections ADD COLUMN IF NOT EXISTS tail_error text;
+-- The fingerprint of the code the tail applies new events with (it may differ from the active generation's: STALE).
+ALTER TABLE {schema}.projections ADD COLUMN IF NOT EXISTS tail_fingerprint text;
 
 -- One physical build of a projection's table.
 CREATE TABLE IF NOT EXISTS {schema}.generations (

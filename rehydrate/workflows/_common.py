@@ -4,14 +4,21 @@ running a set of chains (lanes, partitions) in parallel."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable
-from datetime import timedelta
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ChildWorkflowError, FailureError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, FailureError
 from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType, SelfType
+
+with workflow.unsafe.imports_passed_through():
+    from rehydrate.models.names import WRONG_WORKER
+
+T = TypeVar("T")
+NO_WORKER = "NoWorker"  # the error type of a run no worker could serve within its patience
+_AT_ONCE = 3  # refusals of one task rescheduled without waiting
 
 RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)
@@ -66,3 +73,41 @@ async def execute_chunk(
         cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         summary=summary,
     )
+
+
+async def served(
+    call: Callable[[], Awaitable[T]],
+    *,
+    patience: timedelta | None,
+    waiting: Callable[[str], None] | None = None,
+    longest_wait: float = 15.0,
+) -> T:
+    """`call` (an activity), scheduled again while it reaches workers that must not run it (WrongWorker: they lack
+    the projection, or have other code for it). The first few times at once (in a rolling deploy another worker
+    of the right code is usually polling too), then after 1 s, doubling to `longest_wait`, each time telling
+    `waiting` why. After `patience` of that (None: never), the run fails with error type NoWorker, naming the last
+    worker met and why."""
+    since: datetime | None = None
+    refused = 0
+    delay = 1.0
+    while True:
+        try:
+            return await call()
+        except ActivityError as error:
+            cause = error.cause
+            if not (isinstance(cause, ApplicationError) and cause.type == WRONG_WORKER):
+                raise
+            since = since or workflow.now()
+            if patience is not None and workflow.now() - since >= patience:
+                raise ApplicationError(
+                    f"no worker could run it for {patience.total_seconds():.0f} s; the last one: {cause.message}",
+                    type=NO_WORKER,
+                    non_retryable=True,
+                ) from None
+            if waiting is not None:
+                waiting(cause.message)
+            refused += 1
+            if refused <= _AT_ONCE:
+                continue
+            await workflow.sleep(timedelta(seconds=delay))
+            delay = min(delay * 2, longest_wait)

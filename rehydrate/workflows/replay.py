@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
@@ -27,18 +29,24 @@ with workflow.unsafe.imports_passed_through():
     from rehydrate.models.names import REPLAY, REPLAY_PHASES
     from rehydrate.models.replay import Plan
     from rehydrate.workflows._common import (
+        NO_WORKER,
         RETRY,
         execute_chunk,
         failure_message,
         raise_if_cancel_requested,
         run_all,
+        served,
     )
 
 # Replays started by an earlier version upserted their progress after every chunk; they still do when replayed.
 _PROGRESS_EVERY_SECOND = "progress-upserted-at-most-every-second"
 # They also ran ANALYZE before the catch-up and swap (finish_tables), and still do when replayed.
 _ANALYZE_BESIDE_SWAP = "analyze-beside-catch-up-and-swap"
+# Replays started before runs carried their projection in the memo (where `replay status|list` find them,
+# whatever their workflow id) do not write it when replayed.
+_MEMO = "memo-names-the-projection"
 _MAX_CATCH_UP_ROUNDS = 20
+T = TypeVar("T")
 
 
 @workflow.defn(name=REPLAY)
@@ -52,6 +60,7 @@ class ReplayWorkflow:
         self._caught_up = 0
         self._stop_for_continue = False
         self._paused = False
+        self._paused_since: datetime | None = None  # when the current pause began (workflow time)
         self._running = 0  # chunk activities started and not yet finished: at most state.max_parallel
         self._shown: tuple[str, int] | None = None  # the phase and percent last upserted as search attributes
         self._shown_at: datetime | None = None  # when (workflow time)
@@ -59,6 +68,7 @@ class ReplayWorkflow:
     @workflow.run
     async def run(self, input: ReplayInput) -> ReplayResult:
         self._input = input
+        self._name_in_memo(input)
         state = input.state
         if state is None:
             workflow.set_current_details(f"Planning a replay of **{input.projection}**")
@@ -70,6 +80,7 @@ class ReplayWorkflow:
             state.runs += 1
             self._paused = self._paused or state.paused
         self._state = state
+        self._paused_since = workflow.now() if self._paused else None  # the pause is counted from the state's start
         self._phase = state.phase
         self._mark()
         try:
@@ -77,6 +88,7 @@ class ReplayWorkflow:
                 self._show()
                 if not await self._build(input, state):
                     state.paused = self._paused
+                    state.paused_seconds = self._paused_for(state)
                     self._mark()  # the closing run keeps the progress it reached
                     workflow.continue_as_new(ReplayInput(**{**vars(input), "state": state}))
                 state.phase = "finishing"
@@ -88,7 +100,9 @@ class ReplayWorkflow:
                 self._mark()
                 await self._drop(state, "cancelled")
                 raise
-            if not isinstance(error, ActivityError):
+            if not isinstance(error, ActivityError) and not (
+                isinstance(error, ApplicationError) and error.type == NO_WORKER
+            ):
                 raise
             self._phase = "failed"
             self._mark()
@@ -96,27 +110,36 @@ class ReplayWorkflow:
             await self._drop(state, message)
             raise ApplicationError(message, type="ReplayFailed", non_retryable=True) from None
 
+    def _name_in_memo(self, input: ReplayInput) -> None:
+        """The projection (and sandbox) in the run's memo, so that the CLI finds this run in Temporal's list
+        whoever started it (the CLI, a schedule, the Web UI, a program) and under whatever workflow id."""
+        if "projection" in workflow.memo() or not workflow.patched(_MEMO):
+            return
+        workflow.upsert_memo({"projection": input.projection, "sandbox": input.sandbox})
+
     async def _plan(self, input: ReplayInput) -> Plan:
         info = workflow.info()
         try:
-            plan = await workflow.execute_activity_method(
-                ReplayActivities.plan_replay,
-                PlanInput(
-                    projection=input.projection,
-                    workflow_id=info.workflow_id,
-                    run_id=info.run_id,
-                    lanes=input.lanes,
-                    chunk_size=input.chunk_size,
-                    max_parallel=input.max_parallel,
-                    skip_if_running=input.skip_if_running,
-                    sandbox=input.sandbox,
-                    to_position=input.to_position,
-                    as_of=input.as_of,
-                    mark=input.mark,
-                ),
-                start_to_close_timeout=timedelta(minutes=30),
-                retry_policy=RETRY,
-                summary=f"plan {input.projection}",
+            plan = await self._served(
+                lambda: workflow.execute_activity_method(
+                    ReplayActivities.plan_replay,
+                    PlanInput(
+                        projection=input.projection,
+                        workflow_id=info.workflow_id,
+                        run_id=info.run_id,
+                        lanes=input.lanes,
+                        chunk_size=input.chunk_size,
+                        max_parallel=input.max_parallel,
+                        skip_if_running=input.skip_if_running,
+                        sandbox=input.sandbox,
+                        to_position=input.to_position,
+                        as_of=input.as_of,
+                        mark=input.mark,
+                    ),
+                    start_to_close_timeout=timedelta(minutes=30),
+                    retry_policy=RETRY,
+                    summary=f"plan {input.projection}",
+                )
             )
         except ActivityError as error:
             raise ApplicationError(failure_message(error), type="ReplayFailed", non_retryable=True) from None
@@ -169,19 +192,21 @@ class ReplayWorkflow:
                 raise_if_cancel_requested()
                 self._running += 1
                 try:
-                    result = await execute_chunk(
-                        ReplayActivities.apply_chunk,
-                        ChunkInput(
-                            projection=input.projection,
-                            generation=state.generation,
-                            lane=lane.lane,
-                            lanes=len(state.lanes),
-                            mark=state.mark,
-                            chunk_size=state.chunk_size,
-                        ),
-                        heartbeat=heartbeat,
-                        start_to_close=timedelta(hours=2),
-                        summary=f"lane {lane.lane} after position {lane.position}",
+                    result = await self._served(
+                        lambda: execute_chunk(
+                            ReplayActivities.apply_chunk,
+                            ChunkInput(
+                                projection=input.projection,
+                                generation=state.generation,
+                                lane=lane.lane,
+                                lanes=len(state.lanes),
+                                mark=state.mark,
+                                chunk_size=state.chunk_size,
+                            ),
+                            heartbeat=heartbeat,
+                            start_to_close=timedelta(hours=2),
+                            summary=f"lane {lane.lane} after position {lane.position}",
+                        )
                     )
                 finally:
                     self._running -= 1
@@ -208,12 +233,14 @@ class ReplayWorkflow:
         # Replays started before ANALYZE ran beside the catch-up and swap still run finish_tables (indexes and
         # ANALYZE), as sandbox builds do (they have no catch-up or swap to run it beside).
         beside = not input.sandbox and workflow.patched(_ANALYZE_BESIDE_SWAP)
-        built_rows = await workflow.execute_activity_method(
-            ReplayActivities.index_tables if beside else ReplayActivities.finish_tables,
-            ref,
-            start_to_close_timeout=timedelta(hours=2),
-            retry_policy=RETRY,
-            summary=f"indexes {'' if beside else 'and ANALYZE '}of {state.physical_table}",
+        built_rows = await self._served(
+            lambda: workflow.execute_activity_method(
+                ReplayActivities.index_tables if beside else ReplayActivities.finish_tables,
+                ref,
+                start_to_close_timeout=timedelta(hours=2),
+                retry_policy=RETRY,
+                summary=f"indexes {'' if beside else 'and ANALYZE '}of {state.physical_table}",
+            )
         )
         # ANALYZE blocks neither the catch-up's writes nor the swap (which locks the view, not the table): it
         # runs beside them, and the replay ends when both have.
@@ -240,6 +267,7 @@ class ReplayWorkflow:
         self._phase = "done"
         self._mark()
         seconds = self._elapsed(state)
+        running = seconds - self._paused_for(state)
         applied = sum(lane.applied for lane in state.lanes) + self._caught_up
         workflow.set_current_details(
             f"**{input.projection}**: generation {state.generation} active, {applied:,} events applied "
@@ -253,7 +281,7 @@ class ReplayWorkflow:
             caught_up=self._caught_up,
             rows=swapped.rows,
             seconds=seconds,
-            events_per_second=applied / seconds if seconds > 0 else 0.0,
+            events_per_second=applied / running if running > 0 else 0.0,
             swap_lock_ms=swapped.lock_ms,
             runs=state.runs,
         )
@@ -264,12 +292,14 @@ class ReplayWorkflow:
         for _ in range(_MAX_CATCH_UP_ROUNDS):
             raise_if_cancel_requested()
             self._show()
-            caught = await workflow.execute_activity_method(
-                ReplayActivities.catch_up,
-                CatchUpInput(input.projection, state.generation),
-                start_to_close_timeout=timedelta(hours=1),
-                retry_policy=RETRY,
-                summary="catch up with events appended since the target",
+            caught = await self._served(
+                lambda: workflow.execute_activity_method(
+                    ReplayActivities.catch_up,
+                    CatchUpInput(input.projection, state.generation),
+                    start_to_close_timeout=timedelta(hours=1),
+                    retry_policy=RETRY,
+                    summary="catch up with events appended since the target",
+                )
             )
             self._caught_up += caught.applied
             if caught.applied < input.catch_up_threshold:
@@ -277,29 +307,34 @@ class ReplayWorkflow:
         raise_if_cancel_requested()
         self._phase = "swapping"
         self._show()
-        return await workflow.execute_activity_method(
-            ReplayActivities.swap,
-            GenerationRef(input.projection, state.generation, allow_dead_letters=input.allow_dead_letters),
-            start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(seconds=max(input.heartbeat_timeout_seconds, 30)),
-            retry_policy=RETRY,
-            summary=f"swap {input.projection} to generation {state.generation}",
+        return await self._served(
+            lambda: workflow.execute_activity_method(
+                ReplayActivities.swap,
+                GenerationRef(input.projection, state.generation, allow_dead_letters=input.allow_dead_letters),
+                start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=timedelta(seconds=max(input.heartbeat_timeout_seconds, 30)),
+                retry_policy=RETRY,
+                summary=f"swap {input.projection} to generation {state.generation}",
+            )
         )
 
     async def _publish_sandbox(
         self, input: ReplayInput, state: ReplayState, ref: GenerationRef, rows: int
     ) -> ReplayResult:
         """A sandbox build ends here: no catch-up (it is the read model at its target), no swap of the live view."""
-        parked = await workflow.execute_activity_method(
-            ReplayActivities.publish_sandbox,
-            ref,
-            start_to_close_timeout=timedelta(minutes=10),
-            retry_policy=RETRY,
-            summary=f"publish sandbox {input.sandbox}",
+        parked = await self._served(
+            lambda: workflow.execute_activity_method(
+                ReplayActivities.publish_sandbox,
+                ref,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=RETRY,
+                summary=f"publish sandbox {input.sandbox}",
+            )
         )
         self._phase = "done"
         self._mark()
         seconds = self._elapsed(state)
+        running = seconds - self._paused_for(state)
         applied = sum(lane.applied for lane in state.lanes)
         workflow.set_current_details(
             f"**{input.projection}**: sandbox {input.sandbox} built (generation {state.generation}), "
@@ -313,12 +348,21 @@ class ReplayWorkflow:
             caught_up=0,
             rows=rows,
             seconds=seconds,
-            events_per_second=applied / seconds if seconds > 0 else 0.0,
+            events_per_second=applied / running if running > 0 else 0.0,
             swap_lock_ms=0.0,
             runs=state.runs,
             sandbox=input.sandbox,
             dead_letters=parked,
         )
+
+    async def _served(self, call: Callable[[], Awaitable[T]]) -> T:
+        """An activity call, scheduled again while it reaches workers that must not run it (see `served`)."""
+        patience = timedelta(seconds=self._input.wrong_worker_patience_seconds if self._input else 300.0)
+        return await served(call, patience=patience, waiting=self._waiting_for_a_worker)
+
+    def _waiting_for_a_worker(self, why: str) -> None:
+        projection = self._input.projection if self._input else ""
+        workflow.set_current_details(f"**{projection}**: waiting for a worker that can run the next step — {why}")
 
     async def _drop(self, state: ReplayState, reason: str) -> None:
         await workflow.execute_activity_method(
@@ -332,6 +376,11 @@ class ReplayWorkflow:
     def _elapsed(self, state: ReplayState) -> float:
         started = datetime.fromisoformat(state.started_at)
         return max((workflow.now() - started).total_seconds(), 0.0)
+
+    def _paused_for(self, state: ReplayState) -> float:
+        """Seconds spent paused so far, the pause going on included."""
+        ongoing = (workflow.now() - self._paused_since).total_seconds() if self._paused_since else 0.0
+        return state.paused_seconds + max(ongoing, 0.0)
 
     def _mark(self, throttle: bool = False) -> None:
         """Upsert phase and progress as search attributes (when registered) and set the phase gauge.
@@ -391,7 +440,9 @@ class ReplayWorkflow:
             return ReplayProgress(projection=projection, phase=self._phase)
         applied = sum(lane.applied for lane in state.lanes)
         elapsed = self._elapsed(state)
-        rate = applied / elapsed if elapsed > 0 else 0.0
+        paused = self._paused_for(state)
+        running = elapsed - paused
+        rate = applied / running if running > 0 else 0.0
         remaining = max(state.events_total - applied, 0)
         return ReplayProgress(
             projection=projection,
@@ -403,8 +454,9 @@ class ReplayWorkflow:
             lanes=state.lanes,
             started_at=state.started_at,
             elapsed_seconds=elapsed,
+            paused_seconds=paused,
             rate=rate,
-            eta_seconds=remaining / rate if rate > 0 else None,
+            eta_seconds=remaining / rate if rate > 0 and not self._paused else None,
             runs=state.runs,
             paused=self._paused,
             max_parallel=state.max_parallel,
@@ -413,14 +465,17 @@ class ReplayWorkflow:
     @workflow.signal(name="pause", description="Pause after the running chunks; `resume` goes on.")
     def pause(self) -> None:
         """Stop starting chunks (running ones finish); the generation and its checkpoints stay. Undo: `resume`."""
-        self._paused = True
+        if not self._paused:
+            self._paused, self._paused_since = True, workflow.now()
         if self._state is not None:
             self._show()
 
     @workflow.signal(name="resume", description="Resume a paused replay.")
     def resume(self) -> None:
         """Go on from where `pause` stopped."""
-        self._paused = False
+        if self._paused and self._state is not None and self._paused_since is not None:
+            self._state.paused_seconds += max((workflow.now() - self._paused_since).total_seconds(), 0.0)
+        self._paused, self._paused_since = False, None
         if self._state is not None:
             self._show()
 

@@ -11,9 +11,9 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 with workflow.unsafe.imports_passed_through():
     from rehydrate.activities.tail import TailActivities
-    from rehydrate.models import TailInput, TailStatus
+    from rehydrate.models import TailInput, TailRun, TailStatus
     from rehydrate.models.names import TAIL, tail_task_queue
-    from rehydrate.workflows._common import failure_message
+    from rehydrate.workflows._common import failure_message, served
 
 # A tail retries sooner than a replay's activities: its read model falls behind while it waits.
 _RETRY = RetryPolicy(
@@ -38,15 +38,9 @@ class TailWorkflow:
         while True:
             self._show()
             try:
-                run = await workflow.execute_activity_method(
-                    TailActivities.run_tail,
-                    input,
-                    task_queue=tail_task_queue(workflow.info().task_queue),
-                    start_to_close_timeout=timedelta(seconds=input.run_seconds + 120),
-                    heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
-                    retry_policy=_RETRY,
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                    summary=f"tail {input.projection} from checkpoint {self._checkpoint}",
+                # A worker that does not serve the projection hands the tail back; it waits for one that does.
+                run = await served(
+                    self._run_activity, patience=None, waiting=self._waiting_for_a_worker, longest_wait=60.0
                 )
             except ActivityError as error:
                 if is_cancelled_exception(error):
@@ -59,8 +53,33 @@ class TailWorkflow:
             self._input = input
             self._generation = run.generation if run.generation is not None else self._generation
             self._checkpoint = run.checkpoint if run.checkpoint is not None else self._checkpoint
+            if workflow.info().is_target_worker_deployment_version_changed():
+                # Worker Versioning: a new build is current. Between two runs of the activity is a clean boundary:
+                # the next run starts on the new build, and the projection shows STALE until a replay with its code.
+                workflow.continue_as_new(
+                    input, initial_versioning_behavior=workflow.ContinueAsNewVersioningBehavior.AUTO_UPGRADE
+                )
             if workflow.info().is_continue_as_new_suggested():
                 workflow.continue_as_new(input)
+
+    async def _run_activity(self) -> TailRun:
+        """One run of the tail's activity, on the tails' task queue."""
+        assert self._input is not None
+        input = self._input
+        return await workflow.execute_activity_method(
+            TailActivities.run_tail,
+            input,
+            task_queue=tail_task_queue(workflow.info().task_queue),
+            start_to_close_timeout=timedelta(seconds=input.run_seconds + 120),
+            heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
+            retry_policy=_RETRY,
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"tail {input.projection} from checkpoint {self._checkpoint}",
+        )
+
+    def _waiting_for_a_worker(self, why: str) -> None:
+        projection = self._input.projection if self._input else ""
+        workflow.set_current_details(f"Tail of **{projection}**: waiting for a worker that serves it — {why}")
 
     def _show(self) -> None:
         status = self.status()

@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
         VerifyStartInput,
     )
     from rehydrate.models.names import VERIFY, replay_workflow_id, verify_label
-    from rehydrate.workflows._common import RETRY, failure_message
+    from rehydrate.workflows._common import RETRY, failure_message, served
     from rehydrate.workflows.replay import ReplayWorkflow
 
 DRIFT = "Drift"  # the error type of a run that found drift
@@ -70,14 +70,17 @@ class VerifyWorkflow:
         label = verify_label(input.projection)
         workflow.set_current_details(f"Verifying **{input.projection}**: reading the live checkpoint")
         try:
-            start = await workflow.execute_activity_method(
-                VerifyActivities.verify_start,
-                VerifyStartInput(input.projection, skip_if_running=input.skip_if_running, show=input.show),
-                start_to_close_timeout=timedelta(minutes=5),
-                retry_policy=RETRY,
-                summary=f"live checkpoint of {input.projection}",
+            start = await served(
+                lambda: workflow.execute_activity_method(
+                    VerifyActivities.verify_start,
+                    VerifyStartInput(input.projection, skip_if_running=input.skip_if_running, show=input.show),
+                    start_to_close_timeout=timedelta(minutes=5),
+                    retry_policy=RETRY,
+                    summary=f"live checkpoint of {input.projection}",
+                ),
+                patience=timedelta(seconds=input.wrong_worker_patience_seconds),
             )
-        except ActivityError as error:
+        except (ActivityError, ApplicationError) as error:
             raise ApplicationError(failure_message(error), type="VerifyFailed", non_retryable=True) from None
         self._search_attributes = start.search_attributes
         if start.running_elsewhere is not None:
@@ -104,6 +107,7 @@ class VerifyWorkflow:
                     max_parallel=input.max_parallel,
                     sandbox=label,
                     mark=start.mark,
+                    wrong_worker_patience_seconds=input.wrong_worker_patience_seconds,
                 ),
                 id=rebuild_id,
                 # Terminated or timed out, this run still lets its rebuild drop its half-built generation.
@@ -123,12 +127,15 @@ class VerifyWorkflow:
                 f"**{input.projection}**: comparing generation {start.live_generation} with the rebuild "
                 f"(generation {built.generation}), under the tail lock",
             )
-            result = await workflow.execute_activity_method(
-                VerifyActivities.verify_compare,
-                VerifyCompareInput(input.projection, label, built.generation, input.show),
-                start_to_close_timeout=timedelta(hours=2),
-                retry_policy=RETRY,
-                summary=f"compare {input.projection} g{start.live_generation} with the rebuild g{built.generation}",
+            result = await served(
+                lambda: workflow.execute_activity_method(
+                    VerifyActivities.verify_compare,
+                    VerifyCompareInput(input.projection, label, built.generation, input.show),
+                    start_to_close_timeout=timedelta(hours=2),
+                    retry_policy=RETRY,
+                    summary=f"compare {input.projection} g{start.live_generation} with the rebuild g{built.generation}",
+                ),
+                patience=timedelta(seconds=input.wrong_worker_patience_seconds),
             )
         except BaseException as error:
             cancelled = is_cancelled_exception(error)

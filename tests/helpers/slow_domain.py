@@ -25,7 +25,7 @@ from tests.helpers import domain
 EVENT_COST_SECONDS = float(os.environ.get("REHYDRATE_TEST_EVENT_COST", "0.00025"))
 
 
-def _slow(handler: Handler) -> Handler:
+def slow(handler: Handler) -> Handler:
     @functools.wraps(handler)
     def handle(row: Row | None, event: Event) -> Row | None:
         time.sleep(EVENT_COST_SECONDS)
@@ -35,7 +35,7 @@ def _slow(handler: Handler) -> Handler:
 
 
 def _slowed(projection: Projection) -> Projection:
-    slow = Projection(
+    slowed = Projection(
         projection.name,
         version=projection.version,
         table=projection.model,
@@ -44,8 +44,8 @@ def _slowed(projection: Projection) -> Projection:
         ignore=projection.ignore,
     )
     for event_type, handler in projection.handlers.items():
-        slow.on(event_type)(_slow(handler))
-    return slow
+        slowed.on(event_type)(slow(handler))
+    return slowed
 
 
 accounts = _slowed(domain.accounts)

@@ -116,7 +116,11 @@ async def test_a_replay_started_from_the_temporal_ui_with_bad_input_fails_clearl
     await domain.append_all(store, domain.random_history(1, events=20))
     before = await domain.all_events(store)
     cases = [
-        ({"projection": "nope"}, ["unknown projection 'nope' (registered: ", "accounts", "REHYDRATE_PROJECTIONS"]),
+        # No worker serves it: each hands it back, and the run fails once its patience is spent.
+        (
+            {"projection": "nope", "wrong_worker_patience_seconds": 2},
+            ["no worker could run it for 2 s", "unknown projection 'nope' (registered: ", "REHYDRATE_PROJECTIONS"],
+        ),
         ({"projection": "accounts", "lanes": 0}, ["lanes=0 is out of range", "use 1..256"]),
         ({"projection": "accounts", "lanes": -1}, ["lanes=-1 is out of range"]),
         ({"projection": "accounts", "chunk_size": 0}, ["chunk_size=0 is out of range", "use at least 1"]),

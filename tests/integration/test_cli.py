@@ -5,7 +5,9 @@ and Temporal dev server."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -76,6 +78,40 @@ async def test_replay_start_with_an_unknown_name_or_out_of_range_tuning_exits_1_
     assert await pool.fetchval("SELECT count(*) FROM rehydrate.generations") == 0
 
 
+async def test_every_command_that_names_a_projection_refuses_an_unknown_one(
+    settings: Settings, tmp_path: Path, store: EventStore
+) -> None:
+    """A typo is an error listing the known names (registered or built before), never an empty answer."""
+    await store.pool.execute(
+        """INSERT INTO rehydrate.generations (projection, generation, state, version, fingerprint, physical_table,
+               target_xmin, checkpoint_xmin, lanes, chunk_size)
+           VALUES ('retired_one', 1, 'dropped', 1, 'x', 'retired_one__g1', '1', '1', 1, 1)"""
+    )
+    commands = [
+        ["replay", "status", "acounts"],
+        ["replay", "list", "acounts"],
+        ["replay", "cancel", "acounts"],
+        ["replay", "pause", "acounts"],
+        ["replay", "resume", "acounts"],
+        ["replay", "tune", "acounts", "--max-parallel", "2"],
+        ["replay", "plan", "acounts"],
+        ["generations", "acounts"],
+        ["rollback", "acounts"],
+        ["tail", "start", "acounts"],
+        ["tail", "stop", "acounts"],
+        ["dead-letters", "list", "acounts"],
+        ["dead-letters", "retry", "acounts"],
+        ["verify", "acounts"],
+    ]
+    runs = await asyncio.gather(*(rehydrate(settings, tmp_path, *command) for command in commands))
+    for run in runs:
+        line = assert_one_clear_error(run, "unknown projection 'acounts'")
+        assert "accounts" in line and "group_totals" in line, run
+    # A projection built before and no longer registered is still known to the commands that read the catalog.
+    listed = await rehydrate(settings, tmp_path, "generations", "retired_one")
+    assert listed.code == 0 and "g1" in listed.stdout, listed
+
+
 # -- 8, 9. unreachable database and Temporal -------------------------------------------------------------------------
 
 
@@ -97,6 +133,21 @@ async def test_an_unreachable_database_exits_1_in_one_line_without_the_password(
         assert "secret" not in run.stdout + run.stderr, run
         assert url.split("@")[1] in line, "names where it tried"
         assert "REHYDRATE_DATABASE_URL" in run.stderr
+
+
+async def test_a_database_that_refuses_the_login_or_lacks_the_database_is_not_told_to_start_postgres(
+    settings: Settings, tmp_path: Path
+) -> None:
+    parts = urlsplit(str(settings.database_url))
+    where = parts.netloc.rsplit("@", 1)[-1]  # host and port (empty for the embedded server's socket)
+    unknown_role = urlunsplit(parts._replace(netloc=f"nobody_{uuid.uuid4().hex[:6]}@{where}"))
+    unknown_database = urlunsplit(parts._replace(path="/no_such_database"))
+    login = await rehydrate(settings, tmp_path, "db", "init", REHYDRATE_DATABASE_URL=unknown_role)
+    assert_one_clear_error(login, "cannot connect to Postgres at")
+    assert "refused the login: check the user and password" in login.stderr, login
+    missing = await rehydrate(settings, tmp_path, "db", "init", REHYDRATE_DATABASE_URL=unknown_database)
+    assert_one_clear_error(missing, "cannot connect to Postgres at")
+    assert "has no such database: create it" in missing.stderr, missing
 
 
 async def test_an_unreachable_temporal_exits_1_in_one_line(settings: Settings, tmp_path: Path) -> None:
@@ -216,3 +267,4 @@ async def test_replay_plan_prints_each_lane_and_its_chunks(
     lanes = [line.strip() for line in run.stdout.splitlines() if line.strip().startswith("lane ")]
     assert len(lanes) == 2 and all(line.endswith("events, 1 chunk") for line in lanes), run
     assert sum(int(line.split(": ")[1].split(" events")[0].replace(",", "")) for line in lanes) == handled
+    assert f"workers: 0 polling {settings.temporal_task_queue}" in run.stdout, run  # none runs in this test

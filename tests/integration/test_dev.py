@@ -176,8 +176,11 @@ async def test_the_demo_stops_what_it_started_unless_kept(tmp_path: Path) -> Non
     assert "rehydrate db psql" in done.stdout and "rehydrate dev" in done.stdout, done
     assert "localhost" not in done.stdout.split("Next:")[0], "no link that is dead once the demo has stopped"
     assert embedded.running_url(data) is None and not (data / "temporal.pid").exists()
-    kept = await run(tmp_path, env, "demo", "--events", "2000", "--keep")
-    assert kept.returncode == 0 and "rehydrate dev --stop" in kept.stdout, kept
+    kept = await run(tmp_path, env, "demo", "--events", "2000", "--keep", "--json")
+    assert kept.returncode == 0 and "rehydrate dev --stop" in kept.stderr, kept
+    results = orjson.loads(kept.stdout)  # with --json, stdout is the replays' results and nothing else
+    assert sorted(r["projection"] for r in results) == ["customer_stats", "order_summary"], kept
+    assert all(r["generation"] == 2 and r["events_applied"] > 0 for r in results), kept
     pids = stack_pids(data)
     assert all(alive(pid) for pid in pids.values())
     queried = await run(tmp_path, env, "db", "psql", "-c", "SELECT count(*) FROM order_summary")

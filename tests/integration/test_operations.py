@@ -297,10 +297,29 @@ async def test_plan_counts_lanes_and_chunks_and_changes_nothing(settings: Settin
     assert p.events == sum(lane.events for lane in p.lanes) == handled
     assert [lane.chunks for lane in p.lanes] == [lane.events // 40 + 1 for lane in p.lanes]
     assert p.sample_events == 40 and p.estimated_seconds is not None and p.estimated_seconds > 0
+    assert (p.estimated_from, p.measured_events_per_second) == ("sample", None)  # never built: the sample decides
     assert (
         await store.pool.fetch("SELECT table_schema, table_name FROM information_schema.tables ORDER BY 1, 2") == before
     )
     assert await store.pool.fetchval("SELECT count(*) FROM rehydrate.generations") == 0
+    # Two worker processes polling: at most two chunks at once, so the sample's rate is doubled, not tripled.
+    two = await operations.plan(store.pool, settings, domain.accounts, lanes=3, chunk_size=40, workers=2)
+    assert two.workers == 2 and two.estimated_seconds == two.events / two.events_per_second / 2
+
+
+async def test_plan_estimates_from_the_latest_build_once_there_is_one(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await domain.append_all(store, domain.random_history(60, streams=20, events=300))
+    async with running_worker(settings, domain.registry(), client=client):
+        await replay(client, settings, ReplayInput("accounts"))
+    built = await store.pool.fetchrow(
+        "SELECT events_applied, extract(epoch FROM built_at - started_at)::float8 AS seconds FROM rehydrate.generations"
+    )
+    p = await operations.plan(store.pool, settings, domain.accounts, workers=1)
+    assert (p.estimated_from, p.measured_generation) == ("measured", 1)
+    assert p.measured_events_per_second == built["events_applied"] / built["seconds"]
+    assert p.estimated_seconds == p.events / p.measured_events_per_second
 
 
 async def test_lanes_left_unset_are_8_by_stream_range_and_4_by_hash(

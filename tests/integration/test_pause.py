@@ -41,7 +41,7 @@ async def test_paused_replay_runs_nothing_holds_no_transaction_and_resumes_to_th
         handle = await start_replay(client, settings, ReplayInput("accounts", lanes=3, chunk_size=5, max_parallel=3))
         while (await handle.query(ReplayWorkflow.progress)).events_applied < 30:
             await asyncio.sleep(0.02)
-        await signal_replay(client, "accounts", "pause")
+        await signal_replay(client, "accounts", "pause", task_queue=settings.temporal_task_queue)
         while True:  # the chunks that were running finish, and the workflow has taken their results
             paused = await handle.query(ReplayWorkflow.progress)
             stored = await store.pool.fetchval("SELECT sum(events_applied) FROM rehydrate.lane_checkpoints")
@@ -58,8 +58,8 @@ async def test_paused_replay_runs_nothing_holds_no_transaction_and_resumes_to_th
         assert await store.pool.fetch("SELECT * FROM rehydrate.lane_checkpoints ORDER BY generation, lane") == lanes
         assert (await handle.query(ReplayWorkflow.progress)).events_applied == paused.events_applied
 
-        assert await tune_replay(client, "accounts", 1) == 3
-        await signal_replay(client, "accounts", "resume")
+        assert await tune_replay(client, "accounts", 1, task_queue=settings.temporal_task_queue) == 3
+        await signal_replay(client, "accounts", "resume", task_queue=settings.temporal_task_queue)
         most = 0
         while (progress := await handle.query(ReplayWorkflow.progress)).phase == "building":
             most = max(most, await pending_activities(handle))

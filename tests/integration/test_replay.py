@@ -132,10 +132,10 @@ async def test_cancel_drops_the_half_built_generation_and_keeps_the_active_one(
         handle = await start_replay(client, settings, ReplayInput("accounts", lanes=1, chunk_size=1, max_parallel=1))
         while (await handle.query(ReplayWorkflow.progress)).events_applied < 5:
             await asyncio.sleep(0.05)
-        await cancel_replay(client, "accounts")
+        await cancel_replay(client, "accounts", task_queue=settings.temporal_task_queue)
         with pytest.raises(UserError):
             await wait_for_replay(handle)
-        status = await replay_status(client, "accounts")
+        status = await replay_status(client, "accounts", task_queue=settings.temporal_task_queue)
     assert status.status == WorkflowExecutionStatus.CANCELED.name
     assert await domain.read_model(store.pool, domain.accounts) == before
     rows = await store.pool.fetch("SELECT generation, state FROM rehydrate.generations ORDER BY generation")

@@ -14,11 +14,13 @@ from temporalio.client import Client
 from rehydrate import EventStore, NewEvent
 from rehydrate.core.errors import ConcurrencyError
 from rehydrate.core.settings import Settings
+from rehydrate.engine.operations import projection_statuses
+from rehydrate.engine.projections import Registry
 from rehydrate.models import ReplayInput
 from rehydrate.models.names import tail_workflow_id
 from rehydrate.starter import start_replay, start_tail, stop_tail, tail_state, wait_for_replay
 from rehydrate.worker import running_worker
-from tests.helpers import domain
+from tests.helpers import domain, release_b
 from tests.helpers.waiting import eventually, matches_oracle
 
 
@@ -369,3 +371,32 @@ async def test_a_running_tail_never_takes_a_replay_chunks_slot(
 
 async def _tail_running(client: Client) -> bool:
     return (await tail_state(client, "accounts"))[0] == "RUNNING"
+
+
+async def tail_code_is(store: EventStore, fingerprint: str) -> bool:
+    """Whether the accounts tail last started with the code of this fingerprint."""
+    found = await store.pool.fetchval("SELECT tail_fingerprint FROM rehydrate.projections WHERE name = 'accounts'")
+    return bool(found == fingerprint)
+
+
+async def test_a_tail_that_moves_to_other_code_marks_the_projection_stale(
+    client: Client, tail_settings: Settings, store: EventStore
+) -> None:
+    """Workers of a new release take the tail over: it applies new events with their code, and `projections` says the
+    read model is STALE (its generation was built with the old code) although the command's own code is the new."""
+    await domain.append_all(store, domain.random_history(47, events=300))
+    async with running_worker(tail_settings, domain.registry(), client=client):
+        await wait_for_replay(await start_replay(client, tail_settings, ReplayInput("accounts")))
+        await eventually(lambda: tail_code_is(store, domain.accounts.fingerprint))
+    release_b_registry = Registry([release_b.accounts, domain.group_totals])
+    async with running_worker(tail_settings, release_b_registry, client=client):
+        await eventually(lambda: tail_code_is(store, release_b.accounts.fingerprint), within=60)
+        await domain.append_all(store, domain.random_history(48, events=100))
+        async with store.pool.acquire() as conn:
+            # As a shell that still has the old release's code sees it.
+            statuses = {s.name: s for s in await projection_statuses(conn, store, domain.registry(), "public")}
+    accounts = statuses["accounts"]
+    assert accounts.stale and accounts.stale_reason is not None and "the tail applies" in accounts.stale_reason
+    assert not statuses["group_totals"].stale
+    # Rows are counted when asked, not taken from the build.
+    assert accounts.rows_exact and accounts.rows == len(await domain.read_model(store.pool, domain.accounts))

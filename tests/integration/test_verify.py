@@ -5,6 +5,7 @@ command on top of it."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from pathlib import Path
@@ -181,8 +182,20 @@ async def test_verify_bad_input_is_one_clear_error(client: Client, settings: Set
         # The worker checks too (the UI's input gets no client-side check); nothing is built.
         with pytest.raises(UserError, match="verify failed: projection 'accounts' has no active generation"):
             await verify(client, settings, "accounts")
-        with pytest.raises(UserError, match="verify failed: unknown projection 'nope'"):
-            await verify(client, settings, "nope")
+        # A worker without the projection hands the step back for another worker; with none, the run fails once
+        # its patience is spent, naming the worker it met and what that one serves.
+        with pytest.raises(WorkflowFailureError) as unknown:
+            await client.execute_workflow(
+                "Verify",
+                {"projection": "nope", "wrong_worker_patience_seconds": 2},
+                id=f"ui-{uuid.uuid4().hex[:8]}",
+                task_queue=settings.temporal_task_queue,
+            )
+        assert re.search(
+            r"^no worker could run it for 2 s; the last one: worker \d+@\S+: unknown projection 'nope' "
+            r"\(registered: accounts, group_totals\) — check the name, or add its module to REHYDRATE_PROJECTIONS",
+            getattr(unknown.value.cause, "message", ""),
+        ), unknown.value.cause
         with pytest.raises(WorkflowFailureError) as failed:
             await client.execute_workflow(
                 "Verify",
