@@ -25,6 +25,7 @@ from rehydrate.engine.aggregates import AggregateRegistry
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
 from rehydrate.models.names import tail_task_queue
+from rehydrate.sources.pools import Sources
 from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow, VerifyWorkflow
 
 log = logging.getLogger("rehydrate.worker")
@@ -82,6 +83,7 @@ async def running_worker(
     aggregates = aggregates if aggregates is not None else AggregateRegistry.from_settings(settings)
     url = database_url or resolve_url(settings, start=True)
     pool = await create_pool(url, max_size=settings.max_concurrent_activities + 4)
+    sources: Sources | None = None
     try:
         async with pool.acquire() as conn:
             await ensure_schema(conn, settings.schema_name)
@@ -91,6 +93,8 @@ async def running_worker(
         tails = TailActivities(pool, url, registry, settings)
         snapshots = SnapshotActivities(pool, aggregates, settings)
         verifies = VerifyActivities(pool, registry, settings)
+        sources = replays.sources  # one pool per source in another database, shared by every activity
+        tails.sources = snapshots.sources = verifies.sources = sources
         deployment = deployment_config(settings, registry, aggregates)
         worker = Worker(
             client,
@@ -127,6 +131,8 @@ async def running_worker(
                         await ensure_tail(client, name, queue)
             yield worker
     finally:
+        if sources is not None:
+            await sources.close()
         await pool.close()
 
 

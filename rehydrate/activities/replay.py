@@ -69,7 +69,7 @@ class ReplayActivities(Activities):
         """Take the high-water mark as the target, create the generation's table and its lane checkpoints."""
         projection = self.registry.get(input.projection)
         async with self.pool.acquire() as conn:
-            plan = await build.plan_generation(conn, self.store, self.settings, projection, input)
+            plan = await build.plan_generation(conn, self.sources, self.settings, projection, input)
         if plan.running_elsewhere is None:
             plan.search_attributes = await search_attributes_registered()
         return plan
@@ -97,7 +97,7 @@ class ReplayActivities(Activities):
             )
             async with self.pool.acquire() as conn:
                 result = await build.apply_chunk(
-                    conn, self.store, self.settings.read_model_schema, projection, input, progress
+                    conn, self.sources, self.settings.read_model_schema, projection, input, progress
                 )
             tracing.annotate(
                 from_position=progress.from_position,

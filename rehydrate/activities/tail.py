@@ -77,12 +77,19 @@ class TailActivities(Activities):
             # What `rehydrate projections` compares with the code its generation was built with (STALE).
             await Catalog(conn, self.settings.schema_name).set_tail_code(projection.name, projection.fingerprint)
         wake = asyncio.Event()
-        listener = await connect(self.database_url)
+        source = await self.sources.of(projection.event_source)
+        declared = projection.event_source
+        channel = source.mapping.notify_channel
+        # Writers that NOTIFY wake the tail at once; without a channel it polls every `poll_seconds`.
+        listener = None
+        if channel is not None:
+            url = self.database_url if declared is None or declared.database_url is None else declared.database_url
+            listener = await connect(url)
 
-        def on_notify(*_: Any) -> None:
-            wake.set()
+            def on_notify(*_: Any) -> None:
+                wake.set()
 
-        await listener.add_listener(self.store.channel, on_notify)
+            await listener.add_listener(channel, on_notify)
         deadline = time.monotonic() + input.run_seconds
         applied = batches = 0
         lag_due = 0.0
@@ -108,14 +115,15 @@ class TailActivities(Activities):
                     metrics.events_applied(projection.name, moved)
                     if time.monotonic() >= lag_due:
                         lag_due = time.monotonic() + _LAG_EVERY_SECONDS
-                        async with self.pool.acquire() as conn:
-                            lag = await self.store.lag(conn, checkpoint, projection.event_types)
+                        async with self.pool.acquire() as conn, source.reading(conn) as reading:
+                            lag = await source.lag(reading, checkpoint, projection.event_types)
                         metrics.tail_lag(projection.name, *lag)
                 activity.heartbeat(checkpoint)
                 if moved == 0:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(wake.wait(), input.poll_seconds)
         finally:
-            with contextlib.suppress(Exception):
-                await listener.close()
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.close()
         return TailRun(applied, batches, generation, checkpoint)

@@ -24,6 +24,7 @@ from rehydrate.cli import (
     sandbox,
     schedules,
     snapshots,
+    sources,
     tail,
     verify,
     worker,
@@ -69,6 +70,7 @@ for name, group in (
     ("dead-letters", dead_letters.app),
     ("schedule", schedules.app),
     ("snapshots", snapshots.app),
+    ("sources", sources.app),
 ):
     app.add_typer(group, name=name)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import subprocess
 from typing import Annotated
 
-import asyncpg
 import typer
 
 from rehydrate.cli import _common as c
+from rehydrate.cli import sources
 from rehydrate.core import embedded
-from rehydrate.core.database import connect, ensure_schema, grant, grants_sql, resolve_url
+from rehydrate.core.database import connect, ensure_schema, grant, grants_sql, ready_pool, resolve_url
 from rehydrate.core.identifiers import check_identifier
 from rehydrate.core.settings import redact_url
+from rehydrate.sources.inspection import grants_sql as source_grants_sql
 
 app = typer.Typer(help="The database: rehydrate's schema, its workers' grants, its URL and psql.", no_args_is_help=True)
 
@@ -41,31 +42,45 @@ def init(as_json: c.Json = False) -> None:
 @app.command("grants")
 def grants(
     role: Annotated[str, typer.Argument(help="The (existing) role the workers log in as.")],
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="The grants on that event source's database instead: SELECT on its table."),
+    ] = None,
     apply: Annotated[bool, typer.Option("--apply", help="Run the statements instead of printing them.")] = False,
     as_json: c.Json = False,
 ) -> None:
-    """The least privileges a worker's role needs: print them (or, with --apply, grant them as the owner)."""
+    """The least privileges a worker's role needs: print them (or, with --apply, grant them as the owner). On the
+    read models' database that includes reading the sources it holds; a source in another database: --source NAME."""
     settings = c.settings()
-    statements = grants_sql(settings.schema_name, settings.read_model_schema, check_identifier(role, "role"))
+    check_identifier(role, "role")
+    if source is not None:
+        found = sources.named(settings, source)
+        statements = source_grants_sql(found.table, role)
+    else:
+        statements = grants_sql(settings.schema_name, settings.read_model_schema, role)
+        for declared in sources.declared(settings).values():
+            if declared.database_url is None:
+                statements += source_grants_sql(declared.table, role)
     if not apply:
         if as_json:
             c.print_json({"role": role, "statements": statements, "applied": False})
         else:
             c.out.print(";\n".join(statements) + ";", soft_wrap=True)
         return
-    count = c.with_pool(
-        settings,
-        lambda pool: _grant(pool, settings.schema_name, settings.read_model_schema, role),
-    )
+
+    async def work() -> int:
+        if source is not None:
+            async with sources.connected(settings, found) as (pool, _), pool.acquire() as conn:
+                return await grant(conn, statements, role)
+        async with ready_pool(resolve_url(settings), settings.schema_name) as pool, pool.acquire() as conn:
+            return await grant(conn, statements, role)
+
+    count = c.run(work)
     if as_json:
         c.print_json({"role": role, "statements": statements, "applied": True})
     else:
-        c.out.print(f"granted role {role!r} what a rehydrate worker needs ({count} statements)")
-
-
-async def _grant(pool: asyncpg.Pool, schema: str, read_schema: str, role: str) -> int:
-    async with pool.acquire() as conn:
-        return await grant(conn, schema, read_schema, role)
+        where = f"on source {source}'s database" if source else ""
+        c.out.print(f"granted role {role!r} what a rehydrate worker needs {where}({count} statements)")
 
 
 @app.command("url")

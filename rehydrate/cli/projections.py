@@ -49,7 +49,9 @@ def projections(as_json: c.Json = False) -> None:
     for r in rows:
         last = r["last_replay"]
         table.add_row(
-            r["name"] + ("" if r["registered"] else " (not registered)"),
+            r["name"]
+            + ("" if r["registered"] else " (not registered)")
+            + ("" if r["source"] == "rehydrate" else f" (source {r['source']})"),
             str(r["version"] or "-"),
             (f"g{r['active_generation']}" if r["active_generation"] else "-")
             + (" [yellow]STALE[/]" if r["stale"] else ""),
@@ -79,6 +81,7 @@ def _row(status: ProjectionStatus, tail: tuple[str, str | None]) -> dict[str, An
         "registered": status.registered,
         "version": status.version,
         "active_generation": status.active_generation,
+        "source": status.source,
         "stale": status.stale,
         "stale_reason": status.stale_reason,
         "fingerprint": status.fingerprint,

@@ -198,7 +198,7 @@ def plan(
         return
     chunks = sum(lane.chunks for lane in p.lanes)
     c.out.print(
-        f"{name}: {p.events:,} events to read below high-water mark {p.mark}, {len(p.lanes)} lanes, "
+        f"{name}: {p.events:,} events to read from source {p.source} below mark {p.mark}, {len(p.lanes)} lanes, "
         f"{chunks:,} chunks of up to {p.chunk_size:,} events, at most {p.max_parallel} at once"
     )
     for lane in p.lanes:

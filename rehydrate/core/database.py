@@ -153,9 +153,8 @@ async def role_exists(conn: asyncpg.Connection, role: str) -> bool:
     return bool(await conn.fetchval(_ROLE_EXISTS, role))
 
 
-async def grant(conn: asyncpg.Connection, schema: str, read_schema: str, role: str) -> int:
-    """Grant `role` what `grants_sql` prints, in one transaction; returns how many statements ran."""
-    statements = grants_sql(schema, read_schema, role)
+async def grant(conn: asyncpg.Connection, statements: list[str], role: str) -> int:
+    """Run grant `statements` (`grants_sql`'s, a source's) for `role` in one transaction; returns how many ran."""
     if not await role_exists(conn, role):
         raise UserError(f"role {role!r} does not exist", fix=f"create it first: CREATE ROLE {role} LOGIN")
     async with conn.transaction():

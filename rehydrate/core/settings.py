@@ -8,7 +8,7 @@ import re
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -195,6 +195,12 @@ class Settings(BaseSettings):
         "Tails have slots of their own.",
     )
     tails: bool = Field(default=True, description="Workers start the tails of active projections by themselves")
+    sources: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Event sources projections may read besides rehydrate's own store, by name: for each, the "
+        "table and its columns (a [sources.NAME] table in rehydrate.toml; see the event sources guide). A source's "
+        "database URL may come from REHYDRATE_SOURCE_NAME_URL",
+    )
     worker_deployment: str = Field(
         default="",
         description="The Temporal worker deployment workers join (Worker Versioning): a worker's build id is derived "

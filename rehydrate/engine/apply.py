@@ -16,7 +16,7 @@ from rehydrate.core.errors import ProjectionError
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Projection, Row
 from rehydrate.engine.readmodels import GenerationTable
-from rehydrate.sources.events import Event
+from rehydrate.sources.events import Event, UndecodablePayload
 
 _MISSING = object()
 
@@ -68,7 +68,8 @@ def fold(
     applied = 0
     upcast = projection.upcaster()
     for event in events:
-        if upcast is not None:
+        undecodable = type(event.data) is UndecodablePayload
+        if upcast is not None and not undecodable:
             event = upcast(event)  # the handler sees the event at its type's current version
         handler = handlers.get(event.type)
         if handler is None:
@@ -96,6 +97,13 @@ def fold(
             continue
         previous = state.get(key)
         try:
+            if undecodable:
+                raise _fail(
+                    projection,
+                    event,
+                    event.data.problem,  # type: ignore[attr-defined]
+                    "fix the source's decoder (or the stored payload), then replay (or retry the dead letters)",
+                )
             try:
                 row = handler(previous, event)
             except Exception as error:

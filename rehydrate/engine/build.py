@@ -22,11 +22,17 @@ from rehydrate.engine.generations import Generations, other_code
 from rehydrate.engine.projections import Projection
 from rehydrate.models import ChunkInput, ChunkResult, LaneState, Plan, PlanInput
 from rehydrate.sources.events import Cutoff, Event, is_held
+from rehydrate.sources.pools import Sources
+from rehydrate.sources.reading import EventSource
 from rehydrate.sources.store import EventStore
 
 
 async def plan_generation(
-    conn: asyncpg.Connection, store: EventStore, settings: Settings, projection: Projection, input: PlanInput
+    conn: asyncpg.Connection,
+    store: EventStore | Sources,
+    settings: Settings,
+    projection: Projection,
+    input: PlanInput,
 ) -> Plan:
     """Take the high-water mark as the target, create the generation's table and its lane checkpoints, and estimate
     each lane's events. A plan run again (a retried activity, a replay after continue-as-new) finds the generation it
@@ -40,6 +46,7 @@ async def plan_generation(
     sandbox = input.sandbox or ""
     generations = Generations(conn, store, settings.read_model_schema)
     catalog = generations.catalog
+    source = await generations.sources.of(projection.event_source)
     building = await catalog.building_generation(projection.name, sandbox)
     if building is not None and building["workflow_id"] != input.workflow_id:
         if input.skip_if_running:
@@ -52,7 +59,23 @@ async def plan_generation(
     counts: list[int] | None = None  # each lane's events, estimated
     if building is None:
         cutoff = Cutoff.of(input.to_position, input.as_of)
-        mark = await store.high_water_mark(conn)
+        gaps: list[tuple[int, int]] = []
+        async with source.reading(conn) as reading:
+            mark = await source.high_water_mark(reading)
+            if source.audits_gaps and not sandbox:  # the gap audit runs in the catch-ups and the tail
+                gaps = await source.gaps(reading, 1, mark if input.mark is None else min(mark, input.mark))
+            split = await source.lane_split(reading, projection.key, settings.lane_split)
+            lanes = lanes_for(settings, split) if lanes is None else lanes
+            found: list[str] = []
+            estimated = 0
+            if split == "range":
+                found, estimated = await source.stream_boundaries(
+                    reading,
+                    mark=mark if input.mark is None else input.mark,
+                    types=projection.event_types,
+                    lanes=lanes,
+                    cutoff=cutoff,
+                )
         if input.mark is not None:
             if input.mark > mark:
                 raise UserError(
@@ -61,16 +84,10 @@ async def plan_generation(
                 )
             mark = input.mark
         boundaries = None
-        split = await store.lane_split(conn, projection.key, settings.lane_split)
-        lanes = lanes_for(settings, split) if lanes is None else lanes
-        if split == "range":
-            found, estimated = await store.stream_boundaries(
-                conn, mark=mark, types=projection.event_types, lanes=lanes, cutoff=cutoff
-            )
-            if len(found) == lanes - 1:  # else too few events to split
-                boundaries = found
-                # The boundaries cut the sample into equal parts: the lanes' sizes need no second look.
-                counts = [estimated // lanes + (lane < estimated % lanes) for lane in range(lanes)]
+        if split == "range" and len(found) == lanes - 1:  # else too few events to split
+            boundaries = found
+            # The boundaries cut the sample into equal parts: the lanes' sizes need no second look.
+            counts = [estimated // lanes + (lane < estimated % lanes) for lane in range(lanes)]
         building = await generations.create(
             projection,
             mark=mark,
@@ -81,12 +98,13 @@ async def plan_generation(
             boundaries=boundaries,
             sandbox=sandbox,
             cutoff=cutoff,
+            gaps=gaps,
         )
     generation = building["generation"]
     if counts is None:  # a resumed generation, or lanes by hash
-        counts = await _lane_sizes(
-            conn, store, projection, building, await catalog.lane_bounds(projection.name, generation)
-        )
+        ranges = await catalog.lane_bounds(projection.name, generation)
+        async with source.reading(conn) as reading:
+            counts = await _lane_sizes(reading, source, projection, building, ranges)
     total = sum(counts)
     await catalog.set_total(projection.name, generation, total)
     checkpoints = await catalog.lanes(projection.name, generation)
@@ -101,12 +119,13 @@ async def plan_generation(
         chunk_size=building["chunk_size"],
         max_parallel=max_parallel,
         events_total=total,
+        source=source.name,
     )
 
 
 async def _lane_sizes(
     conn: asyncpg.Connection,
-    store: EventStore,
+    store: EventSource,
     projection: Projection,
     building: asyncpg.Record,
     ranges: list[tuple[str | None, str | None]] | None,
@@ -144,7 +163,7 @@ class ChunkProgress:
 
 async def apply_chunk(
     conn: asyncpg.Connection,
-    store: EventStore,
+    store: EventStore | Sources,
     read_schema: str,
     projection: Projection,
     input: ChunkInput,
@@ -167,58 +186,62 @@ async def apply_chunk(
             # Workers of two releases on one task queue (a rolling deploy): this one has other code for the
             # projection than the generation was planned with. One generation is built by one code, never two.
             raise other_code(projection, input.generation, checkpoint["fingerprint"])
-        held = await store.held_back(conn, input.mark)
-        table = generations.read_models(checkpoint["sandbox"]).table(
-            projection.table, projection.table.physical_name(input.generation)
-        )
-        cutoff = Cutoff.of(checkpoint["to_position"], checkpoint["as_of"])
-        position = progress.from_position = checkpoint["position"]
-        after: tuple[str, int] | None = None
-        stored_keys: list[str] | None = None  # None: any key may have a row already
-        batches: AsyncIterator[list[Event]]
-        if checkpoint["by_stream"]:
-            if checkpoint["after_stream"] is not None:
-                after = (checkpoint["after_stream"], checkpoint["after_version"])
-            if projection.key.field is None:
-                # Whole streams in id order: of the streams this chunk reads, only the one the last chunk stopped in
-                # can have a row (or dead letters) already.
-                stored_keys = [] if after is None else [after[0]]
-            batches = store.read_streams(
-                conn,
-                low=checkpoint["low_stream"],
-                high=checkpoint["high_stream"],
-                after=after,
-                mark=input.mark,
-                types=projection.event_types,
-                limit=input.chunk_size,
-                cutoff=cutoff,
+        source = await generations.sources.of(projection.event_source)
+        # The events may be in another database: read there, in a transaction of its own, while this transaction
+        # writes the rows and the checkpoint (everything below the mark is final, so both see the same events).
+        async with source.reading(conn) as reading:
+            held = await source.held_back(reading, input.mark)
+            table = generations.read_models(checkpoint["sandbox"]).table(
+                projection.table, projection.table.physical_name(input.generation)
             )
-        else:
-            batches = store.read_lane(
-                conn,
-                after_position=position,
-                mark=input.mark,
-                types=projection.event_types,
-                key=projection.key,
-                lane=input.lane,
-                lanes=input.lanes,
-                limit=input.chunk_size,
-                cutoff=cutoff,
-            )
-        folding = Folding(projection, table, Parking(catalog, input.generation), stored_keys)
-        loop = asyncio.get_running_loop()
-        fetched = 0
-        async for batch in batches:
-            fetched += len(batch)
-            last = batch[-1]
-            position, after = last.global_position, (last.stream_id, last.stream_version)
-            if held:
-                batch = [e for e in batch if not is_held(held, e.stream_id, e.stream_version)]
-            await folding.add(batch)
-            await asyncio.sleep(0)  # the worker's workflow tasks and other chunks get a turn (see store.SLICE)
-            if loop.time() >= progress.quiet_until:
-                progress.heartbeat(position)
-        applied = await folding.write()
+            cutoff = Cutoff.of(checkpoint["to_position"], checkpoint["as_of"])
+            position = progress.from_position = checkpoint["position"]
+            after: tuple[str, int] | None = None
+            stored_keys: list[str] | None = None  # None: any key may have a row already
+            batches: AsyncIterator[list[Event]]
+            if checkpoint["by_stream"]:
+                if checkpoint["after_stream"] is not None:
+                    after = (checkpoint["after_stream"], checkpoint["after_version"])
+                if projection.key.field is None:
+                    # Whole streams in id order: of the streams this chunk reads, only the one the last chunk stopped in
+                    # can have a row (or dead letters) already.
+                    stored_keys = [] if after is None else [after[0]]
+                batches = source.read_streams(
+                    reading,
+                    low=checkpoint["low_stream"],
+                    high=checkpoint["high_stream"],
+                    after=after,
+                    mark=input.mark,
+                    types=projection.event_types,
+                    limit=input.chunk_size,
+                    cutoff=cutoff,
+                )
+            else:
+                batches = source.read_lane(
+                    reading,
+                    after_position=position,
+                    mark=input.mark,
+                    types=projection.event_types,
+                    key=projection.key,
+                    lane=input.lane,
+                    lanes=input.lanes,
+                    limit=input.chunk_size,
+                    cutoff=cutoff,
+                )
+            folding = Folding(projection, table, Parking(catalog, input.generation), stored_keys)
+            loop = asyncio.get_running_loop()
+            fetched = 0
+            async for batch in batches:
+                fetched += len(batch)
+                last = batch[-1]
+                position, after = last.global_position, (last.stream_id, last.stream_version)
+                if held:
+                    batch = [e for e in batch if not is_held(held, e.stream_id, e.stream_version)]
+                await folding.add(batch)
+                await asyncio.sleep(0)  # the worker's workflow tasks and other chunks get a turn (see reading.SLICE)
+                if loop.time() >= progress.quiet_until:
+                    progress.heartbeat(position)
+            applied = await folding.write()
         done = fetched < input.chunk_size
         total_applied = checkpoint["events_applied"] + applied.events
         await catalog.save_lane(

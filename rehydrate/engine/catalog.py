@@ -1,10 +1,11 @@
-"""rehydrate's control tables: projections, generations, lane checkpoints, dead letters and snapshot rebuilds.
+"""rehydrate's control tables: projections, generations, lane checkpoints, dead letters, the gaps of settle-window
+sources and snapshot rebuilds.
 
 Every statement on them is one of the constants below ({schema}: rehydrate's schema, quoted), run by `Catalog`,
 which holds a connection and the schema. A catalog does not begin transactions of its own: the caller's
 transaction decides what commits together (a lane's rows and its checkpoint, a swap's view and its generation rows).
 
-The module is long because it is the one owner of these five tables: a reader of their statements has them all here.
+The module is long because it is the one owner of these six tables: a reader of their statements has them all here.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ _RETAINED = """SELECT generation, physical_table, version, fingerprint FROM {sch
 _RETIRED_BEYOND = """SELECT generation, physical_table FROM {schema}.generations
     WHERE projection = $1 AND state = 'retired' ORDER BY generation DESC OFFSET $2"""
 _MARK_DROPPED = "UPDATE {schema}.generations SET state = 'dropped' WHERE projection = $1 AND generation = $2"
+_DROP_GAPS = "DELETE FROM {schema}.source_gaps WHERE projection = $1 AND generation = $2"
 # A building generation that failed or was cancelled keeps the events its lanes applied (shown by `generations`).
 _END_BUILDING = """UPDATE {schema}.generations SET state = $3, error = nullif($4, 'cancelled'), ended_at = now(),
         events_applied = (SELECT coalesce(sum(events_applied), 0) FROM {schema}.lane_checkpoints
@@ -143,6 +145,17 @@ _PARK = """INSERT INTO {schema}.dead_letters (projection, generation, global_pos
         event_type, key, error)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING"""
 _LATEST_WITH_DEAD_LETTERS = """SELECT max(generation) FROM {schema}.dead_letters WHERE projection = $1"""
+
+# -- gaps of settle-window sources: runs of empty positions below a checkpoint, where a late commit may still land
+
+_ADD_GAPS = """INSERT INTO {schema}.source_gaps (projection, generation, low, high, seen_at)
+    SELECT $1, $2, g.low, g.high, coalesce($5, now()) FROM unnest($3::bigint[], $4::bigint[]) AS g(low, high)
+    ON CONFLICT DO NOTHING"""
+_FORGET_GAPS = """DELETE FROM {schema}.source_gaps
+    WHERE projection = $1 AND generation = $2 AND seen_at < now() - make_interval(secs => $3)"""
+_GAPS = """SELECT low, high, seen_at FROM {schema}.source_gaps WHERE projection = $1 AND generation = $2
+    ORDER BY low"""
+_FILL_GAPS = "DELETE FROM {schema}.source_gaps WHERE projection = $1 AND generation = $2 AND low = ANY($3::bigint[])"
 
 # -- sandboxes ---------------------------------------------------------------------------------------------------
 
@@ -290,11 +303,13 @@ class Catalog:
 
     async def mark_dropped(self, projection: str, generation: int) -> None:
         await self.conn.execute(self._sql(_MARK_DROPPED), projection, generation)
+        await self.conn.execute(self._sql(_DROP_GAPS), projection, generation)
 
     async def end_building(self, projection: str, generation: int, reason: str) -> asyncpg.Record | None:
         """Mark a building generation cancelled (`reason` "cancelled") or failed (the error); its (physical_table,
         sandbox), or None when it was not building."""
         state = "cancelled" if reason == "cancelled" else "failed"
+        await self.conn.execute(self._sql(_DROP_GAPS), projection, generation)
         return await self.conn.fetchrow(self._sql(_END_BUILDING), projection, generation, state, reason)
 
     async def sandbox_of(self, projection: str, generation: int) -> str:
@@ -426,7 +441,24 @@ class Catalog:
         if dead_letters:
             await self.conn.executemany(self._sql(_PARK), [(projection, *letter) for letter in dead_letters])
 
-    # -- sandboxes -----------------------------------------------------------------------------------------
+    # -- gaps of settle-window sources ---------------------------------------------------------------------
+
+    async def add_gaps(
+        self, projection: str, generation: int, gaps: Sequence[tuple[int, int]], seen_at: datetime | None = None
+    ) -> None:
+        """Record runs (low, high) of empty positions the generation's checkpoint passed (seen now, or `seen_at`)."""
+        if gaps:
+            lows, highs = zip(*gaps, strict=True)
+            await self.conn.execute(self._sql(_ADD_GAPS), projection, generation, list(lows), list(highs), seen_at)
+
+    async def gaps(self, projection: str, generation: int, horizon_seconds: float) -> list[asyncpg.Record]:
+        """The generation's gaps younger than the horizon, (low, high, seen_at) in order; older ones are forgotten."""
+        await self.conn.execute(self._sql(_FORGET_GAPS), projection, generation, horizon_seconds)
+        return list(await self.conn.fetch(self._sql(_GAPS), projection, generation))
+
+    async def fill_gaps(self, projection: str, generation: int, lows: Sequence[int]) -> None:
+        """Forget the gaps starting at `lows` (the caller records what is still empty of them)."""
+        await self.conn.execute(self._sql(_FILL_GAPS), projection, generation, list(lows))
 
     async def drop_older_sandbox_builds(self, projection: str, sandbox: str, generation: int) -> list[str]:
         """Mark the label's other finished builds of the projection dropped; returns their tables."""

@@ -8,6 +8,7 @@ so the tail, a swap, a rollback and a verify's comparison never interleave.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -19,8 +20,12 @@ from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Projection
 from rehydrate.engine.readmodels import ReadModels, sandbox_schema, table_schema
 from rehydrate.models import SwapResult, VerifyResult
-from rehydrate.sources.events import Cutoff
+from rehydrate.sources.events import Cutoff, Event
+from rehydrate.sources.pools import Sources
+from rehydrate.sources.reading import EventSource
 from rehydrate.sources.store import EventStore
+
+log = logging.getLogger("rehydrate.generations")
 
 SWAP_LOCK_TIMEOUT_MS = 500  # a swap waiting for readers gives up this soon, and its activity tries again
 ROLLBACK_LOCK_TIMEOUT_MS = 5_000
@@ -37,11 +42,12 @@ def other_code(projection: Projection, generation: int, planned_with: str) -> Wr
 class Generations:
     """The generations of every projection, on one connection: the events in `store`, read models in `read_schema`."""
 
-    def __init__(self, conn: asyncpg.Connection, store: EventStore, read_schema: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, store: EventStore | Sources, read_schema: str) -> None:
         self.conn = conn
-        self.store = store
+        self.sources = store if isinstance(store, Sources) else Sources(store)
+        self.store = self.sources.own
         self.read_schema = read_schema
-        self.catalog = Catalog(conn, store.schema)
+        self.catalog = Catalog(conn, self.store.schema)
 
     def read_models(self, sandbox: str = "") -> ReadModels:
         """The read models of the live schema, or of a sandbox."""
@@ -61,9 +67,11 @@ class Generations:
         boundaries: Sequence[str] | None = None,
         sandbox: str = "",
         cutoff: Cutoff | None = None,
+        gaps: Sequence[tuple[int, int]] = (),
     ) -> asyncpg.Record:
-        """Register a new building generation, create its table (no secondary indexes) and its lane checkpoints;
-        returns its row as `Catalog.building_generation` reads it."""
+        """Register a new building generation, create its table (no secondary indexes) and its lane checkpoints, and
+        record the `gaps` below its mark (a settle-window source's); returns its row as
+        `Catalog.building_generation` reads it."""
         tables = self.read_models(sandbox)
         async with self.conn.transaction():
             await tables.ensure_schema()
@@ -83,6 +91,7 @@ class Generations:
             )
             await tables.create_table(projection.table, number)
             await self.catalog.insert_lanes(projection.name, number, lanes, boundaries)
+            await self.catalog.add_gaps(projection.name, number, gaps)
         row = await self.catalog.building_generation(projection.name, sandbox)
         assert row is not None
         return row
@@ -130,18 +139,101 @@ class Generations:
         if row["state"] == "building" and row["fingerprint"] != projection.fingerprint:
             raise other_code(projection, generation, row["fingerprint"])
         checkpoint = row["checkpoint"]
-        mark = await self.store.high_water_mark(self.conn) if to_mark is None else to_mark
-        if mark <= checkpoint:
-            return 0, checkpoint
-        if max_events is not None:
-            mark = await self.store.bounded_mark(self.conn, from_mark=checkpoint, to_mark=mark, max_events=max_events)
-        events = await self.store.read_delta(
-            self.conn, from_mark=checkpoint, to_mark=mark, types=projection.event_types
-        )
+        source = await self.sources.of(projection.event_source)
         table = self.read_models(row["sandbox"]).table(projection.table, row["physical_table"])
+        late: list[Event] = []
+        refold: list[str] = []
+        keys_events: list[Event] = []
+        async with source.reading(self.conn) as reading:
+            mark = await source.high_water_mark(reading) if to_mark is None else to_mark
+            if mark <= checkpoint and not source.audits_gaps:
+                return 0, checkpoint
+            events: list[Event] = []
+            if mark > checkpoint:
+                if max_events is not None:
+                    mark = await source.bounded_mark(reading, from_mark=checkpoint, to_mark=mark, max_events=max_events)
+                events = await source.read_delta(
+                    reading, from_mark=checkpoint, to_mark=mark, types=projection.event_types
+                )
+            if source.audits_gaps:
+                late = await self._audit_gaps(
+                    projection, generation, source, reading, checkpoint, max(mark, checkpoint)
+                )
+                refold = await self._keys_of(projection, generation, late)
+                keys_events = (
+                    await source.read_keys(
+                        reading,
+                        key=projection.key,
+                        keys=refold,
+                        mark=max(mark, checkpoint),
+                        types=projection.event_types,
+                    )
+                    if refold
+                    else []
+                )
         applied = await apply_events(projection, table, events, Parking(self.catalog, generation))
-        await self.catalog.move_checkpoint(projection.name, generation, mark, applied.events)
-        return applied.events, mark
+        if mark > checkpoint:
+            await self.catalog.move_checkpoint(projection.name, generation, mark, applied.events)
+        if late:
+            # After the delta: the keys' rows are rebuilt from every event below the new checkpoint, the late ones
+            # in their places among them.
+            if refold:
+                await table.delete_as_text(refold)
+                await apply_events(projection, table, keys_events, Parking(self.catalog, generation))
+            log.warning(
+                "projection %s, generation %s: %d event(s) of source %s committed after the settle window, below the "
+                "checkpoint (positions %s); found by the gap audit, their %d key(s) rebuilt",
+                projection.name,
+                generation,
+                len(late),
+                source.name,
+                ", ".join(str(e.global_position) for e in late[:20]),
+                len(refold),
+            )
+        return applied.events, max(mark, checkpoint)
+
+    async def _audit_gaps(
+        self,
+        projection: Projection,
+        generation: int,
+        source: EventSource,
+        reading: asyncpg.Connection,
+        checkpoint: int,
+        mark: int,
+    ) -> list[Event]:
+        """Record the empty positions the checkpoint passes from `checkpoint` to `mark`, and return the events that
+        committed since into the gaps recorded before (their gaps narrowed to what is still empty)."""
+        horizon = source.mapping.gap_horizon_seconds
+        recorded = await self.catalog.gaps(projection.name, generation, horizon)
+        if mark > checkpoint:
+            await self.catalog.add_gaps(projection.name, generation, await source.gaps(reading, checkpoint, mark))
+        if not recorded:
+            return []
+        late = await source.read_ranges(reading, [(gap["low"], gap["high"]) for gap in recorded])
+        if not late:
+            return []
+        filled = {event.global_position for event in late}
+        touched = [gap for gap in recorded if any(gap["low"] <= p <= gap["high"] for p in filled)]
+        await self.catalog.fill_gaps(projection.name, generation, [gap["low"] for gap in touched])
+        for gap in touched:
+            still = _unfilled(gap["low"], gap["high"], sorted(p for p in filled if gap["low"] <= p <= gap["high"]))
+            await self.catalog.add_gaps(projection.name, generation, still, gap["seen_at"])
+        return late
+
+    async def _keys_of(self, projection: Projection, generation: int, late: Sequence[Event]) -> list[str]:
+        """The keys (as text) of the late events the projection handles, but for keys parked already (their
+        retry rebuilds them from their whole history anyway)."""
+        keys: set[str] = set()
+        for event in late:
+            if event.type not in projection.handlers:
+                continue
+            key = event.stream_id if projection.key.field is None else event.data.get(projection.key.field)
+            if key is not None:
+                keys.add(str(key))
+        if not keys:
+            return []
+        parked = set(await self.catalog.parked_keys(projection.name, generation, sorted(keys)))
+        return sorted(keys - parked)
 
     async def swap(self, projection: Projection, generation: int, *, allow_dead_letters: bool = False) -> SwapResult:
         """Apply the last delta and make `generation` the active one, atomically. Idempotent on retry; gives up
@@ -265,9 +357,11 @@ class Generations:
                 return 0, 0
             table = self.read_models().table(projection.table, row["physical_table"])
             await table.delete_as_text(keys)
-            events = await self.store.read_keys(
-                self.conn, key=projection.key, keys=keys, mark=row["checkpoint"], types=projection.event_types
-            )
+            source = await self.sources.of(projection.event_source)
+            async with source.reading(self.conn) as reading:
+                events = await source.read_keys(
+                    reading, key=projection.key, keys=keys, mark=row["checkpoint"], types=projection.event_types
+                )
             await apply_events(projection, table, events, Parking(self.catalog, generation))
             still = await self.catalog.parked_key_count(projection.name, generation)
         return len(keys), still
@@ -349,3 +443,15 @@ class Generations:
                 raise UserError(f"there is no sandbox {label!r}", fix="see them with `rehydrate sandbox list`")
             await tables.drop_schema()
         return gone
+
+
+def _unfilled(low: int, high: int, filled: Sequence[int]) -> list[tuple[int, int]]:
+    """The runs of [low, high] left empty once the sorted positions `filled` hold events."""
+    runs: list[tuple[int, int]] = []
+    for position in filled:
+        if position > low:
+            runs.append((low, position - 1))
+        low = position + 1
+    if low <= high:
+        runs.append((low, high))
+    return runs

@@ -17,6 +17,9 @@ from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.generations import Generations
 from rehydrate.engine.projections import Projection, Registry
 from rehydrate.engine.readmodels import ReadModels
+from rehydrate.models.names import OWN_SOURCE
+from rehydrate.sources.pools import Sources
+from rehydrate.sources.reading import EventSource
 from rehydrate.sources.store import EventStore
 
 # -- status ---------------------------------------------------------------------------------------------------------
@@ -51,6 +54,7 @@ class ProjectionStatus:
     lag_seconds: float | None  # the age of the oldest of them
     last_replay: LastReplay | None = None
     rows_exact: bool = True
+    source: str = OWN_SOURCE  # the event source it reads (as this process has it)
     stale_reason: str | None = None  # why it is stale: built from other code, or the tail applies other code
 
 
@@ -67,10 +71,11 @@ def _stale_reason(projection: Projection | None, row: dict[str, Any]) -> str | N
 
 
 async def projection_statuses(
-    conn: asyncpg.Connection, store: EventStore, registry: Registry, read_model_schema: str
+    conn: asyncpg.Connection, store: EventStore | Sources, registry: Registry, read_model_schema: str
 ) -> list[ProjectionStatus]:
     """Every projection that is registered or was ever built, by name, with its lag when this process knows it."""
-    known = await Catalog(conn, store.schema).projections()
+    sources = store if isinstance(store, Sources) else Sources(store)
+    known = await Catalog(conn, sources.own.schema).projections()
     read_models = ReadModels(conn, read_model_schema)
     statuses = []
     for name in sorted(set(registry.names()) | set(known)):
@@ -78,7 +83,9 @@ async def projection_statuses(
         projection = registry.get(name) if name in registry.names() else None
         lag: tuple[int, float] | None = None
         if projection is not None and row.get("checkpoint") is not None:
-            lag = await store.lag(conn, row["checkpoint"], projection.event_types)
+            source = await sources.of(projection.event_source)
+            async with source.reading(conn) as reading:
+                lag = await source.lag(reading, row["checkpoint"], projection.event_types)
         rows, exact = (None, True)
         if row.get("physical_table") is not None:
             rows, exact = await read_models.live_rows(row["physical_table"])
@@ -100,6 +107,9 @@ async def projection_statuses(
                 version=projection.version if projection is not None else row.get("version"),
                 fingerprint=projection.fingerprint if projection is not None else None,
                 active_generation=row.get("active_generation"),
+                source=OWN_SOURCE
+                if projection is None or projection.event_source is None
+                else projection.event_source.name,
                 stale=_stale_reason(projection, row) is not None,
                 stale_reason=_stale_reason(projection, row),
                 rows=rows,
@@ -116,7 +126,7 @@ async def projection_statuses(
 
 
 async def stale_projections(
-    conn: asyncpg.Connection, store: EventStore, registry: Registry, read_model_schema: str
+    conn: asyncpg.Connection, store: EventStore | Sources, registry: Registry, read_model_schema: str
 ) -> list[str]:
     """Registered projections whose read model holds what other code made (see ProjectionStatus.stale_reason)."""
     statuses = await projection_statuses(conn, store, registry, read_model_schema)
@@ -142,17 +152,20 @@ async def rollback(
 
     The catch-up runs here in bounded batches, each under the projection's lock like a tail batch, so it is correct
     with or without a running tail (which would do the same from its next batch)."""
-    store = EventStore(pool, settings.schema_name)
-    async with pool.acquire() as conn:
-        generations = Generations(conn, store, settings.read_model_schema)
-        before, after = await generations.rollback(projection, to)
-        fingerprint = (await generations.catalog.generation(projection.name, after))["fingerprint"]
-        caught = 0
-        while True:
-            batch = await generations.tail_batch(projection, catch_up_batch)
-            if batch is None or batch[1] == 0:
-                break
-            caught += batch[1]
+    sources = Sources(EventStore(pool, settings.schema_name))
+    try:
+        async with pool.acquire() as conn:
+            generations = Generations(conn, sources, settings.read_model_schema)
+            before, after = await generations.rollback(projection, to)
+            fingerprint = (await generations.catalog.generation(projection.name, after))["fingerprint"]
+            caught = 0
+            while True:
+                batch = await generations.tail_batch(projection, catch_up_batch)
+                if batch is None or batch[1] == 0:
+                    break
+                caught += batch[1]
+    finally:
+        await sources.close()
     return Rollback(projection.name, before, after, caught, fingerprint != projection.fingerprint)
 
 
@@ -183,6 +196,7 @@ class ReplayPlan:
     measured_generation: int | None = None
     workers: int | None = None  # worker processes polling the task queue (None: not asked)
     estimated_from: str = "sample"  # "measured": the latest build's rate; "sample": the sample chunk's
+    source: str = OWN_SOURCE  # the event source read
 
 
 def _measured(generations: list[dict[str, Any]]) -> tuple[float, int] | None:
@@ -214,6 +228,51 @@ class _Discard(Exception):
     """Rolls the sample's transaction back."""
 
 
+async def _sample(
+    conn: asyncpg.Connection,
+    source: EventSource,
+    settings: Settings,
+    projection: Projection,
+    lanes: int | None,
+    chunk_size: int,
+) -> tuple[list[int], int, int, float]:
+    """The plan's look at the events: each lane's events below the high-water mark, and one sample chunk read, folded
+    and written in a transaction rolled back: (counts, mark, events sampled, seconds)."""
+    types = projection.event_types
+    async with source.reading(conn) as reading:
+        mark = await source.high_water_mark(reading)
+        boundaries: list[str] = []
+        split = await source.lane_split(reading, projection.key, settings.lane_split)  # as the replay's plan decides
+        lanes = lanes_for(settings, split) if lanes is None else lanes
+        if split == "range":
+            boundaries, _ = await source.stream_boundaries(reading, mark=mark, types=types, lanes=lanes)
+        if len(boundaries) == lanes - 1 and lanes > 1:
+            counts = await source.count_ranges(reading, mark=mark, types=types, boundaries=boundaries)
+        else:
+            counts = await source.count_lanes(reading, mark=mark, types=types, key=projection.key, lanes=lanes)
+    sample = min(chunk_size, 20_000)
+    fetched, seconds = 0, 0.0
+    tables = ReadModels(conn, settings.read_model_schema)
+    try:
+        async with conn.transaction():
+            await tables.ensure_schema()
+            await tables.create_table(projection.table, 0)
+            started = time.perf_counter()
+            folding = Folding(projection, tables.table(projection.table, projection.table.physical_name(0)))
+            async with source.reading(conn) as reading:
+                async for batch in source.read_lane(
+                    reading, after_position=0, mark=mark, types=types, key=projection.key, lane=0, lanes=1, limit=sample
+                ):
+                    fetched += len(batch)
+                    await folding.add(batch)
+            await folding.write()
+            seconds = time.perf_counter() - started
+            raise _Discard
+    except _Discard:
+        pass
+    return counts, mark, fetched, seconds
+
+
 async def plan(
     pool: asyncpg.Pool,
     settings: Settings,
@@ -234,39 +293,14 @@ async def plan(
     )
     if lanes is not None:
         check_range("lanes", lanes, 1, MAX_LANES)
-    store = EventStore(pool, settings.schema_name)
-    types = projection.event_types
-    async with pool.acquire() as conn:
-        mark = await store.high_water_mark(conn)
-        boundaries: list[str] = []
-        split = await store.lane_split(conn, projection.key, settings.lane_split)  # as the replay's plan decides
-        lanes = lanes_for(settings, split) if lanes is None else lanes
-        if split == "range":
-            boundaries, _ = await store.stream_boundaries(conn, mark=mark, types=types, lanes=lanes)
-        if len(boundaries) == lanes - 1 and lanes > 1:
-            counts = await store.count_ranges(conn, mark=mark, types=types, boundaries=boundaries)
-        else:
-            counts = await store.count_lanes(conn, mark=mark, types=types, key=projection.key, lanes=lanes)
-        sample = min(chunk_size, 20_000)
-        fetched, seconds = 0, 0.0
-        tables = ReadModels(conn, settings.read_model_schema)
-        try:
-            async with conn.transaction():
-                await tables.ensure_schema()
-                await tables.create_table(projection.table, 0)
-                started = time.perf_counter()
-                folding = Folding(projection, tables.table(projection.table, projection.table.physical_name(0)))
-                async for batch in store.read_lane(
-                    conn, after_position=0, mark=mark, types=types, key=projection.key, lane=0, lanes=1, limit=sample
-                ):
-                    fetched += len(batch)
-                    await folding.add(batch)
-                await folding.write()
-                seconds = time.perf_counter() - started
-                raise _Discard
-        except _Discard:
-            pass
-        measured = _measured(await Catalog(conn, settings.schema_name).generations(projection.name))
+    sources = Sources(EventStore(pool, settings.schema_name))
+    try:
+        source = await sources.of(projection.event_source)
+        async with pool.acquire() as conn:
+            counts, mark, fetched, seconds = await _sample(conn, source, settings, projection, lanes, chunk_size)
+            measured = _measured(await Catalog(conn, settings.schema_name).generations(projection.name))
+    finally:
+        await sources.close()
     total = sum(counts)
     rate = fetched / seconds if seconds > 0 and fetched else 0.0
     made = ReplayPlan(
@@ -282,5 +316,6 @@ async def plan(
         estimated_seconds=None,
         measured_events_per_second=measured[0] if measured else None,
         measured_generation=measured[1] if measured else None,
+        source=source.name,
     )
     return estimate(made, workers)

@@ -25,6 +25,7 @@ from rehydrate.core.identifiers import check_identifier, derived_name
 from rehydrate.core.settings import Settings, projections_origin
 from rehydrate.engine.upcasting import UpcastError, Upcasters
 from rehydrate.engine.user_modules import module_definitions, source_text
+from rehydrate.sources.declaration import Source, sources_from_settings
 from rehydrate.sources.events import Event, KeySpec
 
 Row = dict[str, Any]
@@ -158,8 +159,12 @@ class Projection:
         description: str = "",
         upcasters: Upcasters | None = None,
         on_error: str = "stop",
+        source: Source | str | None = None,
     ) -> None:
         self.name = check_identifier(name, "projection name")
+        # Where its events are: a Source, a source's name in settings (resolved by the registry), or None: rehydrate's
+        # own store.
+        self.source: Source | str | None = source
         if not isinstance(version, int) or version < 1:
             raise UserError(f"projection {name!r}: version {version!r} is not a positive integer", fix="use 1, 2, …")
         self.version = version
@@ -234,6 +239,16 @@ class Projection:
 
         return upcast
 
+    @property
+    def event_source(self) -> Source | None:
+        """The source it reads (None: rehydrate's own store)."""
+        if isinstance(self.source, str):
+            raise UserError(
+                f"projection {self.name!r} reads source {self.source!r}, which this process has not resolved",
+                fix=f"declare [sources.{self.source}] in rehydrate.toml (processes load it with the projections)",
+            )
+        return self.source
+
     def key_of(self, event: Event) -> Any:
         if self.key.field is None:
             return event.stream_id
@@ -251,6 +266,8 @@ class Projection:
             digest.update(f"{event_type}:{code_hash(self.handlers[event_type])}".encode())
         for part in self.upcaster_fingerprints():
             digest.update(part.encode())
+        if self.source is not None:  # (rehydrate's own store adds nothing: fingerprints made before sources stand)
+            digest.update(self.source.identity().encode() if isinstance(self.source, Source) else self.source.encode())
         return digest.hexdigest()[:16]
 
     def upcaster_fingerprints(self) -> list[str]:
@@ -309,9 +326,30 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
-        """The projections of this project: the same in every process (see Settings.projection_modules)."""
+        """The projections of this project: the same in every process (see Settings.projection_modules), their
+        sources named in settings resolved."""
         modules = settings.projection_modules
-        return cls.from_modules(modules, f"{', '.join(modules)}, named by {projections_origin(settings)}")
+        registry = cls.from_modules(modules, f"{', '.join(modules)}, named by {projections_origin(settings)}")
+        registry.resolve_sources(sources_from_settings(settings.sources))
+        return registry
+
+    def resolve_sources(self, declared: dict[str, Source]) -> None:
+        """Give each projection that names its source the Source of that name."""
+        for projection in self._by_name.values():
+            if isinstance(projection.source, str):
+                found = declared.get(projection.source)
+                if found is None:
+                    raise UserError(
+                        f"projection {projection.name!r} reads source {projection.source!r}, which is not declared "
+                        f"(declared: {', '.join(sorted(declared)) or 'none'})",
+                        fix=f"declare it as [sources.{projection.source}] in rehydrate.toml, or pass a Source",
+                    )
+                projection.source = found
+
+    def sources(self) -> list[Source]:
+        """The sources its projections read (rehydrate's own store left out)."""
+        found = {p.source.name: p.source for p in self._by_name.values() if isinstance(p.source, Source)}
+        return [found[name] for name in sorted(found)]
 
 
 def _is_projection(value: object) -> bool:

@@ -13,6 +13,9 @@ SNAPSHOT_REBUILD = "SnapshotRebuild"
 # for it than the run was planned with): workflows schedule such a task again instead of failing.
 WRONG_WORKER = "WrongWorker"
 
+# The name of rehydrate's own event store as a source (every other source is named by its declaration).
+OWN_SOURCE = "rehydrate"
+
 # The value of the `rehydrate_replay_phase` gauge, in the order a replay goes through its phases.
 REPLAY_PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
 

@@ -30,6 +30,7 @@ class ReplayState:
     search_attributes: bool = False
     paused: bool = False
     paused_seconds: float = 0.0  # time spent paused, left out of the rate and the ETA
+    source: str = "rehydrate"  # the event source read (its name)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Plan:
     max_parallel: int
     events_total: int
     search_attributes: bool = False  # RehydrateProjection & co. are registered: the workflow may upsert them
+    source: str = "rehydrate"  # the event source the generation is built from (its name)
     running_elsewhere: str | None = None  # with skip_if_running: the workflow id already building, nothing made
 
 

@@ -45,6 +45,15 @@ class Event:
     recorded_at: datetime
 
 
+class UndecodablePayload(dict[str, Any]):
+    """The data of an event whose payload the source's decoder could not read: empty, with the reason. The fold
+    treats it as the handler's failure (parked where the projection parks), never as a crash of the read."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__()
+        self.problem = problem
+
+
 @dataclass(frozen=True, slots=True)
 class KeySpec:
     """How a projection's key is read from an event: the stream id, or one field of the payload."""

@@ -155,3 +155,15 @@ CREATE TABLE IF NOT EXISTS {schema}.dead_letters (
     PRIMARY KEY (projection, generation, global_position)
 );
 CREATE INDEX IF NOT EXISTS dead_letters_key_idx ON {schema}.dead_letters (projection, generation, key);
+
+-- Runs of positions below a settle-window source's checkpoint that held no event when the checkpoint passed them (a
+-- sequence value rolled back, or an event whose transaction was still open after the window): the gap audit looks
+-- there for events that committed late until the source's gap horizon has passed (see sources/reading.py).
+CREATE TABLE IF NOT EXISTS {schema}.source_gaps (
+    projection text        NOT NULL,
+    generation integer     NOT NULL,
+    low        bigint      NOT NULL,
+    high       bigint      NOT NULL,
+    seen_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (projection, generation, low)
+);

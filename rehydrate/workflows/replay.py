@@ -26,7 +26,7 @@ with workflow.unsafe.imports_passed_through():
         ReplayState,
         SwapResult,
     )
-    from rehydrate.models.names import REPLAY, REPLAY_PHASES
+    from rehydrate.models.names import OWN_SOURCE, REPLAY, REPLAY_PHASES
     from rehydrate.models.replay import Plan
     from rehydrate.workflows._common import (
         NO_WORKER,
@@ -156,6 +156,7 @@ class ReplayWorkflow:
             events_total=plan.events_total,
             started_at=workflow.now().isoformat(),
             search_attributes=plan.search_attributes,
+            source=plan.source,
         )
 
     def _skip(self, input: ReplayInput, plan: Plan) -> ReplayResult:
@@ -426,8 +427,9 @@ class ReplayWorkflow:
         lanes = " · ".join(
             f"lane {lane.lane}: {lane.applied:,}/{lane.total:,}{' ✓' if lane.done else ''}" for lane in progress.lanes
         )
+        source = "" if self._state is None or self._state.source == OWN_SOURCE else f" from source {self._state.source}"
         workflow.set_current_details(
-            f"**{progress.projection}** → generation {progress.generation}, phase **{progress.phase}**"
+            f"**{progress.projection}**{source} → generation {progress.generation}, phase **{progress.phase}**"
             f"{' — **paused** (signal `resume` to go on)' if self._paused else ''}\n\n{progress.counts()}\n\n{lanes}"
         )
 

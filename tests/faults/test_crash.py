@@ -23,7 +23,13 @@ from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.workflows import ReplayWorkflow
 from tests.helpers import domain
-from tests.helpers.workers import chunk_transactions_open, log_tail, retries_after_heartbeat_timeout, start_worker
+from tests.helpers.workers import (
+    chunk_transactions_open,
+    kill_workers,
+    log_tail,
+    retries_after_heartbeat_timeout,
+    start_worker,
+)
 
 # Seconds for the whole scenario; it takes about 20 here, half of it waiting out the 10 s workflow task timeout
 # of the workflow task that A held when it died (Temporal then hands the workflow to B).
@@ -88,12 +94,7 @@ async def test_replay_survives_worker_kill_mid_chunk(
     try:
         results, at_kill, retries = await asyncio.wait_for(scenario(), TIME_LIMIT)
     finally:
-        for worker in workers.values():
-            if worker.poll() is None:
-                worker.kill()
-            await asyncio.to_thread(worker.wait)
-        for name, log in logs.items():
-            print(f"--- worker {name} ---\n{log_tail(log)}")  # shown by pytest when the test fails
+        await kill_workers(workers, logs)
 
     assert workers["A"].returncode == -signal.SIGKILL
     assert all(p.events_applied < p.events_total for p in at_kill)

@@ -21,7 +21,13 @@ from rehydrate.worker import running_worker
 from rehydrate.workflows import SnapshotRebuildWorkflow
 from tests.helpers import versioned as vs
 from tests.helpers.slow_aggregates import SlowAccount
-from tests.helpers.workers import chunk_transactions_open, log_tail, retries_after_heartbeat_timeout, start_worker
+from tests.helpers.workers import (
+    chunk_transactions_open,
+    kill_workers,
+    log_tail,
+    retries_after_heartbeat_timeout,
+    start_worker,
+)
 
 
 async def test_rebuild_survives_a_worker_kill_and_writes_the_same_snapshots_as_a_clean_run(
@@ -60,12 +66,7 @@ async def test_rebuild_survives_a_worker_kill_and_writes_the_same_snapshots_as_a
         result = await asyncio.wait_for(wait_for_snapshot_rebuild(handle), 120)
         retried = await retries_after_heartbeat_timeout(client, handle)
     finally:
-        for worker in workers.values():
-            if worker.poll() is None:
-                worker.kill()
-            await asyncio.to_thread(worker.wait)
-        for name, log in logs.items():
-            print(f"--- worker {name} ---\n{log_tail(log)}")
+        await kill_workers(workers, logs)
     assert workers["A"].returncode == -signal.SIGKILL
     assert retried >= 1, "a chunk attempt that was running on worker A was retried on worker B"
     assert result.streams == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -79,6 +80,16 @@ async def retries_after_heartbeat_timeout(
             elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW:
                 run_id = event.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
     return retried
+
+
+async def kill_workers(workers: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path]) -> None:
+    """Kill the workers still running, wait for every one, and print each log's tail (pytest shows it on failure)."""
+    for worker in workers.values():
+        if worker.poll() is None:
+            worker.kill()
+        await asyncio.to_thread(worker.wait)
+    for name, log in logs.items():
+        print(f"--- worker {name} ---\n{log_tail(log)}")
 
 
 def log_tail(log: Path, lines: int = 40) -> str:

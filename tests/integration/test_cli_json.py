@@ -4,7 +4,6 @@ parsed. A command added without --json, or without a run here, fails the walk.""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ from rehydrate.core.settings import Settings
 from rehydrate.engine.aggregates import AggregateRegistry
 from rehydrate.starter import snapshot_rebuild_status
 from rehydrate.worker import running_worker
-from tests.helpers import domain, versioned
+from tests.helpers import domain, legacy, versioned
 from tests.helpers.cli import rehydrate
 from tests.helpers.slow_aggregates import SlowAccount
+from tests.helpers.waiting import eventually
 
 # Commands with no --json, and why.
 NO_JSON = {
@@ -63,10 +63,15 @@ def test_every_command_has_json_or_a_reason() -> None:
 
 
 async def run_json(
-    settings: Settings, tmp_path: Path, ran: set[tuple[str, ...]], *args: str, exit_code: int = 0, **env: str
+    settings: Settings,
+    tmp_path: Path,
+    ran: set[tuple[str, ...]],
+    *args: str,
+    exit_code: int = 0,
+    env: dict[str, str] | None = None,
 ) -> Any:
     """Run `rehydrate ARGS --json`: it must exit with `exit_code` and print one JSON document, which is returned."""
-    done = await rehydrate(settings, tmp_path, *args, "--json", **env)
+    done = await rehydrate(settings, tmp_path, *args, "--json", **(env or {}))
     assert done.code == exit_code, done
     try:
         value = orjson.loads(done.stdout)
@@ -78,20 +83,13 @@ async def run_json(
     return value
 
 
-async def until(check: Any, seconds: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.1)
-
-
 async def test_every_command_prints_json_that_parses(
     settings: Settings, tmp_path: Path, store: EventStore, pool: asyncpg.Pool
 ) -> None:
     ran: set[tuple[str, ...]] = set()
 
-    async def j(*args: str, exit_code: int = 0) -> Any:
-        return await run_json(settings, tmp_path, ran, *args, exit_code=exit_code)
+    async def j(*args: str, exit_code: int = 0, env: dict[str, str] | None = None) -> Any:
+        return await run_json(settings, tmp_path, ran, *args, exit_code=exit_code, env=env)
 
     history = tmp_path / "history.jsonl"
     history.write_bytes(
@@ -111,6 +109,16 @@ async def test_every_command_prints_json_that_parses(
         checked = await j("events", "check", exit_code=1)
         assert [row["event_type"] for row in checked if not row["ok"]] == ["Audited"]
         assert (await j("replay", "plan", "accounts"))["events"] > 0
+
+        # A team's own table, declared as a source in settings: checked, prepared, checked again.
+        await pool.execute(legacy.CREATE)
+        await legacy.write(pool, domain.random_history(92, streams=5, events=40))
+        declared = {"REHYDRATE_SOURCES": orjson.dumps({"legacy": legacy.DECLARED}).decode()}
+        assert [s["name"] for s in await j("sources", "list", env=declared)] == ["rehydrate", "legacy"]
+        unprepared = await j("sources", "check", "legacy", exit_code=1, env=declared)
+        assert "has no column 'rehydrate_tx'" in unprepared["problems"][0], unprepared
+        assert (await j("sources", "prepare", "legacy", env=declared))["applied"] is True
+        assert (await j("sources", "check", "legacy", env=declared))["ok"] is True
 
         async with running_worker(settings, domain.registry()):
             assert (await j("replay", "start", "accounts", "--wait"))["generation"] == 1
@@ -167,13 +175,13 @@ async def test_snapshot_commands_print_json_that_parses(
     async with running_worker(settings, domain.registry(), aggregates=AggregateRegistry([SlowAccount])):
         # One stream per chunk, one partition: long enough to be asked about and cancelled.
         args = ("snapshots", "rebuild", "slow_account", "--partitions", "1", "--chunk-size", "1")
-        assert "workflow_id" in await run_json(settings, tmp_path, ran, *args, **env)
-        status = await run_json(settings, tmp_path, ran, "snapshots", "status", "slow_account", **env)
+        assert "workflow_id" in await run_json(settings, tmp_path, ran, *args, env=env)
+        status = await run_json(settings, tmp_path, ran, "snapshots", "status", "slow_account", env=env)
         assert status["status"] == "RUNNING", status
-        assert "workflow_id" in await run_json(settings, tmp_path, ran, "snapshots", "cancel", "slow_account", **env)
+        assert "workflow_id" in await run_json(settings, tmp_path, ran, "snapshots", "cancel", "slow_account", env=env)
 
         async def ended() -> bool:  # the worker acts on the cancel; the next test may rebuild this type again
             return (await snapshot_rebuild_status(client, "slow_account"))[0] != "RUNNING"
 
-        await until(ended)
+        await eventually(ended, within=30)
     assert ran == SNAPSHOT_COMMANDS

@@ -27,7 +27,7 @@ from rehydrate.engine.apply import Folding
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Projection, Registry, Row
 from rehydrate.models import ChunkInput, ChunkResult, Plan, PlanInput
-from rehydrate.sources import store as store_module
+from rehydrate.sources import reading as store_module
 from tests.helpers import domain
 
 LANES = 2

@@ -426,7 +426,7 @@ async def test_a_read_by_stream_range_streams_through_the_index_even_when_its_ra
         # The read's own prepared statement, planned again as its first executions are (with these values).
         name = await conn.fetchval(
             "SELECT name FROM pg_prepared_statements "
-            "WHERE statement LIKE 'SELECT global_position%stream_version LIMIT%'"
+            """WHERE statement LIKE 'SELECT "global_position"%ORDER BY "stream_id", "stream_version" LIMIT%'"""
         )
         explain = await conn.fetchval(
             "SELECT format('EXPLAIN EXECUTE %I(%L, NULL, %s, %L, %L)', "

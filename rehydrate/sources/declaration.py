@@ -1,0 +1,72 @@
+"""A named event source: an events table or view (see `mapping`) and the database that holds it.
+
+Declared in code, beside the projections that read it (`Projection(..., source=legacy)`), or in settings
+(`[sources.legacy]` in rehydrate.toml, referred to by name). Workflow inputs never carry a source, only the projection's
+name: every worker finds the source, and its connection, in its own code and settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from rehydrate.core.errors import UserError
+from rehydrate.core.identifiers import check_identifier
+from rehydrate.models.names import OWN_SOURCE
+from rehydrate.sources.mapping import EventTable
+
+
+@dataclass(frozen=True)
+class Source:
+    """An events table or view to read projections from. `url`: the database that holds it, when not the read
+    models' own; the variable REHYDRATE_SOURCE_<NAME>_URL overrides it (so a password need not be in code)."""
+
+    name: str
+    table: EventTable
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        check_identifier(self.name, "source name")
+        if self.name == OWN_SOURCE:
+            raise UserError(f"source name {OWN_SOURCE!r} is rehydrate's own store", fix="name the source otherwise")
+
+    @property
+    def database_url(self) -> str | None:
+        """Where the source's events are: REHYDRATE_SOURCE_<NAME>_URL, else `url` (None: the read models' database)."""
+        return os.environ.get(f"REHYDRATE_SOURCE_{self.name.upper()}_URL") or self.url
+
+    def identity(self) -> str:
+        """What of the source decides the rows a projection builds from it (for the projection's fingerprint): the
+        mapping, not where it is."""
+        table = self.table
+        return (
+            f"{self.name}:{table.table}:{table.position}:{table.stream_id}:{table.stream_version}:{table.event_type}:"
+            f"{table.schema_version}:{table.payload}:{table.payload_format}:{table.order}"
+        )
+
+
+_TABLE_FIELDS = {f.name for f in fields(EventTable)} - {"decode"}
+
+
+def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, Source]:
+    """The sources of `[sources.NAME]` tables in settings; a misspelt key is refused, naming it."""
+    found: dict[str, Source] = {}
+    for name, table in declared.items():
+        if not isinstance(table, dict):
+            raise UserError(f"source {name!r} in settings is not a table", fix=f"write it as [sources.{name}]")
+        values = dict(table)
+        url = values.pop("url", None)
+        unknown = sorted(set(values) - _TABLE_FIELDS)
+        if unknown:
+            raise UserError(
+                f"source {name!r} in settings has unknown key(s) {', '.join(unknown)}",
+                fix=f"use {', '.join(sorted(_TABLE_FIELDS | {'url'}))}",
+            )
+        if "table" not in values:
+            raise UserError(f"source {name!r} in settings names no table", fix='add table = "schema.table"')
+        try:
+            found[name] = Source(name, EventTable(**values), url)
+        except TypeError as error:
+            raise UserError(f"source {name!r} in settings is invalid: {error}", fix="check its keys") from None
+    return found

@@ -1,0 +1,206 @@
+"""`rehydrate sources check` and `prepare`: whether a mapping fits its live table, and the column and index that make
+a table transaction-ordered (as exact as rehydrate's own store). Every statement on a source's catalog entries and
+every DDL rehydrate may run on a source's table is here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from rehydrate.core.errors import UserError
+from rehydrate.core.identifiers import derived_name, quote
+from rehydrate.sources.events import UndecodablePayload
+from rehydrate.sources.mapping import EventTable, sql_of
+from rehydrate.sources.reading import EventSource
+
+_COLUMN_DEFAULT = """SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
+    JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = to_regclass($1) AND a.attname = $2"""
+# The tables whose column `$3` a view `$1.$2` reads (its transaction column's defaults live there).
+_VIEW_TABLES = """SELECT DISTINCT format('%I.%I', table_schema, table_name) FROM information_schema.view_column_usage
+    WHERE view_schema = $1 AND view_name = $2 AND column_name = $3 ORDER BY 1"""
+_RELKIND = "SELECT relkind FROM pg_class WHERE oid = to_regclass($1)"
+_FUNCTIONS = """SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = $1 AND p.proname LIKE $2"""
+_EXPLAIN = "EXPLAIN (FORMAT JSON) SELECT 1 FROM {events} WHERE {order} IS NOT NULL ORDER BY {order} LIMIT 1000"
+# With scans and sorts priced out, the plan uses an index whenever one can serve the order, however small the table.
+_PREFER_INDEXES = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off"
+_ADD_TRANSACTION = "ALTER TABLE {events} ADD COLUMN IF NOT EXISTS {column} xid8 NOT NULL DEFAULT pg_current_xact_id()"
+_INDEX_TRANSACTION = "CREATE INDEX IF NOT EXISTS {index} ON {events} ({column}, {pos})"
+_NOTIFY_FUNCTION = """CREATE OR REPLACE FUNCTION {schema}.{function}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END $$"""
+_NOTIFY_TRIGGER = """CREATE OR REPLACE TRIGGER {trigger} AFTER INSERT ON {events}
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{function}()"""
+
+_GRANT_SCHEMA = "GRANT USAGE ON SCHEMA {schema} TO {role}"
+_GRANT_SELECT = "GRANT SELECT ON {events} TO {role}"
+
+SAMPLE_ROWS = 200
+
+
+@dataclass
+class SourceCheck:
+    """What `sources check` found: problems (exit 1), warnings (worth a look), and what holds."""
+
+    source: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    holds: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def check_source(conn: asyncpg.Connection, source: EventSource) -> SourceCheck:
+    """Validate a mapping against the live table: columns, the read order's index, a decoded sample, stream
+    versions rising, and the gap strategy. `conn` connects to the source's database."""
+    found = SourceCheck(source.name)
+    mapping = source.mapping
+    try:
+        await source.inspect(conn)
+    except UserError as error:
+        found.problems.append(f"{error.message} — {error.fix}")
+        return found
+    found.holds.append(f"{mapping.table}: every mapped column exists")
+    await _check_order_index(conn, source, found)
+    await _check_sample(conn, source, found)
+    await _check_gaps(conn, source, found)
+    return found
+
+
+async def _check_order_index(conn: asyncpg.Connection, source: EventSource, found: SourceCheck) -> None:
+    mapping = source.mapping
+    position = sql_of(mapping.position)
+    order = position
+    if mapping.order == "transaction" and mapping.transaction is not None:
+        order = sql_of(mapping.transaction)
+    async with conn.transaction():
+        await conn.execute(_PREFER_INDEXES)
+        plan = await conn.fetchval(_EXPLAIN.format(events=source.table, order=order))
+    if "Index" in str(plan):
+        found.holds.append(f"an index serves the read order ({order})")
+        return
+    index = quote(derived_name(mapping.name, "_rehydrate_order_idx"))
+    columns = order if order == position else f"{order}, {position}"
+    found.warnings.append(
+        f"no index serves the read order ({order}): every chunk would scan the table; "
+        f"run CREATE INDEX {index} ON {source.table} ({columns})"
+    )
+
+
+async def _check_sample(conn: asyncpg.Connection, source: EventSource, found: SourceCheck) -> None:
+    events = await source.latest(conn, SAMPLE_ROWS)
+    undecodable = [e for e in events if type(e.data) is UndecodablePayload]
+    if undecodable:
+        first = undecodable[0]
+        found.problems.append(
+            f"{len(undecodable)} of the latest {len(events)} payloads do not decode, e.g. event "
+            f"{first.global_position}: {first.data.problem}"  # type: ignore[attr-defined]
+        )
+    elif events:
+        found.holds.append(f"the latest {len(events)} payloads decode")
+    last: dict[str, int] = {}
+    for event in events:
+        before = last.get(event.stream_id)
+        if before is not None and event.stream_version <= before:
+            found.problems.append(
+                f"stream {event.stream_id!r}: version {event.stream_version} comes after version {before} in position "
+                "order: the stream_version column does not rise with the position"
+            )
+            break
+        last[event.stream_id] = event.stream_version
+    else:
+        if events:
+            found.holds.append("stream versions rise with the position in the sample")
+
+
+async def _check_gaps(conn: asyncpg.Connection, source: EventSource, found: SourceCheck) -> None:
+    mapping = source.mapping
+    if mapping.order == "transaction":
+        assert mapping.transaction is not None
+        column = mapping.transaction if isinstance(mapping.transaction, str) else None
+        tables = [source.table]
+        if column is not None and not source.is_table:
+            tables = [row[0] for row in await conn.fetch(_VIEW_TABLES, mapping.schema, mapping.name, column)]
+            if not tables:
+                found.warnings.append(
+                    f"view {mapping.table!r}: its column {column!r} could not be traced to its tables; each must fill "
+                    "it with DEFAULT pg_current_xact_id()"
+                )
+                return
+        for table in tables:
+            default = None if column is None else await conn.fetchval(_COLUMN_DEFAULT, table, column)
+            if default is None or "pg_current_xact_id" not in str(default):
+                found.problems.append(
+                    f"transaction column {column!r} of {table} has no DEFAULT pg_current_xact_id(): rows may carry "
+                    f"no transaction id; run `rehydrate sources prepare {source.name}`"
+                )
+                return
+        found.holds.append("gap-safe: each row carries its transaction id (as exact as rehydrate's own store)")
+    elif mapping.order == "gap_free":
+        functions = await conn.fetch(_FUNCTIONS, mapping.schema, "es_insert_events_%")
+        if functions:
+            found.warnings.append(
+                f"py-eventsourcing's insert function {functions[0][0]!r} exists: an application that inserts through "
+                "it (POSTGRES_ENABLE_DB_FUNCTIONS) does not lock the table, and positions may then commit out of "
+                f"order; run `rehydrate sources prepare {source.name}` and map order='transaction'"
+            )
+        found.holds.append(
+            "declared gap-free: positions are given in commit order by the writers (not something a check can prove)"
+        )
+    else:
+        found.warnings.append(
+            f"settle window of {mapping.settle_seconds:g} s: an event that commits later than that lands below a "
+            f"checkpoint and is applied late, by the gap audit (for {mapping.gap_horizon_seconds:g} s); run "
+            f"`rehydrate sources prepare {source.name}` for an exact order"
+        )
+
+
+def prepare_sql(mapping: EventTable, *, column: str = "rehydrate_tx", notify: bool = False) -> list[str]:
+    """The statements that make `mapping`'s table transaction-ordered: a column filled with each row's transaction id
+    (existing rows get the ALTER's own, which commits before any later write) and its index; with `notify`, a trigger
+    that wakes tails at each insert."""
+    events, pos = mapping.relation, sql_of(mapping.position)
+    statements = [
+        _ADD_TRANSACTION.format(events=events, column=quote(column)),
+        _INDEX_TRANSACTION.format(
+            index=quote(derived_name(mapping.name, f"_{column}_idx")), events=events, column=quote(column), pos=pos
+        ),
+    ]
+    if notify:
+        channel = mapping.notify_channel or f"{mapping.schema}_{mapping.name}"
+        function = quote(derived_name(mapping.name, "_rehydrate_notify"))
+        statements += [
+            _NOTIFY_FUNCTION.format(schema=quote(mapping.schema), function=function, channel=channel),
+            _NOTIFY_TRIGGER.format(
+                trigger=quote(derived_name(mapping.name, "_rehydrate_notify")),
+                events=events,
+                schema=quote(mapping.schema),
+                function=function,
+            ),
+        ]
+    return statements
+
+
+def grants_sql(mapping: EventTable, role: str) -> list[str]:
+    """What a worker's role needs on a source's database: to read its table, nothing more."""
+    who = quote(role)
+    return [
+        _GRANT_SCHEMA.format(schema=quote(mapping.schema), role=who),
+        _GRANT_SELECT.format(events=mapping.relation, role=who),
+    ]
+
+
+async def prepare(conn: asyncpg.Connection, statements: list[str], mapping: EventTable | None = None) -> None:
+    """Run `prepare_sql`'s statements in one transaction (refused on a view: its tables are what to prepare)."""
+    if mapping is not None and await conn.fetchval(_RELKIND, mapping.relation) in (b"v", "v"):
+        raise UserError(
+            f"{mapping.table!r} is a view: a column cannot be added to it",
+            fix="prepare each table under it (print the statements with --print-sql and name the tables), then "
+            "map the view's transaction column",
+        )
+    async with conn.transaction():
+        for statement in statements:
+            await conn.execute(statement)

@@ -1,0 +1,145 @@
+"""How an events table or view maps onto rehydrate's event: which column is the position, the stream, the version,
+the type, the payload; and how the table is *gap-safe*, that is how a reader knows that no event below a mark can
+still commit.
+
+Three ways, from strongest to weakest:
+
+- `order="transaction"`: a column holds each row's transaction id (`xid8`, or a `bigint` as Sequent writes it, both
+  `DEFAULT pg_current_xact_id()`); a mark is the oldest transaction still running, and every event below it is final.
+  rehydrate's own store works so; `rehydrate sources prepare` adds such a column to a table that lacks one.
+- `order="gap_free"`: positions are given in commit order by construction (writers serialize, as py-eventsourcing's
+  recorder does by locking the table): every position up to the highest one visible is final.
+- `order="settle"`: a position is taken as final once it is `settle_seconds` old (by its recorded-at column).
+  Weaker: an event that commits later than that below a checkpoint would be missed; the gap audit finds it.
+
+A mapping is declared in code (beside the projections) or in settings; its names are checked as identifiers, and
+only a preset written in code may give an SQL expression instead of a column (`Expression`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rehydrate.core.errors import UserError
+from rehydrate.core.identifiers import check_identifier, quote
+
+Order = Literal["transaction", "gap_free", "settle"]
+PayloadFormat = Literal["jsonb", "json", "text", "bytea"]
+
+# A payload decoder: the raw payload (bytes for bytea, str otherwise) and the event's raw type → the JSON object
+# handlers see. Raising marks the event undecodable (parked as a dead letter where the projection parks).
+Decoder = Callable[[Any, str], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Expression:
+    """SQL in place of a column, for presets written in code (never from settings): e.g. the class name in a
+    py-eventsourcing topic, `split_part(topic, ':', 2)`."""
+
+    sql: str
+
+
+Column = str | Expression
+
+
+@dataclass(frozen=True)
+class EventTable:
+    """An events table or view, and how rehydrate reads it. Only `table` and `position` are required when the other
+    columns have rehydrate's names.
+
+    `stream_version` may be None (an outbox): the position then orders a stream. `schema_version` None: every
+    event is version 1 (for upcasters). `recorded_at` None: no `--as-of` builds and no settle window.
+    """
+
+    table: str  # "schema.table" or "table" (schema public)
+    position: Column = "global_position"
+    stream_id: Column = "stream_id"
+    stream_version: Column | None = "stream_version"
+    event_type: Column = "event_type"
+    schema_version: Column | None = None
+    payload: Column = "payload"
+    payload_format: PayloadFormat = "jsonb"
+    metadata: Column | None = None
+    metadata_format: PayloadFormat = "jsonb"
+    recorded_at: Column | None = None
+    order: Order = "transaction"
+    transaction: Column | None = "tx_id"  # with order="transaction": an xid8 or bigint transaction-id column
+    settle_seconds: float = 5.0
+    gap_horizon_seconds: float = 3600.0  # with order="settle": how long the gap audit looks for late commits
+    decode: Decoder | None = field(default=None, compare=False)  # the payload's decoder (default: JSON)
+    notify_channel: str | None = None  # a LISTEN channel its writers notify (None: tails poll)
+
+    def __post_init__(self) -> None:
+        schema, _, name = self.table.rpartition(".")
+        check_identifier(name, "events table")
+        if schema:
+            check_identifier(schema, "events table's schema")
+        for label, column in self.roles().items():
+            if isinstance(column, str):
+                check_identifier(column, f"column {label}")
+        if self.order not in ("transaction", "gap_free", "settle"):
+            raise UserError(f"order {self.order!r} is not one of transaction, gap_free, settle", fix="use one of them")
+        if self.order == "transaction" and self.transaction is None:
+            raise UserError(
+                f"events table {self.table!r}: order='transaction' needs a transaction column",
+                fix="name it (transaction=...), add one with `rehydrate sources prepare`, or use gap_free or settle",
+            )
+        if self.order == "settle" and self.recorded_at is None:
+            raise UserError(f"events table {self.table!r}: order='settle' needs a recorded_at column", fix="name it")
+        if not self.settle_seconds > 0:
+            raise UserError(f"settle_seconds={self.settle_seconds!r} is not positive", fix="use e.g. 5")
+        if not self.gap_horizon_seconds >= self.settle_seconds:
+            raise UserError(
+                f"gap_horizon_seconds={self.gap_horizon_seconds!r} is shorter than the settle window",
+                fix="use e.g. 3600",
+            )
+
+    def roles(self) -> dict[str, Column | None]:
+        """Each role (position, stream_id, …) and the column or expression that plays it."""
+        return {
+            "position": self.position,
+            "stream_id": self.stream_id,
+            "stream_version": self.stream_version,
+            "event_type": self.event_type,
+            "schema_version": self.schema_version,
+            "payload": self.payload,
+            "metadata": self.metadata,
+            "recorded_at": self.recorded_at,
+            "transaction": self.transaction,
+        }
+
+    @property
+    def schema(self) -> str:
+        schema, _, _ = self.table.rpartition(".")
+        return schema or "public"
+
+    @property
+    def name(self) -> str:
+        return self.table.rpartition(".")[2]
+
+    @property
+    def relation(self) -> str:
+        """The table, quoted and schema-qualified."""
+        return f"{quote(self.schema)}.{quote(self.name)}"
+
+    def columns(self) -> list[str]:
+        """The plain columns it names (expressions left out)."""
+        return [c for c in self.roles().values() if isinstance(c, str)]
+
+
+def sql_of(column: Column) -> str:
+    """A column, quoted, or an expression as written."""
+    return column.sql if isinstance(column, Expression) else quote(column)
+
+
+def own_table(schema: str) -> EventTable:
+    """rehydrate's own events table: transaction-ordered by its `tx_id` column."""
+    return EventTable(
+        table=f"{schema}.events",
+        schema_version="schema_version",
+        metadata="metadata",
+        recorded_at="recorded_at",
+        notify_channel=f"{schema}_events",
+    )

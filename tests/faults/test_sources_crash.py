@@ -1,0 +1,163 @@
+"""A replay from events rehydrate did not write survives its worker being SIGKILLed in the middle of a chunk while
+the team's application goes on writing, through the build and the swap: a mapped table (transaction-ordered by the
+column `rehydrate sources prepare` adds) and py-eventsourcing's table (written by the real library, compressed),
+both in another database than the read models. A tail batch afterwards brings the read model to the plain fold of
+every event, each applied once (the balances are sums: an event applied twice or skipped shows)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from temporalio.client import Client
+
+from rehydrate import EventStore
+from rehydrate.core.settings import Settings
+from rehydrate.engine.generations import Generations
+from rehydrate.engine.projections import Projection
+from rehydrate.models import ReplayInput
+from rehydrate.sources.inspection import prepare, prepare_sql
+from rehydrate.sources.pools import Sources
+from rehydrate.starter import start_replay, wait_for_replay
+from rehydrate.workflows import ReplayWorkflow
+from tests.helpers import domain, es_bank, legacy
+from tests.helpers.workers import (
+    chunk_transactions_open,
+    kill_workers,
+    log_tail,
+    retries_after_heartbeat_timeout,
+    start_worker,
+)
+
+TIME_LIMIT = 150.0
+
+
+class TeamTable:
+    """The team's own table in `url`, written as its application writes it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.projection = legacy.accounts("transaction", url=url)
+        self.worker_env = {"REHYDRATE_SOURCE_LEGACY_URL": url}
+        self.seed = 200
+
+    async def setup(self) -> None:
+        self.conn = await asyncpg.connect(self.url)
+        await self.conn.execute(legacy.CREATE)
+        await prepare(self.conn, prepare_sql(legacy.table()))
+        await legacy.write(self.conn, domain.random_history(81, streams=60, events=5000))
+
+    async def write_more(self) -> None:
+        self.seed += 1
+        await legacy.write(self.conn, domain.random_history(self.seed, streams=70, events=15))
+
+    async def want(self) -> dict[Any, dict[str, Any]]:
+        return domain.oracle(domain.accounts, await legacy.events(self.conn))
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class EventsourcingApp:
+    """py-eventsourcing's application on `url`, its stored events compressed."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.worker_env = {"REHYDRATE_TEST_BANK_URL": url, "REHYDRATE_SOURCE_BANK_URL": url}
+        self.seed = 200
+
+    async def setup(self) -> None:
+        self.app = await asyncio.to_thread(es_bank.bank, self.url, compress=True)
+        self.projection = es_bank.projection(self.app, self.url)
+        self.ids = await asyncio.to_thread(es_bank.write_history, self.app, 5, 60, 2500)
+
+    async def write_more(self) -> None:
+        self.seed += 1
+        self.ids += await asyncio.to_thread(es_bank.write_history, self.app, self.seed, 2, 15)
+
+    async def want(self) -> dict[Any, dict[str, Any]]:
+        return await asyncio.to_thread(es_bank.expected, self.app, self.ids)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.app.close)
+
+
+@pytest.mark.parametrize("kind", [TeamTable, EventsourcingApp], ids=["mapped-table", "py-eventsourcing"])
+async def test_a_replay_from_a_team_source_survives_a_worker_kill_while_the_team_writes(
+    client: Client,
+    settings: Settings,
+    store: EventStore,
+    other_database: str,
+    tmp_path: Path,
+    kind: Callable[[str], TeamTable | EventsourcingApp],
+) -> None:
+    team = kind(other_database)
+    await team.setup()
+    projection: Projection = team.projection
+    env = {"REHYDRATE_PROJECTIONS": "tests.helpers.slow_sources", **team.worker_env}
+    logs = {"A": tmp_path / "worker-a.log", "B": tmp_path / "worker-b.log"}
+    workers: dict[str, subprocess.Popen[bytes]] = {}
+    writing = True
+
+    async def writer() -> int:
+        batches = 0
+        while writing:
+            await team.write_more()
+            batches += 1
+            await asyncio.sleep(0.05)
+        return batches
+
+    async def scenario() -> int:
+        workers["A"] = start_worker(settings, logs["A"], env)
+        handle = await start_replay(
+            client,
+            settings,
+            ReplayInput(projection.name, lanes=3, chunk_size=100, max_parallel=3, heartbeat_timeout_seconds=2),
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            assert workers["A"].poll() is None, f"worker A exited early:\n{log_tail(logs['A'])}"
+            assert time.monotonic() < deadline, "the replay never reached the middle of its build"
+            progress = await handle.query(ReplayWorkflow.progress)
+            assert progress.phase in ("planning", "building"), f"the replay finished early: {progress}"
+            partial = progress.phase == "building" and 0 < progress.events_applied < progress.events_total
+            if partial and await chunk_transactions_open(store.pool):
+                workers["A"].send_signal(signal.SIGKILL)
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(workers["A"].wait)
+        workers["B"] = start_worker(settings, logs["B"], env)
+        await wait_for_replay(handle)
+        return await retries_after_heartbeat_timeout(client, handle, "rehydrate.apply_chunk")
+
+    writes = asyncio.create_task(writer())
+    try:
+        retries = await asyncio.wait_for(scenario(), TIME_LIMIT)
+        writing = False
+        batches = await writes
+        sources = Sources(store)
+        try:
+            async with store.pool.acquire() as conn:
+                while await Generations(conn, sources, settings.read_model_schema).tail_batch(projection, 100_000):
+                    if await domain.read_model(store.pool, projection) == await team.want():
+                        break
+        finally:
+            await sources.close()
+        assert await domain.read_model(store.pool, projection) == await team.want()
+    finally:
+        writing = False
+        with contextlib.suppress(BaseException):
+            await writes
+        await kill_workers(workers, logs)
+        await team.close()
+    assert workers["A"].returncode == -signal.SIGKILL
+    assert retries >= 1, "a chunk attempt that was running on worker A was retried on worker B"
+    assert batches >= 5, "the team's application wrote during the build and the swap"

@@ -1,0 +1,17 @@
+"""Projections over sources rehydrate did not write, slowed as `slow_domain`'s, for the worker processes of the
+fault tests: `legacy.accounts` (the team's table, in the database REHYDRATE_SOURCE_LEGACY_URL names) and, when
+REHYDRATE_TEST_BANK_URL names the database of the py-eventsourcing application, `es_bank`'s projection (the
+application, and so its mapper, made as the library's users make it)."""
+
+from __future__ import annotations
+
+import os
+
+from tests.helpers import es_bank, legacy
+from tests.helpers.slow_domain import slowed
+
+accounts = slowed(legacy.accounts("transaction"))
+
+if "REHYDRATE_TEST_BANK_URL" in os.environ:
+    bank = es_bank.bank(os.environ["REHYDRATE_TEST_BANK_URL"], compress=True)
+    bank_accounts = slowed(es_bank.projection(bank))

@@ -1,0 +1,331 @@
+"""Projections that read events rehydrate did not write: py-eventsourcing's table (written by the real library),
+with the oracle being the library's own fold of each aggregate."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from dataclasses import replace
+
+import asyncpg
+import orjson
+import pytest
+from temporalio.client import Client
+
+from rehydrate import EventStore
+from rehydrate.core.errors import UserError
+from rehydrate.core.settings import Settings
+from rehydrate.engine import operations
+from rehydrate.engine.catalog import Catalog
+from rehydrate.engine.generations import Generations
+from rehydrate.engine.projections import Registry
+from rehydrate.models import ReplayInput
+from rehydrate.sources.declaration import Source
+from rehydrate.sources.inspection import SourceCheck, check_source, prepare, prepare_sql
+from rehydrate.sources.mapping import EventTable
+from rehydrate.sources.pools import Sources
+from rehydrate.sources.reading import EventSource
+from rehydrate.starter import start_replay, wait_for_replay
+from rehydrate.worker import running_worker
+from tests.helpers import domain, es_bank, legacy
+from tests.helpers.roles import as_role
+from tests.helpers.waiting import eventually
+
+
+@pytest.mark.parametrize(("compress", "lanes"), [(False, 1), (True, 4)], ids=["plain-1-lane", "zlib-4-lanes"])
+async def test_a_projection_rebuilds_from_py_eventsourcing_and_its_tail_follows_new_events(
+    client: Client, tail_settings: Settings, store: EventStore, compress: bool, lanes: int
+) -> None:
+    app = await asyncio.to_thread(es_bank.bank, str(tail_settings.database_url), compress=compress)
+    ids = await asyncio.to_thread(es_bank.write_history, app, 3, 30, 400)
+    projection = es_bank.projection(app)
+    async with running_worker(tail_settings, Registry([projection]), client=client):
+        result = await wait_for_replay(
+            await start_replay(client, tail_settings, ReplayInput(projection.name, lanes=lanes, chunk_size=50))
+        )
+        assert result.events_applied == 400
+        rows = await domain.read_model(store.pool, projection)
+        assert rows == await asyncio.to_thread(es_bank.expected, app, ids)
+        # New commands, saved by the library while the tail runs: they reach the read model.
+        more = await asyncio.to_thread(es_bank.write_history, app, 4, 35, 150)
+
+        async def caught_up() -> bool:
+            want = await asyncio.to_thread(es_bank.expected, app, ids + more)
+            return await domain.read_model(store.pool, projection) == want
+
+        await eventually(caught_up, within=30)
+
+
+async def test_a_source_whose_table_is_missing_is_one_clear_error(settings: Settings, store: EventStore) -> None:
+    app = await asyncio.to_thread(es_bank.bank, str(settings.database_url))
+    await store.pool.execute("DROP TABLE bank_events")
+    projection = es_bank.projection(app)
+    with pytest.raises(UserError, match=r"source .bank.: table or view .public\.bank_events. does not exist"):
+        await operations.plan(store.pool, settings, projection)
+
+
+async def test_a_mapping_that_does_not_fit_its_table_is_one_line_naming_the_fix(store: EventStore) -> None:
+    """`sources check` on a missing column, a wrong type, an unindexed read order, an undecodable payload; an
+    unreachable events database. Nothing is written to the team's table."""
+    await store.pool.execute(legacy.CREATE)
+    await legacy.write(store.pool, domain.random_history(93, streams=5, events=40))
+    gap_free = legacy.table("gap_free")
+
+    async def check(table: EventTable) -> SourceCheck:
+        async with store.pool.acquire() as conn:
+            return await check_source(conn, EventSource(store.pool, table, "legacy"))
+
+    missing = await check(replace(gap_free, payload="data"))
+    assert len(missing.problems) == 1
+    assert "source 'legacy': 'public.legacy_events' has no column 'data'" in missing.problems[0]
+    wrong = await check(replace(gap_free, payload_format="jsonb"))
+    assert wrong.problems == [
+        "source 'legacy': column 'body' (payload) of 'public.legacy_events' is text, not jsonb — set payload_format "
+        "to the column's type (jsonb, json, text or bytea with a decoder)"
+    ]
+    await store.pool.execute(
+        "ALTER TABLE legacy_events ADD COLUMN rehydrate_tx xid8 NOT NULL DEFAULT pg_current_xact_id()"
+    )
+    unindexed = await check(legacy.table("transaction"))
+    assert unindexed.ok
+    assert [w for w in unindexed.warnings if "CREATE INDEX" in w and '("rehydrate_tx", "id")' in w]
+    assert (await check(gap_free)).ok
+    before = await store.pool.fetch("SELECT * FROM legacy_events ORDER BY id")
+    await store.pool.execute("UPDATE legacy_events SET body = '{broken' WHERE id = 38")
+    undecodable = await check(gap_free)
+    assert (
+        len(undecodable.problems) == 1
+        and "1 of the latest 40 payloads do not decode, e.g. event 38" in (undecodable.problems[0])
+    )
+    await store.pool.execute("UPDATE legacy_events SET body = $1 WHERE id = 38", before[37]["body"])
+    assert await store.pool.fetch("SELECT * FROM legacy_events ORDER BY id") == before
+
+    sources = Sources(store)
+    nowhere = Source("legacy", gap_free, "postgresql://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(UserError, match=r"source 'legacy': .* — check REHYDRATE_SOURCE_LEGACY_URL"):
+        await sources.of(nowhere)
+    await sources.close()
+
+
+async def test_an_undecodable_payload_is_a_dead_letter_not_a_crash(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await store.pool.execute(legacy.CREATE)
+    await legacy.write(store.pool, domain.random_history(94, streams=8, events=150))
+    events = await legacy.events(store.pool)
+    broken = events[69]
+    await store.pool.execute("UPDATE legacy_events SET body = 'not json' WHERE id = $1", broken.global_position)
+    projection = legacy.accounts("gap_free", on_error="park")
+    async with running_worker(settings, Registry([projection]), client=client):
+        started = await start_replay(
+            client, settings, ReplayInput("accounts", lanes=2, chunk_size=30, allow_dead_letters=True)
+        )
+        result = await wait_for_replay(started)
+    parked = await Catalog(store.pool, "rehydrate").dead_letters("accounts", result.generation)  # type: ignore[arg-type]
+    assert parked[0]["global_position"] == broken.global_position
+    assert "source 'legacy' could not decode its payload: JSONDecodeError" in parked[0]["error"]
+    assert {d["key"] for d in parked} == {broken.stream_id}
+    live = await domain.read_model(store.pool, domain.accounts)
+    clean = domain.oracle(domain.accounts, events)
+    assert {k: v for k, v in live.items() if k != broken.stream_id} == {
+        k: v for k, v in clean.items() if k != broken.stream_id
+    }
+
+
+async def test_a_view_over_an_archive_and_a_live_table_ordered_by_a_bigint_transaction_id_rebuilds_and_tails(
+    client: Client, tail_settings: Settings, store: EventStore
+) -> None:
+    """History split into an archive and a live table, read through a view of their union; transaction ids in a
+    bigint column as Sequent writes them (`pg_current_xact_id()::text::bigint`)."""
+    pool = store.pool
+    await pool.execute(legacy.CREATE)
+    await pool.execute(
+        "ALTER TABLE legacy_events ADD COLUMN xact_id bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint"
+    )
+    await legacy.write(pool, domain.random_history(95, streams=20, events=400))
+    await pool.execute("CREATE TABLE legacy_archive (LIKE legacy_events INCLUDING ALL)")
+    await pool.execute(
+        """WITH moved AS (DELETE FROM legacy_events WHERE id <= 250 RETURNING *)
+           INSERT INTO legacy_archive SELECT * FROM moved"""
+    )
+    await pool.execute("CREATE INDEX ON legacy_archive (xact_id, id); CREATE INDEX ON legacy_events (xact_id, id)")
+    await pool.execute("CREATE VIEW legacy_all AS SELECT * FROM legacy_archive UNION ALL SELECT * FROM legacy_events")
+    view = Source("legacy", replace(legacy.table(), table="public.legacy_all", transaction="xact_id"))
+    async with pool.acquire() as conn:
+        assert (found := await check_source(conn, EventSource(pool, view.table, "legacy"))).ok, found
+        with pytest.raises(UserError, match=r"'public\.legacy_all' is a view: a column cannot be added to it"):
+            await prepare(conn, prepare_sql(view.table), view.table)
+    projection = legacy.accounts(read=view)
+    async with running_worker(tail_settings, Registry([projection]), client=client):
+        await wait_for_replay(
+            await start_replay(client, tail_settings, ReplayInput("accounts", lanes=2, chunk_size=60))
+        )
+        assert await domain.read_model(pool, domain.accounts) == domain.oracle(
+            domain.accounts, await legacy.events(pool, "legacy_all")
+        )
+        await legacy.write(pool, domain.random_history(96, streams=25, events=100), counted_in="legacy_all")
+
+        async def caught_up() -> bool:
+            want = domain.oracle(domain.accounts, await legacy.events(pool, "legacy_all"))
+            return await domain.read_model(pool, domain.accounts) == want
+
+        await eventually(caught_up, within=30)
+
+
+@pytest.mark.parametrize("lanes", [1, 4])
+async def test_a_team_table_in_another_database_rebuilds_and_tails_like_the_own_store(
+    client: Client, tail_settings: Settings, store: EventStore, other_database: str, lanes: int
+) -> None:
+    """The worker reads the team's database as a role with only what `rehydrate db grants ROLE --source legacy`
+    prints: it can read the table and nothing more."""
+    events_db = await asyncpg.connect(other_database)
+    role, password = f"rh_reader_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    await events_db.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER NOCREATEDB NOCREATEROLE")
+    try:
+        await events_db.execute(legacy.CREATE)
+        await legacy.write(events_db, domain.random_history(70 + lanes, streams=30, events=500))
+        await prepare(events_db, prepare_sql(legacy.table()))  # what `rehydrate sources prepare` runs
+        printed = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "rehydrate", "db", "grants", role, "--source", "legacy", "--json"],
+            env={
+                "PATH": "/usr/bin:/bin",
+                "REHYDRATE_DATABASE_URL": str(tail_settings.database_url),
+                "REHYDRATE_SOURCES": orjson.dumps({"legacy": legacy.DECLARED}).decode(),
+                "REHYDRATE_SOURCE_LEGACY_URL": other_database,
+            },
+            capture_output=True,
+            timeout=60,
+        )
+        assert printed.returncode == 0, printed.stderr
+        statements = orjson.loads(printed.stdout)["statements"]
+        assert statements == [
+            f'GRANT USAGE ON SCHEMA "public" TO "{role}"',
+            f'GRANT SELECT ON "public"."legacy_events" TO "{role}"',
+        ]
+        for statement in statements:
+            await events_db.execute(statement)
+        reader_url = as_role(other_database, role, password)
+        projection = legacy.accounts(url=reader_url)
+        async with running_worker(tail_settings, Registry([projection]), client=client):
+            result = await wait_for_replay(
+                await start_replay(client, tail_settings, ReplayInput("accounts", lanes=lanes, chunk_size=40))
+            )
+            want = domain.oracle(domain.accounts, await legacy.events(events_db))
+            assert await domain.read_model(store.pool, domain.accounts) == want
+            assert result.events_applied == sum(
+                1 for e in await legacy.events(events_db) if e.type in projection.handlers
+            )
+
+            await legacy.write(events_db, domain.random_history(90 + lanes, streams=35, events=120))
+
+            async def caught_up() -> bool:
+                want = domain.oracle(domain.accounts, await legacy.events(events_db))
+                return await domain.read_model(store.pool, domain.accounts) == want
+
+            await eventually(caught_up, within=30)
+        # Nothing of rehydrate's was written into the team's database but the prepared column and index.
+        tables = await events_db.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        )
+        assert [t[0] for t in tables] == ["legacy_events"]
+        reader = await asyncpg.connect(reader_url)
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await reader.execute(legacy.INSERT, "intruder", 1, "Opened", "{}")
+        finally:
+            await reader.close()
+    finally:
+        await events_db.execute(f"DROP OWNED BY {role}")
+        await events_db.execute(f"DROP ROLE {role}")
+        await events_db.close()
+
+
+@pytest.mark.parametrize("order", ["transaction", "gap_free"])
+async def test_an_event_that_commits_late_is_never_skipped_on_a_mapped_table(
+    client: Client, settings: Settings, store: EventStore, order: str
+) -> None:
+    """A writer holds its transaction open after inserting; a later writer commits (or, gap-free, waits for the table
+    lock as py-eventsourcing's writers do); a replay runs meanwhile. Once all commit, a catch-up brings every event,
+    each once, in stream order."""
+    await store.pool.execute(legacy.CREATE)
+    if order == "transaction":
+        async with store.pool.acquire() as conn:
+            await prepare(conn, prepare_sql(legacy.table()))
+    history = domain.random_history(75, streams=10, events=200)
+    rows = legacy.numbered(history)  # numbered up front: the late writers cannot see each other's versions
+    await store.pool.executemany(legacy.INSERT, rows[:150])
+    projection = legacy.accounts(order)  # type: ignore[arg-type]
+    late = await store.pool.acquire()
+    later = await store.pool.acquire()
+    try:
+        tx = late.transaction()
+        await tx.start()
+        if order == "gap_free":
+            await late.execute("LOCK TABLE legacy_events IN EXCLUSIVE MODE")
+        await late.executemany(legacy.INSERT, rows[150:175])
+        writing = asyncio.create_task(_locked_write(later, rows[175:], order))
+        await asyncio.sleep(0.3)
+        async with running_worker(settings, Registry([projection]), client=client):
+            await wait_for_replay(await start_replay(client, settings, ReplayInput("accounts", lanes=2, chunk_size=30)))
+            partial = await domain.read_model(store.pool, domain.accounts)
+            await tx.commit()
+            await writing
+            async with store.pool.acquire() as conn:
+                generations = Generations(conn, store, settings.read_model_schema)
+                await generations.tail_batch(projection, 10_000)
+        everything = await legacy.events(store.pool)
+        assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(domain.accounts, everything)
+        assert partial == domain.oracle(domain.accounts, [e for e in everything if e.global_position <= 150])
+    finally:
+        await store.pool.release(late)
+        await store.pool.release(later)
+
+
+async def test_an_event_that_commits_after_the_settle_window_is_found_by_the_gap_audit_and_applied_in_order(
+    client: Client, tail_settings: Settings, store: EventStore
+) -> None:
+    """A settle-window table (1 s): a writer holds ten events open past the window while later ones commit; the replay
+    misses them, as the window says, and records their positions as a gap. Once they commit, the tail's gap audit
+    finds them and rebuilds their keys: every event lands in stream order, and nothing is left to look for."""
+    pool = store.pool
+    await pool.execute(legacy.CREATE)
+    rows = legacy.numbered(domain.random_history(97, streams=10, events=200))
+    await pool.executemany(legacy.INSERT, rows[:100])
+    late = await pool.acquire()
+    try:
+        tx = late.transaction()
+        await tx.start()
+        await late.executemany(legacy.INSERT, rows[100:110])  # positions 101-110, open
+        await pool.executemany(legacy.INSERT, rows[110:])  # 111-200, committed
+        await asyncio.sleep(1.5)  # every position is older than the window now
+        projection = legacy.accounts("settle")
+        async with running_worker(tail_settings, Registry([projection]), client=client):
+            replay = ReplayInput("accounts", lanes=2, chunk_size=30)
+            result = await wait_for_replay(await start_replay(client, tail_settings, replay))
+            early = await legacy.events(pool)
+            assert [e.global_position for e in early] == [*range(1, 101), *range(111, 201)]
+            assert await domain.read_model(pool, domain.accounts) == domain.oracle(domain.accounts, early)
+            gaps = await pool.fetch(
+                "SELECT low, high FROM rehydrate.source_gaps WHERE generation = $1", result.generation
+            )
+            assert [tuple(g) for g in gaps] == [(101, 110)]
+            await tx.commit()
+
+            async def caught_up() -> bool:
+                everything = await legacy.events(pool)
+                return await domain.read_model(pool, domain.accounts) == domain.oracle(domain.accounts, everything)
+
+            await eventually(caught_up, within=30)
+        assert await pool.fetchval("SELECT count(*) FROM rehydrate.source_gaps") == 0
+    finally:
+        await pool.release(late)
+
+
+async def _locked_write(conn: asyncpg.Connection, rows: list[tuple[str, int, str, str]], order: str) -> None:
+    async with conn.transaction():
+        if order == "gap_free":
+            await conn.execute("LOCK TABLE legacy_events IN EXCLUSIVE MODE")
+        await conn.executemany(legacy.INSERT, rows)
