@@ -238,24 +238,34 @@ async def differences(conn: asyncpg.Connection, table: str) -> int:
 
 @contextlib.asynccontextmanager
 async def workers(
-    url: str, client: Client, count: int, log: Path, split: str = "range", activities: int | None = None
+    url: str,
+    client: Client,
+    count: int,
+    log: Path,
+    split: str = "range",
+    activities: int | None = None,
+    projections: str = "rehydrate.examples.orders",
+    extra: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[Settings, list[int]]]:
+    """`count` worker processes on a task queue of their own, serving the projections of the module `projections`
+    (`extra`: more of their environment)."""
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     settings = Settings(
         database_url=url,
         temporal_address=client.service_client.config.target_host,
         temporal_task_queue=queue,
-        projections=["rehydrate.examples.orders"],
+        projections=[projections],
         tails=False,
     )
     env = {
         "REHYDRATE_DATABASE_URL": url,
         "REHYDRATE_TEMPORAL_ADDRESS": settings.temporal_address,
         "REHYDRATE_TEMPORAL_TASK_QUEUE": queue,
-        "REHYDRATE_PROJECTIONS": "rehydrate.examples.orders",
+        "REHYDRATE_PROJECTIONS": projections,
         "REHYDRATE_TAILS": "false",
         "REHYDRATE_LANE_SPLIT": split,
         **({"REHYDRATE_MAX_CONCURRENT_ACTIVITIES": str(activities)} if activities else {}),
+        **(extra or {}),
     }
     processes = [spawn_worker(env, log) for _ in range(count)]
     try:
