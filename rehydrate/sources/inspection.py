@@ -20,6 +20,10 @@ _COLUMN_DEFAULT = """SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a
 # The tables whose column `$3` a view `$1.$2` reads (its transaction column's defaults live there).
 _VIEW_TABLES = """SELECT DISTINCT format('%I.%I', table_schema, table_name) FROM information_schema.view_column_usage
     WHERE view_schema = $1 AND view_name = $2 AND column_name = $3 ORDER BY 1"""
+# Whether a column is filled from a sequence: an identity column, or a nextval() default (serial, bigserial).
+_FROM_SEQUENCE = """SELECT a.attidentity <> '' OR coalesce(pg_get_expr(d.adbin, d.adrelid), '') LIKE 'nextval(%'
+    FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = to_regclass($1) AND a.attname = $2"""
 _RELKIND = "SELECT relkind FROM pg_class WHERE oid = to_regclass($1)"
 _FUNCTIONS = """SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE n.nspname = $1 AND p.proname LIKE $2"""
@@ -64,10 +68,27 @@ async def check_source(conn: asyncpg.Connection, source: EventSource) -> SourceC
         found.problems.append(f"{error.message} — {error.fix}")
         return found
     found.holds.append(f"{mapping.table}: every mapped column exists")
+    await _check_position(conn, source, found)
     await _check_order_index(conn, source, found)
     await _check_sample(conn, source, found)
     await _check_gaps(conn, source, found)
     return found
+
+
+async def _check_position(conn: asyncpg.Connection, source: EventSource, found: SourceCheck) -> None:
+    """A table's position column should be filled from a sequence: else (an outbox with a column its writers fill
+    as they please, or none at all) there is no order to replay in."""
+    position = source.mapping.position
+    if not source.is_table or not isinstance(position, str):
+        return
+    if await conn.fetchval(_FROM_SEQUENCE, source.table, position):
+        found.holds.append(f"position {position!r} is filled from a sequence")
+        return
+    found.warnings.append(
+        f"position {position!r} is filled from no sequence (no identity, no nextval default): rehydrate replays in its "
+        "order, which is then only as good as the writers make it; an outbox needs a rising order column, e.g. "
+        f"ALTER TABLE {source.table} ADD COLUMN rehydrate_position bigint GENERATED ALWAYS AS IDENTITY"
+    )
 
 
 async def _check_order_index(conn: asyncpg.Connection, source: EventSource, found: SourceCheck) -> None:

@@ -1,5 +1,6 @@
-"""Projections that read events rehydrate did not write: py-eventsourcing's table (written by the real library),
-with the oracle being the library's own fold of each aggregate."""
+"""Projections that read events rehydrate did not write: py-eventsourcing's table (written by the real library, the
+oracle being the library's own fold of each aggregate), and a team's own table or view, in the read models' database
+or another (the oracle being the plain fold of its events)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from rehydrate.sources.declaration import Source
 from rehydrate.sources.inspection import SourceCheck, check_source, prepare, prepare_sql
 from rehydrate.sources.mapping import EventTable
 from rehydrate.sources.pools import Sources
+from rehydrate.sources.presets import outbox_table
 from rehydrate.sources.reading import EventSource
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.worker import running_worker
@@ -101,6 +103,16 @@ async def test_a_mapping_that_does_not_fit_its_table_is_one_line_naming_the_fix(
     )
     await store.pool.execute("UPDATE legacy_events SET body = $1 WHERE id = 38", before[37]["body"])
     assert await store.pool.fetch("SELECT * FROM legacy_events ORDER BY id") == before
+
+    # An outbox whose order column its writers fill as they please: a warning that says how to get a real order.
+    await store.pool.execute(
+        """CREATE TABLE outbox (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), aggregatetype text NOT NULL,
+           aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, seq bigint NOT NULL UNIQUE,
+           created timestamptz NOT NULL DEFAULT now())"""
+    )
+    outbox = await check(outbox_table("public.outbox", position="seq", recorded_at="created"))
+    assert outbox.ok and [w for w in outbox.warnings if "position 'seq' is filled from no sequence" in w]
+    assert "position 'id' is filled from a sequence" in (await check(gap_free)).holds
 
     sources = Sources(store)
     nowhere = Source("legacy", gap_free, "postgresql://postgres@127.0.0.1:1/nowhere")
