@@ -44,6 +44,8 @@ from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
 from rehydrate.workflows.tail import TailWorkflow
 from rehydrate.workflows.verify import DRIFT, VerifyWorkflow
 
+_LIST_ATTEMPTS, _LIST_PAUSE = 3, 0.3  # looks at Temporal's list before a replay is said not to run
+
 
 @dataclass
 class ReplayStatus:
@@ -220,19 +222,28 @@ async def running_replay(
     client: Client, projection: str, verb: str, sandbox: str | None = None, *, task_queue: str | None = None
 ) -> WorkflowHandle[ReplayWorkflow, ReplayResult]:
     """The projection's running replay, whatever its workflow id; a UserError when none runs."""
-    handle = await latest_replay(client, projection, sandbox, running=True, task_queue=task_queue)
-    if handle is None:
-        into = f" into sandbox {sandbox!r}" if sandbox else ""
+    into, latest = f" into sandbox {sandbox!r}" if sandbox else "", ""
+    for attempt in range(_LIST_ATTEMPTS):
+        # Temporal's list is eventually consistent (the dev server rewrites a run's row on every search attribute
+        # update), so one listing can miss a running run: the latest run's own description decides, and a run
+        # that seems not to run is looked for again before the answer is no.
+        if attempt:
+            await asyncio.sleep(_LIST_PAUSE)
+        handle = await latest_replay(client, projection, sandbox, running=True, task_queue=task_queue)
+        if handle is not None:
+            return client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
         last = await latest_replay(client, projection, sandbox, task_queue=task_queue)
         if last is None:
             raise UserError(f"no replay of {projection!r}{into} was ever started", fix=f"nothing to {verb}")
-        state = (await last.describe()).status
-        raise UserError(
-            f"no replay of {projection!r}{into} is running (the latest, {last.id}, is "
-            f"{state.name.lower() if state else 'unknown'})",
-            fix=f"nothing to {verb}; `rehydrate replay list {projection}` shows its runs",
-        )
-    return client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
+        description = await last.describe()
+        if description.status == Status.RUNNING:
+            return client.get_workflow_handle_for(ReplayWorkflow.run, last.id, run_id=description.run_id)
+        state = description.status.name.lower() if description.status else "unknown"
+        latest = f"the latest, {last.id}, is {state}"
+    raise UserError(
+        f"no replay of {projection!r}{into} is running ({latest})",
+        fix=f"nothing to {verb}; `rehydrate replay list {projection}` shows its runs",
+    )
 
 
 async def cancel_replay(

@@ -79,8 +79,8 @@ def grants(
     if as_json:
         c.print_json({"role": role, "statements": statements, "applied": True})
     else:
-        where = f"on source {source}'s database" if source else ""
-        c.out.print(f"granted role {role!r} what a rehydrate worker needs {where}({count} statements)")
+        where = f" on source {source}'s database" if source else ""
+        c.out.print(f"granted role {role!r} what a rehydrate worker needs{where} ({count} statements)")
 
 
 @app.command("url")

@@ -13,6 +13,7 @@ from rehydrate.cli._deprecated import DefaultToList
 from rehydrate.core.errors import UserError
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.generations import Generations
+from rehydrate.sources.pools import Sources
 from rehydrate.sources.store import EventStore
 
 app = typer.Typer(
@@ -70,9 +71,8 @@ def retry(name: Name, as_json: c.Json = False) -> None:
     projection = c.projections(settings).get(name)
 
     async def work(pool: asyncpg.Pool) -> tuple[int, int]:
-        async with pool.acquire() as conn:
-            generations = Generations(conn, EventStore(pool, settings.schema_name), settings.read_model_schema)
-            return await generations.retry_dead_letters(projection)
+        async with Sources(EventStore(pool, settings.schema_name)) as sources, pool.acquire() as conn:
+            return await Generations(conn, sources, settings.read_model_schema).retry_dead_letters(projection)
 
     keys, still = c.with_pool(settings, work)
     if as_json:

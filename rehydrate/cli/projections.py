@@ -14,6 +14,7 @@ from rehydrate.cli import _common as c
 from rehydrate.core.errors import UserError
 from rehydrate.core.temporal import connect_client
 from rehydrate.engine.operations import ProjectionStatus, projection_statuses
+from rehydrate.sources.pools import Sources
 from rehydrate.sources.store import EventStore
 from rehydrate.starter import tail_state
 
@@ -27,10 +28,8 @@ def projections(as_json: c.Json = False) -> None:
     registry = c.projections(settings)
 
     async def work(pool: asyncpg.Pool) -> list[dict[str, Any]]:
-        async with pool.acquire() as conn:
-            statuses = await projection_statuses(
-                conn, EventStore(pool, settings.schema_name), registry, settings.read_model_schema
-            )
+        async with Sources(EventStore(pool, settings.schema_name)) as sources, pool.acquire() as conn:
+            statuses = await projection_statuses(conn, sources, registry, settings.read_model_schema)
         tails: dict[str, tuple[str, str | None]] = {}
         built = [s.name for s in statuses if s.last_replay is not None]
         try:
@@ -71,6 +70,8 @@ def projections(as_json: c.Json = False) -> None:
     if any(not r["rows_exact"] for r in rows if r["rows"] is not None):
         c.out.print("≈: too many rows to count quickly; the planner's estimate as of the table's last ANALYZE")
     for r in rows:
+        if r["source_error"]:
+            c.out.print(f"[red]{r['name']}[/]: lag unknown: {escape(r['source_error'])}", soft_wrap=True)
         if r["tail"]["error"]:
             c.out.print(f"[red]{r['name']}[/]: {escape(r['tail']['error'])}", soft_wrap=True)
 
@@ -84,6 +85,7 @@ def _row(status: ProjectionStatus, tail: tuple[str, str | None]) -> dict[str, An
         "source": status.source,
         "stale": status.stale,
         "stale_reason": status.stale_reason,
+        "source_error": status.source_error,
         "fingerprint": status.fingerprint,
         "rows": status.rows,
         "rows_exact": status.rows_exact,

@@ -21,6 +21,7 @@ from rehydrate.engine import operations
 from rehydrate.engine.projections import Registry
 from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult
 from rehydrate.runs import ReplayRun, replay_runs, started_by
+from rehydrate.sources.pools import Sources
 from rehydrate.sources.store import EventStore
 from rehydrate.starter import (
     cancel_replay,
@@ -119,10 +120,12 @@ def url(settings: Settings, handle: WorkflowHandle[Any, Any]) -> str:
 
 
 async def _stale_names(settings: Settings, registry: Registry) -> list[str]:
-    async with ready_pool(resolve_url(settings), settings.schema_name) as pool, pool.acquire() as conn:
-        return await operations.stale_projections(
-            conn, EventStore(pool, settings.schema_name), registry, settings.read_model_schema
-        )
+    async with (
+        ready_pool(resolve_url(settings), settings.schema_name) as pool,
+        Sources(EventStore(pool, settings.schema_name)) as sources,
+        pool.acquire() as conn,
+    ):
+        return await operations.stale_projections(conn, sources, registry, settings.read_model_schema)
 
 
 async def watch(handle: WorkflowHandle[ReplayWorkflow, ReplayResult], name: str) -> ReplayResult:

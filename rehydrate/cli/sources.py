@@ -146,3 +146,8 @@ def prepare_command(
         c.out.print(";\n".join(statements) + ";", soft_wrap=True)
     else:
         c.out.print(f"source {name}: {source.table.table} has transaction column {column!r} and its index")
+    if notify and source.table.notify_channel is None and not as_json:
+        c.err.print(
+            f"note: tails poll {name} until its mapping names the channel: notify_channel = {source.table.channel!r}",
+            soft_wrap=True,
+        )

@@ -63,7 +63,10 @@ async def plan_generation(
         async with source.reading(conn) as reading:
             mark = await source.high_water_mark(reading)
             if source.audits_gaps and not sandbox:  # the gap audit runs in the catch-ups and the tail
-                gaps = await source.gaps(reading, 1, mark if input.mark is None else min(mark, input.mark))
+                # Only gaps within the horizon: an older one could only be filled by a transaction open for longer.
+                recent = await source.above_older(source.mapping.gap_horizon_seconds, reading)
+                top = mark if input.mark is None else min(mark, input.mark)
+                gaps = await source.gaps(reading, recent, top) if recent < top else []
             split = await source.lane_split(reading, projection.key, settings.lane_split)
             lanes = lanes_for(settings, split) if lanes is None else lanes
             found: list[str] = []

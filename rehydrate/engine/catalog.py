@@ -451,10 +451,13 @@ class Catalog:
             lows, highs = zip(*gaps, strict=True)
             await self.conn.execute(self._sql(_ADD_GAPS), projection, generation, list(lows), list(highs), seen_at)
 
-    async def gaps(self, projection: str, generation: int, horizon_seconds: float) -> list[asyncpg.Record]:
-        """The generation's gaps younger than the horizon, (low, high, seen_at) in order; older ones are forgotten."""
-        await self.conn.execute(self._sql(_FORGET_GAPS), projection, generation, horizon_seconds)
+    async def gaps(self, projection: str, generation: int) -> list[asyncpg.Record]:
+        """The generation's recorded gaps, (low, high, seen_at) in order."""
         return list(await self.conn.fetch(self._sql(_GAPS), projection, generation))
+
+    async def forget_gaps(self, projection: str, generation: int, horizon_seconds: float) -> None:
+        """Forget the gaps seen longer ago than the horizon (once they were looked in a last time)."""
+        await self.conn.execute(self._sql(_FORGET_GAPS), projection, generation, horizon_seconds)
 
     async def fill_gaps(self, projection: str, generation: int, lows: Sequence[int]) -> None:
         """Forget the gaps starting at `lows` (the caller records what is still empty of them)."""

@@ -149,16 +149,19 @@ class Generations:
             if mark <= checkpoint and not source.audits_gaps:
                 return 0, checkpoint
             events: list[Event] = []
+            passed: list[tuple[int, int]] = []
             if mark > checkpoint:
                 if max_events is not None:
                     mark = await source.bounded_mark(reading, from_mark=checkpoint, to_mark=mark, max_events=max_events)
+                if source.audits_gaps:
+                    # Before the delta is read: an event that commits in between is then both read and in a
+                    # recorded gap (its key is rebuilt once more, harmlessly), never in neither.
+                    passed = await source.gaps(reading, checkpoint, mark)
                 events = await source.read_delta(
                     reading, from_mark=checkpoint, to_mark=mark, types=projection.event_types
                 )
             if source.audits_gaps:
-                late = await self._audit_gaps(
-                    projection, generation, source, reading, checkpoint, max(mark, checkpoint)
-                )
+                late = await self._audit_gaps(projection, generation, source, reading, passed)
                 refold = await self._keys_of(projection, generation, late)
                 keys_events = (
                     await source.read_keys(
@@ -198,26 +201,25 @@ class Generations:
         generation: int,
         source: EventSource,
         reading: asyncpg.Connection,
-        checkpoint: int,
-        mark: int,
+        passed: Sequence[tuple[int, int]],
     ) -> list[Event]:
-        """Record the empty positions the checkpoint passes from `checkpoint` to `mark`, and return the events that
-        committed since into the gaps recorded before (their gaps narrowed to what is still empty)."""
-        horizon = source.mapping.gap_horizon_seconds
-        recorded = await self.catalog.gaps(projection.name, generation, horizon)
-        if mark > checkpoint:
-            await self.catalog.add_gaps(projection.name, generation, await source.gaps(reading, checkpoint, mark))
-        if not recorded:
-            return []
-        late = await source.read_ranges(reading, [(gap["low"], gap["high"]) for gap in recorded])
-        if not late:
-            return []
-        filled = {event.global_position for event in late}
-        touched = [gap for gap in recorded if any(gap["low"] <= p <= gap["high"] for p in filled)]
-        await self.catalog.fill_gaps(projection.name, generation, [gap["low"] for gap in touched])
-        for gap in touched:
-            still = _unfilled(gap["low"], gap["high"], sorted(p for p in filled if gap["low"] <= p <= gap["high"]))
-            await self.catalog.add_gaps(projection.name, generation, still, gap["seen_at"])
+        """Return the events that committed since into the gaps recorded before (their gaps narrowed to what is
+        still empty), forget the gaps older than the source's horizon once looked in, and record the gaps the
+        checkpoint `passed` now."""
+        recorded = await self.catalog.gaps(projection.name, generation)
+        late = await source.read_ranges(reading, [(gap["low"], gap["high"]) for gap in recorded]) if recorded else []
+        if late:
+            filled = {event.global_position for event in late}
+            touched = [gap for gap in recorded if any(gap["low"] <= p <= gap["high"] for p in filled)]
+            await self.catalog.fill_gaps(projection.name, generation, [gap["low"] for gap in touched])
+            for gap in touched:
+                inside = sorted(p for p in filled if gap["low"] <= p <= gap["high"])
+                await self.catalog.add_gaps(
+                    projection.name, generation, _unfilled(gap["low"], gap["high"], inside), gap["seen_at"]
+                )
+        if recorded:
+            await self.catalog.forget_gaps(projection.name, generation, source.mapping.gap_horizon_seconds)
+        await self.catalog.add_gaps(projection.name, generation, passed)
         return late
 
     async def _keys_of(self, projection: Projection, generation: int, late: Sequence[Event]) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from rehydrate.core.errors import UserError
 from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, check_range
 from rehydrate.core.settings import Settings, lanes_for
 from rehydrate.engine.apply import Folding
@@ -56,6 +57,7 @@ class ProjectionStatus:
     rows_exact: bool = True
     source: str = OWN_SOURCE  # the event source it reads (as this process has it)
     stale_reason: str | None = None  # why it is stale: built from other code, or the tail applies other code
+    source_error: str | None = None  # why its lag is unknown: its source could not be read
 
 
 def _stale_reason(projection: Projection | None, row: dict[str, Any]) -> str | None:
@@ -82,10 +84,14 @@ async def projection_statuses(
         row = known.get(name, {})
         projection = registry.get(name) if name in registry.names() else None
         lag: tuple[int, float] | None = None
+        unread: str | None = None
         if projection is not None and row.get("checkpoint") is not None:
-            source = await sources.of(projection.event_source)
-            async with source.reading(conn) as reading:
-                lag = await source.lag(reading, row["checkpoint"], projection.event_types)
+            try:  # one source out of reach leaves the others' lag shown
+                source = await sources.of(projection.event_source)
+                async with source.reading(conn) as reading:
+                    lag = await source.lag(reading, row["checkpoint"], projection.event_types)
+            except UserError as error:
+                unread = error.message
         rows, exact = (None, True)
         if row.get("physical_table") is not None:
             rows, exact = await read_models.live_rows(row["physical_table"])
@@ -120,6 +126,7 @@ async def projection_statuses(
                 lag_events=None if lag is None else lag[0],
                 lag_seconds=None if lag is None else round(lag[1], 3),
                 last_replay=last,
+                source_error=unread,
             )
         )
     return statuses

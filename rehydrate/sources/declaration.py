@@ -47,6 +47,7 @@ class Source:
 
 
 _TABLE_FIELDS = {f.name for f in fields(EventTable)} - {"decode"}
+_OPTIONAL_COLUMNS = ("stream_version", "schema_version", "metadata", "recorded_at", "transaction", "notify_channel")
 
 
 def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, Source]:
@@ -63,6 +64,9 @@ def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, Sour
                 f"source {name!r} in settings has unknown key(s) {', '.join(unknown)}",
                 fix=f"use {', '.join(sorted(_TABLE_FIELDS | {'url'}))}",
             )
+        for optional in _OPTIONAL_COLUMNS:  # TOML has no null: "" (or false) maps no column
+            if values.get(optional) in ("", False):
+                values[optional] = None
         if "table" not in values:
             raise UserError(f"source {name!r} in settings names no table", fix='add table = "schema.table"')
         try:

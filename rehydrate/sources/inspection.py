@@ -191,7 +191,7 @@ def prepare_sql(mapping: EventTable, *, column: str = "rehydrate_tx", notify: bo
         ),
     ]
     if notify:
-        channel = mapping.notify_channel or f"{mapping.schema}_{mapping.name}"
+        channel = mapping.channel  # a checked identifier: safe inside the function's string literal
         function = quote(derived_name(mapping.name, "_rehydrate_notify"))
         statements += [
             _NOTIFY_FUNCTION.format(schema=quote(mapping.schema), function=function, channel=channel),

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rehydrate.core.errors import UserError
-from rehydrate.core.identifiers import check_identifier, quote
+from rehydrate.core.identifiers import check_identifier, derived_name, quote
 
 Order = Literal["transaction", "gap_free", "settle"]
 PayloadFormat = Literal["jsonb", "json", "text", "bytea"]
+_FORMATS = ("jsonb", "json", "text", "bytea")
 
 # A payload decoder: the raw payload (bytes for bytea, str otherwise) and the event's raw type → the JSON object
 # handlers see. Raising marks the event undecodable (parked as a dead letter where the projection parks).
@@ -76,18 +77,35 @@ class EventTable:
         check_identifier(name, "events table")
         if schema:
             check_identifier(schema, "events table's schema")
+        if self.notify_channel is not None:
+            check_identifier(self.notify_channel, "notify_channel")
         for label, column in self.roles().items():
             if isinstance(column, str):
                 check_identifier(column, f"column {label}")
         if self.order not in ("transaction", "gap_free", "settle"):
             raise UserError(f"order {self.order!r} is not one of transaction, gap_free, settle", fix="use one of them")
+        for label, format in (("payload_format", self.payload_format), ("metadata_format", self.metadata_format)):
+            if format not in _FORMATS:
+                raise UserError(
+                    f"events table {self.table!r}: {label} {format!r} is not one of {', '.join(_FORMATS)}",
+                    fix="use the column's type (bytea with a decoder)",
+                )
+        if self.metadata is not None and self.metadata_format == "bytea":
+            raise UserError(
+                f"events table {self.table!r}: metadata in bytea cannot be read (the decoder is the payload's)",
+                fix="map a jsonb, json or text metadata column, or none",
+            )
         if self.order == "transaction" and self.transaction is None:
             raise UserError(
                 f"events table {self.table!r}: order='transaction' needs a transaction column",
                 fix="name it (transaction=...), add one with `rehydrate sources prepare`, or use gap_free or settle",
             )
         if self.order == "settle" and self.recorded_at is None:
-            raise UserError(f"events table {self.table!r}: order='settle' needs a recorded_at column", fix="name it")
+            raise UserError(
+                f"events table {self.table!r}: order='settle' needs a recorded_at column",
+                fix="name it (recorded_at=...), or add a transaction column with `rehydrate sources prepare` and use "
+                "order='transaction'",
+            )
         if not self.settle_seconds > 0:
             raise UserError(f"settle_seconds={self.settle_seconds!r} is not positive", fix="use e.g. 5")
         if not self.gap_horizon_seconds >= self.settle_seconds:
@@ -107,7 +125,7 @@ class EventTable:
             "payload": self.payload,
             "metadata": self.metadata,
             "recorded_at": self.recorded_at,
-            "transaction": self.transaction,
+            "transaction": self.transaction if self.order == "transaction" else None,  # else not read
         }
 
     @property
@@ -123,6 +141,12 @@ class EventTable:
     def relation(self) -> str:
         """The table, quoted and schema-qualified."""
         return f"{quote(self.schema)}.{quote(self.name)}"
+
+    @property
+    def channel(self) -> str:
+        """The channel `rehydrate sources prepare --notify` makes inserts notify: `notify_channel`, else one named
+        after the table."""
+        return self.notify_channel or derived_name(f"{self.schema}_{self.name}", "")
 
     def columns(self) -> list[str]:
         """The plain columns it names (expressions left out)."""

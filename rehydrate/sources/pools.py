@@ -58,6 +58,12 @@ class Sources:
         await reader.inspect()
         return reader
 
+    async def __aenter__(self) -> Sources:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         for pool in self._pools:
             await pool.close()

@@ -53,8 +53,9 @@ _TYPES = "($2::text[] IS NULL OR {type} = ANY($2::text[]))"  # the event types a
 _TRANSACTION_MARK = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 _GAP_FREE_MARK = "SELECT coalesce(max({pos}), 0) + 1 FROM {events}"
 _SETTLED_MARK = """SELECT coalesce(
-        (SELECT min({pos}) FROM {events} WHERE {at} > now() - make_interval(secs => {settle})),
+        (SELECT min({pos}) FROM {events} WHERE {at} > now() - make_interval(secs => $1)),
         (SELECT coalesce(max({pos}), 0) + 1 FROM {events}))"""
+_OLDER_THAN = "SELECT coalesce(max({pos}), 0) + 1 FROM {events} WHERE {at} <= now() - make_interval(secs => $1)"
 _BOUNDED_MARK = """SELECT {tx}::text::bigint FROM {events}
     WHERE {tx} >= $1{cast} AND {tx} < $2{cast} ORDER BY {tx}, {pos} OFFSET $3 LIMIT 1"""
 _HELD_BACK = "SELECT {stream}, min({version}) FROM {events} WHERE {tx} >= $1{cast} GROUP BY 1"
@@ -115,7 +116,7 @@ _READ_KEYS = (
     """SELECT {columns} FROM {events}
     WHERE {tx} < $1{cast} AND """
     + _TYPES
-    + """ AND {key} = ANY($3::text[])
+    + """ AND {key} = ANY($3::text[]{key_casts})
     ORDER BY {pos}"""
 )
 _LAG = (
@@ -135,13 +136,13 @@ _READ_RANGES = """SELECT {columns} FROM {events} JOIN unnest($1::bigint[], $2::b
     ORDER BY {pos}"""
 _LATEST = "SELECT * FROM (SELECT {columns} FROM {events} ORDER BY {pos} DESC LIMIT $1) AS latest ORDER BY 1"
 _READ_STREAM = """SELECT {columns} FROM {events}
-    WHERE {stream} = $1 AND {version} > $2 AND ($3::bigint IS NULL OR {version} <= $3)
+    WHERE {stream_column} = $1{stream_cast} AND {version} > $2 AND ($3::bigint IS NULL OR {version} <= $3)
     ORDER BY {version}"""
-_READ_STREAMS_BY_ID = """SELECT {columns} FROM {events} WHERE {stream} = ANY($1::text[])
+_READ_STREAMS_BY_ID = """SELECT {columns} FROM {events} WHERE {stream_column} = ANY($1::text[]{stream_casts})
     ORDER BY {stream}, {version}"""
 _VERSION_AS_OF = """SELECT CASE WHEN $2::timestamptz IS NULL THEN coalesce(max({version}), 0)
         ELSE coalesce(min({version}) FILTER (WHERE {at} > $2) - 1, max({version}), 0) END
-    FROM {events} WHERE {stream} = $1"""
+    FROM {events} WHERE {stream_column} = $1{stream_cast}"""
 # A stream's first event (version 1) stands for the stream: the (stream, version) index finds them.
 _STREAMS_AFTER = """SELECT {stream} FROM {events}
     WHERE {version} = 1 AND ($1::text IS NULL OR {stream} > $1) AND starts_with({stream}, $2)
@@ -232,6 +233,8 @@ class EventSource:
         self.external = external
         self.table = table.relation
         self._stream_is_text = True
+        self._stream_type = "text"
+        self._recorded_in_utc = False
         self._transaction_is_xid8 = True
         self._is_table = True
         self._parts = self._build_parts()
@@ -255,7 +258,10 @@ class EventSource:
             )
         self._check_types(types)
         stream = self.mapping.stream_id
-        self._stream_is_text = not isinstance(stream, str) or types[stream] in _TEXT_TYPES
+        self._stream_type = "text" if not isinstance(stream, str) else types[stream]
+        self._stream_is_text = self._stream_type.split("(")[0] in _TEXT_TYPES
+        at = self.mapping.recorded_at
+        self._recorded_in_utc = isinstance(at, str) and types[at] == "timestamp without time zone"
         tx = self.mapping.transaction
         self._transaction_is_xid8 = not isinstance(tx, str) or types.get(tx) == "xid8"
         self._is_table = rows[0][2] in (b"r", "r", b"p", "p")
@@ -290,8 +296,14 @@ class EventSource:
         m = self.mapping
         pos = sql_of(m.position)
         stream = sql_of(m.stream_id) if self._stream_is_text else f"{sql_of(m.stream_id)}::text"
+        # A stream id compared with a parameter: the column as it is (so that its index serves), the text cast to its
+        # type (a uuid column is found by its uuid, not by its text).
+        stream_cast = "" if self._stream_is_text else f"::text::{self._stream_type}"
+        stream_casts = "" if self._stream_is_text else f"::{self._stream_type}[]"
         version = pos if m.stream_version is None else sql_of(m.stream_version)
         at = "NULL::timestamptz" if m.recorded_at is None else sql_of(m.recorded_at)
+        if self._recorded_in_utc:  # a timestamp without time zone holds UTC, whatever the session's time zone
+            at = f"({at} AT TIME ZONE 'UTC')"
         payload = sql_of(m.payload)
         if m.order == "transaction":
             assert m.transaction is not None
@@ -312,13 +324,15 @@ class EventSource:
             "events": self.table,
             "pos": pos,
             "stream": stream,
+            "stream_column": sql_of(m.stream_id),
+            "stream_cast": stream_cast,
+            "stream_casts": stream_casts,
             "version": version,
             "type": sql_of(m.event_type),
             "sv": sv,
             "at": at,
             "tx": tx,
             "cast": cast,
-            "settle": repr(float(m.settle_seconds)),
             # As one argument: its braces (in '{}'::jsonb) must not be read as placeholders.
             "columns": columns,
             "json": payload if m.payload_format in ("jsonb", "json") else f"{payload}::jsonb",
@@ -334,11 +348,13 @@ class EventSource:
         it from every lane (and break the per-lane count)."""
         if key.field is None:
             return self._parts["stream"]
-        if self.mapping.payload_format == "bytea":
+        if self.mapping.payload_format not in ("jsonb", "json") or self.mapping.decode is not None:
+            # Lanes are cut in SQL, where only a JSON column's fields can be read as the handlers will see them.
             raise UserError(
-                f"source {self.name!r} stores payloads as bytea, so a projection cannot be keyed by the payload "
-                f"field {key.field!r}",
-                fix="key the projection by stream",
+                f"source {self.name!r} stores payloads as {self.mapping.payload_format}"
+                f"{' with a decoder' if self.mapping.decode is not None else ''}, so a projection cannot be keyed by "
+                f"the payload field {key.field!r}",
+                fix="key the projection by stream (or map a jsonb or json payload column without a decoder)",
             )
         return f"coalesce({self._parts['json']} ->> ${param}, '')"
 
@@ -393,7 +409,13 @@ class EventSource:
         statement = (
             _TRANSACTION_MARK if order == "transaction" else _GAP_FREE_MARK if order == "gap_free" else _SETTLED_MARK
         )
-        return int(await (conn or self.pool).fetchval(self._sql(statement)))
+        args = [float(self.mapping.settle_seconds)] if order == "settle" else []
+        return int(await (conn or self.pool).fetchval(self._sql(statement), *args))
+
+    async def above_older(self, seconds: float, conn: asyncpg.Connection | None = None) -> int:
+        """One above the last position recorded at least `seconds` ago (1 when none is): an empty position below it
+        was taken before an event that old was, by a transaction open at least as long (see the gap audit)."""
+        return int(await (conn or self.pool).fetchval(self._sql(_OLDER_THAN), float(seconds)))
 
     async def bounded_mark(self, conn: asyncpg.Connection, *, from_mark: int, to_mark: int, max_events: int) -> int:
         """A mark between `from_mark` and `to_mark` with at most about `max_events` events between it and
@@ -522,7 +544,13 @@ class EventSource:
         args: list[Any] = [str(mark), _types(types), list(keys)]
         if key.field is not None:
             args.append(key.field)
-        rows = await conn.fetch(self._sql(_READ_KEYS, key=self._key_sql(key, 4)), *args)
+        by_stream = key.field is None  # the stream column as it is, the keys cast to its type: its index serves
+        statement = self._sql(
+            _READ_KEYS,
+            key=self._parts["stream_column"] if by_stream else self._key_sql(key, 4),
+            key_casts=self._parts["stream_casts"] if by_stream else "",
+        )
+        rows = await conn.fetch(statement, *args)
         held = await self.held_back(conn, mark)
         return [e for e in self._events(rows) if not is_held(held, e.stream_id, e.stream_version)]
 

@@ -23,6 +23,7 @@ from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.generations import Generations
 from rehydrate.engine.projections import Registry
 from rehydrate.models import ReplayInput
+from rehydrate.sources import reading
 from rehydrate.sources.declaration import Source
 from rehydrate.sources.inspection import SourceCheck, check_source, prepare, prepare_sql
 from rehydrate.sources.mapping import EventTable
@@ -341,3 +342,91 @@ async def _locked_write(conn: asyncpg.Connection, rows: list[tuple[str, int, str
         if order == "gap_free":
             await conn.execute("LOCK TABLE legacy_events IN EXCLUSIVE MODE")
         await conn.executemany(legacy.INSERT, rows)
+
+
+async def test_a_gap_past_its_horizon_is_looked_in_once_more_and_older_gaps_are_never_recorded(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    """A settle-window table (window 1 s, horizon 4 s). A position emptied by a rollback long ago is older than the
+    horizon: the plan does not record it. Ten events held open past the window are recorded as a gap; they commit,
+    and the next catch-up comes only after the gap's horizon has passed: it still looks in the gap once, applies
+    them, and only then forgets it."""
+    pool = store.pool
+    await pool.execute(legacy.CREATE)
+    rows = legacy.numbered(domain.random_history(98, streams=10, events=200))
+    await pool.executemany(legacy.INSERT, rows[:50])  # positions 1-50
+    async with pool.acquire() as conn:
+        rolled_back = conn.transaction()
+        await rolled_back.start()
+        await conn.execute(legacy.INSERT, "nobody", 1, "Opened", "{}")  # takes position 51
+        await rolled_back.rollback()
+    await pool.executemany(legacy.INSERT, rows[50:100])  # 52-101
+    await asyncio.sleep(4.5)  # all of it older than the horizon
+    late = await pool.acquire()
+    try:
+        tx = late.transaction()
+        await tx.start()
+        await late.executemany(legacy.INSERT, rows[100:110])  # 102-111, open
+        await pool.executemany(legacy.INSERT, rows[110:])  # 112-201, committed
+        await asyncio.sleep(1.2)  # older than the window, younger than the horizon
+        projection = legacy.accounts(read=Source("legacy", replace(legacy.table("settle"), gap_horizon_seconds=4.0)))
+        async with running_worker(settings, Registry([projection]), client=client):
+            replay = ReplayInput("accounts", lanes=2, chunk_size=30)
+            result = await wait_for_replay(await start_replay(client, settings, replay))
+        gaps = await pool.fetch("SELECT low, high FROM rehydrate.source_gaps WHERE generation = $1", result.generation)
+        assert [tuple(g) for g in gaps] == [(102, 111)]
+        await tx.commit()
+    finally:
+        await pool.release(late)
+    await asyncio.sleep(4.5)  # the gap is older than the horizon now
+    async with Sources(store) as sources, pool.acquire() as conn:
+        await Generations(conn, sources, settings.read_model_schema).tail_batch(projection, 10_000)
+    everything = await legacy.events(pool)
+    assert len(everything) == 200
+    assert await domain.read_model(pool, domain.accounts) == domain.oracle(domain.accounts, everything)
+    assert await pool.fetchval("SELECT count(*) FROM rehydrate.source_gaps") == 0
+
+
+async def test_a_uuid_stream_column_and_a_local_timestamp_are_read_by_their_types(
+    settings: Settings, store: EventStore
+) -> None:
+    """Stream ids in a uuid column are found through its own index (a key's events, a stream's events); a recorded-at
+    column without a time zone is read as UTC, whatever the session's time zone."""
+    pool = store.pool
+    await pool.execute(
+        """CREATE TABLE uuid_events (id bigserial PRIMARY KEY, stream uuid NOT NULL, version int NOT NULL,
+           type varchar(40) NOT NULL, data jsonb NOT NULL, at timestamp NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),
+           UNIQUE (stream, version))"""
+    )
+    streams = [uuid.uuid4() for _ in range(3)]
+    await pool.executemany(
+        "INSERT INTO uuid_events (stream, version, type, data) VALUES ($1, $2, 'Opened', '{}')",
+        [(s, v) for s in streams for v in (1, 2)],
+    )
+    table = EventTable(
+        table="public.uuid_events",
+        position="id",
+        stream_id="stream",
+        stream_version="version",
+        event_type="type",
+        payload="data",
+        recorded_at="at",
+        order="gap_free",
+    )
+    source = EventSource(pool, table, "uuids")
+    async with pool.acquire() as conn:
+        await conn.execute("SET TIME ZONE 'America/New_York'")
+        await source.inspect(conn)
+        key = str(streams[1])
+        found = await source.read_keys(conn, key=domain.accounts.key, keys=[key], mark=100, types=None)
+        assert [(e.stream_id, e.stream_version) for e in found] == [(key, 1), (key, 2)]
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + source._sql(reading._READ_STREAM), key, 0, None)
+        assert "uuid_events_stream_version_key" in str(plan), plan
+        stream = await source.read_stream(key, conn=conn)
+        assert [e.stream_version for e in stream] == [1, 2]
+        now = await conn.fetchval("SELECT now()")
+        assert all(abs((e.recorded_at - now).total_seconds()) < 60 for e in stream), (stream, now)
+        assert await source.lane_split(conn, domain.accounts.key, "range") == "hash"  # a range of uuid text: no index
+        await conn.execute("ALTER TABLE uuid_events ALTER COLUMN stream TYPE varchar(64)")
+        await source.inspect(conn)
+        assert await source.lane_split(conn, domain.accounts.key, "range") == "range"  # varchar(64) is text
