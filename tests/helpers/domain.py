@@ -145,6 +145,11 @@ async def all_events(store: EventStore) -> list[Event]:
     return [Event(*row) for row in rows]
 
 
+async def rows_of(conn: asyncpg.Connection | asyncpg.Pool, schema: str, table: str, key: str) -> dict[Any, Row]:
+    """The rows of `schema.table` (a sandbox's, say), by `key`."""
+    return {row[key]: dict(row) for row in await conn.fetch(f'SELECT * FROM "{schema}"."{table}"')}
+
+
 async def read_model(conn: asyncpg.Connection | asyncpg.Pool, projection: Projection) -> dict[Any, Row]:
     """The rows readers see under the projection's plain table name."""
     rows = await conn.fetch(f'SELECT * FROM public."{projection.table.name}"')

@@ -31,10 +31,6 @@ async def replay(client: Client, settings: Settings, input: ReplayInput) -> Any:
     return await wait_for_replay(await start_replay(client, settings, input))
 
 
-async def rows_of(pool: Any, schema: str, table: str, key: str) -> dict[Any, dict[str, Any]]:
-    return {r[key]: dict(r) for r in await pool.fetch(f'SELECT * FROM "{schema}"."{table}"')}
-
-
 # A second version of `accounts` whose deposits count double: a "bad deploy" to roll back from.
 accounts_v2 = Projection("accounts", version=2, table=domain.Account, key="stream")
 for event_type, handler in domain.accounts.handlers.items():
@@ -118,9 +114,9 @@ async def test_point_in_time_sandboxes_equal_the_oracle_up_to_that_point_and_nev
     assert by_position.sandbox == "then" and second.sandbox is None
     assert {by_position.generation, second.generation} == {live.generation + 1, live.generation + 2}
     expected = domain.oracle(domain.accounts, [e for e in events if e.global_position <= cut])
-    assert await rows_of(store.pool, "rehydrate_sandbox_then", "account", "account_id") == expected
+    assert await domain.rows_of(store.pool, "rehydrate_sandbox_then", "account", "account_id") == expected
     expected = domain.oracle(domain.group_totals, [e for e in events if e.recorded_at <= as_of])
-    assert await rows_of(store.pool, "rehydrate_sandbox_then", "group_total", "group_id") == expected
+    assert await domain.rows_of(store.pool, "rehydrate_sandbox_then", "group_total", "group_id") == expected
     assert by_time.rows == len(expected)
     assert await domain.read_model(store.pool, domain.accounts) == live_rows
     listed = await Catalog(store.pool, "rehydrate").sandboxes()  # type: ignore[arg-type]
