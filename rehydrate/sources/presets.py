@@ -61,12 +61,13 @@ def eventsourcing_table(
 def message_db_table(*, order: Order = "transaction", transaction: str = "rehydrate_tx") -> EventTable:
     """message-db's `message_store.messages`. Its writers lock per category only, so `global_position` is not commit
     order across categories: give it a transaction column (`rehydrate sources prepare`, the default here) or use
-    order="settle". Streams are its stream names (`account-123`)."""
+    order="settle". Streams are its stream names (`account-123`); a stream's `position` counts from 0, its version
+    from 1, as everywhere in rehydrate. Its `time` (UTC, without time zone) is the recorded-at."""
     return EventTable(
         table="message_store.messages",
         position="global_position",
         stream_id="stream_name",
-        stream_version="position",
+        stream_version=Expression("position + 1"),
         event_type="type",
         payload="data",
         payload_format="jsonb",

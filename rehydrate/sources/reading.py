@@ -152,7 +152,7 @@ _COUNT_STREAMS = "SELECT count(*) FROM {events} WHERE {version} = 1 AND starts_w
 _TYPE_VERSIONS = """SELECT {type}, {sv}, count(*) FROM {events} GROUP BY 1, 2 ORDER BY 1, 2"""
 # What the mapping's columns are (views included): the stream id's type decides whether it is cast to text; the
 # transaction column's, how a mark is cast.
-_COLUMN_TYPES = """SELECT a.attname, format_type(a.atttypid, a.atttypmod), c.relkind
+_COLUMN_TYPES = """SELECT a.attname, format_type(a.atttypid, a.atttypmod), c.relkind, a.attnotnull
     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
     WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped"""
 
@@ -235,6 +235,7 @@ class EventSource:
         self._stream_is_text = True
         self._stream_type = "text"
         self._recorded_in_utc = False
+        self._payload_nullable = False
         self._transaction_is_xid8 = True
         self._is_table = True
         self._parts = self._build_parts()
@@ -249,6 +250,7 @@ class EventSource:
                 fix="check its name in the source's mapping, and the database the source connects to",
             )
         types = {row[0]: row[1] for row in rows}
+        rows_by_name = {row[0]: row for row in rows}
         missing = [c for c in self.mapping.columns() if c not in types]
         if missing:
             raise UserError(
@@ -260,6 +262,9 @@ class EventSource:
         stream = self.mapping.stream_id
         self._stream_type = "text" if not isinstance(stream, str) else types[stream]
         self._stream_is_text = self._stream_type.split("(")[0] in _TEXT_TYPES
+        payload = self.mapping.payload
+        # A column of a view is never NOT NULL in the catalog: an expression or a view's column may be NULL.
+        self._payload_nullable = not isinstance(payload, str) or not rows_by_name[payload][3]
         at = self.mapping.recorded_at
         self._recorded_in_utc = isinstance(at, str) and types[at] == "timestamp without time zone"
         tx = self.mapping.transaction
@@ -310,7 +315,10 @@ class EventSource:
             tx, cast = sql_of(m.transaction), "::text::xid8" if self._transaction_is_xid8 else "::text::bigint"
         else:
             tx, cast = pos, "::text::bigint"
+        # A payload may be NULL (message-db's data is nullable): an event without data, read as {}.
         payload_text = f"{payload}::text" if m.payload_format in ("jsonb", "json") else payload
+        if self._payload_nullable and m.payload_format != "bytea":
+            payload_text = f"coalesce({payload_text}, '{{}}')"
         if m.metadata is None:
             meta = "NULL::text"
         elif m.metadata_format == "jsonb":

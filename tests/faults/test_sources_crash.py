@@ -1,8 +1,9 @@
 """A replay from events rehydrate did not write survives its worker being SIGKILLed in the middle of a chunk while
 the team's application goes on writing, through the build and the swap: a mapped table (transaction-ordered by the
-column `rehydrate sources prepare` adds) and py-eventsourcing's table (written by the real library, compressed),
-both in another database than the read models. A tail batch afterwards brings the read model to the plain fold of
-every event, each applied once (the balances are sums: an event applied twice or skipped shows)."""
+column `rehydrate sources prepare` adds), py-eventsourcing's table (written by the real library, compressed),
+message-db's messages and an outbox, all in another database than the read models. A tail batch afterwards brings
+the read model to the plain fold of every event, each applied once (the balances are sums: an event applied twice or
+skipped shows)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from rehydrate.sources.inspection import prepare, prepare_sql
 from rehydrate.sources.pools import Sources
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.workflows import ReplayWorkflow
-from tests.helpers import domain, es_bank, legacy
+from tests.helpers import domain, es_bank, legacy, team_stores
 from tests.helpers.workers import (
     chunk_transactions_open,
     kill_workers,
@@ -66,6 +67,42 @@ class TeamTable:
         await self.conn.close()
 
 
+class PresetTable:
+    """message-db's messages or an outbox (see `team_stores`) in `url`, written as their writers write."""
+
+    kind: team_stores.Kind
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.projection = team_stores.accounts(self.kind, url)
+        name = self.projection.event_source.name.upper()
+        self.worker_env = {"REHYDRATE_TEST_TEAM_STORE": self.kind, f"REHYDRATE_SOURCE_{name}_URL": url}
+        self.seed = 200
+
+    async def setup(self) -> None:
+        self.conn = await asyncpg.connect(self.url)
+        await team_stores.create(self.conn, self.kind)
+        await team_stores.write(self.conn, self.kind, domain.random_history(82, streams=60, events=5000))
+
+    async def write_more(self) -> None:
+        self.seed += 1
+        await team_stores.write(self.conn, self.kind, domain.random_history(self.seed, streams=70, events=15))
+
+    async def want(self) -> dict[Any, dict[str, Any]]:
+        return domain.oracle(domain.accounts, await team_stores.events(self.conn, self.kind))
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class MessageDb(PresetTable):
+    kind = "message-db"
+
+
+class Outbox(PresetTable):
+    kind = "outbox"
+
+
 class EventsourcingApp:
     """py-eventsourcing's application on `url`, its stored events compressed."""
 
@@ -90,14 +127,18 @@ class EventsourcingApp:
         await asyncio.to_thread(self.app.close)
 
 
-@pytest.mark.parametrize("kind", [TeamTable, EventsourcingApp], ids=["mapped-table", "py-eventsourcing"])
+@pytest.mark.parametrize(
+    "kind",
+    [TeamTable, EventsourcingApp, MessageDb, Outbox],
+    ids=["mapped-table", "py-eventsourcing", "message-db", "outbox"],
+)
 async def test_a_replay_from_a_team_source_survives_a_worker_kill_while_the_team_writes(
     client: Client,
     settings: Settings,
     store: EventStore,
     other_database: str,
     tmp_path: Path,
-    kind: Callable[[str], TeamTable | EventsourcingApp],
+    kind: Callable[[str], TeamTable | EventsourcingApp | PresetTable],
 ) -> None:
     team = kind(other_database)
     await team.setup()

@@ -1,5 +1,6 @@
 """Projections over sources rehydrate did not write, slowed as `slow_domain`'s, for the worker processes of the
-fault tests: `legacy.accounts` (the team's table, in the database REHYDRATE_SOURCE_LEGACY_URL names) and, when
+fault tests: `legacy.accounts` (the team's table, in the database REHYDRATE_SOURCE_LEGACY_URL names; or, when
+REHYDRATE_TEST_TEAM_STORE names one, the same projection over message-db's table or an outbox) and, when
 REHYDRATE_TEST_BANK_URL names the database of the py-eventsourcing application, `es_bank`'s projection (the
 application, and so its mapper, made as the library's users make it)."""
 
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 import os
 
-from tests.helpers import es_bank, legacy
+from tests.helpers import es_bank, legacy, team_stores
 from tests.helpers.slow_domain import slowed
 
-accounts = slowed(legacy.accounts("transaction"))
+kind = team_stores.from_environment()
+accounts = slowed(legacy.accounts("transaction") if kind is None else team_stores.accounts(kind))
 
 if "REHYDRATE_TEST_BANK_URL" in os.environ:
     bank = es_bank.bank(os.environ["REHYDRATE_TEST_BANK_URL"], compress=True)
