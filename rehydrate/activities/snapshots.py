@@ -45,7 +45,9 @@ class SnapshotActivities(Activities):
             rows = await Catalog(conn, self.settings.schema_name).start_partitions(
                 input.rebuild_id, input.aggregate_type, input.partitions
             )
-            total = await self.store.count_streams(conn, prefix=aggregate.stream_prefix)
+            source = await self.sources.of(aggregate.event_source)
+            async with source.reading(conn) as reading:
+                total = await source.count_streams(reading, prefix=aggregate.stream_prefix)
         return SnapshotPlan(total, [PartitionState(*row) for row in rows])
 
     @activity.defn(name="rehydrate.snapshot_chunk")
@@ -66,16 +68,18 @@ class SnapshotActivities(Activities):
                 )
             if cursor["done"]:
                 return SnapshotChunkResult(cursor["after_stream"], cursor["streams_done"], 0, True)
-            streams = await self.store.streams_after(
-                conn,
-                prefix=aggregate.stream_prefix,
-                after=cursor["after_stream"],
-                limit=input.chunk_size,
-                partition=input.partition,
-                partitions=input.partitions,
-            )
-            activity.heartbeat(f"{len(streams)} streams after {cursor['after_stream']!r}")
-            events = await self.store.read_streams_by_id(conn, streams)
+            source = await self.sources.of(aggregate.event_source)
+            async with source.reading(conn) as reading:
+                streams = await source.streams_after(
+                    reading,
+                    prefix=aggregate.stream_prefix,
+                    after=cursor["after_stream"],
+                    limit=input.chunk_size,
+                    partition=input.partition,
+                    partitions=input.partitions,
+                )
+                activity.heartbeat(f"{len(streams)} streams after {cursor['after_stream']!r}")
+                events = await source.read_streams_by_id(reading, streams)
             snapshots = [
                 aggregate.new(stream_id).fold(stream_events).to_snapshot()
                 for stream_id, stream_events in groupby(events, key=_stream_of)

@@ -56,7 +56,10 @@ from rehydrate.core.settings import Settings
 from rehydrate.engine.snapshots import Snapshot, SnapshotStore
 from rehydrate.engine.upcasting import Upcasters
 from rehydrate.engine.user_modules import module_definitions, source_text
+from rehydrate.sources.declaration import Source
 from rehydrate.sources.events import Event, NewEvent
+from rehydrate.sources.pools import Sources
+from rehydrate.sources.reading import EventSource
 from rehydrate.sources.store import EventStore
 
 Applier = Callable[[Any, Event], None]
@@ -93,6 +96,8 @@ class Aggregate(BaseModel):
         state_version: bump it when the state's meaning changes, to ignore every snapshot written before.
         snapshot_every: `save` writes a snapshot each time the stream crosses a multiple of it (None: never).
         upcasters: brings old events to their current version before an `@applies` method sees them.
+        event_source: the source its streams are read from (None: rehydrate's own store). A source rehydrate did not
+            write is read only: such aggregates are loaded and snapshotted, never saved (their application saves).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -102,6 +107,7 @@ class Aggregate(BaseModel):
     state_version: ClassVar[int] = 1
     snapshot_every: ClassVar[int | None] = None
     upcasters: ClassVar[Upcasters | None] = None
+    event_source: ClassVar[Source | None] = None
     appliers: ClassVar[dict[str, Applier]] = {}
 
     _id: str = PrivateAttr(default="")
@@ -217,6 +223,8 @@ class Aggregate(BaseModel):
                 digest.update(f"{event_type}:{source}".encode())
             if cls.upcasters:
                 digest.update(cls.upcasters.fingerprint.encode())
+            if cls.event_source is not None:  # a snapshot of another source's stream is not this one's
+                digest.update(cls.event_source.identity().encode())
             cls._fingerprint = digest.hexdigest()[:16]
         return cls._fingerprint
 
@@ -271,11 +279,28 @@ class Aggregate(BaseModel):
 class Repository(Generic[A]):
     """Loads aggregates of one type from their streams (starting from a valid snapshot) and saves their events."""
 
-    def __init__(self, store: EventStore, aggregate: type[A], *, use_snapshots: bool = True) -> None:
-        self.store = store
+    def __init__(self, store: EventStore | Sources, aggregate: type[A], *, use_snapshots: bool = True) -> None:
+        # Snapshots are kept beside rehydrate's own store, whatever source the streams are read from.
+        self._owns_sources = not isinstance(store, Sources)
+        self.sources = store if isinstance(store, Sources) else Sources(store)
+        self.store = self.sources.own
         self.aggregate = aggregate
         self.use_snapshots = use_snapshots
-        self.snapshots = SnapshotStore(store.pool, store.schema)
+        self.snapshots = SnapshotStore(self.store.pool, self.store.schema)
+
+    async def __aenter__(self) -> Repository[A]:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the pool of the aggregate's source when it is in another database and this repository opened it."""
+        if self._owns_sources:
+            await self.sources.close()
+
+    async def _source(self) -> EventSource:
+        return await self.sources.of(self.aggregate.event_source)
 
     async def load(self, stream_id: str, *, version: int | None = None, as_of: datetime | None = None) -> A:
         """The aggregate's current state; with `version`, its state after that many events; with `as_of`, its
@@ -287,7 +312,7 @@ class Repository(Generic[A]):
         if as_of is not None:
             if as_of.tzinfo is None:
                 raise UserError(f"as_of {as_of!r} has no time zone", fix="pass an aware datetime, e.g. in UTC")
-            version = await self.store.stream_version(stream_id, as_of=as_of)
+            version = await (await self._source()).stream_version(stream_id, as_of=as_of)
             if version == 0:
                 raise AggregateNotFoundError(
                     f"{self.aggregate.aggregate_type} {stream_id!r} had no events at {as_of.isoformat()}",
@@ -300,7 +325,8 @@ class Repository(Generic[A]):
                 aggregate = self.aggregate.from_snapshot(snapshot)
         if aggregate is None:
             aggregate = self.aggregate.new(stream_id)
-        events = await self.store.read_stream(stream_id, after_version=aggregate.version, up_to_version=version)
+        source = await self._source()
+        events = await source.read_stream(stream_id, after_version=aggregate.version, up_to_version=version)
         aggregate.fold(events)
         if aggregate.version == 0:
             raise AggregateNotFoundError(
@@ -325,6 +351,13 @@ class Repository(Generic[A]):
         pending = aggregate._pending
         if not pending:
             return aggregate.version
+        source = self.aggregate.event_source
+        if source is not None:
+            raise UserError(
+                f"{self.aggregate.aggregate_type} {aggregate.id!r} reads source {source.name!r}, which rehydrate does "
+                "not write",
+                fix="save it through the application that owns the source; rehydrate loads and snapshots it",
+            )
         expected = aggregate.version - len(pending)
         every = aggregate.snapshot_every
         due = every is not None and aggregate.version // every > expected // every

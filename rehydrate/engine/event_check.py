@@ -33,11 +33,18 @@ class TypeVersion:
 
 
 async def check_events(store: EventStore, projections: Registry, aggregates: AggregateRegistry) -> list[TypeVersion]:
-    """One GROUP BY over the events, checked against the registered projections' and aggregates' code."""
+    """One GROUP BY over rehydrate's own events, checked against the code of the projections and aggregates that read
+    them (not those that read another source)."""
     consumers: list[tuple[str, frozenset[str], Upcasters | None]] = [
-        (f"projection {p.name}", frozenset(p.handlers) | p.ignore, p.upcasters) for p in projections
+        (f"projection {p.name}", frozenset(p.handlers) | p.ignore, p.upcasters)
+        for p in projections
+        if p.event_source is None
     ]
-    consumers += [(f"aggregate {a.aggregate_type}", frozenset(a.appliers), a.upcasters) for a in aggregates]
+    consumers += [
+        (f"aggregate {a.aggregate_type}", frozenset(a.appliers), a.upcasters)
+        for a in aggregates
+        if a.event_source is None
+    ]
     report = []
     for event_type, version, count in await store.type_versions():
         row = TypeVersion(event_type, version, count)

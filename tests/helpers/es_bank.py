@@ -4,7 +4,7 @@ projection that reads its events table (`bank_events`) through the `eventsourcin
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
@@ -13,6 +13,8 @@ from eventsourcing.domain import Aggregate, event
 from sqlmodel import Field, SQLModel
 
 from rehydrate import Event, Projection
+from rehydrate.engine.aggregates import Aggregate as AggregateState
+from rehydrate.engine.aggregates import applies
 from rehydrate.engine.projections import Row
 from rehydrate.sources.declaration import Source
 from rehydrate.sources.presets import eventsourcing_table
@@ -131,3 +133,31 @@ def projection(app: Bank, url: str | None = None) -> Projection:
         return row
 
     return accounts
+
+
+def aggregate(app: Bank, url: str | None = None) -> type[AggregateState]:
+    """The accounts as rehydrate aggregates over the application's table: loaded and snapshotted, never saved."""
+
+    class BankAccountState(AggregateState):
+        aggregate_type: ClassVar[str] = "bank_account"
+        stream_prefix: ClassVar[str] = ""  # py-eventsourcing's streams are uuids: every stream of the table
+        event_source: ClassVar[Source | None] = source(app, url)
+
+        owner: str = ""
+        balance: int = 0
+        changes: int = 0
+
+        @applies("Account.Opened")
+        def opened(self, e: Event) -> None:
+            self.owner = e.data["owner"]
+
+        @applies("Account.Deposited", "Account.Withdrawn")
+        def moved(self, e: Event) -> None:
+            self.balance += e.data["amount"] if e.type == "Account.Deposited" else -e.data["amount"]
+            self.changes += 1
+
+        @applies("Account.Renamed")
+        def renamed(self, e: Event) -> None:
+            self.owner = e.data["owner"]
+
+    return BankAccountState
