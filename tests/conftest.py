@@ -24,6 +24,7 @@ from rehydrate.core.database import create_pool, ensure_schema
 from rehydrate.core.settings import Settings
 from rehydrate.devstack import DEV_SERVER_TUNING, temporal_cli
 from rehydrate.models.names import tail_workflow_id
+from tests.helpers import kafka
 
 # Continue-as-new is suggested after this many history events, so that tests exercise it.
 CONTINUE_AS_NEW_AFTER = 400
@@ -202,3 +203,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Kafka-protocol broker (tansu) for the session: its bootstrap address. Tests make topics of their own."""
+    with kafka.tansu(tmp_path_factory.mktemp("tansu") / "tansu.log") as bootstrap:
+        yield bootstrap
