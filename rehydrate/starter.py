@@ -44,6 +44,7 @@ from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
 from rehydrate.workflows.tail import TailWorkflow
 from rehydrate.workflows.verify import DRIFT, VerifyWorkflow
 
+_QUERY_TIMEOUT = timedelta(seconds=3)  # a replay's progress query, before status says no worker answers
 _LIST_ATTEMPTS, _LIST_PAUSE = 3, 0.3  # looks at Temporal's list before a replay is said not to run
 
 
@@ -55,6 +56,7 @@ class ReplayStatus:
     progress: ReplayProgress | None
     result: ReplayResult | None
     error: str | None
+    unanswered: str | None = None  # why a running replay shows no progress: no worker answered its query
 
 
 async def start_replay(
@@ -191,12 +193,16 @@ async def replay_status(
     typed = client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
     description = await typed.describe()
     status = description.status.name if description.status is not None else "UNKNOWN"
-    progress = result = error = None
+    progress = result = error = unanswered = None
     if description.status == Status.RUNNING:
         try:
-            progress = await typed.query(ReplayWorkflow.progress)
+            # A query is answered by a worker: with none polling, the server would hold it for its whole deadline.
+            progress = await typed.query(ReplayWorkflow.progress, rpc_timeout=_QUERY_TIMEOUT)
         except RPCError:
-            progress = None
+            unanswered = (
+                f"no worker answered within {_QUERY_TIMEOUT.total_seconds():g} s: is a `rehydrate worker` running on "
+                f"task queue {description.task_queue!r}?"
+            )
     elif description.status == Status.COMPLETED:
         result = await typed.result()
     elif description.status in (Status.FAILED, Status.TERMINATED, Status.TIMED_OUT, Status.CANCELED):
@@ -204,7 +210,7 @@ async def replay_status(
             await typed.result()
         except WorkflowFailureError as failure:
             error = f"replay failed: {failure_cause(failure)}"
-    return ReplayStatus(handle.id, description.run_id, status, progress, result, error)
+    return ReplayStatus(handle.id, description.run_id, status, progress, result, error, unanswered)
 
 
 async def _require_running(handle: WorkflowHandle[Any, Any], what: str, name: str, verb: str) -> None:

@@ -258,6 +258,8 @@ def status(
                     f"    lane {lane.lane}: position {lane.position}, {lane.applied:,}/{lane.total:,}"
                     f"{' done' if lane.done else ''}"
                 )
+        if found.unanswered:
+            c.out.print(f"  progress unknown: {found.unanswered}")
         if found.result is not None:
             c.out.print(f"  {found.result.describe()}")
         if found.error:

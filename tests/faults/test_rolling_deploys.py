@@ -111,7 +111,7 @@ async def test_a_chunk_on_a_worker_of_another_release_is_refused_and_the_generat
     handle = None
     try:
         workers["A"] = start_worker(settings, logs["A"], SLOWER)
-        handle = await start_replay(client, settings, ReplayInput("accounts", lanes=2, chunk_size=20, max_parallel=2))
+        handle = await start_replay(client, settings, ReplayInput("accounts", lanes=2, chunk_size=60, max_parallel=2))
 
         async def building() -> bool:
             return (await handle.query(ReplayWorkflow.progress)).events_applied > 0
