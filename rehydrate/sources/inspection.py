@@ -25,6 +25,10 @@ _FROM_SEQUENCE = """SELECT a.attidentity <> '' OR coalesce(pg_get_expr(d.adbin, 
     FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
     WHERE a.attrelid = to_regclass($1) AND a.attname = $2"""
 _RELKIND = "SELECT relkind FROM pg_class WHERE oid = to_regclass($1)"
+# Whether an index leads with column $2 of table $1.
+_INDEX_LEADS_WITH = """SELECT EXISTS (SELECT 1 FROM pg_index i
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = to_regclass($1) AND a.attname = $2)"""
 _FUNCTIONS = """SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE n.nspname = $1 AND p.proname LIKE $2"""
 _EXPLAIN = "EXPLAIN (FORMAT JSON) SELECT 1 FROM {events} WHERE {order} IS NOT NULL ORDER BY {order} LIMIT 1000"
@@ -177,6 +181,13 @@ async def _check_gaps(conn: asyncpg.Connection, source: EventSource, found: Sour
             f"checkpoint and is applied late, by the gap audit (for {mapping.gap_horizon_seconds:g} s); run "
             f"`rehydrate sources prepare {source.name}` for an exact order"
         )
+        at = mapping.recorded_at
+        if source.is_table and isinstance(at, str) and not await conn.fetchval(_INDEX_LEADS_WITH, source.table, at):
+            index = quote(derived_name(mapping.name, f"_{at}_idx"))
+            found.warnings.append(
+                f"no index leads with {at!r}: every mark of the settle window (each tail poll) scans the table; run "
+                f"CREATE INDEX {index} ON {source.table} ({quote(at)})"
+            )
 
 
 def prepare_sql(mapping: EventTable, *, column: str = "rehydrate_tx", notify: bool = False) -> list[str]:

@@ -113,6 +113,11 @@ async def test_a_mapping_that_does_not_fit_its_table_is_one_line_naming_the_fix(
     )
     outbox = await check(outbox_table("public.outbox", position="seq", recorded_at="created"))
     assert outbox.ok and [w for w in outbox.warnings if "position 'seq' is filled from no sequence" in w]
+    unindexed_time = [w for w in outbox.warnings if "no index leads with 'created'" in w]
+    assert unindexed_time and 'CREATE INDEX "outbox_created_idx" ON "public"."outbox" ("created")' in unindexed_time[0]
+    await store.pool.execute("CREATE INDEX ON outbox (created)")
+    indexed = await check(outbox_table("public.outbox", position="seq", recorded_at="created"))
+    assert not [w for w in indexed.warnings if "no index leads with" in w]
     assert "position 'id' is filled from a sequence" in (await check(gap_free)).holds
 
     sources = Sources(store)
