@@ -250,7 +250,7 @@ class EventSource:
                 fix="check its name in the source's mapping, and the database the source connects to",
             )
         types = {row[0]: row[1] for row in rows}
-        rows_by_name = {row[0]: row for row in rows}
+        not_null = {row[0] for row in rows if row[3]}
         missing = [c for c in self.mapping.columns() if c not in types]
         if missing:
             raise UserError(
@@ -264,7 +264,7 @@ class EventSource:
         self._stream_is_text = self._stream_type.split("(")[0] in _TEXT_TYPES
         payload = self.mapping.payload
         # A column of a view is never NOT NULL in the catalog: an expression or a view's column may be NULL.
-        self._payload_nullable = not isinstance(payload, str) or not rows_by_name[payload][3]
+        self._payload_nullable = not isinstance(payload, str) or payload not in not_null
         at = self.mapping.recorded_at
         self._recorded_in_utc = isinstance(at, str) and types[at] == "timestamp without time zone"
         tx = self.mapping.transaction

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import uuid
 
+import orjson
 import pytest
 
 from rehydrate.core.errors import UserError
@@ -38,7 +39,7 @@ async def test_each_partition_is_read_once_in_offset_order_chunk_by_chunk(kafka_
                 assert len(events) <= 37
                 read += events
             assert [(e.global_position, e.stream_id, e.data["n"], e.type) for e in read] == [
-                (offset, key, int(value.decode().split(":")[1].rstrip("}")), headers["event_type"])
+                (offset, key, orjson.loads(value)["n"], headers["event_type"])
                 for offset, key, value, headers in written.get(r.partition, [])
             ]
             for event in read:
