@@ -25,6 +25,8 @@ from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
 from rehydrate.models import TailInput, TailRun
 from rehydrate.models.names import TAIL, tail_workflow_id
+from rehydrate.sources.declaration import KafkaSource
+from rehydrate.sources.log import LogSource
 
 _LAG_EVERY_SECONDS = 5.0  # the lag gauge's count query runs at most this often
 
@@ -77,12 +79,12 @@ class TailActivities(Activities):
             # What `rehydrate projections` compares with the code its generation was built with (STALE).
             await Catalog(conn, self.settings.schema_name).set_tail_code(projection.name, projection.fingerprint)
         wake = asyncio.Event()
-        source = await self.sources.of(projection.event_source)
+        source = await self.sources.any(projection.event_source)
         declared = projection.event_source
-        channel = source.mapping.notify_channel
-        # Writers that NOTIFY wake the tail at once; without a channel it polls every `poll_seconds`.
+        # Writers that NOTIFY wake the tail at once; without a channel (or from a log) it polls every `poll_seconds`.
+        channel = None if isinstance(source, LogSource) else source.mapping.notify_channel
         listener = None
-        if channel is not None:
+        if channel is not None and not isinstance(declared, KafkaSource):
             url = self.database_url if declared is None or declared.database_url is None else declared.database_url
             listener = await connect(url)
 
@@ -115,8 +117,12 @@ class TailActivities(Activities):
                     metrics.events_applied(projection.name, moved)
                     if time.monotonic() >= lag_due:
                         lag_due = time.monotonic() + _LAG_EVERY_SECONDS
-                        async with self.pool.acquire() as conn, source.reading(conn) as reading:
-                            lag = await source.lag(reading, checkpoint, projection.event_types)
+                        if isinstance(source, LogSource):
+                            async with self.generations() as generations:
+                                lag = await generations.log_lag(projection, generation, source), 0.0
+                        else:
+                            async with self.pool.acquire() as conn, source.reading(conn) as reading:
+                                lag = await source.lag(reading, checkpoint, projection.event_types)
                         metrics.tail_lag(projection.name, *lag)
                 activity.heartbeat(checkpoint)
                 if moved == 0:

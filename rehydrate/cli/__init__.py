@@ -30,7 +30,7 @@ from rehydrate.cli import (
     worker,
 )
 from rehydrate.cli._common import err, out
-from rehydrate.core.errors import UserError
+from rehydrate.core.errors import SourceUnavailable, UserError
 from rehydrate.core.logs import configure as configure_logs
 from rehydrate.core.temporal import quiet_exit
 from rehydrate.core.tracing import flush
@@ -86,6 +86,9 @@ def _exit_code(args: list[str] | None) -> int:
         err.print(f"[red]error:[/] {escape(error.message)}", soft_wrap=True)
         if error.fix:
             err.print(f"  fix: {escape(error.fix)}", soft_wrap=True)
+        return 1
+    except SourceUnavailable as error:
+        err.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         return 130

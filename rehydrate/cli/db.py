@@ -13,6 +13,7 @@ from rehydrate.core import embedded
 from rehydrate.core.database import connect, ensure_schema, grant, grants_sql, ready_pool, resolve_url
 from rehydrate.core.identifiers import check_identifier
 from rehydrate.core.settings import redact_url
+from rehydrate.sources.declaration import Source
 from rehydrate.sources.inspection import grants_sql as source_grants_sql
 
 app = typer.Typer(help="The database: rehydrate's schema, its workers' grants, its URL and psql.", no_args_is_help=True)
@@ -54,12 +55,12 @@ def grants(
     settings = c.settings()
     check_identifier(role, "role")
     if source is not None:
-        found = sources.named(settings, source)
+        found = sources.named_table(settings, source, "db grants --source")
         statements = source_grants_sql(found.table, role)
     else:
         statements = grants_sql(settings.schema_name, settings.read_model_schema, role)
         for declared in sources.declared(settings).values():
-            if declared.database_url is None:
+            if isinstance(declared, Source) and declared.database_url is None:
                 statements += source_grants_sql(declared.table, role)
     if not apply:
         if as_json:

@@ -57,6 +57,13 @@ def start(
     allow_dead_letters: Annotated[
         bool, typer.Option("--allow-dead-letters", help="Swap even if the projection parked events.")
     ] = False,
+    accept_partial_history: Annotated[
+        bool,
+        typer.Option(
+            "--accept-partial-history",
+            help="Kafka: build even though retention deleted the topic's start, or it is compacted (recorded).",
+        ),
+    ] = False,
     stale: Annotated[bool, typer.Option("--stale", help="Start one replay per STALE projection.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress and wait for the swap.")] = False,
     as_json: c.Json = False,
@@ -79,6 +86,7 @@ def start(
             to_position=to_position,
             as_of=as_of,
             allow_dead_letters=allow_dead_letters,
+            accept_partial_history=accept_partial_history,
         )
 
     known = registry if len(registry) else None  # none here: the workers' own list decides
@@ -178,6 +186,9 @@ def plan(
     ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Events per chunk (default: REHYDRATE_CHUNK_SIZE).")] = None,
     max_parallel: Annotated[int | None, typer.Option(help="Chunks at once (default: REHYDRATE_MAX_PARALLEL).")] = None,
+    accept_partial_history: Annotated[
+        bool, typer.Option("--accept-partial-history", help="Kafka: plan even from a truncated or compacted topic.")
+    ] = False,
     as_json: c.Json = False,
 ) -> None:
     """Show what a replay of NAME would do, changing nothing: events, lanes, chunks and an estimated duration."""
@@ -192,7 +203,14 @@ def plan(
         except (UserError, RPCError):
             workers = None  # Temporal unreachable: the estimate assumes a worker per lane
         return await operations.plan(
-            pool, settings, projection, lanes=lanes, chunk_size=chunk_size, max_parallel=max_parallel, workers=workers
+            pool,
+            settings,
+            projection,
+            lanes=lanes,
+            chunk_size=chunk_size,
+            max_parallel=max_parallel,
+            workers=workers,
+            accept_partial_history=accept_partial_history,
         )
 
     p = c.with_pool(settings, work)

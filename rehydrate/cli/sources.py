@@ -14,10 +14,11 @@ from rich.table import Table
 
 from rehydrate.cli import _common as c
 from rehydrate.core.database import create_pool, ready_pool, resolve_url
-from rehydrate.core.errors import UserError
+from rehydrate.core.errors import SourceUnavailable, UserError
 from rehydrate.core.settings import Settings, redact_url
-from rehydrate.sources.declaration import Source, sources_from_settings
-from rehydrate.sources.inspection import SourceCheck, check_source, prepare, prepare_sql
+from rehydrate.sources.declaration import AnySource, KafkaSource, Source, sources_from_settings
+from rehydrate.sources.inspection import SourceCheck, check_log, check_source, prepare, prepare_sql
+from rehydrate.sources.pools import open_log
 from rehydrate.sources.reading import EventSource
 
 app = typer.Typer(help="Event sources: list them, check a mapping, prepare a table.", no_args_is_help=True)
@@ -25,13 +26,13 @@ app = typer.Typer(help="Event sources: list them, check a mapping, prepare a tab
 Name = Annotated[str, typer.Argument(help="The source.")]
 
 
-def declared(settings: Settings) -> dict[str, Source]:
+def declared(settings: Settings) -> dict[str, AnySource]:
     """The project's sources: those its projections read (declared in code or settings), and those in settings."""
     found = {source.name: source for source in c.projections(settings).sources()}
     return {**sources_from_settings(settings.sources), **found}
 
 
-def named(settings: Settings, name: str) -> Source:
+def named(settings: Settings, name: str) -> AnySource:
     sources = declared(settings)
     if name not in sources:
         raise UserError(
@@ -39,6 +40,14 @@ def named(settings: Settings, name: str) -> Source:
             fix="declare it beside the projections that read it, or as [sources.NAME] in rehydrate.toml",
         )
     return sources[name]
+
+
+def named_table(settings: Settings, name: str, doing: str) -> Source:
+    """The table source `name`; a UserError for a Kafka source, naming what it cannot do."""
+    source = named(settings, name)
+    if isinstance(source, KafkaSource):
+        raise UserError(f"source {name!r} is a Kafka topic: {doing} is for event tables", fix="name a table source")
+    return source
 
 
 @contextlib.asynccontextmanager
@@ -76,6 +85,17 @@ def list_sources(as_json: c.Json = False) -> None:
         }
     )
     for name, source in sorted(declared(settings).items()):
+        if isinstance(source, KafkaSource):
+            rows.append(
+                {
+                    "name": name,
+                    "table": f"kafka topic {source.topic.topic}",
+                    "order": "partition",
+                    "database": source.bootstrap_servers or "(from the environment)",
+                    "projections": readers.get(name, []),
+                }
+            )
+            continue
         url = source.database_url
         rows.append(
             {
@@ -98,11 +118,21 @@ def list_sources(as_json: c.Json = False) -> None:
 @app.command("check")
 def check(name: Name, as_json: c.Json = False) -> None:
     """Check NAME's mapping against its live table: columns, the index of the read order, decoded payloads, rising
-    stream versions and the gap strategy. Exit 1 on a problem."""
+    stream versions and the gap strategy; or a Kafka topic: partitions, offsets, a decoded sample and whether it holds
+    its whole history. Exit 1 on a problem."""
     settings = c.settings()
     source = named(settings, name)
 
     async def work() -> SourceCheck:
+        if isinstance(source, KafkaSource):
+            try:
+                log = await open_log(source)
+            except SourceUnavailable as error:
+                return SourceCheck(source.name, problems=[str(error)])
+            try:
+                return await check_log(log)
+            finally:
+                await log.close()
         async with connected(settings, source) as (pool, reader), pool.acquire() as conn:
             return await check_source(conn, reader)
 
@@ -131,7 +161,7 @@ def prepare_command(
     """Give NAME's table a transaction column (xid8, DEFAULT pg_current_xact_id()) and its index, so that it can be
     read as exactly as rehydrate's own store (map it with order="transaction", transaction=COLUMN)."""
     settings = c.settings()
-    source = named(settings, name)
+    source = named_table(settings, name, "prepare")
     statements = prepare_sql(source.table, column=column, notify=notify)
     if not print_sql:
 

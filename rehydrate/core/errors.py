@@ -32,6 +32,10 @@ class UserError(RehydrateError):
         super().__init__(f"{message} — {fix}" if fix else message)
 
 
+class SourceUnavailable(RehydrateError):
+    """A source that does not answer for now (a broker restarting): retried, unlike a UserError."""
+
+
 class ConcurrencyError(UserError):
     """An append found the stream at another version than the caller expected."""
 

@@ -198,8 +198,9 @@ class Settings(BaseSettings):
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Event sources projections may read besides rehydrate's own store, by name: for each, the "
-        "table and its columns (a [sources.NAME] table in rehydrate.toml; see the event sources guide). A source's "
-        "database URL may come from REHYDRATE_SOURCE_NAME_URL",
+        'table and its columns, or kind = "kafka" with its brokers and topic (a [sources.NAME] table in '
+        "rehydrate.toml; see the event sources and Kafka guides). A source's database URL may come from "
+        "REHYDRATE_SOURCE_NAME_URL, a topic's brokers from REHYDRATE_SOURCE_NAME_BOOTSTRAP_SERVERS",
     )
     worker_deployment: str = Field(
         default="",

@@ -22,8 +22,9 @@ from rehydrate.engine.generations import Generations, other_code
 from rehydrate.engine.projections import Projection
 from rehydrate.models import ChunkInput, ChunkResult, LaneState, Plan, PlanInput
 from rehydrate.sources.events import Cutoff, Event, is_held
+from rehydrate.sources.log import LogSource, check_partitions
 from rehydrate.sources.pools import Sources
-from rehydrate.sources.reading import EventSource
+from rehydrate.sources.reading import SLICE, EventSource
 from rehydrate.sources.store import EventStore
 
 
@@ -46,7 +47,7 @@ async def plan_generation(
     sandbox = input.sandbox or ""
     generations = Generations(conn, store, settings.read_model_schema)
     catalog = generations.catalog
-    source = await generations.sources.of(projection.event_source)
+    opened = await generations.sources.any(projection.event_source)
     building = await catalog.building_generation(projection.name, sandbox)
     if building is not None and building["workflow_id"] != input.workflow_id:
         if input.skip_if_running:
@@ -56,6 +57,9 @@ async def plan_generation(
             f"{building['workflow_id']!r} (generation {building['generation']})",
             fix="wait for it, or cancel it with `rehydrate replay cancel`",
         )
+    if isinstance(opened, LogSource):
+        return await _plan_log(generations, opened, projection, input, building, lanes, chunk_size, max_parallel)
+    source = opened
     counts: list[int] | None = None  # each lane's events, estimated
     if building is None:
         cutoff = Cutoff.of(input.to_position, input.as_of)
@@ -126,6 +130,82 @@ async def plan_generation(
     )
 
 
+async def _plan_log(
+    generations: Generations,
+    log: LogSource,
+    projection: Projection,
+    input: PlanInput,
+    building: asyncpg.Record | None,
+    lanes: int | None,
+    chunk_size: int,
+    max_parallel: int,
+) -> Plan:
+    """Plan a build from a log: a lane per partition, each from the partition's first offset to its end now (or, for
+    a verify's rebuild, to where the live generation's lane is)."""
+    catalog = generations.catalog
+    sandbox = input.sandbox or ""
+    if building is None:
+        if input.to_position is not None or input.as_of is not None:
+            raise UserError(
+                f"projection {projection.name!r} reads Kafka source {log.name!r}: a build cut at a position or a "
+                "time (--to-position, --as-of) is not available for a topic",
+                fix="build the whole topic",
+            )
+        partial = False
+        if input.mark is not None:  # a verify's rebuild: to the live generation's offsets, read at the start
+            live = await catalog.active_generation(projection.name)
+            live_lanes = await catalog.log_lanes(projection.name, live)
+            partial = bool((await catalog.generation(projection.name, live))["partial_history"])
+            ranges, _ = await log.check_history(accept_partial=partial)
+            check_partitions(log.name, len(ranges), len(live_lanes))
+            bounds = [(r.earliest, lane["position"]) for r, lane in zip(ranges, live_lanes, strict=True)]
+        else:
+            ranges, problems = await log.check_history(accept_partial=input.accept_partial_history)
+            partial = bool(problems)
+            bounds = [(r.earliest, r.end) for r in ranges]
+        if lanes is not None and lanes != len(ranges):
+            raise UserError(
+                f"projection {projection.name!r} reads Kafka source {log.name!r}, whose lanes are its {len(ranges)} "
+                f"partition(s), not {lanes}",
+                fix="leave --lanes out",
+            )
+        building = await generations.create(
+            projection,
+            mark=sum(end for _, end in bounds),
+            lanes=len(bounds),
+            chunk_size=chunk_size,
+            workflow_id=input.workflow_id,
+            run_id=input.run_id,
+            sandbox=sandbox,
+            partitions=bounds,
+            partial_history=partial,
+        )
+    generation = building["generation"]
+    done = {lane: finished for lane, _, _, finished in await catalog.lanes(projection.name, generation)}
+    states = [
+        LaneState(
+            lane=row["lane"],
+            position=row["position"],
+            applied=row["events_applied"],
+            total=row["events_applied"] + max(0, row["target"] - row["position"]),
+            done=done[row["lane"]],
+        )
+        for row in await catalog.log_lanes(projection.name, generation)
+    ]
+    total = sum(lane.total for lane in states)
+    await catalog.set_total(projection.name, generation, total)
+    return Plan(
+        generation=generation,
+        physical_table=building["physical_table"],
+        mark=building["target_xmin"],
+        lanes=states,
+        chunk_size=building["chunk_size"],
+        max_parallel=max_parallel,
+        events_total=total,
+        source=log.name,
+    )
+
+
 async def _lane_sizes(
     conn: asyncpg.Connection,
     store: EventSource,
@@ -189,7 +269,10 @@ async def apply_chunk(
             # Workers of two releases on one task queue (a rolling deploy): this one has other code for the
             # projection than the generation was planned with. One generation is built by one code, never two.
             raise other_code(projection, input.generation, checkpoint["fingerprint"])
-        source = await generations.sources.of(projection.event_source)
+        opened = await generations.sources.any(projection.event_source)
+        if isinstance(opened, LogSource):
+            return await _apply_log_chunk(generations, opened, projection, input, checkpoint, progress)
+        source = opened
         # The events may be in another database: read there, in a transaction of its own, while this transaction
         # writes the rows and the checkpoint (everything below the mark is final, so both see the same events).
         async with source.reading(conn) as reading:
@@ -256,4 +339,37 @@ async def apply_chunk(
             done,
             after if checkpoint["by_stream"] else None,
         )
+    return ChunkResult(position=position, applied=total_applied, chunk_events=applied.events, done=done)
+
+
+async def _apply_log_chunk(
+    generations: Generations,
+    log: LogSource,
+    projection: Projection,
+    input: ChunkInput,
+    checkpoint: asyncpg.Record,
+    progress: ChunkProgress,
+) -> ChunkResult:
+    """Apply the next events of one partition, from the lane's offset towards its target, with the lane's new offset
+    (in the caller's transaction). The chunk ends when the read's position reaches the target, never by counting
+    records: offsets of transaction markers and aborted records hold no event."""
+    catalog = generations.catalog
+    table = generations.read_models(checkpoint["sandbox"]).table(
+        projection.table, projection.table.physical_name(input.generation)
+    )
+    start = position = progress.from_position = checkpoint["position"]
+    target = checkpoint["target"]
+    # Keys interleave in a partition: any key may have a row from an earlier chunk.
+    folding = Folding(projection, table, Parking(catalog, input.generation), None)
+    loop = asyncio.get_running_loop()
+    async with log.reader() as reader:
+        async for events, position in log.batches(reader, input.lane, start, target, input.chunk_size, SLICE):
+            await folding.add(events)
+            await asyncio.sleep(0)
+            if loop.time() >= progress.quiet_until:
+                progress.heartbeat(position)
+    applied = await folding.write()
+    done = position >= target
+    total_applied = checkpoint["events_applied"] + applied.events
+    await catalog.save_lane(input.projection, input.generation, input.lane, position, total_applied, done)
     return ChunkResult(position=position, applied=total_applied, chunk_events=applied.events, done=done)

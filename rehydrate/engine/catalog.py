@@ -76,7 +76,7 @@ _SANDBOX_OF = "SELECT sandbox FROM {schema}.generations WHERE projection = $1 AN
 _LIST_GENERATIONS = """SELECT g.generation, g.state, g.version, g.fingerprint, g.physical_table, g.lanes, g.chunk_size,
         g.events_total, g.events_applied, g.rows_count, g.workflow_id, g.run_id, g.error,
         g.target_xmin::text::bigint AS target_mark, g.checkpoint_xmin::text::bigint AS checkpoint,
-        g.started_at, g.built_at, g.activated_at, g.ended_at,
+        g.started_at, g.built_at, g.activated_at, g.ended_at, g.partial_history,
         extract(epoch FROM g.built_at - g.started_at)::float8 AS build_seconds,
         (SELECT count(*) FROM {schema}.dead_letters d
          WHERE d.projection = g.projection AND d.generation = g.generation) AS dead_letters
@@ -90,6 +90,12 @@ _INSERT_HASH_LANES = """INSERT INTO {schema}.lane_checkpoints (projection, gener
 _INSERT_RANGE_LANE = """INSERT INTO {schema}.lane_checkpoints
         (projection, generation, lane, position, by_stream, low_stream, high_stream)
     VALUES ($1, $2, $3, 0, true, $4, $5)"""
+_INSERT_LOG_LANES = """INSERT INTO {schema}.lane_checkpoints (projection, generation, lane, position, target)
+    SELECT $1, $2, lane - 1, start, target
+    FROM unnest($3::bigint[], $4::bigint[]) WITH ORDINALITY AS l(start, target, lane)"""
+_LOG_LANES = """SELECT lane, position, target, events_applied FROM {schema}.lane_checkpoints
+    WHERE projection = $1 AND generation = $2 ORDER BY lane"""
+_MARK_PARTIAL = "UPDATE {schema}.generations SET partial_history = true WHERE projection = $1 AND generation = $2"
 _LANE_BOUNDS = """SELECT by_stream, low_stream, high_stream FROM {schema}.lane_checkpoints
     WHERE projection = $1 AND generation = $2 ORDER BY lane"""
 _LANES = """SELECT lane, position, events_applied, done FROM {schema}.lane_checkpoints
@@ -97,7 +103,7 @@ _LANES = """SELECT lane, position, events_applied, done FROM {schema}.lane_check
 # The row lock makes a retried chunk wait for a zombie attempt of the same lane (a worker that lost its heartbeat
 # but still runs); the retry then starts from whatever that attempt committed.
 _LOCK_LANE = """SELECT c.position, c.events_applied, c.done, g.state, c.by_stream, c.low_stream, c.high_stream,
-        c.after_stream, c.after_version, g.sandbox, g.to_position, g.as_of, g.fingerprint
+        c.after_stream, c.after_version, c.target, g.sandbox, g.to_position, g.as_of, g.fingerprint
     FROM {schema}.lane_checkpoints c JOIN {schema}.generations g USING (projection, generation)
     WHERE c.projection = $1 AND c.generation = $2 AND c.lane = $3
     FOR UPDATE OF c"""
@@ -335,6 +341,19 @@ class Catalog:
             self._sql(_INSERT_RANGE_LANE),
             [(projection, generation, lane, bounds[lane], bounds[lane + 1]) for lane in range(lanes)],
         )
+
+    async def insert_log_lanes(
+        self, projection: str, generation: int, starts: Sequence[int], targets: Sequence[int], partial: bool
+    ) -> None:
+        """One lane per partition of a log: from its `starts` offset to its `targets` offset; `partial`: the log no
+        longer held its whole history, and whoever started the build accepted that."""
+        await self.conn.execute(self._sql(_INSERT_LOG_LANES), projection, generation, list(starts), list(targets))
+        if partial:
+            await self.conn.execute(self._sql(_MARK_PARTIAL), projection, generation)
+
+    async def log_lanes(self, projection: str, generation: int) -> list[asyncpg.Record]:
+        """(lane, position, target, events_applied) of each lane of a log's generation, in partition order."""
+        return list(await self.conn.fetch(self._sql(_LOG_LANES), projection, generation))
 
     async def lane_bounds(self, projection: str, generation: int) -> list[tuple[str | None, str | None]] | None:
         """The stream ranges of a generation's lanes, or None when its lanes split by hash."""

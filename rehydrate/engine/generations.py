@@ -18,11 +18,12 @@ from rehydrate.core.errors import UserError, WrongWorker
 from rehydrate.engine.apply import Parking, apply_events
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Projection
-from rehydrate.engine.readmodels import ReadModels, sandbox_schema, table_schema
+from rehydrate.engine.readmodels import GenerationTable, ReadModels, sandbox_schema, table_schema
 from rehydrate.models import SwapResult, VerifyResult
 from rehydrate.sources.events import Cutoff, Event
+from rehydrate.sources.log import LogSource, check_partitions
 from rehydrate.sources.pools import Sources
-from rehydrate.sources.reading import EventSource
+from rehydrate.sources.reading import SLICE, EventSource
 from rehydrate.sources.store import EventStore
 
 log = logging.getLogger("rehydrate.generations")
@@ -68,10 +69,13 @@ class Generations:
         sandbox: str = "",
         cutoff: Cutoff | None = None,
         gaps: Sequence[tuple[int, int]] = (),
+        partitions: Sequence[tuple[int, int]] | None = None,
+        partial_history: bool = False,
     ) -> asyncpg.Record:
         """Register a new building generation, create its table (no secondary indexes) and its lane checkpoints, and
         record the `gaps` below its mark (a settle-window source's); returns its row as
-        `Catalog.building_generation` reads it."""
+        `Catalog.building_generation` reads it. A log's generation has a lane per partition, each read from its
+        first offset to its end at plan time: `partitions`, (first, end) in partition order."""
         tables = self.read_models(sandbox)
         async with self.conn.transaction():
             await tables.ensure_schema()
@@ -90,7 +94,11 @@ class Generations:
                 as_of=None if cutoff is None else cutoff.as_of,
             )
             await tables.create_table(projection.table, number)
-            await self.catalog.insert_lanes(projection.name, number, lanes, boundaries)
+            if partitions is not None:
+                starts, ends = [p[0] for p in partitions], [p[1] for p in partitions]
+                await self.catalog.insert_log_lanes(projection.name, number, starts, ends, partial_history)
+            else:
+                await self.catalog.insert_lanes(projection.name, number, lanes, boundaries)
             await self.catalog.add_gaps(projection.name, number, gaps)
         row = await self.catalog.building_generation(projection.name, sandbox)
         assert row is not None
@@ -126,11 +134,17 @@ class Generations:
     # -- catching up, swapping, keeping current ----------------------------------------------------------
 
     async def catch_up(
-        self, projection: Projection, generation: int, *, max_events: int | None = None, to_mark: int | None = None
+        self,
+        projection: Projection,
+        generation: int,
+        *,
+        max_events: int | None = None,
+        to_mark: int | None = None,
+        upto: Sequence[int] | None = None,
     ) -> tuple[int, int]:
         """Move a generation's checkpoint to the current high-water mark (or `to_mark`, or, with `max_events`, to an
         earlier mark that bounds the batch), applying the delta: (events applied, the new checkpoint). Runs in the
-        caller's transaction."""
+        caller's transaction. A log's generation moves each lane to its partition's end (or to `upto`'s offset)."""
         row = await self.catalog.lock_generation(projection.name, generation)
         if row["state"] not in ("building", "active", "sandbox"):
             raise UserError(
@@ -139,8 +153,11 @@ class Generations:
         if row["state"] == "building" and row["fingerprint"] != projection.fingerprint:
             raise other_code(projection, generation, row["fingerprint"])
         checkpoint = row["checkpoint"]
-        source = await self.sources.of(projection.event_source)
+        opened = await self.sources.any(projection.event_source)
         table = self.read_models(row["sandbox"]).table(projection.table, row["physical_table"])
+        if isinstance(opened, LogSource):
+            return await self._catch_up_log(projection, generation, checkpoint, table, opened, max_events, upto)
+        source = opened
         late: list[Event] = []
         refold: list[str] = []
         keys_events: list[Event] = []
@@ -194,6 +211,55 @@ class Generations:
                 len(refold),
             )
         return applied.events, max(mark, checkpoint)
+
+    async def _catch_up_log(
+        self,
+        projection: Projection,
+        generation: int,
+        checkpoint: int,
+        table: GenerationTable,
+        log: LogSource,
+        max_events: int | None,
+        upto: Sequence[int] | None,
+    ) -> tuple[int, int]:
+        """Read each partition from its lane's offset to its end now (or to `upto`), apply, and move the lanes; at
+        most `max_events`, starting from a partition that turns with the checkpoint, so that a busy partition does
+        not starve the others. The checkpoint is the sum of the lanes' offsets."""
+        lanes = await self.catalog.log_lanes(projection.name, generation)
+        if upto is None:
+            ranges = await log.ranges()
+            check_partitions(log.name, len(ranges), len(lanes))
+            upto = [r.end for r in ranges]
+        budget = max_events if max_events is not None else 1 << 62
+        applied = 0
+        positions = [lane["position"] for lane in lanes]
+        first = checkpoint % len(lanes) if lanes else 0
+        parking = Parking(self.catalog, generation)
+        async with log.reader() as reader:
+            for lane in [*lanes[first:], *lanes[:first]]:
+                number, start, end = lane["lane"], lane["position"], upto[lane["lane"]]
+                if start >= end or budget <= 0:
+                    continue
+                moved, position = 0, start
+                async for events, reached in log.batches(reader, number, start, end, budget, SLICE):
+                    moved += (await apply_events(projection, table, events, parking)).events
+                    budget -= len(events)
+                    position = reached
+                await self.catalog.save_lane(
+                    projection.name, generation, number, position, lane["events_applied"] + moved, True
+                )
+                positions[number] = position
+                applied += moved
+        mark = sum(positions)
+        if mark != checkpoint:
+            await self.catalog.move_checkpoint(projection.name, generation, mark, applied)
+        return applied, mark
+
+    async def log_lag(self, projection: Projection, generation: int, log: LogSource) -> int:
+        """The events (offsets) a log's generation has still to read, over its partitions."""
+        lanes = await self.catalog.log_lanes(projection.name, generation)
+        ranges = await log.ranges()
+        return sum(max(0, r.end - lane["position"]) for r, lane in zip(ranges, lanes, strict=False))
 
     async def _audit_gaps(
         self,
@@ -359,11 +425,15 @@ class Generations:
                 return 0, 0
             table = self.read_models().table(projection.table, row["physical_table"])
             await table.delete_as_text(keys)
-            source = await self.sources.of(projection.event_source)
-            async with source.reading(self.conn) as reading:
-                events = await source.read_keys(
-                    reading, key=projection.key, keys=keys, mark=row["checkpoint"], types=projection.event_types
-                )
+            opened = await self.sources.any(projection.event_source)
+            if isinstance(opened, LogSource):
+                lanes = await self.catalog.log_lanes(projection.name, generation)
+                events = await opened.read_keys(keys, [lane["position"] for lane in lanes])
+            else:
+                async with opened.reading(self.conn) as reading:
+                    events = await opened.read_keys(
+                        reading, key=projection.key, keys=keys, mark=row["checkpoint"], types=projection.event_types
+                    )
             await apply_events(projection, table, events, Parking(self.catalog, generation))
             still = await self.catalog.parked_key_count(projection.name, generation)
         return len(keys), still
@@ -390,7 +460,19 @@ class Generations:
                     f"behind the rebuild's mark {sandbox_row['checkpoint']} (a rollback while verifying?)",
                     fix="run the verify again",
                 )
-            if live_row["checkpoint"] > sandbox_row["checkpoint"]:
+            opened = await self.sources.any(projection.event_source)
+            if isinstance(opened, LogSource):
+                live_lanes = await self.catalog.log_lanes(projection.name, live)
+                rebuilt_lanes = await self.catalog.log_lanes(projection.name, sandbox_generation)
+                check_partitions(opened.name, len(live_lanes), len(rebuilt_lanes))
+                if any(a["position"] < b["position"] for a, b in zip(live_lanes, rebuilt_lanes, strict=True)):
+                    raise UserError(
+                        f"the live generation of {projection.name!r} (g{live}) is behind the rebuild's offsets (a "
+                        "rollback while verifying?)",
+                        fix="run the verify again",
+                    )
+                await self.catch_up(projection, sandbox_generation, upto=[lane["position"] for lane in live_lanes])
+            elif live_row["checkpoint"] > sandbox_row["checkpoint"]:
                 await self.catch_up(projection, sandbox_generation, to_mark=live_row["checkpoint"])
             count, first, live_rows, rebuilt_rows = await self.read_models().compare(
                 projection.table,

@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from rehydrate.core.errors import UserError
+from rehydrate.core.errors import SourceUnavailable, UserError
 from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, check_range
 from rehydrate.core.settings import Settings, lanes_for
 from rehydrate.engine.apply import Folding
@@ -19,6 +19,7 @@ from rehydrate.engine.generations import Generations
 from rehydrate.engine.projections import Projection, Registry
 from rehydrate.engine.readmodels import ReadModels
 from rehydrate.models.names import OWN_SOURCE
+from rehydrate.sources.log import LogSource
 from rehydrate.sources.pools import Sources
 from rehydrate.sources.reading import EventSource
 from rehydrate.sources.store import EventStore
@@ -87,11 +88,17 @@ async def projection_statuses(
         unread: str | None = None
         if projection is not None and row.get("checkpoint") is not None:
             try:  # one source out of reach leaves the others' lag shown
-                source = await sources.of(projection.event_source)
-                async with source.reading(conn) as reading:
-                    lag = await source.lag(reading, row["checkpoint"], projection.event_types)
+                source = await sources.any(projection.event_source)
+                if isinstance(source, LogSource):
+                    generations = Generations(conn, sources, read_model_schema)
+                    lag = await generations.log_lag(projection, row["active_generation"], source), 0.0
+                else:
+                    async with source.reading(conn) as reading:
+                        lag = await source.lag(reading, row["checkpoint"], projection.event_types)
             except UserError as error:
                 unread = error.message
+            except SourceUnavailable as error:
+                unread = str(error)
         rows, exact = (None, True)
         if row.get("physical_table") is not None:
             rows, exact = await read_models.live_rows(row["physical_table"])
@@ -289,6 +296,7 @@ async def plan(
     chunk_size: int | None = None,
     max_parallel: int | None = None,
     workers: int | None = None,
+    accept_partial_history: bool = False,
 ) -> ReplayPlan:
     """What a replay would do, changing nothing: events to read below the current high-water mark, per lane and
     in chunks, and its duration (see `estimate`; `workers`: the worker processes polling, when known), from the
@@ -302,9 +310,18 @@ async def plan(
         check_range("lanes", lanes, 1, MAX_LANES)
     sources = Sources(EventStore(pool, settings.schema_name))
     try:
-        source = await sources.of(projection.event_source)
+        source = await sources.any(projection.event_source)
         async with pool.acquire() as conn:
-            counts, mark, fetched, seconds = await _sample(conn, source, settings, projection, lanes, chunk_size)
+            if isinstance(source, LogSource):  # a lane per partition, its offsets below its end; no sample read
+                ranges, _ = await source.check_history(accept_partial=accept_partial_history)
+                counts, mark, fetched, seconds = (
+                    [r.end - r.earliest for r in ranges],
+                    sum(r.end for r in ranges),
+                    0,
+                    0.0,
+                )
+            else:
+                counts, mark, fetched, seconds = await _sample(conn, source, settings, projection, lanes, chunk_size)
             measured = _measured(await Catalog(conn, settings.schema_name).generations(projection.name))
     finally:
         await sources.close()

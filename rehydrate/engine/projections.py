@@ -25,7 +25,7 @@ from rehydrate.core.identifiers import check_identifier, derived_name
 from rehydrate.core.settings import Settings, projections_origin
 from rehydrate.engine.upcasting import UpcastError, Upcasters
 from rehydrate.engine.user_modules import module_definitions, source_text
-from rehydrate.sources.declaration import Source, sources_from_settings
+from rehydrate.sources.declaration import AnySource, KafkaSource, Source, sources_from_settings
 from rehydrate.sources.events import Event, KeySpec
 
 Row = dict[str, Any]
@@ -159,18 +159,19 @@ class Projection:
         description: str = "",
         upcasters: Upcasters | None = None,
         on_error: str = "stop",
-        source: Source | str | None = None,
+        source: AnySource | str | None = None,
     ) -> None:
         self.name = check_identifier(name, "projection name")
         # Where its events are: a Source, a source's name in settings (resolved by the registry), or None: rehydrate's
         # own store.
-        self.source: Source | str | None = source
+        self.source: AnySource | str | None = source
         if not isinstance(version, int) or version < 1:
             raise UserError(f"projection {name!r}: version {version!r} is not a positive integer", fix="use 1, 2, …")
         self.version = version
         self.table = TableShape.of(table, name)
         self.model = table
         self.key = KeySpec(None if key == "stream" else key)
+        self._check_source_key()
         self.strict = strict
         self.ignore = frozenset(ignore)
         self.description = description or (inspect.getdoc(table) or "").split("\n")[0]
@@ -181,6 +182,17 @@ class Projection:
                 f"projection {name!r}: on_error={on_error!r} is not 'stop' or 'park'", fix="use one of them"
             )
         self.on_error = on_error
+
+    def _check_source_key(self) -> None:
+        """A Kafka topic orders events only per partition, that is per message key: a projection keyed by a payload
+        field would fold one key's events from several partitions, in no order."""
+        if isinstance(self.source, KafkaSource) and self.key.field is not None:
+            raise UserError(
+                f"projection {self.name!r} reads Kafka source {self.source.name!r} keyed by the field "
+                f"{self.key.field!r}: a topic orders events only per message key",
+                fix="key the projection by the stream (key='stream', the message key), or have producers key "
+                "messages by that field",
+            )
 
     def on(self, *event_types: str) -> Callable[[Handler], Handler]:
         """Register the decorated function as the handler of `event_types`."""
@@ -240,7 +252,7 @@ class Projection:
         return upcast
 
     @property
-    def event_source(self) -> Source | None:
+    def event_source(self) -> AnySource | None:
         """The source it reads (None: rehydrate's own store)."""
         if isinstance(self.source, str):
             raise UserError(
@@ -267,7 +279,7 @@ class Projection:
         for part in self.upcaster_fingerprints():
             digest.update(part.encode())
         if self.source is not None:  # (rehydrate's own store adds nothing: fingerprints made before sources stand)
-            digest.update(self.source.identity().encode() if isinstance(self.source, Source) else self.source.encode())
+            digest.update(self.source.encode() if isinstance(self.source, str) else self.source.identity().encode())
         return digest.hexdigest()[:16]
 
     def upcaster_fingerprints(self) -> list[str]:
@@ -333,7 +345,7 @@ class Registry:
         registry.resolve_sources(sources_from_settings(settings.sources))
         return registry
 
-    def resolve_sources(self, declared: dict[str, Source]) -> None:
+    def resolve_sources(self, declared: dict[str, AnySource]) -> None:
         """Give each projection that names its source the Source of that name."""
         for projection in self._by_name.values():
             if isinstance(projection.source, str):
@@ -345,10 +357,11 @@ class Registry:
                         fix=f"declare it as [sources.{projection.source}] in rehydrate.toml, or pass a Source",
                     )
                 projection.source = found
+                projection._check_source_key()
 
-    def sources(self) -> list[Source]:
+    def sources(self) -> list[AnySource]:
         """The sources its projections read (rehydrate's own store left out)."""
-        found = {p.source.name: p.source for p in self._by_name.values() if isinstance(p.source, Source)}
+        found = {p.source.name: p.source for p in self._by_name.values() if isinstance(p.source, Source | KafkaSource)}
         return [found[name] for name in sorted(found)]
 
 

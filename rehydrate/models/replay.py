@@ -55,6 +55,8 @@ class ReplayInput:
     as_of: str | None = None  # sandbox only: events recorded at or before this ISO timestamp (naive: UTC)
     mark: int | None = None  # sandbox only: the target high-water mark (verify sets it); default: the current one
     allow_dead_letters: bool = False  # swap even though the projection parked events
+    # A Kafka source whose start retention deleted (or that is compacted): build from what it still holds anyway.
+    accept_partial_history: bool = False
     # How long a step may wait for a worker that can run it (one that serves the projection with the code the
     # generation is built with) before the replay fails, naming the workers it met.
     wrong_worker_patience_seconds: float = 300.0
@@ -73,6 +75,7 @@ class PlanInput:
     to_position: int | None = None
     as_of: str | None = None
     mark: int | None = None
+    accept_partial_history: bool = False
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""A named event source: an events table or view (see `mapping`) and the database that holds it.
+"""A named event source: an events table or view (see `mapping`) and the database that holds it; or a Kafka topic and
+the brokers that hold it.
 
 Declared in code, beside the projections that read it (`Projection(..., source=legacy)`), or in settings
 (`[sources.legacy]` in rehydrate.toml, referred to by name). Workflow inputs never carry a source, only the projection's
@@ -14,7 +15,7 @@ from typing import Any
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import check_identifier
 from rehydrate.models.names import OWN_SOURCE
-from rehydrate.sources.mapping import EventTable
+from rehydrate.sources.mapping import EventTable, KafkaTopic
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,56 @@ class Source:
         )
 
 
+@dataclass(frozen=True)
+class KafkaSource:
+    """A Kafka topic to read projections from. `bootstrap_servers`: "host:port[,host:port]"; the variable
+    REHYDRATE_SOURCE_<NAME>_BOOTSTRAP_SERVERS overrides it."""
+
+    name: str
+    topic: KafkaTopic
+    bootstrap_servers: str | None = None
+
+    def __post_init__(self) -> None:
+        check_identifier(self.name, "source name")
+        if self.name == OWN_SOURCE:
+            raise UserError(f"source name {OWN_SOURCE!r} is rehydrate's own store", fix="name the source otherwise")
+
+    @property
+    def servers(self) -> str:
+        """The brokers to bootstrap from: REHYDRATE_SOURCE_<NAME>_BOOTSTRAP_SERVERS, else `bootstrap_servers`."""
+        variable = f"REHYDRATE_SOURCE_{self.name.upper()}_BOOTSTRAP_SERVERS"
+        servers = os.environ.get(variable) or self.bootstrap_servers
+        if not servers:
+            raise UserError(f"Kafka source {self.name!r} names no brokers", fix=f"set bootstrap_servers, or {variable}")
+        return servers
+
+    def identity(self) -> str:
+        """What of the source decides the rows (for the projection's fingerprint): the topic and how it is read."""
+        t = self.topic
+        return f"{self.name}:kafka:{t.topic}:{t.type_header}:{t.type_field}:{t.version_header}"
+
+
+AnySource = Source | KafkaSource
+
 _TABLE_FIELDS = {f.name for f in fields(EventTable)} - {"decode"}
+_KAFKA_FIELDS = {f.name for f in fields(KafkaTopic)} - {"decode"}
 _OPTIONAL_COLUMNS = ("stream_version", "schema_version", "metadata", "recorded_at", "transaction", "notify_channel")
 
 
-def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, Source]:
-    """The sources of `[sources.NAME]` tables in settings; a misspelt key is refused, naming it."""
-    found: dict[str, Source] = {}
+def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, AnySource]:
+    """The sources of `[sources.NAME]` tables in settings (`kind = "kafka"` for a topic); a misspelt key is refused,
+    naming it."""
+    found: dict[str, AnySource] = {}
     for name, table in declared.items():
         if not isinstance(table, dict):
             raise UserError(f"source {name!r} in settings is not a table", fix=f"write it as [sources.{name}]")
         values = dict(table)
+        kind = values.pop("kind", "table")
+        if kind == "kafka":
+            found[name] = _kafka_from_settings(name, values)
+            continue
+        if kind != "table":
+            raise UserError(f"source {name!r} in settings: kind {kind!r} is not table or kafka", fix="use one of them")
         url = values.pop("url", None)
         unknown = sorted(set(values) - _TABLE_FIELDS)
         if unknown:
@@ -74,3 +114,22 @@ def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, Sour
         except TypeError as error:
             raise UserError(f"source {name!r} in settings is invalid: {error}", fix="check its keys") from None
     return found
+
+
+def _kafka_from_settings(name: str, values: dict[str, Any]) -> KafkaSource:
+    servers = values.pop("bootstrap_servers", None)
+    unknown = sorted(set(values) - _KAFKA_FIELDS)
+    if unknown:
+        raise UserError(
+            f"Kafka source {name!r} in settings has unknown key(s) {', '.join(unknown)}",
+            fix=f"use kind, bootstrap_servers, {', '.join(sorted(_KAFKA_FIELDS))}",
+        )
+    for optional in ("type_header", "type_field", "version_header"):  # TOML has no null: "" reads nothing
+        if values.get(optional) in ("", False):
+            values[optional] = None
+    if "topic" not in values:
+        raise UserError(f"Kafka source {name!r} in settings names no topic", fix='add topic = "orders"')
+    try:
+        return KafkaSource(name, KafkaTopic(**values), servers)
+    except TypeError as error:
+        raise UserError(f"source {name!r} in settings is invalid: {error}", fix="check its keys") from None

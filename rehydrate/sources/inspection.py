@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from rehydrate.core.errors import UserError
+from rehydrate.core.errors import SourceUnavailable, UserError
 from rehydrate.core.identifiers import derived_name, quote
-from rehydrate.sources.events import UndecodablePayload
+from rehydrate.sources.events import Event, UndecodablePayload
+from rehydrate.sources.log import LogSource
 from rehydrate.sources.mapping import EventTable, sql_of
 from rehydrate.sources.reading import EventSource
 
@@ -59,6 +60,64 @@ class SourceCheck:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+SAMPLE_MESSAGES = 20
+
+
+async def check_log(log: LogSource) -> SourceCheck:
+    """Check a log source: the brokers answer, the topic's partitions and what each holds, a decoded sample (types
+    read, values decoded) and the history guard (a rebuild needs the whole history)."""
+    found = SourceCheck(log.name)
+    try:
+        ranges = await log.ranges()
+    except (UserError, SourceUnavailable) as error:
+        found.problems.append(str(error))
+        return found
+    held = sum(r.end - r.earliest for r in ranges)
+    found.holds.append(
+        f"{len(ranges)} partition(s), {held:,} offset(s) held: "
+        + ", ".join(f"{r.partition}: {r.earliest}..{r.end}" for r in ranges[:16])
+        + (" …" if len(ranges) > 16 else "")
+    )
+    try:
+        _, problems = await log.check_history(accept_partial=True)
+    except SourceUnavailable as error:
+        problems = [f"its history could not be checked: {error}"]
+    if problems:
+        found.problems += [f"{p} — a replay refuses it unless started with --accept-partial-history" for p in problems]
+    else:
+        found.holds.append("it holds its whole history: every partition starts at offset 0, none is compacted")
+    sample: list[Event] = []
+    async with log.reader() as reader:
+        for r in ranges:
+            if len(sample) >= SAMPLE_MESSAGES:
+                break
+            events, _ = await reader.read_range(r.partition, r.earliest, r.end, SAMPLE_MESSAGES - len(sample))
+            sample += events
+    if not sample:
+        found.warnings.append("the topic holds no message yet: nothing to decode")
+        return found
+    undecodable = [e for e in sample if isinstance(e.data, UndecodablePayload)]
+    untyped = [e for e in sample if not e.type]
+    keyless = [e for e in sample if not e.stream_id]
+    if undecodable:
+        first = undecodable[0].data
+        assert isinstance(first, UndecodablePayload)
+        found.problems.append(f"{len(undecodable)} of {len(sample)} sampled values undecodable: {first.problem}")
+    if untyped:
+        found.problems.append(
+            f"{len(untyped)} of {len(sample)} sampled messages have no event type (neither the type header nor the "
+            "type field): map type_header or type_field"
+        )
+    if keyless:
+        found.warnings.append(
+            f"{len(keyless)} of {len(sample)} sampled messages have no key: they fold as one stream with the id ''"
+        )
+    if not undecodable and not untyped:
+        types = sorted({e.type for e in sample})
+        found.holds.append(f"{len(sample)} sampled messages decode, of type(s) {', '.join(types[:8])}")
+    return found
 
 
 async def check_source(conn: asyncpg.Connection, source: EventSource) -> SourceCheck:

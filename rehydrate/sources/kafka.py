@@ -6,7 +6,7 @@ partition is a lane and an offset is its position; the end of a partition is the
 consumer cannot read yet (the last stable offset: a transaction still open, or aborted, never reaches a read model).
 Offsets are not consecutive (transaction markers, compacted records), so a range `[start, end)` is read until the
 consumer's position reaches `end`, never by counting records. Nothing here commits a consumer group's offsets: where
-a read stopped is the caller's to keep (with the rows it wrote).
+a read stopped is the caller's to keep (with the rows it wrote). An event's position is partition × 2**40 + offset.
 
 The client is aiokafka: asyncio-native like the rest of rehydrate's I/O, so a chunk awaits Kafka and Postgres on one
 event loop; confluent-kafka reads faster through librdkafka but offers no asyncio consumer.
@@ -15,8 +15,7 @@ event loop; confluent-kafka reads faster through librdkafka but offers no asynci
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,70 +23,30 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
-from rehydrate.core.errors import UserError
+from rehydrate.core.errors import SourceUnavailable, UserError
+from rehydrate.sources.declaration import KafkaSource
 from rehydrate.sources.events import Event, UndecodablePayload
-
-# A value decoder: the message's value (bytes) and its event type → the JSON object handlers see.
-Decoder = Callable[[bytes, str], dict[str, Any]]
+from rehydrate.sources.log import LogSource, PartitionRange, PartitionReader, history_problems, log_position
+from rehydrate.sources.mapping import KafkaTopic
 
 _FETCH_WAIT_MS = 500  # how long one fetch waits for records that must be there (below the end taken before)
 _STALLED_MS = 30_000  # no progress for this long below a known end: an error (retried), not a wait for ever
+_IDLE_CONSUMERS = 8  # consumers kept open for the next reader, per source and process
 
 
-@dataclass(frozen=True)
-class KafkaTopic:
-    """A topic and how each of its messages reads as an event: the key is the stream id, the value the payload (JSON,
-    or `decode`), the timestamp the recorded-at; the event type comes from a header or a payload field, the stream
-    version from a header when the producer writes one (else the offset orders a stream)."""
+class KafkaLog(LogSource):
+    """The messages of one topic, read by offset ranges. Open it with `async with`, or `start` and `close`; each
+    concurrent task takes a `reader()` (a consumer of its own, kept open for the next task)."""
 
-    topic: str
-    type_header: str | None = "event_type"
-    type_field: str | None = None  # used when the message has no type header
-    version_header: str | None = None
-    decode: Decoder | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.topic:
-            raise UserError("a Kafka source names no topic", fix="give topic=")
-        if self.type_header is None and self.type_field is None:
-            raise UserError(
-                f"topic {self.topic!r}: no way to read an event's type", fix="give type_header= or type_field="
-            )
-
-
-@dataclass(frozen=True)
-class PartitionRange:
-    """What a partition holds: its first offset still kept, and its end (the offset after its last readable one)."""
-
-    partition: int
-    earliest: int
-    end: int
-
-
-def history_problems(topic: str, ranges: Sequence[PartitionRange], cleanup_policy: str) -> list[str]:
-    """Why the topic does not hold its whole history (empty: it does): retention deleted the start of a partition, or
-    compaction keeps only each key's latest record."""
-    problems = []
-    truncated = [r for r in ranges if r.earliest > 0]
-    if truncated:
-        shown = ", ".join(f"{r.partition} (from offset {r.earliest})" for r in truncated[:8])
-        problems.append(f"topic {topic!r} no longer holds the start of partition(s) {shown}: retention deleted it")
-    if "compact" in cleanup_policy:
-        problems.append(f"topic {topic!r} is compacted (cleanup.policy={cleanup_policy}): it keeps each key's latest")
-    return problems
-
-
-class KafkaLog:
-    """The messages of one topic, read by offset ranges. `bootstrap_servers` is what aiokafka takes
-    ("host:port[,host:port]"). Open it with `async with`, or `start` and `close`."""
-
-    def __init__(self, bootstrap_servers: str, topic: KafkaTopic, name: str) -> None:
-        self.bootstrap_servers = bootstrap_servers
-        self.mapping = topic
-        self.name = name
-        self._consumer: AIOKafkaConsumer | None = None
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+        self.name = source.name
+        self.mapping: KafkaTopic = source.topic
+        self.bootstrap_servers = source.servers
+        self._idle: list[AIOKafkaConsumer] = []
+        self._meta: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> KafkaLog:
         await self.start()
@@ -97,6 +56,19 @@ class KafkaLog:
         await self.close()
 
     async def start(self) -> None:
+        """Connect (a UserError naming the brokers when they cannot be reached)."""
+        self._meta = await self._consumer()
+
+    async def close(self) -> None:
+        consumers, self._idle = self._idle, []
+        if self._meta is not None:
+            consumers.append(self._meta)
+            self._meta = None
+        for consumer in consumers:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _consumer(self) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
             group_id=None,  # no consumer group: offsets are kept with the rows, never committed to Kafka
@@ -109,28 +81,44 @@ class KafkaLog:
         except KafkaError as error:
             with contextlib.suppress(Exception):
                 await consumer.stop()
-            raise UserError(
-                f"source {self.name!r}: Kafka at {self.bootstrap_servers} cannot be reached ({type(error).__name__})",
-                fix="check the source's bootstrap servers and that the broker runs",
+            raise SourceUnavailable(
+                f"source {self.name!r}: Kafka at {self.bootstrap_servers} cannot be reached ({type(error).__name__}); "
+                f"check its bootstrap servers (or REHYDRATE_SOURCE_{self.name.upper()}_BOOTSTRAP_SERVERS) and that "
+                "the broker runs"
             ) from None
-        self._consumer = consumer
-
-    async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        return consumer
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
+        if self._meta is None:
             raise RuntimeError("KafkaLog used before start()")
-        return self._consumer
+        return self._meta
+
+    @contextlib.asynccontextmanager
+    async def reader(self) -> AsyncIterator[PartitionReader]:
+        consumer = self._idle.pop() if self._idle else await self._consumer()
+        healthy = False
+        try:
+            yield _Reader(self, consumer)
+            healthy = True
+        finally:
+            if healthy and len(self._idle) < _IDLE_CONSUMERS and self._meta is not None:
+                consumer.unsubscribe()
+                self._idle.append(consumer)
+            else:  # a read that failed may leave the consumer mid-fetch: a fresh one next time
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
 
     # -- what the topic holds ---------------------------------------------------------------------------------
 
     async def partitions(self) -> list[int]:
         """The topic's partitions, in order; a UserError when the topic does not exist."""
-        await self.consumer.topics()  # fetches the cluster's metadata afresh
+        try:
+            await self.consumer.topics()  # fetches the cluster's metadata afresh
+        except KafkaError as error:
+            raise SourceUnavailable(
+                f"source {self.name!r}: Kafka at {self.bootstrap_servers} does not answer ({type(error).__name__})"
+            ) from None
         partitions = self.consumer.partitions_for_topic(self.mapping.topic)
         if not partitions:
             raise UserError(
@@ -161,66 +149,29 @@ class KafkaLog:
                         return str(entry[1])
         return "delete"
 
-    async def check_history(self, *, accept_partial: bool = False) -> list[PartitionRange]:
-        """The partitions' ranges, once sure the topic holds its whole history (or `accept_partial`): a rebuild from
-        a truncated or compacted topic would be a read model of part of the history, silently."""
+    async def check_history(self, *, accept_partial: bool = False) -> tuple[list[PartitionRange], list[str]]:
+        """The partitions' ranges, once sure the topic holds its whole history, and (with `accept_partial`) why it
+        does not: a rebuild from a truncated or compacted topic would be a read model of part of the history."""
         ranges = await self.ranges()
         problems = history_problems(self.mapping.topic, ranges, await self.cleanup_policy())
         if problems and not accept_partial:
             raise UserError(
                 "; ".join(problems),
                 fix="rebuild from a topic that keeps its whole history (retention.ms=-1, cleanup.policy=delete), or "
-                "accept a partial history explicitly",
+                "accept a partial history explicitly (replay start --accept-partial-history)",
             )
-        return ranges
+        return ranges, problems
 
-    # -- reading ------------------------------------------------------------------------------------------------
-
-    async def read_range(self, partition: int, start: int, end: int, limit: int) -> tuple[list[Event], int]:
-        """At most `limit` events of `partition` from offset `start`, below `end`, in offset order; and the offset to
-        go on from (`end` once the range is read). Stops when the position reaches `end`, whatever the offsets
-        between (transaction markers and compacted records take offsets and hold no event)."""
-        if start >= end:
-            return [], start
-        tp = TopicPartition(self.mapping.topic, partition)
-        consumer = self.consumer
-        consumer.assign([tp])
-        consumer.seek(tp, start)
-        events: list[Event] = []
-        position, idle = start, 0
-        while position < end and len(events) < limit:
-            batch = await consumer.getmany(tp, timeout_ms=_FETCH_WAIT_MS, max_records=limit - len(events))
-            records = batch.get(tp, [])
-            for record in records:
-                if record.offset >= end:
-                    return events, end
-                events.append(self._event(record))
-                position = record.offset + 1
-            if records:
-                idle = 0
-                continue
-            moved = await consumer.position(tp)  # past offsets that hold no event (markers, aborted records)
-            idle = 0 if moved > position else idle + 1
-            position = max(position, moved)
-            if idle * _FETCH_WAIT_MS >= _STALLED_MS:
-                raise UserError(
-                    f"source {self.name!r}: partition {partition} of {self.mapping.topic!r} gave nothing from offset "
-                    f"{position} for {_STALLED_MS // 1000} s, below its end {end}",
-                    fix="check the broker; the read goes on from this offset when retried",
-                )
-        return events, min(position, end)
-
-    def _event(self, record: Any) -> Event:
+    def event(self, record: Any) -> Event:
+        """The event a message reads as."""
+        mapping = self.mapping
         headers = {key: value for key, value in record.headers or ()}
         stream = record.key.decode() if record.key is not None else ""
         payload: dict[str, Any]
-        event_type = _text(headers.get(self.mapping.type_header)) if self.mapping.type_header else None
+        event_type = _text(headers.get(mapping.type_header)) if mapping.type_header else None
         try:
             value = record.value if record.value is not None else b"{}"
-            if self.mapping.decode is not None:
-                payload = self.mapping.decode(value, event_type or "")
-            else:
-                payload = orjson.loads(value)
+            payload = orjson.loads(value) if mapping.decode is None else mapping.decode(value, event_type or "")
             if not isinstance(payload, dict):
                 raise TypeError(f"it decoded to {type(payload).__name__}, not a JSON object")
         except Exception as error:  # a user's decoder: whatever it raises is named, and the event parked or stopped on
@@ -228,12 +179,64 @@ class KafkaLog:
                 f"source {self.name!r} could not decode the value at partition {record.partition}, offset "
                 f"{record.offset}: {type(error).__name__}: {error}"
             )
-        if event_type is None and self.mapping.type_field is not None:
-            event_type = str(payload.get(self.mapping.type_field, ""))
-        version_text = _text(headers.get(self.mapping.version_header)) if self.mapping.version_header else None
-        version = int(version_text) if version_text and version_text.isdigit() else record.offset
+        if event_type is None and mapping.type_field is not None:
+            event_type = str(payload.get(mapping.type_field, ""))
+        version_text = _text(headers.get(mapping.version_header)) if mapping.version_header else None
+        version = int(version_text) if version_text and version_text.isdigit() else record.offset + 1
         at = datetime.fromtimestamp(record.timestamp / 1000, UTC)
-        return Event(record.offset, stream, version, event_type or "", 1, payload, {}, at)
+        position = log_position(record.partition, record.offset)
+        return Event(position, stream, version, event_type or "", 1, payload, {}, at)
+
+
+class _Reader(PartitionReader):
+    def __init__(self, log: KafkaLog, consumer: AIOKafkaConsumer) -> None:
+        self.log = log
+        self.consumer = consumer
+
+    async def read_range(self, partition: int, start: int, end: int, limit: int) -> tuple[list[Event], int]:
+        """Stops when the position reaches `end`, whatever the offsets between (transaction markers and compacted
+        records take offsets and hold no event)."""
+        if start >= end:
+            return [], start
+        log = self.log
+        tp = TopicPartition(log.mapping.topic, partition)
+        consumer = self.consumer
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        events: list[Event] = []
+        position, idle = start, 0
+        try:
+            while position < end and len(events) < limit:
+                batch = await consumer.getmany(tp, timeout_ms=_FETCH_WAIT_MS, max_records=limit - len(events))
+                records = batch.get(tp, [])
+                for record in records:
+                    if record.offset >= end:
+                        return events, end
+                    events.append(log.event(record))
+                    position = record.offset + 1
+                if records:
+                    idle = 0
+                    continue
+                moved = await consumer.position(tp)  # past offsets that hold no event (markers, aborted records)
+                idle = 0 if moved > position else idle + 1
+                position = max(position, moved)
+                if idle * _FETCH_WAIT_MS >= _STALLED_MS:
+                    raise SourceUnavailable(
+                        f"source {log.name!r}: partition {partition} of {log.mapping.topic!r} gave nothing from "
+                        f"offset {position} for {_STALLED_MS // 1000} s, below its end {end} (retried)"
+                    )
+        except OffsetOutOfRangeError:
+            raise UserError(
+                f"source {log.name!r}: partition {partition} of {log.mapping.topic!r} no longer holds offset "
+                f"{position} (retention deleted it, or the topic was made anew)",
+                fix="the history this read model was built from is gone: rebuild from a topic that keeps it",
+            ) from None
+        except KafkaError as error:
+            raise SourceUnavailable(
+                f"source {log.name!r}: reading partition {partition} of {log.mapping.topic!r} from offset {position} "
+                f"failed ({type(error).__name__}: {error}); retried from the lane's checkpoint"
+            ) from None
+        return events, min(position, end)
 
 
 def _text(value: bytes | None) -> str | None:

@@ -153,6 +153,27 @@ class EventTable:
         return [c for c in self.roles().values() if isinstance(c, str)]
 
 
+@dataclass(frozen=True)
+class KafkaTopic:
+    """A Kafka topic, and how each of its messages reads as an event: the key is the stream id, the value the payload
+    (JSON, or `decode`), the timestamp the recorded-at; the event type comes from a header or a payload field, the
+    stream version from a header when the producer writes one (else the offset orders a stream)."""
+
+    topic: str
+    type_header: str | None = "event_type"
+    type_field: str | None = None  # read when the message has no type header
+    version_header: str | None = None
+    decode: Decoder | None = field(default=None, compare=False)  # the value's decoder (default: JSON)
+
+    def __post_init__(self) -> None:
+        if not self.topic:
+            raise UserError("a Kafka source names no topic", fix="give topic=")
+        if self.type_header is None and self.type_field is None:
+            raise UserError(
+                f"topic {self.topic!r}: no way to read an event's type", fix="give type_header= or type_field="
+            )
+
+
 def sql_of(column: Column) -> str:
     """A column, quoted, or an expression as written."""
     return column.sql if isinstance(column, Expression) else quote(column)

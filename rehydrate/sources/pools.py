@@ -1,5 +1,5 @@
-"""The sources one process reads, opened once: rehydrate's own store, and each declared source on the read models'
-database or on a pool of its own, its columns inspected on first use."""
+"""The sources one process reads, opened once: rehydrate's own store, each declared table source on the read models'
+database or on a pool of its own, its columns inspected on first use, and each Kafka source's consumers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import asyncpg
 from rehydrate.core.database import create_pool
 from rehydrate.core.errors import UserError
 from rehydrate.core.settings import redact_url
-from rehydrate.sources.declaration import Source
+from rehydrate.sources.declaration import AnySource, KafkaSource, Source
+from rehydrate.sources.log import LogSource
 from rehydrate.sources.reading import EventSource
 from rehydrate.sources.store import EventStore
 
@@ -24,13 +25,25 @@ class Sources:
     def __init__(self, own: EventStore) -> None:
         self.own = own
         self._opened: dict[str, EventSource] = {}
+        self._logs: dict[str, tuple[KafkaSource, LogSource]] = {}
         self._pools: list[asyncpg.Pool] = []
         self._lock = asyncio.Lock()
 
-    async def of(self, source: Source | None) -> EventSource:
-        """The reader of `source` (None: rehydrate's own store)."""
+    async def any(self, source: AnySource | None) -> EventSource | LogSource:
+        """The reader of `source`, a table's or a log's (None: rehydrate's own store)."""
+        if isinstance(source, KafkaSource):
+            return await self._log(source)
+        return await self.of(source)
+
+    async def of(self, source: AnySource | None, doing: str = "this") -> EventSource:
+        """The reader of a table `source` (None: rehydrate's own store); a UserError naming `doing` for a log."""
         if source is None:
             return self.own
+        if isinstance(source, KafkaSource):
+            raise UserError(
+                f"source {source.name!r} is a Kafka topic: {doing} reads event tables only",
+                fix="see the Kafka page of the docs for what a Kafka source supports",
+            )
         opened = self._opened.get(source.name)
         if opened is not None and opened.mapping == source.table:
             return opened
@@ -40,6 +53,17 @@ class Sources:
                 opened = await self._open(source)
                 self._opened[source.name] = opened
         return opened
+
+    async def _log(self, source: KafkaSource) -> LogSource:
+        opened = self._logs.get(source.name)
+        if opened is not None and opened[0] == source:
+            return opened[1]
+        async with self._lock:
+            opened = self._logs.get(source.name)
+            if opened is None or opened[0] != source:
+                opened = (source, await open_log(source))
+                self._logs[source.name] = opened
+        return opened[1]
 
     async def _open(self, source: Source) -> EventSource:
         url = source.database_url
@@ -67,5 +91,22 @@ class Sources:
     async def close(self) -> None:
         for pool in self._pools:
             await pool.close()
+        for _, log in self._logs.values():
+            await log.close()
         self._pools.clear()
         self._opened.clear()
+        self._logs.clear()
+
+
+async def open_log(source: KafkaSource) -> LogSource:
+    """The started reader of a Kafka source (aiokafka is imported here: an optional dependency)."""
+    try:
+        from rehydrate.sources.kafka import KafkaLog
+    except ImportError:
+        raise UserError(
+            f"source {source.name!r} is a Kafka topic, and aiokafka is not installed",
+            fix="pip install 'rehydrate[kafka]'",
+        ) from None
+    log = KafkaLog(source)
+    await log.start()
+    return log

