@@ -14,6 +14,7 @@ event loop; confluent-kafka reads faster through librdkafka but offers no asynci
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -65,8 +66,7 @@ class KafkaLog(LogSource):
             consumers.append(self._meta)
             self._meta = None
         for consumer in consumers:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await _stop(consumer)
 
     async def _consumer(self) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
@@ -96,18 +96,19 @@ class KafkaLog(LogSource):
 
     @contextlib.asynccontextmanager
     async def reader(self) -> AsyncIterator[PartitionReader]:
-        consumer = self._idle.pop() if self._idle else await self._consumer()
+        reader = _Reader(self)
         healthy = False
         try:
-            yield _Reader(self, consumer)
+            yield reader
             healthy = True
         finally:
-            if healthy and len(self._idle) < _IDLE_CONSUMERS and self._meta is not None:
-                consumer.unsubscribe()
-                self._idle.append(consumer)
+            consumer = reader.taken
+            if consumer is None:
+                pass
+            elif healthy and len(self._idle) < _IDLE_CONSUMERS and self._meta is not None:
+                self._idle.append(consumer)  # the next read assigns its own partition
             else:  # a read that failed may leave the consumer mid-fetch: a fresh one next time
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+                await _stop(consumer)
 
     # -- what the topic holds ---------------------------------------------------------------------------------
 
@@ -189,9 +190,17 @@ class KafkaLog(LogSource):
 
 
 class _Reader(PartitionReader):
-    def __init__(self, log: KafkaLog, consumer: AIOKafkaConsumer) -> None:
+    """A consumer of the log's, taken at the first read that needs one."""
+
+    def __init__(self, log: KafkaLog) -> None:
         self.log = log
-        self.consumer = consumer
+        self.taken: AIOKafkaConsumer | None = None
+
+    async def _consumer(self) -> AIOKafkaConsumer:
+        if self.taken is None:
+            log = self.log
+            self.taken = log._idle.pop() if log._idle else await log._consumer()
+        return self.taken
 
     async def read_range(self, partition: int, start: int, end: int, limit: int) -> tuple[list[Event], int]:
         """Stops when the position reaches `end`, whatever the offsets between (transaction markers and compacted
@@ -200,7 +209,7 @@ class _Reader(PartitionReader):
             return [], start
         log = self.log
         tp = TopicPartition(log.mapping.topic, partition)
-        consumer = self.consumer
+        consumer = await self._consumer()
         consumer.assign([tp])
         consumer.seek(tp, start)
         events: list[Event] = []
@@ -237,6 +246,19 @@ class _Reader(PartitionReader):
                 f"failed ({type(error).__name__}: {error}); retried from the lane's checkpoint"
             ) from None
         return events, min(position, end)
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer, whatever state it is in. aiokafka lets out the CancelledError of its own background task when
+    a consumer that never fetched is stopped: swallowed, unless this task is the one being cancelled."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:
+        pass
 
 
 def _text(value: bytes | None) -> str | None:

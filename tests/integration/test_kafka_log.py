@@ -140,3 +140,18 @@ async def test_sources_check_names_partitions_a_decoded_sample_and_what_is_wrong
     assert [p for p in found.problems if "1 of 4 sampled values undecodable" in p and "JSONDecodeError" in p]
     assert [p for p in found.problems if "1 of 4 sampled messages have no event type" in p]
     assert [w for w in found.warnings if "1 of 4 sampled messages have no key" in w]
+
+
+async def test_an_empty_topic_is_checked_and_its_readers_close_cleanly(kafka_bootstrap: str) -> None:
+    """A reader that never had to fetch (every range empty) takes no consumer, and every consumer stops cleanly."""
+    topic = _topic()
+    await kafka.create_topic(kafka_bootstrap, topic, 2)
+    log = _log(kafka_bootstrap, KafkaTopic(topic), "ledger")
+    await log.start()
+    try:
+        found = await check_log(log)
+        async with log.reader() as reader:
+            assert await reader.read_range(1, 0, 0, 10) == ([], 0)
+    finally:
+        await log.close()
+    assert found.ok and found.warnings == ["the topic holds no message yet: nothing to decode"]
