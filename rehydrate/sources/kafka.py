@@ -183,7 +183,9 @@ class KafkaLog(LogSource):
         if event_type is None and mapping.type_field is not None:
             event_type = str(payload.get(mapping.type_field, ""))
         version_text = _text(headers.get(mapping.version_header)) if mapping.version_header else None
-        version = int(version_text) if version_text and version_text.isdigit() else record.offset + 1
+        # A version a producer wrote (ASCII digits); else the offset, which orders the partition's messages too.
+        version = int(version_text) if version_text and version_text.isascii() and version_text.isdigit() else None
+        version = version if version else record.offset + 1
         at = datetime.fromtimestamp(record.timestamp / 1000, UTC)
         position = log_position(record.partition, record.offset)
         return Event(position, stream, version, event_type or "", 1, payload, {}, at)
@@ -195,6 +197,9 @@ class _Reader(PartitionReader):
     def __init__(self, log: KafkaLog) -> None:
         self.log = log
         self.taken: AIOKafkaConsumer | None = None
+        # Where the consumer goes on from, when a read left it there: the next read of that offset neither assigns
+        # nor seeks, so the records the consumer fetched ahead are kept (a chunk reads its range slice by slice).
+        self._next: tuple[TopicPartition, int] | None = None
 
     async def _consumer(self) -> AIOKafkaConsumer:
         if self.taken is None:
@@ -210,8 +215,11 @@ class _Reader(PartitionReader):
         log = self.log
         tp = TopicPartition(log.mapping.topic, partition)
         consumer = await self._consumer()
-        consumer.assign([tp])
-        consumer.seek(tp, start)
+        if self._next is None or self._next[0] != tp:
+            consumer.assign([tp])
+        if self._next != (tp, start):
+            consumer.seek(tp, start)
+        self._next = None  # unknown until this read ends well
         events: list[Event] = []
         position, idle = start, 0
         try:
@@ -220,7 +228,7 @@ class _Reader(PartitionReader):
                 records = batch.get(tp, [])
                 for record in records:
                     if record.offset >= end:
-                        return events, end
+                        return events, end  # the consumer is past `end`: the next read seeks
                     events.append(log.event(record))
                     position = record.offset + 1
                 if records:
@@ -245,6 +253,8 @@ class _Reader(PartitionReader):
                 f"source {log.name!r}: reading partition {partition} of {log.mapping.topic!r} from offset {position} "
                 f"failed ({type(error).__name__}: {error}); retried from the lane's checkpoint"
             ) from None
+        if position <= end:
+            self._next = (tp, position)
         return events, min(position, end)
 
 
