@@ -27,6 +27,8 @@ from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
 from rehydrate.engine.readmodels import sandbox_schema
 from rehydrate.models import (
+    RepairInput,
+    RepairResult,
     ReplayInput,
     ReplayProgress,
     ReplayResult,
@@ -36,9 +38,16 @@ from rehydrate.models import (
     VerifyInput,
     VerifyResult,
 )
-from rehydrate.models.names import replay_workflow_id, snapshot_workflow_id, tail_workflow_id, verify_workflow_id
+from rehydrate.models.names import (
+    repair_workflow_id,
+    replay_workflow_id,
+    snapshot_workflow_id,
+    tail_workflow_id,
+    verify_workflow_id,
+)
 from rehydrate.runs import latest_replay
 from rehydrate.sources.events import parse_as_of
+from rehydrate.workflows.repair import RepairWorkflow
 from rehydrate.workflows.replay import ReplayWorkflow
 from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
 from rehydrate.workflows.tail import TailWorkflow
@@ -430,6 +439,44 @@ def drift_of(error: WorkflowFailureError) -> VerifyResult | None:
         result: VerifyResult = value_to_type(VerifyResult, cause.details[0])
         return result
     return None
+
+
+# -- repair ------------------------------------------------------------------------------------------------
+
+
+async def repair(
+    client: Client,
+    settings: Settings,
+    input: RepairInput,
+    *,
+    registry: Registry | None = None,
+    task_queue: str | None = None,
+) -> RepairResult:
+    """Rebuild the rows of `input.keys` of the live read model in place: the `Repair` workflow, started under its
+    fixed id (one repair per projection at a time) and waited for; a failure is a UserError."""
+    check_replay_input(ReplayInput(input.projection), registry)
+    if not input.keys:
+        raise UserError("no key to repair", fix="give --key KEY (or --keys-from FILE)")
+    check_range("batch_size", input.batch_size, 1)
+    check_range("show", input.show, 0, MAX_SHOW)
+    workflow_id = repair_workflow_id(input.projection)
+    handle = await _start_once(
+        client,
+        RepairWorkflow.run,
+        input,
+        workflow_id=workflow_id,
+        task_queue=task_queue or settings.temporal_task_queue,
+        summary=f"Repair of {len(set(input.keys))} key(s) of {input.projection}"
+        + (" (dry run)" if input.dry_run else ""),
+        refusal=UserError(
+            f"a repair of {input.projection!r} is already running (workflow {workflow_id})",
+            fix="wait for it to finish",
+        ),
+    )
+    try:
+        return await handle.result()
+    except WorkflowFailureError as error:
+        raise UserError(f"repair failed: {failure_cause(error)}") from None
 
 
 # -- bulk snapshot rebuilds -------------------------------------------------------------------------------

@@ -15,7 +15,14 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 import rehydrate
-from rehydrate.activities import ReplayActivities, SnapshotActivities, TailActivities, VerifyActivities, ensure_tail
+from rehydrate.activities import (
+    RepairActivities,
+    ReplayActivities,
+    SnapshotActivities,
+    TailActivities,
+    VerifyActivities,
+    ensure_tail,
+)
 from rehydrate.core.database import create_pool, ensure_schema, resolve_url
 from rehydrate.core.metrics import declare, prometheus_runtime
 from rehydrate.core.settings import Settings
@@ -26,13 +33,13 @@ from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
 from rehydrate.models.names import tail_task_queue
 from rehydrate.sources.pools import Sources
-from rehydrate.workflows import ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow, VerifyWorkflow
+from rehydrate.workflows import RepairWorkflow, ReplayWorkflow, SnapshotRebuildWorkflow, TailWorkflow, VerifyWorkflow
 
 log = logging.getLogger("rehydrate.worker")
 
 _TAIL_SLOTS = 64  # tails one worker process can run at once (each holds a LISTEN connection while it runs)
 
-WORKFLOWS: Sequence[type] = (ReplayWorkflow, TailWorkflow, SnapshotRebuildWorkflow, VerifyWorkflow)
+WORKFLOWS: Sequence[type] = (ReplayWorkflow, TailWorkflow, SnapshotRebuildWorkflow, VerifyWorkflow, RepairWorkflow)
 
 # The sandbox re-imports a workflow's modules for every run. Re-importing asyncpg's C extension next to the
 # copy the activities use crashed the process (asyncpg >= 0.31, MagicStack/asyncpg#1292), and re-importing
@@ -93,15 +100,16 @@ async def running_worker(
         tails = TailActivities(pool, url, registry, settings)
         snapshots = SnapshotActivities(pool, aggregates, settings)
         verifies = VerifyActivities(pool, registry, settings)
+        repairs = RepairActivities(pool, registry, settings)
         sources = replays.sources  # one pool per source in another database, shared by every activity
-        tails.sources = snapshots.sources = verifies.sources = sources
+        tails.sources = snapshots.sources = verifies.sources = repairs.sources = sources
         deployment = deployment_config(settings, registry, aggregates)
         worker = Worker(
             client,
             task_queue=queue,
             workflows=list(WORKFLOWS),
             workflow_runner=workflow_runner(),
-            activities=[*replays.all(), tails.run_tail, *snapshots.all(), *verifies.all()],
+            activities=[*replays.all(), tails.run_tail, *snapshots.all(), *verifies.all(), *repairs.all()],
             max_concurrent_activities=settings.max_concurrent_activities,
             graceful_shutdown_timeout=timedelta(seconds=10),
             # An activity learns of its cancellation from a heartbeat's reply. The SDK otherwise throttles

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import asyncpg
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from temporalio.client import WorkflowHandle
@@ -19,7 +22,7 @@ from rehydrate.core.settings import Settings
 from rehydrate.core.temporal import connect_client, workers_polling
 from rehydrate.engine import operations
 from rehydrate.engine.projections import Registry
-from rehydrate.models import ReplayInput, ReplayProgress, ReplayResult
+from rehydrate.models import RepairInput, RepairResult, ReplayInput, ReplayProgress, ReplayResult
 from rehydrate.runs import ReplayRun, replay_runs, started_by
 from rehydrate.sources.pools import Sources
 from rehydrate.sources.store import EventStore
@@ -32,6 +35,8 @@ from rehydrate.starter import (
     tune_replay,
     wait_for_replay,
 )
+from rehydrate.starter import repair as run_repair
+from rehydrate.workflows.repair import repair_message
 from rehydrate.workflows.replay import ReplayWorkflow
 
 app = typer.Typer(help="Start, watch, pause and cancel replays.", no_args_is_help=True)
@@ -176,6 +181,56 @@ def print_result(
     c.out.print(f"[green]✓[/] {result.describe()}")
     if link:
         c.out.print(f"  {url(settings, handle)}")
+
+
+@app.command("repair")
+def repair(
+    name: Name,
+    key: Annotated[list[str] | None, typer.Option("--key", help="A key to repair (repeat it for more).")] = None,
+    keys_from: Annotated[
+        Path | None, typer.Option("--keys-from", help="A file of keys, one per line ('-': standard input).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show which keys would change; change nothing.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Keys per transaction.")] = 500,
+    show: Annotated[int, typer.Option(min=0, help="Changed keys to show.")] = 10,
+    as_json: c.Json = False,
+) -> None:
+    """Rebuild the rows of selected keys of NAME's live read model from their whole history, with the current code,
+    without a replay: a batch of keys at a time, each in one transaction under the tail's lock.
+
+    Runs as the `Repair` workflow on the workers."""
+    settings = c.settings()
+    registry = c.projections(settings)
+    keys = list(key or [])
+    if keys_from is not None:
+        text = sys.stdin.read() if str(keys_from) == "-" else _read_keys_file(keys_from)
+        keys += [line.strip() for line in text.splitlines() if line.strip()]
+    if not keys:
+        raise UserError("no key to repair", fix="give --key KEY (repeatable) or --keys-from FILE")
+    asked = RepairInput(name, keys=keys, dry_run=dry_run, batch_size=batch_size, show=show)
+
+    async def work() -> RepairResult:
+        client = await connect_client(settings)
+        return await run_repair(client, settings, asked, registry=registry if len(registry) else None)
+
+    r = c.run(work)
+    if as_json:
+        c.print_json(r)
+        return
+    c.out.print(("[yellow]dry run:[/] " if dry_run else "[green]✓[/] ") + escape(repair_message(r)), soft_wrap=True)
+    for drift in r.first:
+        c.out.print(f"  {escape(drift.key)}: {_REPAIR_PROBLEMS.get(drift.problem, drift.problem)}")
+
+
+# How a repair's changed key reads: verify's words, as what the repair does to the live row.
+_REPAIR_PROBLEMS = {"missing in live": "row added", "missing in rebuild": "row removed", "differs": "row changed"}
+
+
+def _read_keys_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise UserError(f"cannot read the keys file {str(path)!r}: {error.strerror}", fix="check the path") from None
 
 
 @app.command("plan")

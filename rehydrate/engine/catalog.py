@@ -147,6 +147,8 @@ _LIST_DEAD_LETTERS = """SELECT generation, global_position, stream_id, stream_ve
 _PARKED_KEYS = """SELECT DISTINCT key FROM {schema}.dead_letters
     WHERE projection = $1 AND generation = $2 AND key = ANY($3::text[])"""
 _TAKE_PARKED_KEYS = "DELETE FROM {schema}.dead_letters WHERE projection = $1 AND generation = $2 RETURNING key"
+_FORGET_DEAD_LETTERS = """DELETE FROM {schema}.dead_letters
+    WHERE projection = $1 AND generation = $2 AND key = ANY($3::text[])"""
 _PARK = """INSERT INTO {schema}.dead_letters (projection, generation, global_position, stream_id, stream_version,
         event_type, key, error)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING"""
@@ -454,6 +456,10 @@ class Catalog:
         """Delete the generation's dead letters and return their keys (sorted, each once)."""
         rows = await self.conn.fetch(self._sql(_TAKE_PARKED_KEYS), projection, generation)
         return sorted({row[0] for row in rows})
+
+    async def forget_dead_letters(self, projection: str, generation: int, keys: Sequence[str]) -> None:
+        """Delete the dead letters of `keys` (as text) in a generation: their rows are being rebuilt."""
+        await self.conn.execute(self._sql(_FORGET_DEAD_LETTERS), projection, generation, list(keys))
 
     async def park(self, projection: str, dead_letters: Sequence[DeadLetter]) -> None:
         """Store dead letters: (generation, position, stream id, stream version, type, key, error) each."""

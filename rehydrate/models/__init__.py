@@ -1,5 +1,6 @@
 """Inputs and outputs that travel through Temporal: names and numbers only, never events, never credentials."""
 
+from rehydrate.models.repair import RepairBatchInput, RepairInput, RepairResult
 from rehydrate.models.replay import (
     CatchUpInput,
     CatchUpResult,
@@ -40,6 +41,9 @@ __all__ = [
     "PartitionState",
     "Plan",
     "PlanInput",
+    "RepairBatchInput",
+    "RepairInput",
+    "RepairResult",
     "ReplayInput",
     "ReplayProgress",
     "ReplayResult",

@@ -7,6 +7,7 @@ Workflows, activities, the starter and schedules all address runs through these,
 REPLAY = "Replay"
 TAIL = "Tail"
 VERIFY = "Verify"
+REPAIR = "Repair"
 SNAPSHOT_REBUILD = "SnapshotRebuild"
 
 # The error type of a task that reached a worker that must not run it (it lacks the projection, or has other code
@@ -34,6 +35,11 @@ def tail_workflow_id(projection: str) -> str:
 def verify_workflow_id(projection: str) -> str:
     """The fixed workflow id of `rehydrate verify NAME`: one verify per projection at a time from the CLI."""
     return f"rehydrate-verify-{projection}"
+
+
+def repair_workflow_id(projection: str) -> str:
+    """The fixed workflow id of a projection's repair: one at a time per projection."""
+    return f"rehydrate-repair-{projection}"
 
 
 def snapshot_workflow_id(aggregate_type: str) -> str:

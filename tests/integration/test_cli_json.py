@@ -130,6 +130,8 @@ async def test_every_command_prints_json_that_parses(
             assert listed["accounts"]["active_generation"] == 2 and listed["accounts"]["rows_exact"] is True
             assert (await j("rollback", "accounts"))["to_generation"] == 1
             assert (await j("verify", "accounts"))["differing"] == 0
+            repaired = await j("replay", "repair", "accounts", "--key", "acct-1", "--dry-run")
+            assert (repaired["dry_run"], repaired["keys"], repaired["changed"]) == (True, 1, 0)
             assert (await j("replay", "start", "accounts", "--sandbox", "s1", "--wait"))["sandbox"] == "s1"
             assert [s["label"] for s in await j("sandbox", "list")] == ["s1"]
             assert (await j("sandbox", "drop", "s1"))["builds_dropped"] == 1

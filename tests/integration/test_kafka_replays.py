@@ -1,6 +1,7 @@
 """Read models rebuilt from a Kafka topic, against a real Kafka-protocol broker (tansu) and the real Temporal and
 Postgres: partitions as lanes, offset ranges as chunks, each lane's offset written with its rows; producers writing all
-along; the tail following; a verify; the history guard; a topic that grows partitions or loses its history."""
+along; the tail following; a verify; a repair of keys; the history guard; a topic whose partitions change or that
+loses its history."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ from rehydrate.engine import build, operations
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.generations import Generations
 from rehydrate.engine.projections import Projection, Registry
-from rehydrate.models import PlanInput, ReplayInput
+from rehydrate.models import PlanInput, RepairInput, ReplayInput
 from rehydrate.sources.declaration import KafkaSource
 from rehydrate.sources.mapping import KafkaTopic
 from rehydrate.sources.pools import Sources
-from rehydrate.starter import start_replay, verify, wait_for_replay
+from rehydrate.starter import repair, start_replay, verify, wait_for_replay
 from rehydrate.worker import running_worker
 from tests.helpers import domain, kafka, legacy
 from tests.helpers.waiting import eventually
@@ -211,3 +212,21 @@ async def test_a_broker_that_loses_its_topic_fails_the_tail_cleanly(
         finally:
             await sources.close()
     assert await domain.read_model(store.pool, projection) == before
+
+
+async def test_keys_repaired_from_a_topic_equal_their_fold(
+    client: Client, settings: Settings, store: EventStore, kafka_bootstrap: str
+) -> None:
+    topic = _topic()
+    await kafka.create_topic(kafka_bootstrap, topic, 3)
+    history = domain.random_history(26, streams=12, events=150)
+    await kafka.write_history(kafka_bootstrap, topic, history)
+    projection = kafka.accounts(kafka_bootstrap, topic)
+    async with running_worker(settings, Registry([projection]), client=client):
+        await wait_for_replay(await start_replay(client, settings, ReplayInput(projection.name)))
+        want = domain.oracle(projection, kafka.as_events(history))
+        keys = sorted(want)[:2]
+        await store.pool.execute("UPDATE public.account SET balance = -1 WHERE account_id = ANY($1::text[])", keys)
+        done = await repair(client, settings, RepairInput(projection.name, keys=keys))
+    assert (done.keys, done.changed) == (2, 2)
+    assert await domain.read_model(store.pool, projection) == want

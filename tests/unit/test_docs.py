@@ -27,7 +27,7 @@ from temporalio.converter import DataConverter
 from rehydrate import Event
 from rehydrate.cli import app
 from rehydrate.core.settings import Settings
-from rehydrate.models import ReplayInput, SnapshotRebuildInput, TailInput, VerifyInput
+from rehydrate.models import RepairInput, ReplayInput, SnapshotRebuildInput, TailInput, VerifyInput
 from rehydrate.starter import check_replay_input, check_verify_input
 
 REPO = Path(__file__).resolve().parents[2]
@@ -258,6 +258,7 @@ UI_INPUTS: dict[str, type] = {
     "tail.json": TailInput,
     "verify.json": VerifyInput,
     "snapshot-rebuild.json": SnapshotRebuildInput,
+    "repair.json": RepairInput,
 }
 
 
