@@ -20,7 +20,7 @@ from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType, Self
 
 from rehydrate.activities.tail import ensure_tail
 from rehydrate.core.errors import UserError
-from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, MAX_PARTITIONS, MAX_SHOW, check_range
+from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, MAX_PARTITIONS, MAX_REPAIR_KEYS, MAX_SHOW, check_range
 from rehydrate.core.settings import Settings
 from rehydrate.engine.aggregates import AggregateRegistry
 from rehydrate.engine.catalog import Catalog
@@ -457,6 +457,11 @@ async def repair(
     check_replay_input(ReplayInput(input.projection), registry)
     if not input.keys:
         raise UserError("no key to repair", fix="give --key KEY (or --keys-from FILE)")
+    if len(input.keys) > MAX_REPAIR_KEYS:
+        raise UserError(
+            f"{len(input.keys):,} keys to repair: one repair takes at most {MAX_REPAIR_KEYS:,} (its workflow input)",
+            fix="split the keys over several repairs, or replay the projection",
+        )
     check_range("batch_size", input.batch_size, 1)
     check_range("show", input.show, 0, MAX_SHOW)
     workflow_id = repair_workflow_id(input.projection)

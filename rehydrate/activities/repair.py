@@ -36,7 +36,7 @@ class RepairActivities(Activities):
         return RepairResult(
             input.projection,
             generation=done.generation,
-            keys=len(set(input.keys)),
+            keys=done.keys,
             changed=done.changed,
             events=done.events,
             first=done.first,

@@ -8,6 +8,8 @@ from rehydrate.core.errors import UserError
 MAX_LANES = 256  # lanes of one replay: one checkpoint row, one concurrent chain of chunks each
 MAX_PARALLEL = 500  # chunks of one replay running at once (Temporal: at most 2,000 pending activities per run)
 MAX_PARTITIONS = 256  # partitions of one snapshot rebuild
+# Keys one repair takes: they travel in its workflow input, which Temporal limits (2 MB by default).
+MAX_REPAIR_KEYS = 50_000
 MAX_SHOW = 1_000  # differing keys a verify result may name: it travels through Temporal
 MAX_IDENTIFIER = 63  # Postgres identifiers (NAMEDATALEN - 1)
 

@@ -61,7 +61,8 @@ _COMPARE = """WITH l AS (SELECT t.{key}::text AS k, md5(ROW({columns})::text) AS
 # The rows of a generation's table, for the fold.
 _ROWS_OF = "SELECT * FROM {table} WHERE {key} = ANY($1::{key_type}[])"
 _DELETE_KEYS = "DELETE FROM {table} WHERE {key} = ANY($1::{key_type}[])"
-_DELETE_KEYS_AS_TEXT = "DELETE FROM {table} WHERE {key}::text = ANY($1::text[])"
+# Keys as text cast to the key's type (not the column to text): the key's index finds them.
+_DELETE_KEYS_AS_TEXT = "DELETE FROM {table} WHERE {key} = ANY($1::text[]::{key_type}[])"
 _CAST_KEY = "SELECT $1::{key_type}"
 
 

@@ -27,8 +27,11 @@ from rehydrate.sources.log import LogSource
 
 _SCRATCH = "rh_repair"
 _CREATE_SCRATCH = "CREATE TEMP TABLE {scratch} (LIKE {live} INCLUDING DEFAULTS) ON COMMIT DROP"
-_ROWS_AS_TEXT = "SELECT {key}::text AS rh_key, * FROM {table} WHERE {key}::text = ANY($1::text[])"
-_MOVE_IN = "INSERT INTO {live} ({columns}) SELECT {columns} FROM {scratch}"
+# Keys as text, cast to the key column's type (so that its index serves), and back: each key as Postgres writes it.
+_CANONICAL = "SELECT k::text FROM unnest($1::text[]::{key_type}[]) AS k"
+_ROWS_AS_TEXT = "SELECT {key}::text AS rh_key, * FROM {table} WHERE {key} = ANY($1::text[]::{key_type}[])"
+_MOVE_IN = """INSERT INTO {live} ({columns}) SELECT {columns} FROM {scratch}
+    WHERE {key} = ANY($1::text[]::{key_type}[])"""
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Repaired:
     events folded."""
 
     generation: int
+    keys: int  # the distinct keys asked, as the key column writes them
     changed: int
     events: int
     first: list[Drift] = field(default_factory=list)
@@ -59,6 +63,7 @@ async def repair_keys(
         raise UserError("no key to repair", fix="give --key KEY (or --keys-from FILE)")
     conn = generations.conn
     catalog = generations.catalog
+    keys = await _canonical(conn, projection, keys)  # before the transaction: a bad key's error would end it
     try:
         async with conn.transaction():
             await catalog.lock_projection(projection.name)
@@ -89,6 +94,7 @@ async def repair_keys(
             differing = [k for k in keys if before.get(k) != after.get(k)]
             repaired = Repaired(
                 generation,
+                len(keys),
                 len(differing),
                 len(events),
                 [Drift(k, _problem(before, after, k)) for k in differing[:show]],
@@ -98,15 +104,36 @@ async def repair_keys(
                 raise _DryRun(repaired)
             if differing:
                 await live.delete_as_text(differing)
-                columns = ", ".join(quote(c) for c in projection.table.columns)
-                await conn.execute(
-                    _MOVE_IN.format(live=qualified(live.schema, live.physical), columns=columns, scratch=_SCRATCH)
-                    + f" WHERE {quote(projection.table.key_column)}::text = ANY($1::text[])",
-                    differing,
+                statement = _MOVE_IN.format(
+                    live=qualified(live.schema, live.physical),
+                    columns=", ".join(quote(c) for c in projection.table.columns),
+                    scratch=_SCRATCH,
+                    key=quote(projection.table.key_column),
+                    key_type=projection.table.key_sql_type,
                 )
+                await conn.execute(statement, differing)
             return repaired
     except _DryRun as done:
         return done.repaired
+
+
+async def _canonical(conn: asyncpg.Connection, projection: Projection, keys: Sequence[str]) -> list[str]:
+    """The keys as the key column writes them (" 42" and "042" are the key 42); a key that is not of the column's
+    type is refused, naming it."""
+    key_type = projection.table.key_sql_type
+    try:
+        return sorted(set(await conn.fetchval(f"SELECT array({_CANONICAL.format(key_type=key_type)})", list(keys))))
+    except asyncpg.DataError:
+        bad = []
+        for key in keys:
+            try:
+                await conn.fetchval(f"SELECT $1::text::{key_type}", key)
+            except asyncpg.DataError:
+                bad.append(key)
+        raise UserError(
+            f"key(s) {', '.join(map(repr, bad[:10]))} of {projection.name!r} are not {key_type} values",
+            fix=f"give keys as {projection.table.key_column} holds them; nothing was repaired",
+        ) from None
 
 
 async def _events_of(
@@ -135,7 +162,11 @@ async def _scratch(conn: asyncpg.Connection, live: GenerationTable) -> Generatio
 
 
 async def _rows(conn: asyncpg.Connection, table: GenerationTable, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    statement = _ROWS_AS_TEXT.format(key=quote(table.shape.key_column), table=qualified(table.schema, table.physical))
+    statement = _ROWS_AS_TEXT.format(
+        key=quote(table.shape.key_column),
+        table=qualified(table.schema, table.physical),
+        key_type=table.shape.key_sql_type,
+    )
     found = {}
     for record in await conn.fetch(statement, list(keys)):
         values = dict(record)

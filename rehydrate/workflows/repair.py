@@ -44,7 +44,7 @@ class RepairWorkflow:
             raise ApplicationError(
                 f"batch_size={input.batch_size} is not positive", type=REPAIR_FAILED, non_retryable=True
             )
-        total = RepairResult(input.projection, keys=len(keys), dry_run=input.dry_run)
+        total = RepairResult(input.projection, dry_run=input.dry_run)
         for start in range(0, len(keys), input.batch_size):
             batch = keys[start : start + input.batch_size]
             workflow.set_current_details(
@@ -58,6 +58,7 @@ class RepairWorkflow:
             except (ActivityError, ApplicationError) as error:
                 raise ApplicationError(failure_message(error), type=REPAIR_FAILED, non_retryable=True) from None
             total.generation = done.generation
+            total.keys += done.keys
             total.changed += done.changed
             total.events += done.events
             total.first = (total.first + done.first)[: input.show]

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlmodel import Field, SQLModel
 from temporalio.client import Client
 
-from rehydrate import EventStore, NewEvent
+from rehydrate import Event, EventStore, NewEvent
 from rehydrate.core.errors import UserError
 from rehydrate.core.settings import Settings
-from rehydrate.engine.projections import Registry
+from rehydrate.engine.projections import Projection, Registry, Row
 from rehydrate.models import RepairInput, ReplayInput
 from rehydrate.starter import repair, start_replay, wait_for_replay
 from rehydrate.worker import running_worker
@@ -91,3 +92,36 @@ async def test_a_dry_run_shows_what_would_change_and_an_unknown_key_changes_noth
         assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(
             domain.accounts, await domain.all_events(store)
         )
+
+
+class Counter(SQLModel, table=True):
+    __tablename__ = "counter"
+    n: int = Field(primary_key=True)
+    hits: int = 0
+
+
+counters = Projection("counters", version=1, table=Counter, key="n")
+
+
+@counters.on("Hit")
+def hit(row: Row | None, event: Event) -> Row:
+    return {"hits": (row or {}).get("hits", 0) + 1}
+
+
+async def test_keys_are_read_as_the_key_column_writes_them_and_a_key_of_another_type_is_refused(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    """An integer key column: "042" is the key 42 (found through the column's index, not its text); "x" is refused,
+    naming it, with nothing repaired."""
+    for n in range(60):
+        await store.append(f"s-{n % 7}", [NewEvent("Hit", {"n": n % 50})])
+    async with running_worker(settings, Registry([counters]), client=client):
+        await wait_for_replay(await start_replay(client, settings, ReplayInput("counters")))
+        await store.pool.execute("UPDATE public.counter SET hits = 0 WHERE n IN (7, 42)")
+        with pytest.raises(UserError, match=r"key\(s\) 'x' of 'counters' are not INTEGER values"):
+            await repair(client, settings, RepairInput("counters", keys=["042", "x"]))
+        assert await store.pool.fetchval("SELECT sum(hits) FROM public.counter WHERE n IN (7, 42)") == 0
+        done = await repair(client, settings, RepairInput("counters", keys=["042", " 7", "7"]))
+    assert (done.keys, done.changed) == (2, 2)
+    rows = dict(await store.pool.fetch("SELECT n, hits FROM public.counter WHERE n IN (7, 42)"))
+    assert rows == {7: 2, 42: 1}
