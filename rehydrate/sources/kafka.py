@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -163,32 +163,50 @@ class KafkaLog(LogSource):
             )
         return ranges, problems
 
-    def event(self, record: Any) -> Event:
-        """The event a message reads as."""
+    def events(self, records: Sequence[Any]) -> list[Event]:
+        """The events messages read as: one loop, the headers it needs looked up, a timestamp's datetime made once
+        for the messages that share it (a producer's batch does)."""
         mapping = self.mapping
-        headers = {key: value for key, value in record.headers or ()}
-        stream = record.key.decode() if record.key is not None else ""
-        payload: dict[str, Any]
-        event_type = _text(headers.get(mapping.type_header)) if mapping.type_header else None
-        try:
+        type_header, version_header, type_field = mapping.type_header, mapping.version_header, mapping.type_field
+        decode, loads = mapping.decode, orjson.loads
+        events: list[Event] = []
+        last_ms, at = -1, datetime.fromtimestamp(0, UTC)
+        for record in records:
+            event_type = version_text = None
+            for key, raw in record.headers or ():
+                if key == type_header:
+                    event_type = raw.decode(errors="replace")
+                elif key == version_header:
+                    version_text = raw.decode(errors="replace")
             value = record.value if record.value is not None else b"{}"
-            payload = orjson.loads(value) if mapping.decode is None else mapping.decode(value, event_type or "")
-            if not isinstance(payload, dict):
-                raise TypeError(f"it decoded to {type(payload).__name__}, not a JSON object")
-        except Exception as error:  # a user's decoder: whatever it raises is named, and the event parked or stopped on
-            payload = UndecodablePayload(
-                f"source {self.name!r} could not decode the value at partition {record.partition}, offset "
-                f"{record.offset}: {type(error).__name__}: {error}"
+            try:
+                payload = loads(value) if decode is None else decode(value, event_type or "")
+                if not isinstance(payload, dict):
+                    raise TypeError(f"it decoded to {type(payload).__name__}, not a JSON object")
+            except Exception as error:  # a user's decoder: whatever it raises is named; parked or stopped on
+                payload = UndecodablePayload(
+                    f"source {self.name!r} could not decode the value at partition {record.partition}, offset "
+                    f"{record.offset}: {type(error).__name__}: {error}"
+                )
+            if event_type is None and type_field is not None:
+                event_type = str(payload.get(type_field, ""))
+            # A version a producer wrote (ASCII digits); else the offset, which orders the partition's messages too.
+            version = int(version_text) if version_text and version_text.isascii() and version_text.isdigit() else 0
+            if record.timestamp != last_ms:
+                last_ms, at = record.timestamp, datetime.fromtimestamp(record.timestamp / 1000, UTC)
+            events.append(
+                Event(
+                    log_position(record.partition, record.offset),
+                    record.key.decode() if record.key is not None else "",
+                    version or record.offset + 1,
+                    event_type or "",
+                    1,
+                    payload,
+                    {},
+                    at,
+                )
             )
-        if event_type is None and mapping.type_field is not None:
-            event_type = str(payload.get(mapping.type_field, ""))
-        version_text = _text(headers.get(mapping.version_header)) if mapping.version_header else None
-        # A version a producer wrote (ASCII digits); else the offset, which orders the partition's messages too.
-        version = int(version_text) if version_text and version_text.isascii() and version_text.isdigit() else None
-        version = version if version else record.offset + 1
-        at = datetime.fromtimestamp(record.timestamp / 1000, UTC)
-        position = log_position(record.partition, record.offset)
-        return Event(position, stream, version, event_type or "", 1, payload, {}, at)
+        return events
 
 
 class _Reader(PartitionReader):
@@ -226,12 +244,13 @@ class _Reader(PartitionReader):
             while position < end and len(events) < limit:
                 batch = await consumer.getmany(tp, timeout_ms=_FETCH_WAIT_MS, max_records=limit - len(events))
                 records = batch.get(tp, [])
-                for record in records:
-                    if record.offset >= end:
-                        return events, end  # the consumer is past `end`: the next read seeks
-                    events.append(log.event(record))
-                    position = record.offset + 1
+                if records and records[-1].offset >= end:
+                    # The consumer is past `end`: the next read seeks.
+                    events += log.events([r for r in records if r.offset < end])
+                    return events, end
                 if records:
+                    events += log.events(records)
+                    position = records[-1].offset + 1
                     idle = 0
                     continue
                 moved = await consumer.position(tp)  # past offsets that hold no event (markers, aborted records)
@@ -269,7 +288,3 @@ async def _stop(consumer: AIOKafkaConsumer) -> None:
             raise
     except Exception:
         pass
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode(errors="replace")
