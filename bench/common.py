@@ -1,15 +1,18 @@
-"""What the benchmarks share: a Postgres, a Temporal server, and rehydrate worker processes."""
+"""What the benchmarks share: a Postgres, a Temporal server, rehydrate worker processes, how a script runs and how
+it sums up sources beside the own store."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +21,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from rehydrate.core.settings import Settings
+from rehydrate.core.temporal import quiet_exit
 from rehydrate.devstack import dev_server_args, temporal_cli
 
 
@@ -156,3 +160,26 @@ def cpu_seconds(workers: list[int]) -> dict[str, float]:
 
 def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{name} {after[name] - before.get(name, 0.0):.1f} s" for name in after)
+
+
+def run_script(main: Callable[[argparse.Namespace], Coroutine[object, object, int]], args: argparse.Namespace) -> None:
+    """Run a script's `main` and exit with its status: 130 on Ctrl-C, 143 on SIGTERM (when the script turned it into
+    a cancellation), without the interpreter's exit handlers (sdk-python#300)."""
+    try:
+        code = asyncio.run(main(args))
+    except KeyboardInterrupt:
+        code = 130
+    except asyncio.CancelledError:  # SIGTERM
+        code = 143
+    quiet_exit(code)
+
+
+def print_source_speeds(speeds: dict[str, list[float]], ratios: dict[str, list[float]]) -> None:
+    """For each source: the median events/s and the range, and the median ratio to the own store's replay of the
+    same round (and its range)."""
+    for kind in speeds:
+        s, r = sorted(speeds[kind]), sorted(ratios[kind])
+        print(
+            f"{kind:<30} median {statistics.median(s):>9,.0f} events/s ({s[0]:,.0f} to {s[-1]:,.0f})  "
+            f"= {statistics.median(r):4.0%} of the own store in the same round ({r[0]:.0%} to {r[-1]:.0%})"
+        )

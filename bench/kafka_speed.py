@@ -37,7 +37,6 @@ import contextlib
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import time
 import zlib
@@ -50,10 +49,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
-from common import postgres_server, stop_process, temporal
+from common import postgres_server, print_source_speeds, run_script, stop_process, temporal
 from replay_speed import HOME, PROJECTION, build_store, ceiling, differences, rate, replay, workers
-
-from rehydrate.core.temporal import quiet_exit
 
 BENCH = Path(__file__).resolve().parent
 SOURCE = "kafka"
@@ -243,12 +240,7 @@ async def main(args: argparse.Namespace) -> int:
         f"produced into the topic (not compared): {produced:,} events in {produce_seconds:.1f} s, "
         f"{rate(produced, produce_seconds).strip()}, {batching}, {args.producers} producers"
     )
-    for kind in speeds:
-        s, r = sorted(speeds[kind]), sorted(ratios[kind])
-        print(
-            f"{kind:<30} median {statistics.median(s):>9,.0f} events/s ({s[0]:,.0f} to {s[-1]:,.0f})  "
-            f"= {statistics.median(r):4.0%} of the own store in the same round ({r[0]:.0%} to {r[-1]:.0%})"
-        )
+    print_source_speeds(speeds, ratios)
     return 1 if wrong else 0
 
 
@@ -266,10 +258,4 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=2, help="rehydrate worker processes")
     parser.add_argument("--runs", type=int, default=3, help="rounds (the summary: median, range)")
     parser.add_argument("--reuse", action="store_true", help="reuse a store of the same size from an earlier run")
-    try:
-        code = asyncio.run(main(parser.parse_args()))
-    except KeyboardInterrupt:
-        code = 130
-    except asyncio.CancelledError:  # SIGTERM
-        code = 143
-    quiet_exit(code)
+    run_script(main, parser.parse_args())

@@ -44,12 +44,11 @@ from typing import Any
 
 import asyncpg
 import orjson
-from common import postgres_server, stop_process, temporal, worker_env
+from common import postgres_server, run_script, stop_process, temporal, worker_env
 from replay_speed import HOME, PROJECTION, build_store, ceiling, differences, replay, workers
 from temporalio.client import Client
 
 from rehydrate.core.settings import Settings
-from rehydrate.core.temporal import quiet_exit
 from rehydrate.models.names import repair_workflow_id
 
 MODULE = "rehydrate.examples.orders"
@@ -194,10 +193,4 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=2, help="rehydrate worker processes")
     parser.add_argument("--runs", type=int, default=5, help="rounds (the summary: median, range)")
     parser.add_argument("--reuse", action="store_true", help="reuse a store of the same size from an earlier run")
-    try:
-        code = asyncio.run(main(parser.parse_args()))
-    except KeyboardInterrupt:
-        code = 130
-    except asyncio.CancelledError:  # SIGTERM
-        code = 143
-    quiet_exit(code)
+    run_script(main, parser.parse_args())

@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 import es_orders
 import orjson
-from common import create_database, postgres_server, temporal
+from common import create_database, postgres_server, print_source_speeds, temporal
 from replay_speed import HOME, PROJECTION, build_store, ceiling, differences, rate, replay, workers
 
 from rehydrate.core.temporal import quiet_exit
@@ -200,12 +199,7 @@ async def main(args: argparse.Namespace) -> int:
         f"{args.events:,} events in the store; order_summary reads {events:,}; {os.cpu_count()} cores; "
         f"{args.workers} worker processes; {args.runs} rounds"
     )
-    for kind in speeds:
-        s, r = sorted(speeds[kind]), sorted(ratios[kind])
-        print(
-            f"{kind:<30} median {statistics.median(s):>9,.0f} events/s ({s[0]:,.0f} to {s[-1]:,.0f})  "
-            f"= {statistics.median(r):4.0%} of the own store in the same round ({r[0]:.0%} to {r[-1]:.0%})"
-        )
+    print_source_speeds(speeds, ratios)
     return 1 if wrong else 0
 
 

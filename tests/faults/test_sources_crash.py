@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,8 @@ from rehydrate.engine.projections import Projection
 from rehydrate.models import ReplayInput
 from rehydrate.sources.inspection import prepare, prepare_sql
 from rehydrate.sources.pools import Sources
-from rehydrate.starter import start_replay, wait_for_replay
-from rehydrate.workflows import ReplayWorkflow
 from tests.helpers import domain, es_bank, legacy, team_stores
-from tests.helpers.workers import (
-    chunk_transactions_open,
-    kill_workers,
-    log_tail,
-    retries_after_heartbeat_timeout,
-    start_worker,
-)
+from tests.helpers.workers import kill_workers, replay_killing_a_worker_mid_chunk
 
 TIME_LIMIT = 150.0
 
@@ -156,32 +147,20 @@ async def test_a_replay_from_a_team_source_survives_a_worker_kill_while_the_team
             await asyncio.sleep(0.05)
         return batches
 
-    async def scenario() -> int:
-        workers["A"] = start_worker(settings, logs["A"], env)
-        handle = await start_replay(
-            client,
-            settings,
-            ReplayInput(projection.name, lanes=3, chunk_size=100, max_parallel=3, heartbeat_timeout_seconds=2),
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            assert workers["A"].poll() is None, f"worker A exited early:\n{log_tail(logs['A'])}"
-            assert time.monotonic() < deadline, "the replay never reached the middle of its build"
-            progress = await handle.query(ReplayWorkflow.progress)
-            assert progress.phase in ("planning", "building"), f"the replay finished early: {progress}"
-            partial = progress.phase == "building" and 0 < progress.events_applied < progress.events_total
-            if partial and await chunk_transactions_open(store.pool):
-                workers["A"].send_signal(signal.SIGKILL)
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.to_thread(workers["A"].wait)
-        workers["B"] = start_worker(settings, logs["B"], env)
-        await wait_for_replay(handle)
-        return await retries_after_heartbeat_timeout(client, handle, "rehydrate.apply_chunk")
-
     writes = asyncio.create_task(writer())
     try:
-        retries = await asyncio.wait_for(scenario(), TIME_LIMIT)
+        retries = await asyncio.wait_for(
+            replay_killing_a_worker_mid_chunk(
+                client,
+                settings,
+                store.pool,
+                ReplayInput(projection.name, lanes=3, chunk_size=100, max_parallel=3, heartbeat_timeout_seconds=2),
+                workers,
+                logs,
+                env,
+            ),
+            TIME_LIMIT,
+        )
         writing = False
         batches = await writes
         sources = Sources(store)

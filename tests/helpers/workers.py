@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,9 @@ from temporalio.api.enums.v1 import EventType, TimeoutType
 from temporalio.client import Client, WorkflowHandle
 
 from rehydrate import Settings
+from rehydrate.models import ReplayInput
+from rehydrate.starter import start_replay, wait_for_replay
+from rehydrate.workflows import ReplayWorkflow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,3 +102,34 @@ def log_tail(log: Path, lines: int = 40) -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+async def replay_killing_a_worker_mid_chunk(
+    client: Client,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    input: ReplayInput,
+    workers: dict[str, subprocess.Popen[bytes]],
+    logs: dict[str, Path],
+    env: dict[str, str],
+) -> int:
+    """Worker process A, and the replay `input` on it; A SIGKILLed in the middle of a chunk (the build partly
+    applied, a chunk's transaction open); worker B started; the replay waited for. Returns the chunk attempts
+    retried after a heartbeat timeout (at least one: the chunk A was running)."""
+    workers["A"] = start_worker(settings, logs["A"], env)
+    handle = await start_replay(client, settings, input)
+    deadline = time.monotonic() + 60
+    while True:
+        assert workers["A"].poll() is None, f"worker A exited early:\n{log_tail(logs['A'])}"
+        assert time.monotonic() < deadline, "the replay never reached the middle of its build"
+        progress = await handle.query(ReplayWorkflow.progress)
+        assert progress.phase in ("planning", "building"), f"the replay finished early: {progress}"
+        partial = progress.phase == "building" and 0 < progress.events_applied < progress.events_total
+        if partial and await chunk_transactions_open(pool):
+            workers["A"].send_signal(signal.SIGKILL)
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(workers["A"].wait)
+    workers["B"] = start_worker(settings, logs["B"], env)
+    await wait_for_replay(handle)
+    return await retries_after_heartbeat_timeout(client, handle, "rehydrate.apply_chunk")
