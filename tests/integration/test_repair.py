@@ -94,13 +94,13 @@ async def test_a_dry_run_shows_what_would_change_and_an_unknown_key_changes_noth
         )
 
 
-class Counter(SQLModel, table=True):
-    __tablename__ = "counter"
+class KeyedCounter(SQLModel, table=True):
+    __tablename__ = "keyed_counter"
     n: int = Field(primary_key=True)
     hits: int = 0
 
 
-counters = Projection("counters", version=1, table=Counter, key="n")
+counters = Projection("counters", version=1, table=KeyedCounter, key="n")
 
 
 @counters.on("Hit")
@@ -117,11 +117,11 @@ async def test_keys_are_read_as_the_key_column_writes_them_and_a_key_of_another_
         await store.append(f"s-{n % 7}", [NewEvent("Hit", {"n": n % 50})])
     async with running_worker(settings, Registry([counters]), client=client):
         await wait_for_replay(await start_replay(client, settings, ReplayInput("counters")))
-        await store.pool.execute("UPDATE public.counter SET hits = 0 WHERE n IN (7, 42)")
+        await store.pool.execute("UPDATE public.keyed_counter SET hits = 0 WHERE n IN (7, 42)")
         with pytest.raises(UserError, match=r"key\(s\) 'x' of 'counters' are not INTEGER values"):
             await repair(client, settings, RepairInput("counters", keys=["042", "x"]))
-        assert await store.pool.fetchval("SELECT sum(hits) FROM public.counter WHERE n IN (7, 42)") == 0
+        assert await store.pool.fetchval("SELECT sum(hits) FROM public.keyed_counter WHERE n IN (7, 42)") == 0
         done = await repair(client, settings, RepairInput("counters", keys=["042", " 7", "7"]))
     assert (done.keys, done.changed) == (2, 2)
-    rows = dict(await store.pool.fetch("SELECT n, hits FROM public.counter WHERE n IN (7, 42)"))
+    rows = dict(await store.pool.fetch("SELECT n, hits FROM public.keyed_counter WHERE n IN (7, 42)"))
     assert rows == {7: 2, 42: 1}
