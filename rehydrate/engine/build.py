@@ -181,14 +181,13 @@ async def _plan_log(
             partial_history=partial,
         )
     generation = building["generation"]
-    done = {lane: finished for lane, _, _, finished in await catalog.lanes(projection.name, generation)}
     states = [
         LaneState(
             lane=row["lane"],
             position=row["position"],
             applied=row["events_applied"],
             total=row["events_applied"] + max(0, row["target"] - row["position"]),
-            done=done[row["lane"]],
+            done=row["done"],
         )
         for row in await catalog.log_lanes(projection.name, generation)
     ]

@@ -93,7 +93,7 @@ _INSERT_RANGE_LANE = """INSERT INTO {schema}.lane_checkpoints
 _INSERT_LOG_LANES = """INSERT INTO {schema}.lane_checkpoints (projection, generation, lane, position, target)
     SELECT $1, $2, lane - 1, start, target
     FROM unnest($3::bigint[], $4::bigint[]) WITH ORDINALITY AS l(start, target, lane)"""
-_LOG_LANES = """SELECT lane, position, target, events_applied FROM {schema}.lane_checkpoints
+_LOG_LANES = """SELECT lane, position, target, events_applied, done FROM {schema}.lane_checkpoints
     WHERE projection = $1 AND generation = $2 ORDER BY lane"""
 _MARK_PARTIAL = "UPDATE {schema}.generations SET partial_history = true WHERE projection = $1 AND generation = $2"
 _LANE_BOUNDS = """SELECT by_stream, low_stream, high_stream FROM {schema}.lane_checkpoints
@@ -354,7 +354,7 @@ class Catalog:
             await self.conn.execute(self._sql(_MARK_PARTIAL), projection, generation)
 
     async def log_lanes(self, projection: str, generation: int) -> list[asyncpg.Record]:
-        """(lane, position, target, events_applied) of each lane of a log's generation, in partition order."""
+        """(lane, position, target, events_applied, done) of each lane of a log's generation, in partition order."""
         return list(await self.conn.fetch(self._sql(_LOG_LANES), projection, generation))
 
     async def lane_bounds(self, projection: str, generation: int) -> list[tuple[str | None, str | None]] | None:
