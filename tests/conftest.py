@@ -28,6 +28,9 @@ from tests.helpers import kafka
 
 # Continue-as-new is suggested after this many history events, so that tests exercise it.
 CONTINUE_AS_NEW_AFTER = 400
+# A workflow task that a killed worker had taken is given to another worker after this long (Temporal's default is
+# 10 s; rehydrate's workflow tasks take milliseconds): the fault tests kill workers.
+WORKFLOW_TASK_TIMEOUT = "4s"
 
 
 def with_database(url: str, name: str) -> str:
@@ -128,6 +131,8 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_extra_args=[
             "--dynamic-config-value",
             f"limit.historyCount.suggestContinueAsNew={CONTINUE_AS_NEW_AFTER}",
+            "--dynamic-config-value",
+            f'history.defaultWorkflowTaskTimeout="{WORKFLOW_TASK_TIMEOUT}"',
             *DEV_SERVER_TUNING,
         ],
     )

@@ -57,7 +57,7 @@ async def test_a_replay_from_a_topic_survives_a_worker_kill_while_producers_writ
 
     writes = asyncio.create_task(producer())
     try:
-        retries = await asyncio.wait_for(
+        died, retried = await asyncio.wait_for(
             replay_killing_a_worker_mid_chunk(
                 client,
                 settings,
@@ -87,5 +87,5 @@ async def test_a_replay_from_a_topic_survives_a_worker_kill_while_producers_writ
             await writes
         await kill_workers(workers, logs)
     assert workers["A"].returncode == -signal.SIGKILL
-    assert retries >= 1, "a chunk attempt that was running on worker A was retried on worker B"
+    assert died and died <= retried, f"the chunks that died with worker A were retried: {died} in {retried}"
     assert batches >= 5, "producers wrote during the build and the swap"

@@ -23,9 +23,12 @@ from tests.helpers import versioned as vs
 from tests.helpers.slow_aggregates import SlowAccount
 from tests.helpers.workers import (
     chunk_transactions_open,
+    forget_sticky_worker,
+    kill_inside_chunks,
     kill_workers,
     log_tail,
-    retries_after_heartbeat_timeout,
+    retried_attempts,
+    rolled_back,
     start_worker,
 )
 
@@ -55,16 +58,19 @@ async def test_rebuild_survives_a_worker_kill_and_writes_the_same_snapshots_as_a
             assert time.monotonic() < deadline, "the rebuild never reached its middle"
             progress = await handle.query(SnapshotRebuildWorkflow.progress)
             assert progress.phase in ("planning", "building"), progress
-            if 0 < progress.streams_done < progress.streams_total and await chunk_transactions_open(
-                store.pool, "snapshot_rebuilds"
+            if (
+                0 < progress.streams_done < progress.streams_total
+                and await chunk_transactions_open(store.pool, "snapshot_rebuilds")
+                and (killed := await kill_inside_chunks(workers["A"], store.pool, "snapshot_rebuilds"))
             ):
-                workers["A"].send_signal(signal.SIGKILL)
                 break
             await asyncio.sleep(0.01)
         await asyncio.to_thread(workers["A"].wait)
+        await forget_sticky_worker(client, handle)
+        assert await rolled_back(store.pool, killed), "a chunk A held open committed"
         workers["B"] = start_worker(settings, logs["B"], env)
         result = await asyncio.wait_for(wait_for_snapshot_rebuild(handle), 120)
-        retried = await retries_after_heartbeat_timeout(client, handle)
+        retried = await retried_attempts(client, handle, "rehydrate.snapshot_chunk")
     finally:
         await kill_workers(workers, logs)
     assert workers["A"].returncode == -signal.SIGKILL

@@ -149,7 +149,7 @@ async def test_a_replay_from_a_team_source_survives_a_worker_kill_while_the_team
 
     writes = asyncio.create_task(writer())
     try:
-        retries = await asyncio.wait_for(
+        died, retried = await asyncio.wait_for(
             replay_killing_a_worker_mid_chunk(
                 client,
                 settings,
@@ -179,5 +179,5 @@ async def test_a_replay_from_a_team_source_survives_a_worker_kill_while_the_team
         await kill_workers(workers, logs)
         await team.close()
     assert workers["A"].returncode == -signal.SIGKILL
-    assert retries >= 1, "a chunk attempt that was running on worker A was retried on worker B"
+    assert died and died <= retried, f"the chunks that died with worker A were retried: {died} in {retried}"
     assert batches >= 5, "the team's application wrote during the build and the swap"

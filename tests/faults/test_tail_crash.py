@@ -32,7 +32,8 @@ from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.worker import running_worker
 from rehydrate.workflows import TailWorkflow
 from tests.helpers import domain
-from tests.helpers.workers import log_tail, start_worker
+from tests.helpers.waiting import eventually
+from tests.helpers.workers import kill_frozen, log_tail, start_worker
 
 # Bound on the whole scenario; it takes about 15 s here.
 TIME_LIMIT = 45.0
@@ -142,8 +143,9 @@ async def test_tail_survives_a_worker_kill_mid_batch_without_losing_or_doubling_
             now = await checkpoints(store.pool)
             moved = any(now[name][1] > built_at[name][1] for name in names)
             victim = await batch_in_fold(store.pool, names) if moved else None
-            if victim is not None:
-                workers["A"].send_signal(signal.SIGKILL)
+            if victim is not None and (
+                victim := await kill_frozen(workers["A"], lambda: batch_in_fold(store.pool, names))
+            ):
                 break
             await asyncio.sleep(0.002)
         killed_at = time.monotonic() - began
@@ -153,7 +155,12 @@ async def test_tail_survives_a_worker_kill_mid_batch_without_losing_or_doubling_
         at_kill = await checkpoints(store.pool)
 
         workers["B"] = start_worker(settings, logs["B"])
-        await asyncio.sleep(4)  # B takes over after the heartbeat timeout (2 s) and a retry (1 s); the writer goes on
+
+        async def b_committed() -> bool:  # after the heartbeat timeout (2 s) and a retry (1 s); the writer goes on
+            now = await checkpoints(store.pool)
+            return all(now[name][1] > at_kill[name][1] for name in names)
+
+        await eventually(b_committed)
         stop.set()
         await writing
         deadline = time.monotonic() + 20
