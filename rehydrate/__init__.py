@@ -14,6 +14,7 @@ from rehydrate.core.errors import (
 )
 from rehydrate.core.settings import Settings
 from rehydrate.engine.aggregates import Aggregate, AggregateNotFoundError, AggregateRegistry, Repository, applies
+from rehydrate.engine.children import Children, ChildRows
 from rehydrate.engine.projections import Projection, Registry, Row
 from rehydrate.engine.upcasting import UpcastError, Upcasters
 from rehydrate.sources.events import NO_STREAM, Event, NewEvent
@@ -24,6 +25,8 @@ __all__ = [
     "Aggregate",
     "AggregateNotFoundError",
     "AggregateRegistry",
+    "ChildRows",
+    "Children",
     "ConcurrencyError",
     "Event",
     "EventStore",

@@ -1,4 +1,4 @@
-"""Folds a batch of events into a projection's rows and writes them to one generation's table.
+"""Folds a batch of events into a projection's rows and writes them to one generation's tables.
 
 The caller owns the transaction: it writes its checkpoint in the same one, so a batch applied twice (a retry
 after a crash between commit and acknowledgement) finds the checkpoint already past it and changes nothing.
@@ -14,8 +14,9 @@ import asyncpg
 
 from rehydrate.core.errors import ProjectionError
 from rehydrate.engine.catalog import Catalog
-from rehydrate.engine.projections import Projection, Row
-from rehydrate.engine.readmodels import GenerationTable
+from rehydrate.engine.children import Children, ChildRowError, ChildState, clear_all, rows_of
+from rehydrate.engine.projections import Projection, Row, TableShape
+from rehydrate.engine.readmodels import GenerationTable, GenerationTables
 from rehydrate.sources.events import Event, UndecodablePayload
 
 _MISSING = object()
@@ -52,9 +53,14 @@ def fold(
     state: dict[Any, Row | None],
     last: dict[Any, Event],
     parked: Parked | None = None,
+    children: ChildState | None = None,
+    stored_keys: set[Any] | None = None,
 ) -> int:
     """Apply `events` in order over the rows in `state` (by key; None: no row), in place. Records in `last` the
     last event that touched each key (to name it in an error); returns how many events a handler applied.
+
+    A projection with child tables keeps its keys' child rows in `children`; `stored_keys` are the keys that have
+    a stored row (only they may have stored child rows).
 
     With `parked` (a projection with on_error="park"), a handler's failure parks its key instead of raising: that
     event and every later event of the key go into `parked`, and the key is dropped from `last` (not written)."""
@@ -67,6 +73,10 @@ def fold(
     width = len(blank)
     applied = 0
     upcast = projection.upcaster()
+    has_children = bool(projection.children)
+    child_state: ChildState = {} if children is None else children
+    with_rows: set[Any] = set() if stored_keys is None else stored_keys
+    takes_children, reads = projection.takes_children, projection.reads
     for event in events:
         undecodable = type(event.data) is UndecodablePayload
         if upcast is not None and not undecodable:
@@ -105,7 +115,12 @@ def fold(
                     "fix the source's decoder (or the stored payload), then replay (or retry the dead letters)",
                 )
             try:
-                row = handler(previous, event)
+                if has_children and takes_children[event.type]:
+                    row = handler(previous, event, Children(projection, key, child_state, with_rows, reads[event.type]))
+                else:
+                    row = handler(previous, event)
+            except ChildRowError as error:
+                raise _fail(projection, event, error.message, error.fix or "") from None
             except Exception as error:
                 raise _fail(
                     projection,
@@ -142,14 +157,15 @@ def fold(
             last.pop(key, None)
             parked[key] = [(event, failure.message)]
             continue
+        if row is None and has_children:
+            clear_all(projection, child_state, key, with_rows)
         state[key] = row
         last[key] = event
         applied += 1
     return applied
 
 
-def _record(projection: Projection, row: Row, event: Event) -> tuple[Any, ...]:
-    shape = projection.table
+def _record(projection: Projection, shape: TableShape, row: Row, event: Event) -> tuple[Any, ...]:
     if len(row) == len(shape.columns):
         # The usual row: every column, nothing else (as many keys as columns, each column present).
         try:
@@ -187,19 +203,21 @@ class Folding:
     def __init__(
         self,
         projection: Projection,
-        table: GenerationTable,
+        tables: GenerationTables,
         parking: Parking | None = None,
         stored_keys: Iterable[Any] | None = None,
     ) -> None:
         """`stored_keys`, when the caller knows them: the only keys that may already have a row (or dead
         letters) in the table; the rest are new, so no lookup is needed. None: any key may."""
-        self.table = table
+        self.tables = tables
+        self.table = tables.main
         self.stored_keys = None if stored_keys is None else list(stored_keys)
         self.parking = parking
         # Parked keys (on_error="park"): loaded from the dead letters as keys are met; new entries written at the end.
         self.parked: Parked | None = {} if projection.on_error == "park" else None
         self.projection = projection
         self.state: dict[Any, Row | None] = {}
+        self.children: ChildState = {}
         self.last: dict[Any, Event] = {}
         self.looked_up: set[Any] = set()
         self.stored: set[Any] = set()  # keys that have a row in the table: deleted before the new rows go in
@@ -237,7 +255,37 @@ class Folding:
                 self.stored.add(key)
             if self.parked is not None and self.parking is not None:
                 await self._load_parked(keys)
-        self.events += fold(projection, events, self.state, self.last, self.parked)
+        if projection.children and self.stored:
+            await self._load_children(events)
+        self.events += fold(projection, events, self.state, self.last, self.parked, self.children, self.stored)
+
+    async def _load_children(self, events: Sequence[Event]) -> None:
+        """Load the stored child rows that this batch's handlers read (`reads=`), for its keys that have a stored
+        row and whose child rows in that table are not loaded yet."""
+        projection = self.projection
+        reads, key_field = projection.reads, projection.key.field
+        wanted: dict[str, list[Any]] = {}
+        for event in events:
+            tables = reads.get(event.type)
+            if not tables:
+                continue
+            key = event.stream_id if key_field is None else event.data.get(key_field)
+            if key not in self.stored:
+                continue
+            for name in tables:
+                rows = self.children.get(key, {}).get(name)
+                if rows is None or rows.stored is None:
+                    wanted.setdefault(name, []).append(key)
+        for name, keys in wanted.items():
+            table = self.tables.child(name)
+            shape = table.shape
+            keys = list(dict.fromkeys(keys))
+            found: dict[Any, dict[Any, Row]] = {key: {} for key in keys}
+            for record in await table.rows(keys):
+                row = dict(record)
+                found[row[shape.key_column]][shape.child_key_of(row)] = row
+            for key, stored in found.items():
+                rows_of(self.children, shape, key, self.stored).stored = stored
 
     async def _load_parked(self, keys: list[Any]) -> None:
         """Keys parked by an earlier transaction of this generation stay parked: their events are parked too."""
@@ -248,9 +296,13 @@ class Folding:
             self.parked.setdefault(by_text[key], [])
 
     async def write(self) -> Applied:
-        """Replace the touched keys' rows. Must run inside the caller's transaction."""
+        """Replace the touched keys' rows (and child rows). Must run inside the caller's transaction."""
         projection, state, last = self.projection, self.state, self.last
-        records = [_record(projection, row, last[key]) for key, row in state.items() if row is not None and key in last]
+        records = [
+            _record(projection, projection.table, row, last[key])
+            for key, row in state.items()
+            if row is not None and key in last
+        ]
         gone = [key for key in self.stored if key in last]
         if gone:
             await self.table.delete(gone)
@@ -259,9 +311,60 @@ class Folding:
                 async with self.table.conn.transaction():
                     await self.table.copy(records)
             except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, TypeError) as error:
-                raise await _name_bad_row(self.table, projection, state, last, error) from None
+                raise await _name_bad_row(self.table, projection, self._rows_of(projection.table), error) from None
+        for table in self.tables.children:
+            await self._write_children(table)
         parked = await self._write_parked()
         return Applied(self.events, len(records), sum(1 for key in gone if state.get(key) is None), parked)
+
+    def _rows_of(self, shape: TableShape) -> list[tuple[Row, Event]]:
+        """The rows this fold writes to a table, each with the last event of its key."""
+        last = self.last
+        if not shape.is_child:
+            return [(row, last[key]) for key, row in self.state.items() if row is not None and key in last]
+        written = []
+        for key, by_table in self.children.items():
+            rows = by_table.get(shape.name)
+            if rows is not None and key in last:
+                written += [(row, last[key]) for row in rows.changed.values() if row is not None]
+        return written
+
+    async def _write_children(self, table: GenerationTable) -> None:
+        """Delete the child rows the fold cleared or changed (of keys with stored rows), then COPY the new ones."""
+        projection, shape, last, stored = self.projection, table.shape, self.last, self.stored
+        cleared: list[Any] = []
+        changed: list[tuple[Any, Any]] = []
+        records: list[tuple[Any, ...]] = []
+        for key, by_table in self.children.items():
+            rows = by_table.get(shape.name)
+            if rows is None or key not in last:
+                continue
+            if key in stored:
+                if rows.cleared:
+                    cleared.append(key)
+                else:
+                    changed += [(key, child_key) for child_key in rows.changed]
+            new = [row for row in rows.changed.values() if row is not None]
+            if new and self.state.get(key) is None:
+                raise _fail(
+                    projection,
+                    last[key],
+                    f"the handlers left child rows in {shape.name!r} for key {key!r}, which has no row in "
+                    f"{projection.table.name!r}",
+                    "a key's child rows live with its row: return a row for the key before putting child rows (a "
+                    "handler that returns None deletes the key and its child rows)",
+                )
+            records += [_record(projection, shape, row, last[key]) for row in new]
+        if cleared:
+            await table.delete(cleared)
+        if changed:
+            await table.delete_children(changed)
+        if records:
+            try:
+                async with table.conn.transaction():
+                    await table.copy(records)
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError, TypeError) as error:
+                raise await _name_bad_row(table, projection, self._rows_of(shape), error) from None
 
     async def _write_parked(self) -> int:
         """Store the events parked in this transaction; returns how many."""
@@ -277,10 +380,10 @@ class Folding:
 
 
 async def apply_events(
-    projection: Projection, table: GenerationTable, events: Sequence[Event], parking: Parking | None = None
+    projection: Projection, tables: GenerationTables, events: Sequence[Event], parking: Parking | None = None
 ) -> Applied:
-    """Fold `events` into a generation's table. Must run inside the caller's transaction."""
-    folding = Folding(projection, table, parking)
+    """Fold `events` into a generation's tables. Must run inside the caller's transaction."""
+    folding = Folding(projection, tables, parking)
     await folding.add(events)
     return await folding.write()
 
@@ -318,33 +421,28 @@ async def _name_bad_key(
 
 
 async def _name_bad_row(
-    table: GenerationTable,
-    projection: Projection,
-    state: dict[Any, Row | None],
-    last: dict[Any, Event],
-    error: Exception,
+    table: GenerationTable, projection: Projection, rows: Sequence[tuple[Row, Event]], error: Exception
 ) -> ProjectionError:
     """A COPY failed: write the rows one by one (in savepoints) to find the event whose row is wrong."""
-    for key, row in state.items():
-        if row is None or key not in last:
-            continue
+    shape = table.shape
+    for row, event in rows:
         try:
             async with table.conn.transaction():
-                await table.copy([_record(projection, row, last[key])])
+                await table.copy([_record(projection, shape, row, event)])
                 raise _Rollback
         except _Rollback:
             continue
         except Exception as row_error:
             return _fail(
                 projection,
-                last[key],
-                f"its row cannot be stored in table {projection.table.name!r}: {row_error}",
+                event,
+                f"its row cannot be stored in table {shape.name!r}: {row_error}",
                 "return values of the column types the table declares",
             )
     return _fail(
         projection,
-        next(iter(last.values())),
-        f"the rows of this batch cannot be stored: {error}",
+        rows[0][1],
+        f"the rows of this batch cannot be stored in table {shape.name!r}: {error}",
         "return values of the column types the table declares",
     )
 

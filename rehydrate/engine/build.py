@@ -276,9 +276,7 @@ async def apply_chunk(
         # writes the rows and the checkpoint (everything below the mark is final, so both see the same events).
         async with source.reading(conn) as reading:
             held = await source.held_back(reading, input.mark)
-            table = generations.read_models(checkpoint["sandbox"]).table(
-                projection.table, projection.table.physical_name(input.generation)
-            )
+            table = generations.read_models(checkpoint["sandbox"]).tables(projection, input.generation)
             cutoff = Cutoff.of(checkpoint["to_position"], checkpoint["as_of"])
             position = progress.from_position = checkpoint["position"]
             after: tuple[str, int] | None = None
@@ -353,9 +351,7 @@ async def _apply_log_chunk(
     (in the caller's transaction). The chunk ends when the read's position reaches the target, never by counting
     records: offsets of transaction markers and aborted records hold no event."""
     catalog = generations.catalog
-    table = generations.read_models(checkpoint["sandbox"]).table(
-        projection.table, projection.table.physical_name(input.generation)
-    )
+    table = generations.read_models(checkpoint["sandbox"]).tables(projection, input.generation)
     start = position = progress.from_position = checkpoint["position"]
     target = checkpoint["target"]
     # Keys interleave in a partition: any key may have a row from an earlier chunk.

@@ -32,15 +32,15 @@ _LOCK_NUMBERING = "SELECT pg_advisory_xact_lock(hashtextextended('rehydrate.gene
 _NEXT_GENERATION = "SELECT coalesce(max(generation), 0) + 1 FROM {schema}.generations WHERE projection = $1"
 _INSERT_GENERATION = """INSERT INTO {schema}.generations (projection, generation, version, fingerprint, state,
         physical_table, target_xmin, checkpoint_xmin, lanes, chunk_size, workflow_id, run_id, sandbox, to_position,
-        as_of)
-    VALUES ($1, $2, $3, $4, 'building', $5, $6::text::xid8, $6::text::xid8, $7, $8, $9, $10, $11, $12, $13)"""
+        as_of, child_tables)
+    VALUES ($1, $2, $3, $4, 'building', $5, $6::text::xid8, $6::text::xid8, $7, $8, $9, $10, $11, $12, $13, $14)"""
 _BUILDING = """SELECT generation, workflow_id, physical_table, target_xmin::text::bigint AS target_xmin,
         lanes, chunk_size, to_position, as_of
     FROM {schema}.generations WHERE projection = $1 AND state = 'building' AND sandbox = $2"""
 _GENERATION = """SELECT *, checkpoint_xmin::text::bigint AS checkpoint, target_xmin::text::bigint AS target
     FROM {schema}.generations WHERE projection = $1 AND generation = $2"""
 _LOCK_GENERATION = """SELECT state, physical_table, checkpoint_xmin::text::bigint AS checkpoint, sandbox, rows_count,
-        fingerprint
+        fingerprint, child_tables
     FROM {schema}.generations WHERE projection = $1 AND generation = $2 FOR UPDATE"""
 _SET_TOTAL = "UPDATE {schema}.generations SET events_total = $3 WHERE projection = $1 AND generation = $2"
 # The plan's events_total was an estimate; once built, it is what the lanes applied.
@@ -60,9 +60,9 @@ _RETIRE_ACTIVE = """UPDATE {schema}.generations SET state = 'retired', ended_at 
 _ACTIVATE = """UPDATE {schema}.generations SET state = 'active', activated_at = now(),
         ended_at = CASE WHEN $4 THEN now() END, rows_count = coalesce($3, rows_count)
     WHERE projection = $1 AND generation = $2"""
-_RETAINED = """SELECT generation, physical_table, version, fingerprint FROM {schema}.generations
+_RETAINED = """SELECT generation, physical_table, version, fingerprint, child_tables FROM {schema}.generations
     WHERE projection = $1 AND sandbox = '' AND state = 'retired' ORDER BY generation DESC"""
-_RETIRED_BEYOND = """SELECT generation, physical_table FROM {schema}.generations
+_RETIRED_BEYOND = """SELECT generation, physical_table, child_tables FROM {schema}.generations
     WHERE projection = $1 AND state = 'retired' ORDER BY generation DESC OFFSET $2"""
 _MARK_DROPPED = "UPDATE {schema}.generations SET state = 'dropped' WHERE projection = $1 AND generation = $2"
 _DROP_GAPS = "DELETE FROM {schema}.source_gaps WHERE projection = $1 AND generation = $2"
@@ -71,7 +71,7 @@ _END_BUILDING = """UPDATE {schema}.generations SET state = $3, error = nullif($4
         events_applied = (SELECT coalesce(sum(events_applied), 0) FROM {schema}.lane_checkpoints
                           WHERE projection = $1 AND generation = $2)
     WHERE projection = $1 AND generation = $2 AND state = 'building'
-    RETURNING physical_table, sandbox"""
+    RETURNING physical_table, sandbox, child_tables"""
 _SANDBOX_OF = "SELECT sandbox FROM {schema}.generations WHERE projection = $1 AND generation = $2"
 _LIST_GENERATIONS = """SELECT g.generation, g.state, g.version, g.fingerprint, g.physical_table, g.lanes, g.chunk_size,
         g.events_total, g.events_applied, g.rows_count, g.workflow_id, g.run_id, g.error,
@@ -169,7 +169,7 @@ _FILL_GAPS = "DELETE FROM {schema}.source_gaps WHERE projection = $1 AND generat
 
 _DROP_OLDER_SANDBOX_BUILDS = """UPDATE {schema}.generations SET state = 'dropped', ended_at = now()
     WHERE projection = $1 AND sandbox = $2 AND state = 'sandbox' AND generation <> $3
-    RETURNING physical_table"""
+    RETURNING generation, physical_table, child_tables"""
 _MARK_SANDBOX = """UPDATE {schema}.generations SET state = 'sandbox', ended_at = now()
     WHERE projection = $1 AND generation = $2"""
 _SANDBOXES = """SELECT sandbox AS label, projection, generation, state, to_position, as_of,
@@ -235,6 +235,7 @@ class Catalog:
         sandbox: str,
         to_position: int | None,
         as_of: datetime | None,
+        child_tables: Sequence[str] = (),
     ) -> int:
         """Number and record a new building generation; `physical_table(number)` names its table. Refused (a
         UserError) while another generation of the projection is building for the same target."""
@@ -256,6 +257,7 @@ class Catalog:
                 sandbox,
                 to_position,
                 as_of,
+                list(child_tables),
             )
         except asyncpg.UniqueViolationError:
             where = f" in sandbox {sandbox!r}" if sandbox else ""
@@ -306,7 +308,7 @@ class Catalog:
         return list(await self.conn.fetch(self._sql(_RETAINED), projection))
 
     async def retired_beyond(self, projection: str, keep: int) -> list[asyncpg.Record]:
-        """Retired generations beyond the newest `keep`: (generation, physical_table)."""
+        """Retired generations beyond the newest `keep`: (generation, physical_table, child_tables)."""
         return list(await self.conn.fetch(self._sql(_RETIRED_BEYOND), projection, keep))
 
     async def mark_dropped(self, projection: str, generation: int) -> None:
@@ -315,7 +317,7 @@ class Catalog:
 
     async def end_building(self, projection: str, generation: int, reason: str) -> asyncpg.Record | None:
         """Mark a building generation cancelled (`reason` "cancelled") or failed (the error); its (physical_table,
-        sandbox), or None when it was not building."""
+        sandbox, child_tables), or None when it was not building."""
         state = "cancelled" if reason == "cancelled" else "failed"
         await self.conn.execute(self._sql(_DROP_GAPS), projection, generation)
         return await self.conn.fetchrow(self._sql(_END_BUILDING), projection, generation, state, reason)
@@ -488,10 +490,10 @@ class Catalog:
         """Forget the gaps starting at `lows` (the caller records what is still empty of them)."""
         await self.conn.execute(self._sql(_FILL_GAPS), projection, generation, list(lows))
 
-    async def drop_older_sandbox_builds(self, projection: str, sandbox: str, generation: int) -> list[str]:
-        """Mark the label's other finished builds of the projection dropped; returns their tables."""
-        rows = await self.conn.fetch(self._sql(_DROP_OLDER_SANDBOX_BUILDS), projection, sandbox, generation)
-        return [row[0] for row in rows]
+    async def drop_older_sandbox_builds(self, projection: str, sandbox: str, generation: int) -> list[asyncpg.Record]:
+        """Mark the label's other finished builds of the projection dropped; returns them (generation, physical_table,
+        child_tables)."""
+        return list(await self.conn.fetch(self._sql(_DROP_OLDER_SANDBOX_BUILDS), projection, sandbox, generation))
 
     async def mark_sandbox(self, projection: str, generation: int) -> None:
         await self.conn.execute(self._sql(_MARK_SANDBOX), projection, generation)

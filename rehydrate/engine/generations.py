@@ -8,6 +8,7 @@ so the tail, a swap, a rollback and a verify's comparison never interleave.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -17,8 +18,8 @@ import asyncpg
 from rehydrate.core.errors import UserError, WrongWorker
 from rehydrate.engine.apply import Parking, apply_events
 from rehydrate.engine.catalog import Catalog
-from rehydrate.engine.projections import Projection
-from rehydrate.engine.readmodels import GenerationTable, ReadModels, sandbox_schema, table_schema
+from rehydrate.engine.projections import Projection, physical_name
+from rehydrate.engine.readmodels import GenerationTables, ReadModels, sandbox_schema, table_schema
 from rehydrate.models import SwapResult, VerifyResult
 from rehydrate.sources.events import Cutoff, Event
 from rehydrate.sources.log import LogSource, check_partitions
@@ -28,8 +29,11 @@ from rehydrate.sources.store import EventStore
 
 log = logging.getLogger("rehydrate.generations")
 
-SWAP_LOCK_TIMEOUT_MS = 500  # a swap waiting for readers gives up this soon, and its activity tries again
-ROLLBACK_LOCK_TIMEOUT_MS = 5_000
+# A swap (or rollback) waiting for readers gives up this soon, and tries again. Below Postgres's deadlock_timeout
+# (1 s by default): a reader that locks a projection's views in another order than the swap (a join of its tables)
+# waits for the swap to give up, instead of being the deadlock detector's victim.
+SWAP_LOCK_TIMEOUT_MS = 500
+ROLLBACK_PATIENCE_SECONDS = 10.0
 
 
 def other_code(projection: Projection, generation: int, planned_with: str) -> WrongWorker:
@@ -72,7 +76,7 @@ class Generations:
         partitions: Sequence[tuple[int, int]] | None = None,
         partial_history: bool = False,
     ) -> asyncpg.Record:
-        """Register a new building generation, create its table (no secondary indexes) and its lane checkpoints, and
+        """Register a new building generation, create its tables (no secondary indexes) and its lane checkpoints, and
         record the `gaps` below its mark (a settle-window source's); returns its row as
         `Catalog.building_generation` reads it. A log's generation has a lane per partition, each read from its
         first offset to its end at plan time: `partitions`, (first, end) in partition order."""
@@ -92,8 +96,9 @@ class Generations:
                 sandbox=sandbox,
                 to_position=None if cutoff is None else cutoff.position,
                 as_of=None if cutoff is None else cutoff.as_of,
+                child_tables=[shape.name for shape in projection.children],
             )
-            await tables.create_table(projection.table, number)
+            await tables.create_tables(projection, number)
             if partitions is not None:
                 starts, ends = [p[0] for p in partitions], [p[1] for p in partitions]
                 await self.catalog.insert_log_lanes(projection.name, number, starts, ends, partial_history)
@@ -111,25 +116,30 @@ class Generations:
         if row["fingerprint"] != projection.fingerprint:
             raise other_code(projection, generation, row["fingerprint"])
         tables = self.read_models(row["sandbox"])
-        await tables.create_indexes(projection.table, generation)
+        await tables.create_all_indexes(projection, generation)
         rows = await tables.count_rows(row["physical_table"])
         await self.catalog.mark_built(projection.name, generation, rows)
         return rows
 
     async def analyze(self, projection: str, generation: int) -> None:
-        """ANALYZE the generation's table, unless a cancel or failure dropped it meanwhile (any worker may: it needs
-        neither the projection's code nor its table's shape)."""
+        """ANALYZE the generation's tables, unless a cancel or failure dropped them meanwhile (any worker may: it needs
+        neither the projection's code nor its tables' shapes)."""
         row = await self.catalog.generation(projection, generation)
         if row["state"] in ("building", "sandbox", "active"):
-            await self.read_models(row["sandbox"]).analyze(row["physical_table"])
+            tables = self.read_models(row["sandbox"])
+            await tables.analyze(row["physical_table"])
+            for name in row["child_tables"]:
+                await tables.analyze(physical_name(name, generation))
 
     async def end(self, projection: str, generation: int, reason: str) -> None:
-        """Mark a building generation cancelled ("cancelled") or failed (the error) and drop its table. Never touches
+        """Mark a building generation cancelled ("cancelled") or failed (the error) and drop its tables. Never touches
         an active one."""
         async with self.conn.transaction():
             ended = await self.catalog.end_building(projection, generation, reason)
             if ended is not None:
-                await self.read_models(ended["sandbox"]).drop_table(ended["physical_table"])
+                await self.read_models(ended["sandbox"]).drop_tables(
+                    ended["physical_table"], ended["child_tables"], generation
+                )
 
     # -- catching up, swapping, keeping current ----------------------------------------------------------
 
@@ -154,7 +164,7 @@ class Generations:
             raise other_code(projection, generation, row["fingerprint"])
         checkpoint = row["checkpoint"]
         opened = await self.sources.any(projection.event_source)
-        table = self.read_models(row["sandbox"]).table(projection.table, row["physical_table"])
+        table = self.read_models(row["sandbox"]).tables(projection, generation, row["physical_table"])
         if isinstance(opened, LogSource):
             return await self._catch_up_log(projection, generation, checkpoint, table, opened, max_events, upto)
         source = opened
@@ -217,7 +227,7 @@ class Generations:
         projection: Projection,
         generation: int,
         checkpoint: int,
-        table: GenerationTable,
+        table: GenerationTables,
         log: LogSource,
         max_events: int | None,
         upto: Sequence[int] | None,
@@ -326,7 +336,9 @@ class Generations:
             tables = self.read_models()
             rows = await tables.count_rows(row["physical_table"])
             started = time.perf_counter()
-            await tables.point_view(projection.table, row["physical_table"], lock_timeout_ms=SWAP_LOCK_TIMEOUT_MS)
+            await tables.point_views(
+                projection, generation, row["physical_table"], lock_timeout_ms=SWAP_LOCK_TIMEOUT_MS
+            )
             await self.catalog.activate(
                 projection.name,
                 generation,
@@ -344,7 +356,7 @@ class Generations:
         rows = await self.catalog.retired_beyond(projection.name, keep)
         for row in rows:
             async with self.conn.transaction():
-                await tables.drop_table(row["physical_table"])
+                await tables.drop_tables(row["physical_table"], row["child_tables"], row["generation"])
                 await self.catalog.mark_dropped(projection.name, row["generation"])
         return [row["generation"] for row in rows]
 
@@ -366,10 +378,27 @@ class Generations:
     # -- operating -------------------------------------------------------------------------------------
 
     async def rollback(self, projection: Projection, to: int | None = None) -> tuple[int, int]:
-        """Make a retained (retired, table kept) generation active again, at once; returns (from, to).
+        """Make a retained (retired, tables kept) generation active again, at once; returns (from, to).
 
-        The same view swap as `swap`, under the same lock. The rolled-back generation is not caught up here: it
-        goes on from its own checkpoint, caught up by the tail (or by `catch_up`) like any active generation."""
+        The same view swap as `swap`, under the same lock, tried again while readers hold the views (up to
+        ROLLBACK_PATIENCE_SECONDS). The rolled-back generation is not caught up here: it goes on from its own
+        checkpoint, caught up by the tail (or by `catch_up`) like any active generation."""
+        deadline = time.monotonic() + ROLLBACK_PATIENCE_SECONDS
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._rollback_once(projection, to)
+            except asyncpg.LockNotAvailableError:
+                if time.monotonic() > deadline:
+                    raise UserError(
+                        f"readers held the views of {projection.name!r} for {ROLLBACK_PATIENCE_SECONDS:.0f} s; the "
+                        "rollback did not happen",
+                        fix="run it again; look for long transactions on the read model (pg_stat_activity)",
+                    ) from None
+                await asyncio.sleep(min(0.1 * attempt, 1.0))
+
+    async def _rollback_once(self, projection: Projection, to: int | None) -> tuple[int, int]:
         async with self.conn.transaction():
             await self.catalog.lock_projection(projection.name)
             current = await self.catalog.active_generation(projection.name)
@@ -392,14 +421,22 @@ class Generations:
                     )
                 chosen = found[0]
             tables = self.read_models()
-            if not await tables.table_exists(chosen["physical_table"]):
+            number = int(chosen["generation"])
+            children = [shape.name for shape in projection.children]
+            if list(chosen["child_tables"]) != children:
                 raise UserError(
-                    f"the table of generation {chosen['generation']} of {projection.name!r} is gone",
-                    fix="it was dropped by hand; start a new replay instead",
+                    f"generation {number} of {projection.name!r} has the child tables "
+                    f"{list(chosen['child_tables']) or 'none'}, the projection now has {children or 'none'}: a "
+                    "rollback would leave readers a mix of generations",
+                    fix="deploy the code that generation was built with and replay, or replay with the current code",
                 )
-            await tables.point_view(
-                projection.table, chosen["physical_table"], lock_timeout_ms=ROLLBACK_LOCK_TIMEOUT_MS
-            )
+            for physical in [chosen["physical_table"], *(physical_name(name, number) for name in children)]:
+                if not await tables.table_exists(physical):
+                    raise UserError(
+                        f"table {physical} of generation {number} of {projection.name!r} is gone",
+                        fix="it was dropped by hand; start a new replay instead",
+                    )
+            await tables.point_views(projection, number, chosen["physical_table"], lock_timeout_ms=SWAP_LOCK_TIMEOUT_MS)
             await self.catalog.activate(
                 projection.name,
                 chosen["generation"],
@@ -423,7 +460,7 @@ class Generations:
             keys = await self.catalog.take_parked_keys(projection.name, generation)
             if not keys:
                 return 0, 0
-            table = self.read_models().table(projection.table, row["physical_table"])
+            table = self.read_models().tables(projection, generation, row["physical_table"])
             await table.delete_as_text(keys)
             opened = await self.sources.any(projection.event_source)
             if isinstance(opened, LogSource):
@@ -475,10 +512,9 @@ class Generations:
             elif live_row["checkpoint"] > sandbox_row["checkpoint"]:
                 await self.catch_up(projection, sandbox_generation, to_mark=live_row["checkpoint"])
             count, first, live_rows, rebuilt_rows = await self.read_models().compare(
-                projection.table,
-                live_row["physical_table"],
-                self.read_models(label),
-                sandbox_row["physical_table"],
+                projection,
+                self.read_models().tables(projection, live, live_row["physical_table"]),
+                self.read_models(label).tables(projection, sandbox_generation, sandbox_row["physical_table"]),
                 show,
             )
         return VerifyResult(
@@ -504,9 +540,9 @@ class Generations:
                 raise other_code(projection, generation, row["fingerprint"])
             tables = self.read_models(row["sandbox"])
             older = await self.catalog.drop_older_sandbox_builds(projection.name, row["sandbox"], generation)
-            await tables.point_view(projection.table, row["physical_table"])
-            for physical in older:
-                await tables.drop_table(physical)
+            await tables.point_views(projection, generation, row["physical_table"])
+            for build in older:
+                await tables.drop_tables(build["physical_table"], build["child_tables"], build["generation"])
             await self.catalog.mark_sandbox(projection.name, generation)
             return await self.catalog.dead_letter_count(projection.name, generation)
 

@@ -270,9 +270,9 @@ async def _sample(
     try:
         async with conn.transaction():
             await tables.ensure_schema()
-            await tables.create_table(projection.table, 0)
+            await tables.create_tables(projection, 0)
             started = time.perf_counter()
-            folding = Folding(projection, tables.table(projection.table, projection.table.physical_name(0)))
+            folding = Folding(projection, tables.tables(projection, 0))
             async with source.reading(conn) as reading:
                 async for batch in source.read_lane(
                     reading, after_position=0, mark=mark, types=types, key=projection.key, lane=0, lanes=1, limit=sample

@@ -1,8 +1,10 @@
-"""The projection API: a name, a version, one SQLModel table, the key that partitions its rows, and handlers.
+"""The projection API: a name, a version, its SQLModel tables, the key that partitions its rows, and handlers.
 
-A handler receives the current row for the event's key as a plain dict (or None) and the event, and returns
-the new row (a dict) or None to delete it. Rows stay dicts on the hot path; the SQLModel class only
-describes the table.
+A projection has one main table, a row per key, and may have child tables, many rows per key (an order's lines):
+each child table's primary key is the projection's key column and the child's own key. A handler receives the
+current row for the event's key as a plain dict (or None) and the event, and returns the new row (a dict) or None
+to delete the key (its child rows with it); a handler with a third parameter also receives the key's child rows
+(`ChildRows`). Rows stay dicts on the hot path; the SQLModel classes only describe the tables.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import hashlib
 import inspect
 import operator
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -29,7 +31,8 @@ from rehydrate.sources.declaration import AnySource, KafkaSource, Source, source
 from rehydrate.sources.events import Event, KeySpec
 
 Row = dict[str, Any]
-Handler = Callable[[Row | None, Event], Row | None]
+Handler = Callable[..., Row | None]  # (row, event) or (row, event, children) -> the new row, or None
+TableRef = type[SQLModel] | str  # a table of a projection: its model class or its name
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 _SQL_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_ ]*(\(\d+(, ?\d+)?\))?[A-Za-z ]*$")
@@ -55,6 +58,21 @@ class TableShape:
     defaults: dict[str, Any]
     required: frozenset[str]
     sa_table: sa.Table
+    # A child table's own key: the primary-key columns besides the projection's key column (`key_column`), and their
+    # SQL types. Empty for the main table.
+    child_key: tuple[str, ...] = ()
+    child_key_sql_types: tuple[str, ...] = ()
+
+    @property
+    def is_child(self) -> bool:
+        return bool(self.child_key)
+
+    @cached_property
+    def child_key_of(self) -> Callable[[Row], Any]:
+        """A child row's own key: the value of its one child-key column, or the tuple of several."""
+        if len(self.child_key) == 1:
+            return operator.itemgetter(self.child_key[0])
+        return _tuple_getter(self.child_key)
 
     @cached_property
     def blank_row(self) -> Row:
@@ -75,7 +93,12 @@ class TableShape:
         return _tuple_getter(tuple(sorted(self.required)))
 
     @classmethod
-    def of(cls, model: type[SQLModel], projection: str) -> TableShape:
+    def of(
+        cls, model: type[SQLModel], projection: str, *, parent: TableShape | None = None, key: str = ""
+    ) -> TableShape:
+        """The shape of a projection's main table (one primary-key column: the key), or with `parent` (the main
+        table's shape) of a child table, whose primary key is the column `key` (by default named like the parent's
+        key column) holding the projection's key, and the child's own key columns."""
         table = getattr(model, "__table__", None)
         if not isinstance(table, sa.Table):
             raise UserError(
@@ -84,11 +107,12 @@ class TableShape:
             )
         check_identifier(table.name, f"table name of projection {projection!r}")
         keys = list(table.primary_key.columns)
-        if len(keys) != 1:
+        if parent is None and len(keys) != 1:
             raise UserError(
                 f"projection {projection!r}: table {table.name!r} needs exactly one primary-key column "
                 f"(it has {len(keys)})",
-                fix="mark the column that holds the projection's key with Field(primary_key=True)",
+                fix="mark the column that holds the projection's key with Field(primary_key=True); a table with "
+                "several rows per key is a child table: pass it in children=[...]",
             )
         defaults: dict[str, Any] = {}
         required: set[str] = set()
@@ -99,26 +123,68 @@ class TableShape:
                 defaults[column.name] = default.arg
             elif not column.nullable and column.server_default is None and not column.primary_key:
                 required.add(column.name)
-        key = keys[0]
-        key_sql_type = key.type.compile(dialect=_DIALECT)
-        if not _SQL_TYPE.match(key_sql_type):
-            # It is cast to in statements (`$1::type`): only a plain type name, never what a custom type prints.
-            raise UserError(
-                f"projection {projection!r}: key column {key.name!r} has type {key_sql_type!r}, not a plain SQL type",
-                fix="give the key column a built-in type (str, int, uuid.UUID, …)",
-            )
+        key_column = keys[0] if parent is None else _parent_column(table, projection, parent, key)
+        key_sql_type = _plain_type(key_column, projection)
+        child_key = tuple(c for c in keys if c is not key_column)
+        if parent is not None:
+            if key_sql_type != parent.key_sql_type:
+                raise UserError(
+                    f"projection {projection!r}: column {key_column.name!r} of child table {table.name!r} is "
+                    f"{key_sql_type}, but the key column {parent.key_column!r} of {parent.name!r} is "
+                    f"{parent.key_sql_type}",
+                    fix="give both the same type",
+                )
+            if not child_key:
+                raise UserError(
+                    f"projection {projection!r}: child table {table.name!r} has no key of its own: its primary key "
+                    f"is only the projection's key column {key_column.name!r}",
+                    fix="add the child's own key column to its primary key (an order line's line_no), or put its "
+                    f"columns in {parent.name!r}, which has one row per key",
+                )
         return cls(
             name=table.name,
             columns=tuple(column.name for column in table.columns),
-            key_column=key.name,
+            key_column=key_column.name,
             key_sql_type=key_sql_type,
             defaults=defaults,
             required=frozenset(required),
             sa_table=table,
+            child_key=tuple(c.name for c in child_key),
+            child_key_sql_types=tuple(_plain_type(c, projection) for c in child_key),
         )
 
     def physical_name(self, generation: int) -> str:
-        return derived_name(self.name, f"__g{generation}")
+        return physical_name(self.name, generation)
+
+
+def physical_name(table: str, generation: int) -> str:
+    """The table of one generation: `<table>__g<N>` (shortened to fit an identifier)."""
+    return derived_name(table, f"__g{generation}")
+
+
+def _plain_type(column: sa.Column[Any], projection: str) -> str:
+    sql_type: str = column.type.compile(dialect=_DIALECT)
+    if not _SQL_TYPE.match(sql_type):
+        # It is cast to in statements (`$1::type`): only a plain type name, never what a custom type prints.
+        raise UserError(
+            f"projection {projection!r}: key column {column.name!r} has type {sql_type!r}, not a plain SQL type",
+            fix="give the key column a built-in type (str, int, uuid.UUID, …)",
+        )
+    return sql_type
+
+
+def _parent_column(table: sa.Table, projection: str, parent: TableShape, key: str) -> sa.Column[Any]:
+    """The column of a child table that holds the projection's key: part of its primary key."""
+    name = key or parent.key_column
+    column = table.columns.get(name)
+    if column is None or not column.primary_key:
+        has = "has no column" if column is None else "does not have in its primary key the column"
+        raise UserError(
+            f"projection {projection!r}: child table {table.name!r} {has} {name!r}, which holds the projection's key",
+            fix=f"add {name!r} (the key of {parent.name!r}) to its primary key with Field(primary_key=True), or name "
+            "the column that holds it: children={ChildModel: 'column'}",
+        )
+    return column
 
 
 class Projection:
@@ -137,6 +203,9 @@ class Projection:
         name: the projection's name, a plain identifier.
         version: bump it when the handlers change meaning; shown with each generation.
         table: the SQLModel table class; its single primary-key column holds the key.
+        children: child tables, several rows per key: SQLModel classes whose primary key is a column named like
+            `table`'s key column plus the child's own key (`{Model: "column"}` names another column for the key).
+            Built, indexed and swapped with `table`; a handler with a third parameter writes them (`ChildRows`).
         key: "stream" to keep a row per stream, or the name of a payload field present in every handled event.
         strict: read every event type and fail on one without a handler (unless listed in `ignore`).
         ignore: event types a strict projection skips on purpose.
@@ -153,6 +222,7 @@ class Projection:
         *,
         version: int,
         table: type[SQLModel],
+        children: Iterable[type[SQLModel]] | Mapping[type[SQLModel], str] = (),
         key: str = "stream",
         strict: bool = False,
         ignore: Iterable[str] = (),
@@ -170,6 +240,18 @@ class Projection:
         self.version = version
         self.table = TableShape.of(table, name)
         self.model = table
+        named = self._named(children)
+        self.children = tuple(TableShape.of(model, name, parent=self.table, key=column) for model, column in named)
+        self.tables = (self.table, *self.children)  # every table of a generation, the main one first
+        self._child_models = {model: shape for (model, _), shape in zip(named, self.children, strict=True)}
+        seen: set[str] = set()
+        for shape in self.tables:
+            if shape.name in seen:
+                raise UserError(f"projection {name!r} names table {shape.name!r} twice", fix="keep one of them")
+            seen.add(shape.name)
+        # Per event type: whether its handler takes the key's child rows, and the child tables it reads.
+        self.takes_children: dict[str, bool] = {}
+        self.reads: dict[str, frozenset[str]] = {}
         self.key = KeySpec(None if key == "stream" else key)
         self._check_source_key()
         self.strict = strict
@@ -183,6 +265,26 @@ class Projection:
             )
         self.on_error = on_error
 
+    @staticmethod
+    def _named(children: Iterable[type[SQLModel]] | Mapping[type[SQLModel], str]) -> list[tuple[type[SQLModel], str]]:
+        return list(children.items()) if isinstance(children, Mapping) else [(model, "") for model in children]
+
+    def child(self, table: TableRef) -> TableShape:
+        """One of its child tables, by model class or name (a UserError naming its tables when it has no such)."""
+        if isinstance(table, str):
+            found = next((shape for shape in self.children if shape.name == table), None)
+        else:
+            found = self._child_models.get(table)
+        if found is None:
+            name = table if isinstance(table, str) else getattr(table, "__tablename__", table.__name__)
+            owned = ", ".join(shape.name for shape in self.children) or "none"
+            raise UserError(
+                f"table {name!r} is not a child table of projection {self.name!r} (its child tables: {owned})",
+                fix="write only to its own tables, or add it: Projection(..., children=[...]); another "
+                "projection's table is written by that projection",
+            )
+        return found
+
     def _check_source_key(self) -> None:
         """A Kafka topic orders events only per partition, that is per message key: a projection keyed by a payload
         field would fold one key's events from several partitions, in no order."""
@@ -194,10 +296,31 @@ class Projection:
                 "messages by that field",
             )
 
-    def on(self, *event_types: str) -> Callable[[Handler], Handler]:
-        """Register the decorated function as the handler of `event_types`."""
+    def on(self, *event_types: str, reads: TableRef | Iterable[TableRef] = ()) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of `event_types`.
+
+        A handler `(row, event)` returns the key's new row. A handler `(row, event, children)` also gets the key's
+        child rows: `children[Model].put(row)`, `.delete(child_key)`, `.clear()` write without reading anything;
+        `.get(child_key)` and iterating read the stored child rows, loaded only for the child tables named in `reads`.
+        """
+        wanted = [reads] if isinstance(reads, (str, type)) else list(reads)
+        read_names = frozenset(self.child(table).name for table in wanted)
 
         def register(handler: Handler) -> Handler:
+            positional = _positional_parameters(handler)
+            takes_children = positional >= 3 or (positional < 0 and bool(self.children))
+            if takes_children and not self.children:
+                raise UserError(
+                    f"handler {getattr(handler, '__name__', handler)!r} of projection {self.name!r} takes a third "
+                    "parameter (child rows), but the projection has no child tables",
+                    fix="declare them with Projection(..., children=[...]), or take (row, event)",
+                )
+            if read_names and not takes_children:
+                raise UserError(
+                    f"handler {getattr(handler, '__name__', handler)!r} of projection {self.name!r} reads child "
+                    "tables but takes no third parameter",
+                    fix="take (row, event, children)",
+                )
             for event_type in event_types:
                 if event_type in self.handlers:
                     raise UserError(
@@ -205,6 +328,8 @@ class Projection:
                         fix="keep one of them",
                     )
                 self.handlers[event_type] = handler
+                self.takes_children[event_type] = takes_children
+                self.reads[event_type] = read_names
             return handler
 
         return register
@@ -278,6 +403,8 @@ class Projection:
             digest.update(f"{event_type}:{code_hash(self.handlers[event_type])}".encode())
         for part in self.upcaster_fingerprints():
             digest.update(part.encode())
+        for child in self.children:  # (a projection without child tables adds nothing: its fingerprint stands)
+            digest.update(f"child:{child.name}:{child.key_column}:{child.child_key}:{child.columns}".encode())
         if self.source is not None:  # (rehydrate's own store adds nothing: fingerprints made before sources stand)
             digest.update(self.source.encode() if isinstance(self.source, str) else self.source.identity().encode())
         return digest.hexdigest()[:16]
@@ -288,6 +415,17 @@ class Projection:
 
     def __repr__(self) -> str:
         return f"Projection({self.name!r}, version={self.version})"
+
+
+def _positional_parameters(function: Callable[..., Any]) -> int:
+    """How many positional arguments a handler takes (-1: any number, `*args`)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return -1
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
 
 
 def code_hash(function: Callable[..., Any]) -> str:

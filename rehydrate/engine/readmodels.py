@@ -1,10 +1,10 @@
-"""The read models in Postgres: each generation's table, the view readers query by the projection's plain table name,
-and the sandbox schemas. Every statement on them is here.
+"""The read models in Postgres: each generation's tables, the views readers query by the projection's plain table
+names, and the sandbox schemas. Every statement on them is here.
 
-Readers query a projection by its plain table name, which is a view over the active generation's table
-(`<table>__g<N>`). The swap replaces that view in one short transaction, so a reader sees the old generation
-or the new one, whole. A view (not a rename of tables) keeps the reader's name stable for grants and for
-views of the user's own, and leaves the old generation's table untouched for an instant rollback.
+Readers query each table of a projection by its plain name, which is a view over the active generation's table
+(`<table>__g<N>`). The swap replaces every view of the projection in one short transaction, so a reader sees the old
+generation or the new one, whole, in all its tables. A view (not a rename of tables) keeps the reader's name stable
+for grants and for views of the user's own, and leaves the old generation's tables untouched for an instant rollback.
 
 Statements here are built from a projection's table shape: every identifier in them was checked when the projection
 was declared (`identifiers.check_identifier`) and is quoted again here.
@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import check_identifier, derived_name, qualified, quote
 from rehydrate.core.limits import MAX_IDENTIFIER
-from rehydrate.engine.projections import TableShape
+from rehydrate.engine.projections import Projection, TableShape, physical_name
 from rehydrate.models import Drift
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
@@ -50,20 +50,20 @@ _REPLACE_VIEW = "CREATE OR REPLACE VIEW {view} AS SELECT {columns} FROM {table}"
 _DROP_VIEW = "DROP VIEW {view}"
 _CREATE_VIEW = "CREATE VIEW {view} AS SELECT {columns} FROM {table}"
 _VIEW_CHANGE_FAILED = (asyncpg.InvalidTableDefinitionError, asyncpg.FeatureNotSupportedError)
-# Keys whose rows differ between two tables of one shape: an md5 of each row's columns, a full outer join on the key.
-_COMPARE = """WITH l AS (SELECT t.{key}::text AS k, md5(ROW({columns})::text) AS h FROM {live} t),
-         r AS (SELECT t.{key}::text AS k, md5(ROW({columns})::text) AS h FROM {rebuilt} t),
-         d AS (SELECT coalesce(l.k, r.k) AS k, l.h IS NULL AS no_live, r.h IS NULL AS no_rebuilt
-               FROM l FULL OUTER JOIN r ON l.k = r.k WHERE l.h IS DISTINCT FROM r.h)
-    SELECT k, no_live, no_rebuilt, count(*) OVER () AS n,
-           (SELECT count(*) FROM l) AS live_rows, (SELECT count(*) FROM r) AS rebuilt_rows
-    FROM d ORDER BY k LIMIT $1"""
+# Keys whose rows differ between two tables of one shape: an md5 of each row's columns, joined on the key (see
+# `_compare_sql`).
+_COMPARE_ROWS = "SELECT t.{key}::text AS k, md5(ROW({columns})::text) AS h FROM {table} t"
 # The rows of a generation's table, for the fold.
 _ROWS_OF = "SELECT * FROM {table} WHERE {key} = ANY($1::{key_type}[])"
 _DELETE_KEYS = "DELETE FROM {table} WHERE {key} = ANY($1::{key_type}[])"
 # Keys as text cast to the key's type (not the column to text): the key's index finds them.
 _DELETE_KEYS_AS_TEXT = "DELETE FROM {table} WHERE {key} = ANY($1::text[]::{key_type}[])"
 _CAST_KEY = "SELECT $1::{key_type}"
+# Child rows by (key, child key): the pairs come as one array per column.
+_DELETE_CHILDREN = "DELETE FROM {table} WHERE ({columns}) IN (SELECT * FROM unnest({arrays}))"
+# A child table compared per key: a hash of all its child rows, in child-key order.
+_CHILD_HASHES = """SELECT t.{key}::text AS k, md5(string_agg(ROW({columns})::text, ',' ORDER BY {order})) AS h
+    FROM {table} t GROUP BY t.{key}"""
 
 
 def sandbox_schema(label: str) -> str:
@@ -83,11 +83,14 @@ def table_schema(read_schema: str, sandbox: str) -> str:
 
 
 def create_table_sql(shape: TableShape, schema: str, generation: int) -> str:
-    """A generation's table, with its primary key but no secondary index (those come after the load)."""
+    """A generation's table, with its primary key but no secondary index (those come after the load). A child
+    table's primary key starts with the projection's key column, so that it finds a key's child rows."""
+    primary = (shape.key_column, *shape.child_key)
     clone = sa.Table(
         shape.physical_name(generation),
         sa.MetaData(),
-        *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in shape.sa_table.columns),
+        *(sa.Column(c.name, c.type, nullable=c.nullable and c.name not in primary) for c in shape.sa_table.columns),
+        sa.PrimaryKeyConstraint(*primary),
         schema=schema,
     )
     return str(sa.schema.CreateTable(clone).compile(dialect=_DIALECT))
@@ -120,6 +123,37 @@ class ReadModels:
 
     def table(self, shape: TableShape, physical: str) -> GenerationTable:
         return GenerationTable(self.conn, self.schema, physical, shape)
+
+    def tables(self, projection: Projection, generation: int, main: str | None = None) -> GenerationTables:
+        """Every table of one generation of `projection` (`main`: its main table's name, when recorded)."""
+        return GenerationTables(
+            self.table(projection.table, main or projection.table.physical_name(generation)),
+            tuple(self.table(shape, shape.physical_name(generation)) for shape in projection.children),
+        )
+
+    async def create_tables(self, projection: Projection, generation: int) -> None:
+        for shape in projection.tables:
+            await self.create_table(shape, generation)
+
+    async def create_all_indexes(self, projection: Projection, generation: int) -> None:
+        for shape in projection.tables:
+            await self.create_indexes(shape, generation)
+
+    async def drop_tables(self, main: str, children: Sequence[str], generation: int) -> None:
+        """Drop a generation's tables: its main table and the child tables named `children`."""
+        await self.drop_table(main)
+        for name in children:
+            await self.drop_table(physical_name(name, generation))
+
+    async def point_views(
+        self, projection: Projection, generation: int, main: str, *, lock_timeout_ms: int | None = None
+    ) -> None:
+        """Point the views of every table of `projection` at `generation`'s tables, in the caller's transaction."""
+        if lock_timeout_ms is not None:
+            await self.conn.execute(_LOCK_TIMEOUT.format(milliseconds=int(lock_timeout_ms)))
+        await self.point_view(projection.table, main)
+        for shape in projection.children:
+            await self.point_view(shape, shape.physical_name(generation))
 
     async def ensure_schema(self) -> None:
         if not await self.conn.fetchval(_SCHEMA_EXISTS, self.schema):
@@ -201,28 +235,90 @@ class ReadModels:
             await self.conn.execute(_CREATE_VIEW.format(**parts))
 
     async def compare(
-        self, shape: TableShape, live: str, rebuilt: ReadModels, rebuilt_table: str, show: int
+        self,
+        projection: Projection,
+        live: GenerationTables,
+        rebuilt: GenerationTables,
+        show: int,
     ) -> tuple[int, list[Drift], int, int]:
-        """Keys whose rows differ between table `live` here and `rebuilt_table` of `rebuilt`: (count, the first
-        `show` in key order as Drift, live rows, rebuilt rows)."""
-        live_table = qualified(self.schema, live)
-        other = qualified(rebuilt.schema, rebuilt_table)
-        rows = await self.conn.fetch(
-            _COMPARE.format(
-                key=quote(shape.key_column),
-                columns=", ".join(f"t.{quote(c)}" for c in shape.columns),
-                live=live_table,
-                rebuilt=other,
+        """Keys whose rows differ between the tables `live` and `rebuilt` (in any table: a child table's rows are
+        compared per key): (count, the first `show` in key order as Drift, live rows, rebuilt rows of the main
+        table)."""
+        main = projection.table
+        parts = [
+            _COMPARE_ROWS.format(
+                key=quote(main.key_column),
+                columns=", ".join(f"t.{quote(c)}" for c in main.columns),
+                table=live.main.qualified,
             ),
-            max(show, 1),  # at least one row, which carries the count (`show` 0 must still find the drift)
-        )
+            _COMPARE_ROWS.format(
+                key=quote(main.key_column),
+                columns=", ".join(f"t.{quote(c)}" for c in main.columns),
+                table=rebuilt.main.qualified,
+            ),
+        ]
+        children = []
+        for mine, theirs in zip(live.children, rebuilt.children, strict=True):
+            shape = mine.shape
+            common = {
+                "key": quote(shape.key_column),
+                "columns": ", ".join(f"t.{quote(c)}" for c in shape.columns),
+                "order": ", ".join(f"t.{quote(c)}" for c in shape.child_key),
+            }
+            children.append(
+                (
+                    _CHILD_HASHES.format(table=mine.qualified, **common),
+                    _CHILD_HASHES.format(table=theirs.qualified, **common),
+                )
+            )
+        rows = await self.conn.fetch(_compare_sql(parts[0], parts[1], children), max(show, 1))
         if not rows:
-            return 0, [], await self.count_rows(live), await rebuilt.count_rows(rebuilt_table)
+            return 0, [], await self.count_rows(live.main.physical), await rebuilt.main.count()
         first = [
             Drift(r["k"], "missing in live" if r["no_live"] else "missing in rebuild" if r["no_rebuilt"] else "differs")
             for r in rows[:show]
         ]
         return int(rows[0]["n"]), first, int(rows[0]["live_rows"]), int(rows[0]["rebuilt_rows"])
+
+
+def _compare_sql(live: str, rebuilt: str, children: Sequence[tuple[str, str]]) -> str:
+    """Keys that differ: the main table's rows by key (a key missing on one side is named so), then each child
+    table's rows hashed per key; a key counts once however many tables it differs in."""
+    ctes = [f"l AS ({live})", f"r AS ({rebuilt})"]
+    diffs = [
+        "SELECT coalesce(l.k, r.k) AS k, l.h IS NULL AS no_live, r.h IS NULL AS no_rebuilt "
+        "FROM l FULL OUTER JOIN r ON l.k = r.k WHERE l.h IS DISTINCT FROM r.h"
+    ]
+    for number, (mine, theirs) in enumerate(children):
+        ctes += [f"l{number} AS ({mine})", f"r{number} AS ({theirs})"]
+        diffs.append(
+            f"SELECT coalesce(l{number}.k, r{number}.k), false, false FROM l{number} FULL OUTER JOIN r{number} "
+            f"ON l{number}.k = r{number}.k WHERE l{number}.h IS DISTINCT FROM r{number}.h"
+        )
+    union = " UNION ALL ".join(diffs)
+    return f"""WITH {", ".join(ctes)},
+         d AS (SELECT k, bool_or(no_live) AS no_live, bool_or(no_rebuilt) AS no_rebuilt FROM ({union}) u GROUP BY k)
+    SELECT k, no_live, no_rebuilt, count(*) OVER () AS n,
+           (SELECT count(*) FROM l) AS live_rows, (SELECT count(*) FROM r) AS rebuilt_rows
+    FROM d ORDER BY k LIMIT $1"""
+
+
+class GenerationTables:
+    """The tables of one generation: its main table, then its child tables in the projection's order."""
+
+    def __init__(self, main: GenerationTable, children: tuple[GenerationTable, ...] = ()) -> None:
+        self.main = main
+        self.children = children
+        self.all = (main, *children)
+        self._by_name = {table.shape.name: table for table in children}
+
+    def child(self, name: str) -> GenerationTable:
+        return self._by_name[name]
+
+    async def delete_as_text(self, keys: Sequence[str]) -> None:
+        """Delete the rows (and child rows) whose key, as text, is one of `keys`."""
+        for table in self.all:
+            await table.delete_as_text(keys)
 
 
 class GenerationTable:
@@ -238,6 +334,15 @@ class GenerationTable:
         self._delete = _DELETE_KEYS.format(**parts)
         self._delete_as_text = _DELETE_KEYS_AS_TEXT.format(**parts)
         self._cast = _CAST_KEY.format(**parts)
+        self.qualified = parts["table"]
+        if shape.is_child:
+            columns = (shape.key_column, *shape.child_key)
+            types = (shape.key_sql_type, *shape.child_key_sql_types)
+            self._delete_children = _DELETE_CHILDREN.format(
+                table=parts["table"],
+                columns=", ".join(quote(c) for c in columns),
+                arrays=", ".join(f"${n}::{t}[]" for n, t in enumerate(types, 1)),
+            )
 
     async def rows(self, keys: Sequence[Any]) -> list[asyncpg.Record]:
         """The stored rows of `keys` (raises asyncpg's DataError, or ValueError/TypeError, on a key of the wrong
@@ -250,6 +355,17 @@ class GenerationTable:
     async def delete_as_text(self, keys: Sequence[str]) -> None:
         """Delete the rows whose key, as text, is one of `keys` (dead letters keep keys as text)."""
         await self.conn.execute(self._delete_as_text, list(keys))
+
+    async def delete_children(self, pairs: Sequence[tuple[Any, Any]]) -> None:
+        """Delete a child table's rows by (key, child key); a child key of several columns is a tuple."""
+        if len(self.shape.child_key) == 1:
+            columns = [[key for key, _ in pairs], [child for _, child in pairs]]
+        else:
+            columns = [[key for key, _ in pairs], *map(list, zip(*(child for _, child in pairs), strict=True))]
+        await self.conn.execute(self._delete_children, *columns)
+
+    async def count(self) -> int:
+        return int(await self.conn.fetchval(_COUNT.format(table=self.qualified)))
 
     async def copy(self, records: Sequence[tuple[Any, ...]]) -> None:
         """Write rows (values in the shape's column order) through binary COPY."""

@@ -16,20 +16,21 @@ from typing import Any
 import asyncpg
 
 from rehydrate.core.errors import UserError
-from rehydrate.core.identifiers import qualified, quote
+from rehydrate.core.identifiers import quote
 from rehydrate.engine.apply import Parking, apply_events
 from rehydrate.engine.generations import Generations
 from rehydrate.engine.projections import Projection
-from rehydrate.engine.readmodels import GenerationTable
+from rehydrate.engine.readmodels import GenerationTable, GenerationTables
 from rehydrate.models import Drift
 from rehydrate.sources.events import Event
 from rehydrate.sources.log import LogSource
 
-_SCRATCH = "rh_repair"
+_SCRATCH = "rh_repair"  # the temporary tables a batch is folded into: rh_repair_0 (the main table), rh_repair_1, …
 _CREATE_SCRATCH = "CREATE TEMP TABLE {scratch} (LIKE {live} INCLUDING DEFAULTS) ON COMMIT DROP"
 # Keys as text, cast to the key column's type (so that its index serves), and back: each key as Postgres writes it.
 _CANONICAL = "SELECT k::text FROM unnest($1::text[]::{key_type}[]) AS k"
-_ROWS_AS_TEXT = "SELECT {key}::text AS rh_key, * FROM {table} WHERE {key} = ANY($1::text[]::{key_type}[])"
+_ROWS_AS_TEXT = """SELECT {key}::text AS rh_key, * FROM {table} WHERE {key} = ANY($1::text[]::{key_type}[])
+    ORDER BY {order}"""
 _MOVE_IN = """INSERT INTO {live} ({columns}) SELECT {columns} FROM {scratch}
     WHERE {key} = ANY($1::text[]::{key_type}[])"""
 
@@ -76,7 +77,7 @@ async def repair_keys(
                     f"version {projection.version}: its table may have another shape",
                     fix=f"rebuild it with `rehydrate replay start {projection.name}`",
                 )
-            live = generations.read_models().table(projection.table, row["physical_table"])
+            live = generations.read_models().tables(projection, generation, row["physical_table"])
             events = await _events_of(generations, projection, generation, row["checkpoint"], keys)
             before = await _rows(conn, live, keys)
             found = {_key_of(projection, e) for e in events if e.type in projection.handlers} | set(before)
@@ -104,14 +105,15 @@ async def repair_keys(
                 raise _DryRun(repaired)
             if differing:
                 await live.delete_as_text(differing)
-                statement = _MOVE_IN.format(
-                    live=qualified(live.schema, live.physical),
-                    columns=", ".join(quote(c) for c in projection.table.columns),
-                    scratch=_SCRATCH,
-                    key=quote(projection.table.key_column),
-                    key_type=projection.table.key_sql_type,
-                )
-                await conn.execute(statement, differing)
+                for table, folded in zip(live.all, scratch.all, strict=True):
+                    statement = _MOVE_IN.format(
+                        live=table.qualified,
+                        columns=", ".join(quote(c) for c in table.shape.columns),
+                        scratch=folded.physical,
+                        key=quote(table.shape.key_column),
+                        key_type=table.shape.key_sql_type,
+                    )
+                    await conn.execute(statement, differing)
             return repaired
     except _DryRun as done:
         return done.repaired
@@ -154,23 +156,35 @@ def _key_of(projection: Projection, event: Event) -> str:
     return str(event.stream_id if projection.key.field is None else event.data.get(projection.key.field))
 
 
-async def _scratch(conn: asyncpg.Connection, live: GenerationTable) -> GenerationTable:
-    """An empty temporary table shaped like `live`, dropped at commit: where the keys are folded from nothing."""
-    await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{_SCRATCH}")
-    await conn.execute(_CREATE_SCRATCH.format(scratch=_SCRATCH, live=qualified(live.schema, live.physical)))
-    return GenerationTable(conn, "pg_temp", _SCRATCH, live.shape)
+async def _scratch(conn: asyncpg.Connection, live: GenerationTables) -> GenerationTables:
+    """Empty temporary tables shaped like `live`'s, dropped at commit: where the keys are folded from nothing."""
+    scratch = []
+    for number, table in enumerate(live.all):
+        name = f"{_SCRATCH}_{number}"
+        await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{name}")
+        await conn.execute(_CREATE_SCRATCH.format(scratch=name, live=table.qualified))
+        scratch.append(GenerationTable(conn, "pg_temp", name, table.shape))
+    return GenerationTables(scratch[0], tuple(scratch[1:]))
 
 
-async def _rows(conn: asyncpg.Connection, table: GenerationTable, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-    statement = _ROWS_AS_TEXT.format(
-        key=quote(table.shape.key_column),
-        table=qualified(table.schema, table.physical),
-        key_type=table.shape.key_sql_type,
-    )
-    found = {}
-    for record in await conn.fetch(statement, list(keys)):
-        values = dict(record)
-        found[values.pop("rh_key")] = values
+async def _rows(conn: asyncpg.Connection, tables: GenerationTables, keys: Sequence[str]) -> dict[str, Any]:
+    """The keys' rows (as text keys): each key's row, then its child rows in child-key order, table by table."""
+    found: dict[str, Any] = {}
+    for number, table in enumerate(tables.all):
+        shape = table.shape
+        statement = _ROWS_AS_TEXT.format(
+            key=quote(shape.key_column),
+            table=table.qualified,
+            key_type=shape.key_sql_type,
+            order=", ".join(quote(c) for c in (shape.key_column, *shape.child_key)),
+        )
+        for record in await conn.fetch(statement, list(keys)):
+            values = dict(record)
+            key = values.pop("rh_key")
+            if number == 0:
+                found[key] = [values]
+            elif key in found:
+                found[key].append((shape.name, values))
     return found
 
 

@@ -72,6 +72,8 @@ ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS to_position bigint;
 ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS as_of timestamptz;
 -- Built from a log whose start retention had deleted (or compacted), accepted explicitly by who started it.
 ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS partial_history boolean NOT NULL DEFAULT false;
+-- The projection's child tables this generation was built with (their tables are `<name>__g<N>`).
+ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS child_tables text[] NOT NULL DEFAULT '{{}}';
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{schema}.generations'::regclass
