@@ -127,6 +127,7 @@ async def plan_generation(
         max_parallel=max_parallel,
         events_total=total,
         source=source.name,
+        tables=_tables(projection, generation, building["physical_table"]),
     )
 
 
@@ -202,7 +203,13 @@ async def _plan_log(
         max_parallel=max_parallel,
         events_total=total,
         source=log.name,
+        tables=_tables(projection, generation, building["physical_table"]),
     )
+
+
+def _tables(projection: Projection, generation: int, main: str) -> list[str]:
+    """The generation's tables, as progress shows them: the main one, then the child tables."""
+    return [main, *(shape.physical_name(generation) for shape in projection.children)]
 
 
 async def _lane_sizes(

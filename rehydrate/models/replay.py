@@ -31,6 +31,7 @@ class ReplayState:
     paused: bool = False
     paused_seconds: float = 0.0  # time spent paused, left out of the rate and the ETA
     source: str = "rehydrate"  # the event source read (its name)
+    tables: list[str] = field(default_factory=list)  # the generation's tables, the main one first
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Plan:
     events_total: int
     search_attributes: bool = False  # RehydrateProjection & co. are registered: the workflow may upsert them
     source: str = "rehydrate"  # the event source the generation is built from (its name)
+    tables: list[str] = field(default_factory=list)  # the generation's tables, the main one first
     running_elsewhere: str | None = None  # with skip_if_running: the workflow id already building, nothing made
 
 
@@ -157,6 +159,7 @@ class ReplayProgress:
     runs: int = 1
     paused: bool = False
     max_parallel: int = 0
+    tables: list[str] = field(default_factory=list)
 
     def counts(self) -> str:
         """Events applied of total, the share, the rate and, while it runs, the ETA: what the CLI's status and the

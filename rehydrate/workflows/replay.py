@@ -158,6 +158,7 @@ class ReplayWorkflow:
             started_at=workflow.now().isoformat(),
             search_attributes=plan.search_attributes,
             source=plan.source,
+            tables=plan.tables,
         )
 
     def _skip(self, input: ReplayInput, plan: Plan) -> ReplayResult:
@@ -430,7 +431,9 @@ class ReplayWorkflow:
         )
         source = "" if self._state is None or self._state.source == OWN_SOURCE else f" from source {self._state.source}"
         workflow.set_current_details(
-            f"**{progress.projection}**{source} → generation {progress.generation}, phase **{progress.phase}**"
+            f"**{progress.projection}**{source} → generation {progress.generation}"
+            f"{' (tables ' + ', '.join(progress.tables) + ')' if len(progress.tables) > 1 else ''}, "
+            f"phase **{progress.phase}**"
             f"{' — **paused** (signal `resume` to go on)' if self._paused else ''}\n\n{progress.counts()}\n\n{lanes}"
         )
 
@@ -463,6 +466,7 @@ class ReplayWorkflow:
             runs=state.runs,
             paused=self._paused,
             max_parallel=state.max_parallel,
+            tables=state.tables,
         )
 
     @workflow.signal(name="pause", description="Pause after the running chunks; `resume` goes on.")

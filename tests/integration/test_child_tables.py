@@ -16,76 +16,18 @@ from temporalio.client import Client
 
 from rehydrate import Children, Event, EventStore, NewEvent, Projection, Row
 from rehydrate.core.settings import Settings
-from rehydrate.engine.importer import import_events
+from rehydrate.engine.generations import Generations
 from rehydrate.engine.operations import rollback
 from rehydrate.engine.projections import Registry
-from rehydrate.examples import order_lines, orders
+from rehydrate.examples import order_lines
 from rehydrate.models import RepairInput, ReplayInput
+from rehydrate.sources.pools import Sources
 from rehydrate.starter import repair, start_replay, verify, wait_for_replay
 from rehydrate.worker import running_worker
+from rehydrate.workflows import ReplayWorkflow
 from tests.helpers import domain
+from tests.helpers.order_lines import Tables, history, oracle, read
 from tests.helpers.waiting import eventually
-
-Tables = tuple[dict[str, Row], dict[tuple[str, str], Row]]
-
-
-def oracle(events: list[Event]) -> Tables:
-    """Orders and their lines, folded plainly from the events (not through the projection's handlers)."""
-    heads: dict[str, Row] = {}
-    lines: dict[tuple[str, str], Row] = {}
-    for e in events:
-        order = heads.get(e.stream_id)
-        if e.type == "OrderPlaced":
-            heads[e.stream_id] = {
-                "order_id": e.stream_id,
-                "customer_id": e.data["customer_id"],
-                "status": "placed",
-                "lines": 0,
-                "total_cents": 0,
-                "updated_at": e.recorded_at,
-            }
-            continue
-        if order is None:
-            continue
-        if e.type in ("ItemAdded", "ItemRemoved"):
-            key, quantity = (e.stream_id, e.data["sku"]), e.data["quantity"]
-            line = lines.get(key)
-            if e.type == "ItemAdded":
-                if line is None:
-                    order["lines"] += 1
-                    lines[key] = {"order_id": key[0], "sku": key[1], "quantity": 0}
-                lines[key].update(
-                    quantity=lines[key]["quantity"] + quantity, unit_price_cents=e.data["unit_price_cents"]
-                )
-                order["total_cents"] += quantity * e.data["unit_price_cents"]
-            elif line is None:
-                continue
-            else:
-                if line["quantity"] > quantity:
-                    line["quantity"] -= quantity
-                else:
-                    del lines[key]
-                    order["lines"] -= 1
-                order["total_cents"] -= quantity * e.data["unit_price_cents"]
-        elif e.type == "OrderArchived":
-            del heads[e.stream_id]
-            for key in [k for k in lines if k[0] == e.stream_id]:
-                del lines[key]
-            continue
-        else:
-            order["status"] = e.type.removeprefix("Order").lower()
-        order["updated_at"] = e.recorded_at
-    return heads, lines
-
-
-async def read(pool: asyncpg.Pool) -> Tables:
-    heads = {r["order_id"]: dict(r) for r in await pool.fetch("SELECT * FROM public.orders")}
-    lines = {(r["order_id"], r["sku"]): dict(r) for r in await pool.fetch("SELECT * FROM public.order_lines")}
-    return heads, lines
-
-
-async def history(store: EventStore, events: int = 2000) -> None:
-    await import_events(store, enumerate(orders.generate(events, seed=11), start=1), source="order history")
 
 
 async def changes_to_stored_orders(store: EventStore, heads: dict[str, Row], lines: dict[tuple[str, str], Row]) -> int:
@@ -117,9 +59,9 @@ async def test_both_tables_equal_the_plain_fold_and_the_tail_keeps_them_so(
 ) -> None:
     await history(store)
     async with running_worker(tail_settings, Registry([order_lines.orders]), client=client):
-        await wait_for_replay(
-            await start_replay(client, tail_settings, ReplayInput("orders", lanes=lanes, chunk_size=300))
-        )
+        handle = await start_replay(client, tail_settings, ReplayInput("orders", lanes=lanes, chunk_size=300))
+        await wait_for_replay(handle)
+        assert (await handle.query(ReplayWorkflow.progress)).tables == ["orders__g1", "order_lines__g1"]
         built = await read(store.pool)
         assert built == oracle(await domain.all_events(store))
         assert len(built[1]) > len(built[0]) > 100
@@ -294,3 +236,40 @@ async def test_verify_finds_drift_in_a_child_table_and_repair_mends_the_keys_whi
         now, want = await read(store.pool), oracle(await domain.all_events(store))
         assert of(now, others) != of(want, others)
         assert of(now, with_lines[7:]) == of(want, with_lines[7:])
+
+
+FAILING = {"order": ""}  # the order whose ItemAdded handler fails, while set
+parking = Projection("orders", version=1, table=order_lines.Order, children=[order_lines.OrderLine], on_error="park")
+for event_type, handler in order_lines.orders.handlers.items():
+    if event_type == "ItemAdded":
+
+        def failing(row: Row | None, event: Event, children: Children, handler: Any = handler) -> Row | None:
+            if event.stream_id == FAILING["order"]:
+                raise ValueError("no such SKU")
+            return handler(row, event, children)
+
+        parking.on(event_type, reads=order_lines.OrderLine)(failing)
+    else:
+        parking.on(event_type, reads=sorted(order_lines.orders.reads[event_type]))(handler)
+
+
+async def test_a_parked_key_leaves_both_tables_alone_and_its_retry_rebuilds_both(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    await history(store, 1500)
+    want = oracle(await domain.all_events(store))
+    FAILING["order"] = victim = sorted({order_id for order_id, _ in want[1]})[3]
+    async with running_worker(settings, Registry([parking]), client=client):
+        input = ReplayInput("orders", lanes=2, allow_dead_letters=True)
+        await wait_for_replay(await start_replay(client, settings, input))
+    others = ({k: v for k, v in want[0].items() if k != victim}, {k: v for k, v in want[1].items() if k[0] != victim})
+    assert await read(store.pool) == others
+    FAILING["order"] = ""
+    sources = Sources(store)
+    try:
+        async with store.pool.acquire() as conn:
+            retried = await Generations(conn, sources, settings.read_model_schema).retry_dead_letters(parking)
+    finally:
+        await sources.close()
+    assert retried == (1, 0)
+    assert await read(store.pool) == want
