@@ -116,6 +116,9 @@ async def running_worker(
             # heartbeats to 80% of the heartbeat timeout (16 s for a tail), so a stopped tail, or a cancelled
             # replay's chunk, would go on applying events that long.
             max_heartbeat_throttle_interval=timedelta(seconds=1),
+            # A replay's workflow tasks go to the worker that ran its last one; when that worker is gone, they move to
+            # the shared queue after this long (the SDK's default, 10 s, held a replay still after a worker died).
+            sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
             deployment_config=deployment,
         )
         # Tail activities (long-running, mostly waiting) on their own queue and slots.

@@ -48,7 +48,9 @@ class ReplayInput:
     chunk_size: int | None = None
     max_parallel: int | None = None
     catch_up_threshold: int = 1_000
-    heartbeat_timeout_seconds: float = 30.0
+    # A chunk heartbeats about every second: a worker that dies mid-chunk is noticed after this long, and the chunk
+    # runs again on another worker a retry interval (1 s) later.
+    heartbeat_timeout_seconds: float = 8.0
     skip_if_running: bool = False
     state: ReplayState | None = None
     sandbox: str | None = None  # build into schema rehydrate_sandbox_<label>, never swap
