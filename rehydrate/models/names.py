@@ -4,6 +4,8 @@ Workflows, activities, the starter and schedules all address runs through these,
 (the CLI, a schedule, the Web UI) is found by the others.
 """
 
+import hashlib
+
 REPLAY = "Replay"
 TAIL = "Tail"
 VERIFY = "Verify"
@@ -58,6 +60,14 @@ def tail_task_queue(task_queue: str) -> str:
     return f"{task_queue}.tails"
 
 
+MAX_SANDBOX_LABEL = 45  # rehydrate_sandbox_<label> within Postgres's 63-byte identifiers
+
+
 def verify_label(projection: str) -> str:
-    """The sandbox a verify rebuilds into (schema `rehydrate_sandbox_verify_<projection>`)."""
-    return f"verify_{projection}"[:45]
+    """The sandbox a verify rebuilds into (schema `rehydrate_sandbox_verify_<projection>`). A long name is cut and
+    ends with a hash of the whole name, so that two projections whose names start alike never share a sandbox."""
+    label = f"verify_{projection}"
+    if len(label) <= MAX_SANDBOX_LABEL:
+        return label
+    digest = hashlib.sha1(projection.encode()).hexdigest()[:8]
+    return f"{label[: MAX_SANDBOX_LABEL - 9]}_{digest}"
