@@ -188,6 +188,11 @@ _FORGET_SANDBOX = """WITH d AS (DELETE FROM {schema}.generations WHERE sandbox =
 _INSERT_PARTITIONS = """INSERT INTO {schema}.snapshot_rebuilds (rebuild_id, aggregate_type, partition)
     SELECT $1, $2, p FROM generate_series(0, $3 - 1) AS p
     ON CONFLICT (rebuild_id, partition) DO NOTHING"""
+# When a rebuild starts, the cursors of the type's earlier rebuilds go: the finished ones, and those untouched for a
+# week (failed or terminated). A rebuild still running beside it (started under another workflow id) keeps its own.
+_FORGET_OLD_REBUILDS = """DELETE FROM {schema}.snapshot_rebuilds WHERE aggregate_type = $2 AND rebuild_id IN (
+        SELECT rebuild_id FROM {schema}.snapshot_rebuilds WHERE aggregate_type = $2 AND rebuild_id <> $1
+        GROUP BY rebuild_id HAVING bool_and(done) OR max(updated_at) < now() - interval '7 days')"""
 _PARTITIONS = """SELECT partition, after_stream, streams_done, done FROM {schema}.snapshot_rebuilds
     WHERE rebuild_id = $1 ORDER BY partition"""
 # The row lock makes a retried chunk wait for a zombie attempt of the same partition.
@@ -513,7 +518,9 @@ class Catalog:
     # -- snapshot rebuilds ---------------------------------------------------------------------------------
 
     async def start_partitions(self, rebuild_id: str, aggregate_type: str, partitions: int) -> list[asyncpg.Record]:
-        """Create a rebuild's partition cursors (kept when they exist: a retried plan) and return them all."""
+        """Create a rebuild's partition cursors (kept when they exist: a retried plan) and return them all; forget
+        the cursors of the type's finished (or abandoned) rebuilds."""
+        await self.conn.execute(self._sql(_FORGET_OLD_REBUILDS), rebuild_id, aggregate_type)
         await self.conn.execute(self._sql(_INSERT_PARTITIONS), rebuild_id, aggregate_type, partitions)
         return list(await self.conn.fetch(self._sql(_PARTITIONS), rebuild_id))
 

@@ -35,6 +35,15 @@ async def test_rebuild_writes_the_snapshot_of_every_stream_across_continue_as_ne
             client, settings, SnapshotRebuildInput("account", partitions=3, chunk_size=1), aggregates=aggregates
         )
         result = await wait_for_snapshot_rebuild(handle)
+        # A second rebuild forgets the first one's partition cursors, as old generations are dropped.
+        again = await start_snapshot_rebuild(
+            client, settings, SnapshotRebuildInput("account", partitions=2, chunk_size=100), aggregates=aggregates
+        )
+        await wait_for_snapshot_rebuild(again)
+        cursors = await store.pool.fetch(
+            "SELECT rebuild_id, count(*) AS n FROM rehydrate.snapshot_rebuilds GROUP BY rebuild_id"
+        )
+        assert [(row["rebuild_id"], row["n"]) for row in cursors] == [(again.first_execution_run_id, 2)]
         with pytest.raises(UserError, match="unknown aggregate type 'acount'"):
             await start_snapshot_rebuild(client, settings, SnapshotRebuildInput("acount"), aggregates=aggregates)
     expected = await vs.expected_snapshots(store, vs.Account)
