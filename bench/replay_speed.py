@@ -222,13 +222,14 @@ async def usual_script(conn: asyncpg.Connection, sample: int) -> tuple[float, in
     return time.perf_counter() - began, done
 
 
-async def differences(conn: asyncpg.Connection, table: str) -> int:
+async def differences(conn: asyncpg.Connection, table: str, ceiling: str = "bench.ceiling") -> int:
+    """Rows of the read model `table` not in the `ceiling` table, and the other way round (duplicates counted)."""
     return int(
         await conn.fetchval(
             f"""SELECT count(*) FROM (
-                    (SELECT * FROM public.{table} EXCEPT ALL SELECT * FROM bench.ceiling)
+                    (SELECT * FROM public.{table} EXCEPT ALL SELECT * FROM {ceiling})
                     UNION ALL
-                    (SELECT * FROM bench.ceiling EXCEPT ALL SELECT * FROM public.{table})) d"""
+                    (SELECT * FROM {ceiling} EXCEPT ALL SELECT * FROM public.{table})) d"""
         )
     )
 
@@ -279,12 +280,16 @@ async def workers(
 
 
 async def replay(
-    client: Client, settings: Settings, lanes: int | None, chunk_size: int | None = None
+    client: Client,
+    settings: Settings,
+    lanes: int | None,
+    chunk_size: int | None = None,
+    projection: str = PROJECTION.name,
 ) -> tuple[float, float, int, str]:
-    """A replay: seconds from `replay start` to the swap and to the workflow's end (it waits for the new
-    generation's ANALYZE, begun before the catch-up and the swap), events applied, where its time went."""
+    """A replay of `projection`: seconds from `replay start` to the swap and to the workflow's end (it waits for the
+    new generation's ANALYZE, begun before the catch-up and the swap), events applied, where its time went."""
     began, clock = time.perf_counter(), time.time()
-    started = await start_replay(client, settings, ReplayInput(PROJECTION.name, lanes=lanes, chunk_size=chunk_size))
+    started = await start_replay(client, settings, ReplayInput(projection, lanes=lanes, chunk_size=chunk_size))
     result = await wait_for_replay(started)
     took = time.perf_counter() - began
     spent, swapped_at = await phases(client, started.id, started.result_run_id)
