@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -19,16 +20,91 @@ from temporalio.service import RPCError
 from rehydrate.activities._common import Activities, wrong_worker
 from rehydrate.core import metrics
 from rehydrate.core.database import connect
-from rehydrate.core.errors import ProjectionError, UnknownProjectionError
+from rehydrate.core.errors import ProjectionError, SourceUnavailable, UnknownProjectionError
 from rehydrate.core.settings import Settings
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
 from rehydrate.models import TailInput, TailRun
 from rehydrate.models.names import TAIL, tail_workflow_id
-from rehydrate.sources.declaration import KafkaSource
+from rehydrate.sources.declaration import KafkaSource, Source
 from rehydrate.sources.log import LogSource
+from rehydrate.sources.reading import EventSource
+
+log = logging.getLogger("rehydrate.tail")
 
 _LAG_EVERY_SECONDS = 5.0  # the lag gauge's count query runs at most this often
+# What a tail waits out inside its activity: the database or the source unreachable, a connection cut.
+_TRANSIENT = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InternalClientError,  # asyncpg's state when a connection is cut during a statement
+    SourceUnavailable,
+)
+_MAX_BACKOFF_SECONDS = 15.0
+_REPORT_EVERY_SECONDS = 300.0  # while an outage lasts, one log line this often
+
+
+class _Outage:
+    """A tail's transient failures: one warning when they start (and one every few minutes while they last), the
+    error recorded on the projection for `rehydrate projections`, one line when batches apply again and the record
+    cleared. Meanwhile the activity backs off and heartbeats, so Temporal neither retries it nor logs a stack trace
+    per attempt."""
+
+    def __init__(self, projection: str, pool: asyncpg.Pool, schema: str) -> None:
+        self.projection = projection
+        self.pool = pool
+        self.schema = schema
+        self.since: float | None = None
+        self.attempts = 0
+        self.told = 0.0
+        self.recorded = False  # the error is on the projection's row (to clear once batches apply again)
+
+    async def failed(self, error: BaseException, checkpoint: int | None, deadline: float) -> None:
+        now = time.monotonic()
+        self.attempts += 1
+        problem = f"{type(error).__name__}: {error}".strip()
+        if self.since is None:
+            self.since = self.told = now
+            log.warning("tail of %s cannot apply batches (%s); retrying with backoff", self.projection, problem)
+        elif now - self.told >= _REPORT_EVERY_SECONDS:
+            self.told = now
+            log.warning(
+                "tail of %s still cannot apply batches: %d attempts in %.0f s (%s)",
+                self.projection,
+                self.attempts,
+                now - self.since,
+                problem,
+            )
+        if not self.recorded:
+            self.recorded = await self._record(f"retrying: {problem}")
+        end = min(now + min(2.0 ** (self.attempts - 1), _MAX_BACKOFF_SECONDS), deadline)
+        while time.monotonic() < end and not activity.is_worker_shutdown():
+            activity.heartbeat(checkpoint)
+            await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+
+    async def recovered(self) -> None:
+        if self.since is not None:
+            log.warning(
+                "tail of %s applies batches again after %d failed attempts in %.1f s",
+                self.projection,
+                self.attempts,
+                time.monotonic() - self.since,
+            )
+            self.since, self.attempts = None, 0
+        if self.recorded:  # (tried again after each batch until the record is cleared)
+            self.recorded = not await self._record(None)
+
+    async def _record(self, error: str | None) -> bool:
+        """Best effort (the database may be what is down): whether it was recorded."""
+        try:
+            async with asyncio.timeout(2), self.pool.acquire() as conn:
+                await Catalog(conn, self.schema).set_tail_error(self.projection, error)
+        except Exception:
+            return False
+        return True
 
 
 async def ensure_tail(client: Client, projection: str, task_queue: str) -> str:
@@ -75,55 +151,70 @@ class TailActivities(Activities):
             projection = self.registry.get(input.projection)
         except UnknownProjectionError as error:
             raise wrong_worker(error) from None
-        async with self.pool.acquire() as conn:
-            # What `rehydrate projections` compares with the code its generation was built with (STALE).
-            await Catalog(conn, self.settings.schema_name).set_tail_code(projection.name, projection.fingerprint)
         wake = asyncio.Event()
-        source = await self.sources.any(projection.event_source)
         declared = projection.event_source
+        source: EventSource | LogSource | None = None
         # Writers that NOTIFY wake the tail at once; without a channel (or from a log) it polls every `poll_seconds`.
-        channel = None if isinstance(source, LogSource) else source.mapping.notify_channel
-        listener = None
-        if channel is not None and not isinstance(declared, KafkaSource):
-            url = self.database_url if declared is None or declared.database_url is None else declared.database_url
-            listener = await connect(url)
+        channel: str | None = None
+        listener: asyncpg.Connection | None = None
 
-            def on_notify(*_: Any) -> None:
-                wake.set()
+        def on_notify(*_: Any) -> None:
+            wake.set()
 
-            await listener.add_listener(channel, on_notify)
+        listen_url = self.database_url
+        if isinstance(declared, Source) and declared.database_url is not None:
+            listen_url = declared.database_url
         deadline = time.monotonic() + input.run_seconds
         applied = batches = 0
         lag_due = 0.0
         generation = checkpoint = None
+        outage = _Outage(projection.name, self.pool, self.settings.schema_name)
         try:
             # On worker shutdown, return (not fail): the workflow runs the tail again on another worker.
             while time.monotonic() < deadline and not activity.is_worker_shutdown():
                 wake.clear()
+                moved = 0
                 try:
+                    # Set up inside the loop: a database that is down at the start is waited out like one that goes
+                    # down later.
+                    if source is None:
+                        async with self.pool.acquire() as conn:
+                            # What `rehydrate projections` compares with the code its generation was built with.
+                            await Catalog(conn, self.settings.schema_name).set_tail_code(
+                                projection.name, projection.fingerprint
+                            )
+                        source = await self.sources.any(declared)
+                        if isinstance(source, EventSource) and not isinstance(declared, KafkaSource):
+                            channel = source.mapping.notify_channel
+                    if channel is not None and (listener is None or listener.is_closed()):
+                        listener = await connect(listen_url)
+                        await listener.add_listener(channel, on_notify)
                     async with self.generations() as generations:
                         result = await generations.tail_batch(projection, input.batch_size)
+                    if result is not None:
+                        generation, moved, checkpoint = result
+                        applied += moved
+                        batches += 1 if moved else 0
+                        metrics.events_applied(projection.name, moved)
+                        if time.monotonic() >= lag_due:
+                            lag_due = time.monotonic() + _LAG_EVERY_SECONDS
+                            if isinstance(source, LogSource):
+                                async with self.generations() as generations:
+                                    lag = await generations.log_lag(projection, generation, source), 0.0
+                            else:
+                                async with self.pool.acquire() as conn, source.reading(conn) as reading:
+                                    lag = await source.lag(reading, checkpoint, projection.event_types)
+                            metrics.tail_lag(projection.name, *lag)
                 except ProjectionError as error:
                     async with self.pool.acquire() as conn:
                         await Catalog(conn, self.settings.schema_name).set_tail_error(projection.name, str(error))
                     raise ApplicationError(
                         f"tail stopped: {error}", type="ProjectionError", non_retryable=True
                     ) from None
-                moved = 0
-                if result is not None:
-                    generation, moved, checkpoint = result
-                    applied += moved
-                    batches += 1 if moved else 0
-                    metrics.events_applied(projection.name, moved)
-                    if time.monotonic() >= lag_due:
-                        lag_due = time.monotonic() + _LAG_EVERY_SECONDS
-                        if isinstance(source, LogSource):
-                            async with self.generations() as generations:
-                                lag = await generations.log_lag(projection, generation, source), 0.0
-                        else:
-                            async with self.pool.acquire() as conn, source.reading(conn) as reading:
-                                lag = await source.lag(reading, checkpoint, projection.event_types)
-                        metrics.tail_lag(projection.name, *lag)
+                except _TRANSIENT as error:
+                    await outage.failed(error, checkpoint, deadline)
+                    continue
+                await outage.recovered()
                 activity.heartbeat(checkpoint)
                 if moved == 0:
                     with contextlib.suppress(asyncio.TimeoutError):

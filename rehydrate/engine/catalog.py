@@ -423,7 +423,7 @@ class Catalog:
         """Record whether the projection's tail should run; False when the projection was never built."""
         return bool(await self.conn.fetchval(self._sql(_SET_TAIL), projection, enabled))
 
-    async def set_tail_error(self, projection: str, error: str) -> None:
+    async def set_tail_error(self, projection: str, error: str | None) -> None:
         await self.conn.execute(self._sql(_SET_TAIL_ERROR), projection, error)
 
     async def set_tail_code(self, projection: str, fingerprint: str) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 from temporalio.client import Client
 
 from rehydrate import EventStore, NewEvent
@@ -400,3 +402,57 @@ async def test_a_tail_that_moves_to_other_code_marks_the_projection_stale(
     assert not statuses["group_totals"].stale
     # Rows are counted when asked, not taken from the build.
     assert accounts.rows_exact and accounts.rows == len(await domain.read_model(store.pool, domain.accounts))
+
+
+CUT = """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+    WHERE application_name = 'rh_tail_cut' AND datname = current_database()"""
+TAIL_ERROR = "SELECT tail_error FROM rehydrate.projections WHERE name = 'accounts'"
+
+
+async def test_a_tail_waits_out_cut_connections_with_one_warning_and_catches_up(
+    client: Client, tail_settings: Settings, store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every connection of the worker is cut again and again for two seconds while events are appended: the tail's
+    activity backs off inside (no failed attempt), says so once, records the error on the projection, and when the
+    connections hold again applies every event exactly once and clears the error."""
+    caplog.set_level(logging.INFO, logger="rehydrate.tail")
+    await domain.append_all(store, domain.random_history(53, events=200))
+    url = str(tail_settings.database_url)
+    tagged_url = f"{url}{'&' if '?' in url else '?'}application_name=rh_tail_cut"
+    tagged = tail_settings.model_copy(update={"database_url": tagged_url})
+    async with running_worker(tagged, domain.registry(), client=client):
+        await wait_for_replay(await start_replay(client, tagged, ReplayInput("accounts")))
+        await eventually(lambda: matches_oracle(store))
+        cutting = True
+
+        async def cut() -> int:
+            cuts = 0
+            while cutting:
+                cuts += await store.pool.fetchval(CUT)
+                await asyncio.sleep(0.05)
+            return cuts
+
+        cutter = asyncio.create_task(cut())
+        try:
+            await domain.append_all(store, domain.random_history(54, events=100))
+
+            async def recorded() -> bool:
+                return str(await store.pool.fetchval(TAIL_ERROR) or "").startswith("retrying: ")
+
+            await eventually(recorded)
+            await asyncio.sleep(2)
+        finally:
+            cutting = False
+            cuts = await cutter
+        await eventually(lambda: matches_oracle(store))
+        await eventually(lambda: _no_tail_error(store))
+        tail = await client.get_workflow_handle(tail_workflow_id("accounts")).describe()
+        assert [a.attempt for a in tail.raw_description.pending_activities] == [1]
+    assert cuts > 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "rehydrate.tail"]
+    assert len([m for m in messages if "cannot apply batches" in m]) == 1, messages
+    assert len([m for m in messages if "applies batches again" in m]) == 1, messages
+
+
+async def _no_tail_error(store: EventStore) -> bool:
+    return await store.pool.fetchval(TAIL_ERROR) is None
