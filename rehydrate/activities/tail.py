@@ -20,7 +20,7 @@ from temporalio.service import RPCError
 from rehydrate.activities._common import Activities, wrong_worker
 from rehydrate.core import metrics
 from rehydrate.core.database import connect
-from rehydrate.core.errors import ProjectionError, SourceUnavailable, UnknownProjectionError
+from rehydrate.core.errors import SourceUnavailable, UnknownProjectionError, UserError
 from rehydrate.core.settings import Settings
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
@@ -205,11 +205,11 @@ class TailActivities(Activities):
                                 async with self.pool.acquire() as conn, source.reading(conn) as reading:
                                     lag = await source.lag(reading, checkpoint, projection.event_types)
                             metrics.tail_lag(projection.name, *lag)
-                except ProjectionError as error:
+                except UserError as error:  # a poison event, or a generation the code cannot write
                     async with self.pool.acquire() as conn:
                         await Catalog(conn, self.settings.schema_name).set_tail_error(projection.name, str(error))
                     raise ApplicationError(
-                        f"tail stopped: {error}", type="ProjectionError", non_retryable=True
+                        f"tail stopped: {error}", type=type(error).__name__, non_retryable=True
                     ) from None
                 except _TRANSIENT as error:
                     await outage.failed(error, checkpoint, deadline)

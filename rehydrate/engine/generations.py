@@ -44,6 +44,17 @@ def other_code(projection: Projection, generation: int, planned_with: str) -> Wr
     )
 
 
+def check_tables(projection: Projection, generation: int, row: asyncpg.Record) -> None:
+    """Refuse to write a generation built with other child tables than the code has (a UserError saying to replay)."""
+    children = [shape.name for shape in projection.children]
+    if list(row["child_tables"]) != children:
+        raise UserError(
+            f"generation {generation} of {projection.name!r} was built with the child tables "
+            f"{list(row['child_tables']) or 'none'}; the code has {children or 'none'}",
+            fix=f"replay it with this code: `rehydrate replay start {projection.name}`",
+        )
+
+
 class Generations:
     """The generations of every projection, on one connection: the events in `store`, read models in `read_schema`."""
 
@@ -162,6 +173,7 @@ class Generations:
             )
         if row["state"] == "building" and row["fingerprint"] != projection.fingerprint:
             raise other_code(projection, generation, row["fingerprint"])
+        check_tables(projection, generation, row)
         checkpoint = row["checkpoint"]
         opened = await self.sources.any(projection.event_source)
         table = self.read_models(row["sandbox"]).tables(projection, generation, row["physical_table"])
@@ -488,6 +500,7 @@ class Generations:
             await self.catalog.lock_projection(projection.name)
             live = await self.catalog.active_generation(projection.name)
             live_row = await self.catalog.generation(projection.name, live)
+            check_tables(projection, live, live_row)
             sandbox_row = await self.catalog.generation(projection.name, sandbox_generation)
             if live_row["checkpoint"] < sandbox_row["checkpoint"]:
                 # A rollback during the rebuild put back a generation that is behind the mark the sandbox was built

@@ -18,7 +18,7 @@ import asyncpg
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import quote
 from rehydrate.engine.apply import Parking, apply_events
-from rehydrate.engine.generations import Generations
+from rehydrate.engine.generations import Generations, check_tables
 from rehydrate.engine.projections import Projection
 from rehydrate.engine.readmodels import GenerationTable, GenerationTables
 from rehydrate.models import Drift
@@ -77,6 +77,7 @@ async def repair_keys(
                     f"version {projection.version}: its table may have another shape",
                     fix=f"rebuild it with `rehydrate replay start {projection.name}`",
                 )
+            check_tables(projection, generation, row)
             live = generations.read_models().tables(projection, generation, row["physical_table"])
             events = await _events_of(generations, projection, generation, row["checkpoint"], keys)
             before = await _rows(conn, live, keys)

@@ -22,7 +22,7 @@ from rehydrate.engine.projections import Registry
 from rehydrate.examples import order_lines
 from rehydrate.models import RepairInput, ReplayInput
 from rehydrate.sources.pools import Sources
-from rehydrate.starter import repair, start_replay, verify, wait_for_replay
+from rehydrate.starter import repair, start_replay, tail_state, verify, wait_for_replay
 from rehydrate.worker import running_worker
 from rehydrate.workflows import ReplayWorkflow
 from tests.helpers import domain
@@ -273,3 +273,49 @@ async def test_a_parked_key_leaves_both_tables_alone_and_its_retry_rebuilds_both
         await sources.close()
     assert retried == (1, 0)
     assert await read(store.pool) == want
+
+
+class GrownOrder(SQLModel, table=True):
+    __tablename__ = "grown_orders"
+    order_id: str = Field(primary_key=True)
+    lines: int = 0
+
+
+class GrownLine(SQLModel, table=True):
+    __tablename__ = "grown_lines"
+    order_id: str = Field(primary_key=True)
+    sku: str = Field(primary_key=True)
+
+
+before_lines = Projection("grown_orders", version=1, table=GrownOrder)
+with_lines = Projection("grown_orders", version=1, table=GrownOrder, children=[GrownLine])
+
+
+@before_lines.on("OrderPlaced")
+@with_lines.on("OrderPlaced")
+def grown_placed(row: Row | None, event: Event) -> Row:
+    return {"lines": 0}
+
+
+@with_lines.on("ItemAdded")
+def grown_item(row: Row | None, event: Event, children: Children) -> Row | None:
+    if row is not None:
+        children[GrownLine].put({"sku": event.data["sku"]})
+    return row
+
+
+async def test_code_that_adds_a_child_table_stops_the_tail_of_a_generation_built_without_it(
+    client: Client, tail_settings: Settings, store: EventStore
+) -> None:
+    await history(store, 300)
+    async with running_worker(tail_settings, Registry([before_lines]), client=client):
+        await wait_for_replay(await start_replay(client, tail_settings, ReplayInput("grown_orders")))
+    async with running_worker(tail_settings, Registry([with_lines]), client=client):
+
+        async def tail_failed() -> bool:
+            return (await tail_state(client, "grown_orders"))[0] == "FAILED"
+
+        await eventually(tail_failed, within=30)
+        _, error = await tail_state(client, "grown_orders")
+    assert error is not None and "was built with the child tables none; the code has ['grown_lines']" in error, error
+    assert "rehydrate replay start grown_orders" in error
