@@ -119,10 +119,21 @@ _READ_KEYS = (
     + """ AND {key} = ANY($3::text[]{key_casts})
     ORDER BY {pos}"""
 )
+# The events a read model at checkpoint $1 does not have: those at or above it, and those below it held back behind
+# an earlier version of their stream at or above it (found through the stream's key, not by a scan below $1).
 _LAG = (
-    """SELECT count(*), coalesce(extract(epoch FROM now() - min({at})), 0)::float8 FROM {events}
-    WHERE {tx} >= $1{cast} AND """
+    """WITH rh_above AS (
+        SELECT {stream} AS rh_s, min({version}) AS rh_v FROM {events} WHERE {tx} >= $1{cast} GROUP BY 1),
+    rh_lagging AS (
+        SELECT {at} AS rh_at FROM {events} WHERE {tx} >= $1{cast} AND """
     + _TYPES
+    + """
+        UNION ALL
+        SELECT {at} FROM {events} JOIN rh_above ON rh_above.rh_s = {stream} AND {version} > rh_above.rh_v
+        WHERE {tx} < $1{cast} AND """
+    + _TYPES
+    + """)
+    SELECT count(*), coalesce(extract(epoch FROM now() - min(rh_at)), 0)::float8 FROM rh_lagging"""
 )
 _HEAD = "SELECT coalesce(max({pos}), 0) FROM {events}"
 # Runs of positions in [$1, $2) that hold no event, as (first, last); the row $2 closes the last run.

@@ -113,6 +113,9 @@ async def test_an_event_whose_predecessor_is_above_the_mark_is_held_back(
             ]
         assert held == {"acct-1": 1}
         assert delta == [], "version 2 is below the mark but held back until version 1 is"
+        async with store.pool.acquire() as conn:
+            lag, _ = await store.lag(conn, mark, ["Opened", "Deposited"])
+        assert lag == 2, "a read model at the mark lacks version 1 and the held-back version 2"
         assert [e.stream_version for e in lane] == [2], "the lane read sees it; the chunk drops it (held)"
 
         # A replay now must not contain version 2 without version 1.
