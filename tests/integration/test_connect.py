@@ -1,15 +1,18 @@
-"""Connecting to real clusters: TLS and API key from settings, Temporal's own profile configuration, and no
-credential in a replay's workflow history."""
+"""Connecting to real clusters: TLS and API key from settings, Temporal's own profile configuration, a password
+checked by scram-sha-256, and no credential in a replay's workflow history."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import contextlib
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -75,7 +78,11 @@ async def test_no_credential_reaches_a_history_search_attribute_log_line_or_erro
         REHYDRATE_TAILS="true",
     )
     logs: list[str] = []
+    scram = contextlib.AsyncExitStack()
     try:
+        # On the embedded server, the role must log in with SCRAM: the password is checked, not ignored.
+        checked = await scram.enter_async_context(scram_only(store, role))
+        assert checked or os.environ.get("REHYDRATE_TEST_DATABASE_URL"), "the embedded server checks the password"
         async with store.pool.acquire() as conn, conn.transaction():
             for statement in grants_sql(settings.schema_name, settings.read_model_schema, role):
                 await conn.execute(statement)
@@ -113,6 +120,11 @@ async def test_no_credential_reaches_a_history_search_attribute_log_line_or_erro
         )
         errors.append(done.stdout + done.stderr)
         assert all(f"{role}:***@" in error for error in errors), errors  # the URL is named, its password is not
+        if checked:
+            wrong = as_role(database_url, role, f"wrong-{password}")
+            with pytest.raises(UserError, match=f'password authentication failed for user "{role}"') as failure:
+                await connect(wrong)
+            errors.append(str(failure.value))
 
         histories = []
         async for execution in client.list_workflows(f'TaskQueue="{settings.temporal_task_queue}"'):
@@ -127,12 +139,35 @@ async def test_no_credential_reaches_a_history_search_attribute_log_line_or_erro
         for name in domain.registry().names():
             with contextlib.suppress(RPCError):
                 await client.get_workflow_handle(tail_workflow_id(name)).terminate("test finished")
+        await scram.aclose()
         await store.pool.execute(f"DROP OWNED BY {role}")
         await store.pool.execute(f"DROP ROLE {role}")
     for where, texts in (("a history", histories), ("a log", logs), ("an error", errors)):
         for text in texts:
             for secret in (password, api_key):
                 assert secret not in text, f"a secret is in {where}: {text[:2000]}"
+
+
+@contextlib.asynccontextmanager
+async def scram_only(store: EventStore, role: str) -> AsyncIterator[bool]:
+    """Make `role` log in with scram-sha-256 (rules put first in the server's pg_hba.conf, then reloaded); yields
+    whether it could: only for a server of the test's own (in the temporary directory), never a system's."""
+    hba = Path(await store.pool.fetchval("SHOW hba_file"))
+    if not hba.is_relative_to(tempfile.gettempdir()) or not os.access(hba, os.W_OK):
+        yield False
+        return
+    assert await store.pool.fetchval(
+        "SELECT rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid WHERE rolname = $1", role
+    ), "the password is stored as a SCRAM verifier"
+    original = await asyncio.to_thread(hba.read_text)
+    rules = f"local all {role} scram-sha-256\nhost all {role} all scram-sha-256\n"
+    await asyncio.to_thread(hba.write_text, rules + original)
+    await store.pool.execute("SELECT pg_reload_conf()")
+    try:
+        yield True
+    finally:
+        await asyncio.to_thread(hba.write_text, original)
+        await store.pool.execute("SELECT pg_reload_conf()")
 
 
 def start_worker(env: dict[str, str], log: Path, flags: list[str]) -> subprocess.Popen[bytes]:
