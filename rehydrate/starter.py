@@ -20,7 +20,15 @@ from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType, Self
 
 from rehydrate.activities.tail import ensure_tail
 from rehydrate.core.errors import UserError
-from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, MAX_PARTITIONS, MAX_REPAIR_KEYS, MAX_SHOW, check_range
+from rehydrate.core.limits import (
+    MAX_LANES,
+    MAX_PARALLEL,
+    MAX_PARTITIONS,
+    MAX_REPAIR_KEYS,
+    MAX_SHOW,
+    check_range,
+    check_rate,
+)
 from rehydrate.core.settings import Settings
 from rehydrate.engine.aggregates import AggregateRegistry
 from rehydrate.engine.catalog import Catalog
@@ -146,6 +154,7 @@ def _check_tuning(input: ReplayInput) -> None:
         value = getattr(input, name)
         if value is not None:
             check_range(name, value, 1, high)
+    check_rate(input.max_rate)
 
 
 async def wait_for_replay(
@@ -288,6 +297,22 @@ async def tune_replay(client: Client, projection: str, max_parallel: int, *, tas
     except WorkflowUpdateFailedError as error:
         raise UserError(
             f"the replay of {projection!r} refused max_parallel={max_parallel}: {failure_cause(error)}",
+            fix="try again once it has planned",
+        ) from None
+
+
+async def throttle_replay(
+    client: Client, projection: str, max_rate: float | None, *, task_queue: str | None = None
+) -> float | None:
+    """Limit the running replay to `max_rate` events per second (None: no limit) from its next chunk on (update
+    `set_max_rate`); returns the previous limit."""
+    check_rate(max_rate)
+    handle = await running_replay(client, projection, "tune", task_queue=task_queue)
+    try:
+        return await handle.execute_update(ReplayWorkflow.set_max_rate, max_rate)
+    except WorkflowUpdateFailedError as error:
+        raise UserError(
+            f"the replay of {projection!r} refused max_rate={max_rate}: {failure_cause(error)}",
             fix="try again once it has planned",
         ) from None
 

@@ -32,6 +32,7 @@ from rehydrate.starter import (
     replay_status,
     signal_replay,
     start_replay,
+    throttle_replay,
     tune_replay,
     wait_for_replay,
 )
@@ -50,6 +51,9 @@ def start(
     lanes: Annotated[int | None, typer.Option(help=f"Key partitions applied in parallel (1-{MAX_LANES}).")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Events per chunk activity.")] = None,
     max_parallel: Annotated[int | None, typer.Option(help="Chunks running at once, over all lanes.")] = None,
+    max_rate: Annotated[
+        float | None, typer.Option(help="At most this many events per second over all lanes (changeable: tune).")
+    ] = None,
     sandbox: Annotated[
         str | None, typer.Option(help="Build into schema rehydrate_sandbox_LABEL and never swap the live view.")
     ] = None,
@@ -87,6 +91,7 @@ def start(
             lanes=lanes,
             chunk_size=chunk_size,
             max_parallel=max_parallel,
+            max_rate=max_rate,
             sandbox=sandbox,
             to_position=to_position,
             as_of=as_of,
@@ -431,23 +436,46 @@ def _signal(name: str, signal: str, as_json: bool) -> None:
 @app.command("tune")
 def tune(
     name: Annotated[str, typer.Argument(help="The projection whose running replay to tune.")],
-    max_parallel: Annotated[int, typer.Option(help="Chunks running at once, over all lanes, from the next chunk.")],
+    max_parallel: Annotated[
+        int | None, typer.Option(help="Chunks running at once, over all lanes, from the next chunk.")
+    ] = None,
+    max_rate: Annotated[float | None, typer.Option(help="At most this many events per second, over all lanes.")] = None,
+    unthrottle: Annotated[bool, typer.Option("--unthrottle", help="Lift a --max-rate limit.")] = False,
     as_json: c.Json = False,
 ) -> None:
-    """Change a running replay's --max-parallel; running chunks finish, the next ones start under the new bound."""
+    """Change a running replay's --max-parallel or --max-rate (or lift the rate limit with --unthrottle), from its next
+    chunks on: running chunks finish under the old values."""
+    if max_parallel is None and max_rate is None and not unthrottle:
+        raise UserError("nothing to tune", fix="give --max-parallel N, --max-rate N or --unthrottle")
+    if max_rate is not None and unthrottle:
+        raise UserError("--max-rate and --unthrottle contradict each other", fix="give one of them")
     settings = c.settings()
     c.known_projection(settings, name)
+    queue = settings.temporal_task_queue
 
-    async def work() -> int:
-        return await tune_replay(
-            await connect_client(settings), name, max_parallel, task_queue=settings.temporal_task_queue
-        )
+    async def work() -> dict[str, Any]:
+        client = await connect_client(settings)
+        changed: dict[str, Any] = {"projection": name}
+        if max_parallel is not None:
+            changed["previous_max_parallel"] = await tune_replay(client, name, max_parallel, task_queue=queue)
+            changed["max_parallel"] = max_parallel
+        if max_rate is not None or unthrottle:
+            changed["previous_max_rate"] = await throttle_replay(client, name, max_rate, task_queue=queue)
+            changed["max_rate"] = max_rate
+        return changed
 
-    previous = c.run(work)
+    changed = c.run(work)
     if as_json:
-        c.print_json({"projection": name, "max_parallel": max_parallel, "previous_max_parallel": previous})
-    else:
-        c.out.print(f"replay of {name}: max_parallel {previous} → {max_parallel}")
+        c.print_json(changed)
+        return
+    if "max_parallel" in changed:
+        c.out.print(f"replay of {name}: max_parallel {changed['previous_max_parallel']} → {max_parallel}")
+    if "max_rate" in changed:
+        c.out.print(f"replay of {name}: max_rate {_rate(changed['previous_max_rate'])} → {_rate(max_rate)}")
+
+
+def _rate(rate: float | None) -> str:
+    return "no limit" if rate is None else f"{rate:,.0f} events/s"
 
 
 def _done(state: dict[str, Any], as_json: bool, text: str) -> None:

@@ -20,3 +20,15 @@ def check_range(name: str, value: int, low: int, high: int | None = None) -> int
         bound = f"{low}..{high}" if high is not None else f"at least {low}"
         raise UserError(f"{name}={value!r} is out of range", fix=f"use {bound}")
     return value
+
+
+def check_rate(max_rate: object) -> float | None:
+    """A replay's `max_rate`: None (no limit) or a positive number of events per second (else a UserError)."""
+    if max_rate is None:
+        return None
+    if isinstance(max_rate, bool) or not isinstance(max_rate, (int, float)) or not max_rate > 0:
+        raise UserError(
+            f"max_rate={max_rate!r} is not a positive number of events per second",
+            fix="give a number above 0, or leave it out (null) for no limit",
+        )
+    return float(max_rate)

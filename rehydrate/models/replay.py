@@ -32,6 +32,7 @@ class ReplayState:
     paused_seconds: float = 0.0  # time spent paused, left out of the rate and the ETA
     source: str = "rehydrate"  # the event source read (its name)
     tables: list[str] = field(default_factory=list)  # the generation's tables, the main one first
+    max_rate: float | None = None  # events per second the build may apply, over all lanes (None: no limit)
 
 
 @dataclass
@@ -60,6 +61,9 @@ class ReplayInput:
     allow_dead_letters: bool = False  # swap even though the projection parked events
     # A Kafka source whose start retention deleted (or that is compacted): build from what it still holds anyway.
     accept_partial_history: bool = False
+    # At most this many events per second over all lanes (None: as fast as the workers go), to spare a database that
+    # also serves live traffic; changed while it runs by the update `set_max_rate` (`rehydrate replay tune`).
+    max_rate: float | None = None
     # How long a step may wait for a worker that can run it (one that serves the projection with the code the
     # generation is built with) before the replay fails, naming the workers it met.
     wrong_worker_patience_seconds: float = 300.0
@@ -162,6 +166,7 @@ class ReplayProgress:
     paused: bool = False
     max_parallel: int = 0
     tables: list[str] = field(default_factory=list)
+    max_rate: float | None = None
 
     def counts(self) -> str:
         """Events applied of total, the share, the rate and, while it runs, the ETA: what the CLI's status and the
@@ -175,7 +180,8 @@ class ReplayProgress:
     def summary(self) -> str:
         """One line: the phase (or paused), the generation and `counts()`."""
         state = "paused" if self.paused else f"phase {self.phase}"
-        return f"{state}, generation {self.generation}: {self.counts()}"
+        throttled = f" (throttled to {self.max_rate:,.0f} events/s)" if self.max_rate else ""
+        return f"{state}, generation {self.generation}{throttled}: {self.counts()}"
 
 
 @dataclass

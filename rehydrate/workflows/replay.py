@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -13,7 +15,7 @@ from temporalio.workflow import ActivityHandle
 with workflow.unsafe.imports_passed_through():
     from rehydrate.activities.replay import ReplayActivities
     from rehydrate.core import search_attributes
-    from rehydrate.core.limits import MAX_PARALLEL
+    from rehydrate.core.limits import MAX_PARALLEL, check_rate
     from rehydrate.models import (
         CatchUpInput,
         ChunkInput,
@@ -42,6 +44,8 @@ with workflow.unsafe.imports_passed_through():
 _PROGRESS_EVERY_SECOND = "progress-upserted-at-most-every-second"
 # They also ran ANALYZE before the catch-up and swap (finish_tables), and still do when replayed.
 _ANALYZE_BESIDE_SWAP = "analyze-beside-catch-up-and-swap"
+# Under max_rate, a chunk holds about this many seconds of events at the rate: short bursts, evenly spread.
+_THROTTLED_CHUNK_SECONDS = 1.0
 # Replays started before runs carried their projection in the memo (where `replay status|list` find them,
 # whatever their workflow id) do not write it when replayed.
 _MEMO = "memo-names-the-projection"
@@ -62,6 +66,7 @@ class ReplayWorkflow:
         self._paused = False
         self._paused_since: datetime | None = None  # when the current pause began (workflow time)
         self._running = 0  # chunk activities started and not yet finished: at most state.max_parallel
+        self._next_chunk_at = 0.0  # under max_rate: when (workflow time) the next chunk may start
         self._shown: tuple[str, int] | None = None  # the phase and percent last upserted as search attributes
         self._shown_at: datetime | None = None  # when (workflow time)
 
@@ -159,6 +164,7 @@ class ReplayWorkflow:
             search_attributes=plan.search_attributes,
             source=plan.source,
             tables=plan.tables,
+            max_rate=self._input.max_rate if self._input else None,
         )
 
     def _skip(self, input: ReplayInput, plan: Plan) -> ReplayResult:
@@ -186,6 +192,9 @@ class ReplayWorkflow:
 
         async def run_lane(lane: LaneState) -> None:
             while not lane.done and not self._stop_for_continue:
+                chunk_size = state.chunk_size
+                if state.max_rate:
+                    chunk_size = await self._pace(state)
                 # Waiters released in the same pass all saw the same free slot: the first to resume takes it,
                 # the others check again (no await between the check and the increment).
                 while not may_start():
@@ -194,18 +203,20 @@ class ReplayWorkflow:
                     return
                 raise_if_cancel_requested()
                 self._running += 1
+                chunk = ChunkInput(
+                    projection=input.projection,
+                    generation=state.generation,
+                    lane=lane.lane,
+                    lanes=len(state.lanes),
+                    mark=state.mark,
+                    chunk_size=chunk_size,
+                )
                 try:
                     result = await self._served(
-                        lambda: execute_chunk(
+                        functools.partial(
+                            execute_chunk,
                             ReplayActivities.apply_chunk,
-                            ChunkInput(
-                                projection=input.projection,
-                                generation=state.generation,
-                                lane=lane.lane,
-                                lanes=len(state.lanes),
-                                mark=state.mark,
-                                chunk_size=state.chunk_size,
-                            ),
+                            chunk,
                             heartbeat=heartbeat,
                             start_to_close=timedelta(hours=2),
                             summary=f"lane {lane.lane} after position {lane.position}",
@@ -226,6 +237,25 @@ class ReplayWorkflow:
 
         await run_all(run_lane(lane) for lane in state.lanes if not lane.done)
         return all(lane.done for lane in state.lanes)
+
+    async def _pace(self, state: ReplayState) -> int:
+        """Under `max_rate`, wait for the next chunk's turn and return its size: chunks of about a second's events
+        (so that each is a short burst), their turns handed out in order over all lanes, one chunk's worth of time
+        apart at the rate. A rate changed while a lane waits takes effect at once; a rate removed ends the wait."""
+        while state.max_rate:
+            rate = state.max_rate
+            size = max(1, min(state.chunk_size, int(rate * _THROTTLED_CHUNK_SECONDS)))
+            now = workflow.time()
+            turn = max(now, self._next_chunk_at)
+            self._next_chunk_at = turn + size / rate  # taken before waiting: lanes get turns in the order they ask
+            if turn <= now:
+                return size
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(functools.partial(_changed, state, rate), timeout=turn - now)
+            if state.max_rate == rate:
+                return size
+            self._next_chunk_at = workflow.time()  # a new rate hands out turns afresh
+        return state.chunk_size
 
     async def _finish(self, input: ReplayInput, state: ReplayState) -> ReplayResult:
         ref = GenerationRef(input.projection, state.generation)
@@ -434,7 +464,9 @@ class ReplayWorkflow:
             f"**{progress.projection}**{source} → generation {progress.generation}"
             f"{' (tables ' + ', '.join(progress.tables) + ')' if len(progress.tables) > 1 else ''}, "
             f"phase **{progress.phase}**"
-            f"{' — **paused** (signal `resume` to go on)' if self._paused else ''}\n\n{progress.counts()}\n\n{lanes}"
+            f"{' — **paused** (signal `resume` to go on)' if self._paused else ''}"
+            f"{f' — throttled to {progress.max_rate:,.0f} events/s' if progress.max_rate else ''}"
+            f"\n\n{progress.counts()}\n\n{lanes}"
         )
 
     @workflow.query(description="Phase, events applied of total, per-lane position, rate and ETA.")
@@ -467,6 +499,7 @@ class ReplayWorkflow:
             paused=self._paused,
             max_parallel=state.max_parallel,
             tables=state.tables,
+            max_rate=state.max_rate,
         )
 
     @workflow.signal(name="pause", description="Pause after the running chunks; `resume` goes on.")
@@ -500,3 +533,22 @@ class ReplayWorkflow:
     def _check_max_parallel(self, max_parallel: int) -> None:
         if not isinstance(max_parallel, int) or not 1 <= max_parallel <= MAX_PARALLEL:
             raise ValueError(f"max_parallel={max_parallel!r} is out of range: use 1..{MAX_PARALLEL}")
+
+    @workflow.update(name="set_max_rate", description="Change the events per second the build may apply (null: none).")
+    def set_max_rate(self, max_rate: float | None) -> float | None:
+        """Throttle (or free) the build from its next chunk on; returns the previous limit. Carried across
+        continue-as-new in the replay's state."""
+        if self._state is None:
+            raise ApplicationError("the replay is still planning", type="NotReady")
+        previous = self._state.max_rate
+        self._state.max_rate = max_rate
+        self._show()
+        return previous
+
+    @set_max_rate.validator
+    def _check_max_rate(self, max_rate: float | None) -> None:
+        check_rate(max_rate)
+
+
+def _changed(state: ReplayState, rate: float) -> bool:
+    return state.max_rate != rate
