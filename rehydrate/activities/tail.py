@@ -45,6 +45,7 @@ _TRANSIENT = (
 )
 _MAX_BACKOFF_SECONDS = 15.0
 _REPORT_EVERY_SECONDS = 300.0  # while an outage lasts, one log line this often
+_RECOVERED_AFTER_SECONDS = 5.0  # an outage ends after this long without a failure (a flapping link is one outage)
 
 
 class _Outage:
@@ -58,12 +59,13 @@ class _Outage:
         self.pool = pool
         self.schema = schema
         self.since: float | None = None
+        self.failed_at = 0.0
         self.attempts = 0
         self.told = 0.0
         self.recorded = False  # the error is on the projection's row (to clear once batches apply again)
 
     async def failed(self, error: BaseException, checkpoint: int | None, deadline: float) -> None:
-        now = time.monotonic()
+        now = self.failed_at = time.monotonic()
         self.attempts += 1
         problem = f"{type(error).__name__}: {error}".strip()
         if self.since is None:
@@ -86,7 +88,8 @@ class _Outage:
             await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
 
     async def recovered(self) -> None:
-        if self.since is not None:
+        """A batch applied: the outage is over once none has failed for a few seconds."""
+        if self.since is not None and time.monotonic() - self.failed_at >= _RECOVERED_AFTER_SECONDS:
             log.warning(
                 "tail of %s applies batches again after %d failed attempts in %.1f s",
                 self.projection,
@@ -94,7 +97,7 @@ class _Outage:
                 time.monotonic() - self.since,
             )
             self.since, self.attempts = None, 0
-        if self.recorded:  # (tried again after each batch until the record is cleared)
+        if self.recorded and self.since is None:  # (tried again after each batch until the record is cleared)
             self.recorded = not await self._record(None)
 
     async def _record(self, error: str | None) -> bool:
