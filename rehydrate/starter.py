@@ -291,14 +291,10 @@ async def tune_replay(client: Client, projection: str, max_parallel: int, *, tas
     """Move the running replay's window to `max_parallel` chunks at once (update `set_max_parallel`), from its
     next chunks on; returns the previous bound."""
     _check_tuning(ReplayInput(projection, max_parallel=max_parallel))
-    handle = await running_replay(client, projection, "tune", task_queue=task_queue)
-    try:
-        return await handle.execute_update(ReplayWorkflow.set_max_parallel, max_parallel)
-    except WorkflowUpdateFailedError as error:
-        raise UserError(
-            f"the replay of {projection!r} refused max_parallel={max_parallel}: {failure_cause(error)}",
-            fix="try again once it has planned",
-        ) from None
+    previous: int = await _tune(
+        client, projection, ReplayWorkflow.set_max_parallel, "max_parallel", max_parallel, task_queue
+    )
+    return previous
 
 
 async def throttle_replay(
@@ -307,12 +303,20 @@ async def throttle_replay(
     """Limit the running replay to `max_rate` events per second (None: no limit) from its next chunk on (update
     `set_max_rate`); returns the previous limit."""
     check_rate(max_rate)
+    previous: float | None = await _tune(
+        client, projection, ReplayWorkflow.set_max_rate, "max_rate", max_rate, task_queue
+    )
+    return previous
+
+
+async def _tune(client: Client, projection: str, update: Any, name: str, value: Any, task_queue: str | None) -> Any:
+    """Send a tuning update to the projection's running replay; its refusal is a UserError naming the value."""
     handle = await running_replay(client, projection, "tune", task_queue=task_queue)
     try:
-        return await handle.execute_update(ReplayWorkflow.set_max_rate, max_rate)
+        return await handle.execute_update(update, value)
     except WorkflowUpdateFailedError as error:
         raise UserError(
-            f"the replay of {projection!r} refused max_rate={max_rate}: {failure_cause(error)}",
+            f"the replay of {projection!r} refused {name}={value}: {failure_cause(error)}",
             fix="try again once it has planned",
         ) from None
 

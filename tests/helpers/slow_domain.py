@@ -18,14 +18,25 @@ import functools
 import os
 import time
 
-from rehydrate import Event
+from sqlmodel import SQLModel
+
+from rehydrate import Children, Event
 from rehydrate.engine.projections import Handler, Projection, Row
 from tests.helpers import domain
 
 EVENT_COST_SECONDS = float(os.environ.get("REHYDRATE_TEST_EVENT_COST", "0.00025"))
 
 
-def slow(handler: Handler) -> Handler:
+def slow(handler: Handler, takes_children: bool = False) -> Handler:
+    if takes_children:
+
+        @functools.wraps(handler)
+        def with_children(row: Row | None, event: Event, children: Children) -> Row | None:
+            time.sleep(EVENT_COST_SECONDS)
+            return handler(row, event, children)
+
+        return with_children
+
     @functools.wraps(handler)
     def handle(row: Row | None, event: Event) -> Row | None:
         time.sleep(EVENT_COST_SECONDS)
@@ -34,12 +45,14 @@ def slow(handler: Handler) -> Handler:
     return handle
 
 
-def slowed(projection: Projection) -> Projection:
-    """A copy of `projection` (same name, table, key, source) whose handlers take EVENT_COST_SECONDS an event."""
+def slowed(projection: Projection, children: list[type[SQLModel]] | None = None) -> Projection:
+    """A copy of `projection` (same name, tables, key, source; `children`: its child tables' models) whose handlers
+    take EVENT_COST_SECONDS an event."""
     slowed = Projection(
         projection.name,
         version=projection.version,
         table=projection.model,
+        children=children or [],
         key=projection.key.field or "stream",
         strict=projection.strict,
         ignore=projection.ignore,
@@ -47,7 +60,8 @@ def slowed(projection: Projection) -> Projection:
         source=projection.source,
     )
     for event_type, handler in projection.handlers.items():
-        slowed.on(event_type)(slow(handler))
+        reads = sorted(projection.reads[event_type])
+        slowed.on(event_type, reads=reads)(slow(handler, projection.takes_children[event_type]))
     return slowed
 
 
