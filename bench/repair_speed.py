@@ -85,9 +85,9 @@ async def run_repair(env: dict[str, str], dry_run: bool, batch_size: int | None)
     return seconds, orjson.loads(await asyncio.to_thread(out.read_bytes))
 
 
-async def workflow_seconds(client: Client) -> float:
+async def workflow_seconds(client: Client, task_queue: str) -> float:
     """The span of the last Repair workflow of the projection, start to close, from Temporal."""
-    description = await client.get_workflow_handle(repair_workflow_id(PROJECTION.name)).describe()
+    description = await client.get_workflow_handle(repair_workflow_id(PROJECTION.name, task_queue)).describe()
     if description.start_time is None or description.close_time is None:
         return float("nan")
     return (description.close_time - description.start_time).total_seconds()
@@ -121,7 +121,7 @@ async def rounds(
             raise RuntimeError(f"corrupting {len(keys)} rows: {updated}")
         for kind, dry_run in (("dry run", True), ("repair", False)):
             took, result = await run_repair(env, dry_run, args.batch_size)
-            span = await workflow_seconds(client)
+            span = await workflow_seconds(client, settings.temporal_task_queue)
             seconds[kind][0].append(took)
             seconds[kind][1].append(span)
             differ = await differences(conn, table)

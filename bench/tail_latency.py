@@ -43,7 +43,6 @@ from typing import Any
 import asyncpg
 from common import create_database, drop_database, postgres_server, spawn_worker, stop_process, temporal, worker_env
 from temporalio.client import Client
-from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.service import RPCError
 
 from rehydrate import Event, EventStore, NewEvent
@@ -131,11 +130,6 @@ async def main(args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace, scratch: Path, url: str, client: Client) -> int:
-    tail = client.get_workflow_handle(tail_workflow_id(PROJECTION.name))
-    with contextlib.suppress(RPCError):
-        if (await tail.describe()).status == Status.RUNNING:
-            print(f"a tail of {PROJECTION.name} already runs on this Temporal server (workflow {tail.id}): stop it")
-            return 2
     pool = await create_pool(url, max_size=args.writers + 4)
     try:
         async with pool.acquire() as conn:
@@ -151,6 +145,8 @@ async def run(args: argparse.Namespace, scratch: Path, url: str, client: Client)
             projections=[PROJECTION_MODULE],
             tails=True,
         )
+        # A task queue of its own: its tail's workflow id starts with it, so no other tail is in the way.
+        tail = client.get_workflow_handle(tail_workflow_id(PROJECTION.name, settings.temporal_task_queue))
         log = scratch / "worker.log"
         try:
             async with worker(settings, client, args.in_process, log):

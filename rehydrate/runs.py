@@ -11,7 +11,7 @@ from temporalio.client import Client, WorkflowExecution, WorkflowHandle
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.service import RPCError
 
-from rehydrate.models.names import REPLAY, replay_workflow_id, scheduled_workflow_id, verify_label
+from rehydrate.models.names import REPLAY, id_prefix, replay_workflow_id, scheduled_workflow_id, verify_label
 
 ANY_SANDBOX = "*"  # `sandbox=ANY_SANDBOX`: live builds and sandbox builds alike
 _SCANNED = 2_000  # replay executions looked at, newest first, before giving up on older ones
@@ -30,16 +30,17 @@ class ReplayRun:
     sandbox: str | None = None
 
 
-def started_by(workflow_id: str, projection: str) -> str:
-    """Who started a replay, read off its workflow id: the CLI and the starter use fixed ids, schedules a prefix,
-    a verify its sandbox label; anything else was started from the Web UI or by a program."""
-    if workflow_id.startswith(scheduled_workflow_id(projection) + "-") or workflow_id.startswith(
-        scheduled_workflow_id(projection, "verify") + "-"
+def started_by(workflow_id: str, projection: str, task_queue: str | None = None) -> str:
+    """Who started a replay on `task_queue`, read off its workflow id: the CLI and the starter use fixed ids,
+    schedules a prefix, a verify its sandbox label; anything else was started from the Web UI or by a program."""
+    q = task_queue
+    if workflow_id.startswith(scheduled_workflow_id(projection, "replay", q) + "-") or workflow_id.startswith(
+        scheduled_workflow_id(projection, "verify", q) + "-"
     ):
         return "schedule"
-    if workflow_id == replay_workflow_id(projection, verify_label(projection)):
+    if workflow_id == replay_workflow_id(projection, verify_label(projection), q):
         return "verify"
-    if workflow_id == replay_workflow_id(projection) or workflow_id.startswith("rehydrate-sandbox-"):
+    if workflow_id == replay_workflow_id(projection, None, q) or _sandbox_of(workflow_id, projection, q) is not None:
         return "cli"
     return "other"
 
@@ -49,17 +50,18 @@ async def _names(execution: WorkflowExecution) -> tuple[str | None, str | None]:
     return memo.get("projection"), memo.get("sandbox")
 
 
-def _is_of(workflow_id: str, projection: str, sandbox: str | None) -> bool:
+def _is_of(workflow_id: str, projection: str, sandbox: str | None, task_queue: str | None) -> bool:
     """Runs that carry no memo (started before replays wrote it, or not yet picked up by a worker) are known by the
     workflow ids the CLI and schedules give them."""
-    live = workflow_id == replay_workflow_id(projection) or workflow_id.startswith(
-        scheduled_workflow_id(projection) + "-"
+    q = task_queue
+    live = workflow_id == replay_workflow_id(projection, None, q) or workflow_id.startswith(
+        scheduled_workflow_id(projection, "replay", q) + "-"
     )
     if sandbox is None:
         return live
     if sandbox == ANY_SANDBOX:
-        return live or _sandbox_of(workflow_id, projection) is not None
-    return workflow_id == replay_workflow_id(projection, sandbox)
+        return live or _sandbox_of(workflow_id, projection, q) is not None
+    return workflow_id == replay_workflow_id(projection, sandbox, q)
 
 
 async def replay_runs(
@@ -88,9 +90,9 @@ async def replay_runs(
             continue
         named, label = await _names(execution)
         if named is None:
-            if not _is_of(execution.id, projection, sandbox):
+            if not _is_of(execution.id, projection, sandbox, execution.task_queue):
                 continue
-            label = _sandbox_of(execution.id, projection)
+            label = _sandbox_of(execution.id, projection, execution.task_queue)
         elif named != projection or (sandbox != ANY_SANDBOX and label != sandbox):
             continue
         found.append(
@@ -100,7 +102,7 @@ async def replay_runs(
                 status=execution.status.name if execution.status is not None else "UNKNOWN",
                 started_at=execution.start_time,
                 closed_at=execution.close_time,
-                started_by=started_by(execution.id, projection),
+                started_by=started_by(execution.id, projection, execution.task_queue),
                 sandbox=label,
             )
         )
@@ -112,8 +114,8 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def _sandbox_of(workflow_id: str, projection: str) -> str | None:
-    prefix, suffix = "rehydrate-sandbox-", f"-{projection}"
+def _sandbox_of(workflow_id: str, projection: str, task_queue: str | None) -> str | None:
+    prefix, suffix = f"{id_prefix(task_queue)}-sandbox-", f"-{projection}"
     if workflow_id.startswith(prefix) and workflow_id.endswith(suffix):
         return workflow_id[len(prefix) : -len(suffix)]
     return None
@@ -133,7 +135,7 @@ async def latest_replay(
     runs = await replay_runs(client, projection, sandbox=sandbox, running=running, limit=1, task_queue=task_queue)
     if runs and runs[0].status == "RUNNING":
         return client.get_workflow_handle(runs[0].workflow_id, run_id=runs[0].run_id)
-    fixed = client.get_workflow_handle(replay_workflow_id(projection, sandbox))
+    fixed = client.get_workflow_handle(replay_workflow_id(projection, sandbox, task_queue))
     try:
         description = await fixed.describe()
     except RPCError:

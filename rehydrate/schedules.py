@@ -121,7 +121,7 @@ async def create_schedule(
         action = ScheduleActionStartWorkflow(
             VERIFY,
             verify_input,
-            id=scheduled_workflow_id(projection, "verify"),
+            id=scheduled_workflow_id(projection, "verify", settings.temporal_task_queue),
             task_queue=settings.temporal_task_queue,
             static_summary=f"Scheduled verify of {projection} ({name})",
         )
@@ -131,7 +131,7 @@ async def create_schedule(
         action = ScheduleActionStartWorkflow(
             REPLAY,
             replay_input,
-            id=scheduled_workflow_id(projection),
+            id=scheduled_workflow_id(projection, "replay", settings.temporal_task_queue),
             task_queue=settings.temporal_task_queue,
             static_summary=f"Scheduled replay of {projection} ({name})",
         )

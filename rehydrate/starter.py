@@ -90,13 +90,14 @@ async def start_replay(
     A second start while one runs is refused with a clear error, or, with `attach`, returns the running one.
     """
     check_replay_input(input, registry)
-    workflow_id = replay_workflow_id(input.projection, input.sandbox)
+    queue = task_queue or settings.temporal_task_queue
+    workflow_id = replay_workflow_id(input.projection, input.sandbox, queue)
     try:
         return await client.start_workflow(
             ReplayWorkflow.run,
             input,
             id=workflow_id,
-            task_queue=task_queue or settings.temporal_task_queue,
+            task_queue=queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING if attach else WorkflowIDConflictPolicy.FAIL,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             static_summary=f"Replay of {input.projection}"
@@ -207,7 +208,7 @@ async def replay_status(
     started it and under whatever workflow id (on `task_queue`, when given)."""
     handle = await latest_replay(client, projection, sandbox, task_queue=task_queue)
     if handle is None:
-        return ReplayStatus(replay_workflow_id(projection, sandbox), None, "NEVER_RUN", None, None, None)
+        return ReplayStatus(replay_workflow_id(projection, sandbox, task_queue), None, "NEVER_RUN", None, None, None)
     typed = client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
     description = await typed.describe()
     status = description.status.name if description.status is not None else "UNKNOWN"
@@ -343,7 +344,7 @@ async def stop_tail(
     async with pool.acquire() as conn:
         if not await Catalog(conn, settings.schema_name).set_tail(projection, enabled=False):
             raise UserError(f"projection {projection!r} was never built", fix="check the projection name")
-    workflow_id = tail_workflow_id(projection)
+    workflow_id = tail_workflow_id(projection, settings.temporal_task_queue)
     handle = client.get_workflow_handle(workflow_id)
     with contextlib.suppress(RPCError):
         if (await handle.describe()).status == Status.RUNNING:
@@ -354,9 +355,9 @@ async def stop_tail(
     return workflow_id
 
 
-async def tail_state(client: Client, projection: str) -> tuple[str, str | None]:
+async def tail_state(client: Client, projection: str, task_queue: str) -> tuple[str, str | None]:
     """The tail workflow's status (RUNNING, FAILED, CANCELED, …, or NOT_STARTED) and its failure, if any."""
-    handle = client.get_workflow_handle_for(TailWorkflow.run, tail_workflow_id(projection))
+    handle = client.get_workflow_handle_for(TailWorkflow.run, tail_workflow_id(projection, task_queue))
     try:
         description = await handle.describe()
     except RPCError:
@@ -409,13 +410,14 @@ async def start_verify(
 ) -> WorkflowHandle[VerifyWorkflow, VerifyResult]:
     """Start the projection's verify under its fixed workflow id; a second one while it runs is refused."""
     check_verify_input(input, registry)
-    workflow_id = verify_workflow_id(input.projection)
+    queue = task_queue or settings.temporal_task_queue
+    workflow_id = verify_workflow_id(input.projection, queue)
     return await _start_once(
         client,
         VerifyWorkflow.run,
         input,
         workflow_id=workflow_id,
-        task_queue=task_queue or settings.temporal_task_queue,
+        task_queue=queue,
         summary=f"Verify of {input.projection}",
         refusal=UserError(
             f"a verify of {input.projection!r} is already running (workflow {workflow_id})",
@@ -493,13 +495,14 @@ async def repair(
         )
     check_range("batch_size", input.batch_size, 1)
     check_range("show", input.show, 0, MAX_SHOW)
-    workflow_id = repair_workflow_id(input.projection)
+    queue = task_queue or settings.temporal_task_queue
+    workflow_id = repair_workflow_id(input.projection, queue)
     handle = await _start_once(
         client,
         RepairWorkflow.run,
         input,
         workflow_id=workflow_id,
-        task_queue=task_queue or settings.temporal_task_queue,
+        task_queue=queue,
         summary=f"Repair of {len(set(input.keys))} key(s) of {input.projection}"
         + (" (dry run)" if input.dry_run else ""),
         refusal=UserError(
@@ -529,13 +532,14 @@ async def start_snapshot_rebuild(
         aggregates.get(input.aggregate_type)
     check_range("partitions", input.partitions, 1, MAX_PARTITIONS)
     check_range("chunk_size", input.chunk_size, 1)
-    workflow_id = snapshot_workflow_id(input.aggregate_type)
+    queue = task_queue or settings.temporal_task_queue
+    workflow_id = snapshot_workflow_id(input.aggregate_type, queue)
     return await _start_once(
         client,
         SnapshotRebuildWorkflow.run,
         input,
         workflow_id=workflow_id,
-        task_queue=task_queue or settings.temporal_task_queue,
+        task_queue=queue,
         summary=f"Snapshots of {input.aggregate_type}",
         refusal=UserError(
             f"a snapshot rebuild of {input.aggregate_type!r} is already running (workflow {workflow_id})",
@@ -554,9 +558,13 @@ async def wait_for_snapshot_rebuild(
     return await _wait(handle, SnapshotRebuildWorkflow.progress, on_progress, interval, "snapshot rebuild")
 
 
-async def snapshot_rebuild_status(client: Client, aggregate_type: str) -> tuple[str, SnapshotRebuildProgress | None]:
+async def snapshot_rebuild_status(
+    client: Client, aggregate_type: str, task_queue: str | None = None
+) -> tuple[str, SnapshotRebuildProgress | None]:
     """The rebuild workflow's status (RUNNING, COMPLETED, …, or NEVER_RUN) and its progress while it runs."""
-    handle = client.get_workflow_handle_for(SnapshotRebuildWorkflow.run, snapshot_workflow_id(aggregate_type))
+    handle = client.get_workflow_handle_for(
+        SnapshotRebuildWorkflow.run, snapshot_workflow_id(aggregate_type, task_queue)
+    )
     try:
         description = await handle.describe()
     except RPCError:
@@ -568,9 +576,9 @@ async def snapshot_rebuild_status(client: Client, aggregate_type: str) -> tuple[
     return (description.status.name if description.status else "UNKNOWN"), progress
 
 
-async def cancel_snapshot_rebuild(client: Client, aggregate_type: str) -> str:
+async def cancel_snapshot_rebuild(client: Client, aggregate_type: str, task_queue: str | None = None) -> str:
     """Request cancellation; the snapshots already written stay (each one is valid on its own)."""
-    workflow_id = snapshot_workflow_id(aggregate_type)
+    workflow_id = snapshot_workflow_id(aggregate_type, task_queue)
     handle = client.get_workflow_handle(workflow_id)
     await _require_running(handle, "snapshot rebuild", aggregate_type, "cancel")
     await handle.cancel()

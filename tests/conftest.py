@@ -181,7 +181,9 @@ async def tail_settings(settings: Settings, client: Client) -> AsyncIterator[Set
         await conn.close()
     for name in names:
         with contextlib.suppress(RPCError):
-            await client.get_workflow_handle(tail_workflow_id(name)).terminate("test finished")
+            await client.get_workflow_handle(tail_workflow_id(name, settings.temporal_task_queue)).terminate(
+                "test finished"
+            )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

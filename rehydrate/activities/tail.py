@@ -111,23 +111,26 @@ class _Outage:
 
 
 async def ensure_tail(client: Client, projection: str, task_queue: str) -> str:
-    """Start the projection's tail workflow unless it already runs on `task_queue`; returns its workflow id.
+    """Start the projection's tail workflow on `task_queue` unless it runs; returns its workflow id.
 
-    A tail left running on another task queue (the workers moved to a new one) would never be picked up
-    again: it is replaced.
+    The id starts with the task queue, so the tail of another installation sharing the namespace (on its own queue)
+    is never touched. A tail under the id a non-default queue's tail had before ids carried their queue, running on
+    this same queue, is this installation's: it is replaced, so that one tail applies batches.
     """
-    workflow_id = tail_workflow_id(projection)
-    policy = WorkflowIDConflictPolicy.USE_EXISTING
-    with contextlib.suppress(RPCError):
-        running = await client.get_workflow_handle(workflow_id).describe()
-        if running.status == Status.RUNNING and running.task_queue != task_queue:
-            policy = WorkflowIDConflictPolicy.TERMINATE_EXISTING
+    workflow_id = tail_workflow_id(projection, task_queue)
+    unprefixed = tail_workflow_id(projection)
+    if unprefixed != workflow_id:
+        with contextlib.suppress(RPCError):
+            older = client.get_workflow_handle(unprefixed)
+            described = await older.describe()
+            if described.status == Status.RUNNING and described.task_queue == task_queue:
+                await older.terminate(reason=f"replaced by {workflow_id}")
     await client.start_workflow(
         TAIL,
         TailInput(projection),
         id=workflow_id,
         task_queue=task_queue,
-        id_conflict_policy=policy,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         static_summary=f"Tail of {projection}",
     )

@@ -14,6 +14,7 @@ from rehydrate.core.limits import MAX_SHOW, check_range
 from rehydrate.core.settings import Settings
 from rehydrate.engine.projections import Registry
 from rehydrate.models import VerifyCompareInput, VerifyResult, VerifyStart, VerifyStartInput
+from rehydrate.models.names import replay_workflow_id, verify_label
 
 
 class VerifyActivities(Activities):
@@ -38,7 +39,8 @@ class VerifyActivities(Activities):
         if building is not None and input.skip_if_running:
             # The generation it is building is about to replace the live one: verify that one next time.
             return VerifyStart(live, int(mark), registered, running_elsewhere=str(building["workflow_id"]))
-        return VerifyStart(live, int(mark), registered)
+        rebuild_id = replay_workflow_id(projection.name, verify_label(projection.name), activity.info().task_queue)
+        return VerifyStart(live, int(mark), registered, rebuild_workflow_id=rebuild_id)
 
     @activity.defn(name="rehydrate.verify_compare")
     @user_errors_fail_the_run

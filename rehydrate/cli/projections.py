@@ -35,7 +35,7 @@ def projections(as_json: c.Json = False) -> None:
         try:
             client = await connect_client(settings)
             for name in built:
-                tails[name] = await tail_state(client, name)
+                tails[name] = await tail_state(client, name, settings.temporal_task_queue)
         except UserError:
             tails = {name: ("UNKNOWN (Temporal unreachable)", None) for name in built}
         return [_row(status, tails.get(status.name, ("NOT_STARTED", None))) for status in statuses]

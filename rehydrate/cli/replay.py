@@ -327,7 +327,8 @@ def status(
             return
         c.out.print(f"{name}: {c.state(found.status)}")
         if found.run_id:
-            c.out.print(f"  {found.workflow_id} (started by {started_by(found.workflow_id, name)})")
+            by = started_by(found.workflow_id, name, settings.temporal_task_queue)
+            c.out.print(f"  {found.workflow_id} (started by {by})")
             c.out.print(f"  {settings.workflow_url(found.workflow_id, found.run_id)}")
         if found.progress is not None:
             c.out.print(f"  {found.progress.summary()}")

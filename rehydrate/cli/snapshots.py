@@ -85,7 +85,9 @@ def status(aggregate_type: AggregateType, as_json: c.Json = False) -> None:
     settings = c.settings()
 
     async def work() -> tuple[str, SnapshotRebuildProgress | None]:
-        return await snapshot_rebuild_status(await connect_client(settings), aggregate_type)
+        return await snapshot_rebuild_status(
+            await connect_client(settings), aggregate_type, settings.temporal_task_queue
+        )
 
     state, progress = c.run(work)
     if as_json:
@@ -102,7 +104,9 @@ def cancel(aggregate_type: AggregateType, as_json: c.Json = False) -> None:
     settings = c.settings()
 
     async def work() -> str:
-        return await cancel_snapshot_rebuild(await connect_client(settings), aggregate_type)
+        return await cancel_snapshot_rebuild(
+            await connect_client(settings), aggregate_type, settings.temporal_task_queue
+        )
 
     workflow_id = c.run(work)
     if as_json:

@@ -23,35 +23,47 @@ OWN_SOURCE = "rehydrate"
 REPLAY_PHASES = ("planning", "building", "finishing", "indexing", "catching_up", "swapping", "done")
 
 
-def replay_workflow_id(projection: str, sandbox: str | None = None) -> str:
+# The task queue workers poll unless settings name another. A task queue is an installation of rehydrate: the
+# workflow ids below start with it, so that two installations sharing one namespace (each on its own queue) never
+# take each other's ids; on this default queue the ids start with "rehydrate".
+DEFAULT_TASK_QUEUE = "rehydrate"
+
+
+def id_prefix(task_queue: str | None = None) -> str:
+    """What every workflow id of the installation on `task_queue` starts with (None: the default queue)."""
+    return task_queue or DEFAULT_TASK_QUEUE
+
+
+def replay_workflow_id(projection: str, sandbox: str | None = None, task_queue: str | None = None) -> str:
     """The fixed workflow id of a projection's replay: one replay per projection at a time (and one per
     projection and sandbox label: a sandbox build does not block the live replay)."""
-    return f"rehydrate-sandbox-{sandbox}-{projection}" if sandbox else f"rehydrate-replay-{projection}"
+    prefix = id_prefix(task_queue)
+    return f"{prefix}-sandbox-{sandbox}-{projection}" if sandbox else f"{prefix}-replay-{projection}"
 
 
-def tail_workflow_id(projection: str) -> str:
+def tail_workflow_id(projection: str, task_queue: str | None = None) -> str:
     """The fixed workflow id of a projection's tail: at most one runs."""
-    return f"rehydrate-tail-{projection}"
+    return f"{id_prefix(task_queue)}-tail-{projection}"
 
 
-def verify_workflow_id(projection: str) -> str:
+def verify_workflow_id(projection: str, task_queue: str | None = None) -> str:
     """The fixed workflow id of `rehydrate verify NAME`: one verify per projection at a time from the CLI."""
-    return f"rehydrate-verify-{projection}"
+    return f"{id_prefix(task_queue)}-verify-{projection}"
 
 
-def repair_workflow_id(projection: str) -> str:
+def repair_workflow_id(projection: str, task_queue: str | None = None) -> str:
     """The fixed workflow id of a projection's repair: one at a time per projection."""
-    return f"rehydrate-repair-{projection}"
+    return f"{id_prefix(task_queue)}-repair-{projection}"
 
 
-def snapshot_workflow_id(aggregate_type: str) -> str:
+def snapshot_workflow_id(aggregate_type: str, task_queue: str | None = None) -> str:
     """The fixed workflow id of an aggregate type's snapshot rebuild: one at a time per type."""
-    return f"rehydrate-snapshots-{aggregate_type}"
+    return f"{id_prefix(task_queue)}-snapshots-{aggregate_type}"
 
 
-def scheduled_workflow_id(projection: str, kind: str = "replay") -> str:
+def scheduled_workflow_id(projection: str, kind: str = "replay", task_queue: str | None = None) -> str:
     """The prefix of a scheduled replay's (or verify's) workflow id (Temporal appends the scheduled time)."""
-    return f"rehydrate-scheduled-{kind}-{projection}"
+    return f"{id_prefix(task_queue)}-scheduled-{kind}-{projection}"
 
 
 def tail_task_queue(task_queue: str) -> str:

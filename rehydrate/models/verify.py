@@ -64,6 +64,9 @@ class VerifyStart:
     mark: int  # the live generation's checkpoint: the sandbox is rebuilt at exactly this mark
     search_attributes: bool = False
     running_elsewhere: str | None = None  # with skip_if_running: the workflow building the projection
+    # The sandbox rebuild's workflow id, which starts with the worker's task queue (a run that began on a release
+    # that did not send it uses the id without the queue that it started its child under).
+    rebuild_workflow_id: str | None = None
 
 
 @dataclass

@@ -95,8 +95,9 @@ class VerifyWorkflow:
             f"**{input.projection}**: rebuilding into sandbox {label} at mark {start.mark} "
             f"(the checkpoint of live generation {start.live_generation})",
         )
-        # The child's id is the sandbox build's fixed id: one verify per projection at a time, however started.
-        rebuild_id = replay_workflow_id(input.projection, label)
+        # The child's id is the sandbox build's fixed id on this task queue: one verify per projection at a time,
+        # however started. The start activity names it (a worker knows its queue), so the history records it.
+        rebuild_id = start.rebuild_workflow_id or replay_workflow_id(input.projection, label)
         try:
             rebuild = await workflow.start_child_workflow(
                 ReplayWorkflow.run,

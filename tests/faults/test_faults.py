@@ -446,7 +446,9 @@ async def test_postgres_restart_fast_and_immediate_mid_chunk_and_mid_swap(
         await probe.close()
         # A replay left running on the session's Temporal server would refuse every later test's replay.
         with contextlib.suppress(RPCError):
-            await client.get_workflow_handle(replay_workflow_id(PROJECTION.name)).terminate("the test ended")
+            await client.get_workflow_handle(
+                replay_workflow_id(PROJECTION.name, None, settings.temporal_task_queue)
+            ).terminate("the test ended")
 
     pool = await create_pool(private_postgres.url, max_size=2)
     try:
@@ -664,7 +666,7 @@ async def test_out_of_order_commits_throughout_a_replay_swap_and_tail(
             await client.start_workflow(
                 TailWorkflow.run,
                 TailInput(PROJECTION.name, batch_size=2_000, poll_seconds=0.2),
-                id=tail_workflow_id(PROJECTION.name),
+                id=tail_workflow_id(PROJECTION.name, settings.temporal_task_queue),
                 task_queue=settings.temporal_task_queue,
             )
             await asyncio.sleep(1.0)  # the writers go on while the tail runs
@@ -697,7 +699,9 @@ async def test_out_of_order_commits_throughout_a_replay_swap_and_tail(
             await check(store.pool, figures, result.generation)
         finally:
             with contextlib.suppress(RPCError):
-                await client.get_workflow_handle(tail_workflow_id(PROJECTION.name)).terminate("test finished")
+                await client.get_workflow_handle(
+                    tail_workflow_id(PROJECTION.name, settings.temporal_task_queue)
+                ).terminate("test finished")
     print(f"written during the test: {written}; {late_pairs} stream versions committed by an earlier transaction id")
     assert written["late"] > 20 and written["plain"] > 100, written
     assert late_pairs > 0, "some stream got a version from an earlier transaction id than the version before it"

@@ -106,7 +106,7 @@ async def test_tail_survives_a_worker_kill_mid_batch_without_losing_or_doubling_
         await client.start_workflow(
             TailWorkflow.run,
             TailInput(name, batch_size=BATCH_SIZE, poll_seconds=0.2, heartbeat_timeout_seconds=2),
-            id=tail_workflow_id(name),
+            id=tail_workflow_id(name, settings.temporal_task_queue),
             task_queue=settings.temporal_task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
@@ -178,7 +178,9 @@ async def test_tail_survives_a_worker_kill_mid_batch_without_losing_or_doubling_
         victim, at_kill, _ = await asyncio.wait_for(scenario(), TIME_LIMIT)
         # Who runs the tails now: B, on a retry after A's attempt timed out on its heartbeat.
         for name in names:
-            description = await client.get_workflow_handle(tail_workflow_id(name)).describe()
+            description = await client.get_workflow_handle(
+                tail_workflow_id(name, settings.temporal_task_queue)
+            ).describe()
             (pending,) = description.raw_description.pending_activities
             assert pending.attempt >= 2, (name, pending)
             assert pending.last_worker_identity.startswith(f"{workers['B'].pid}@"), (name, pending)
@@ -192,7 +194,9 @@ async def test_tail_survives_a_worker_kill_mid_batch_without_losing_or_doubling_
             await asyncio.to_thread(worker.wait)
         for name in names:
             with contextlib.suppress(RPCError):
-                await client.get_workflow_handle(tail_workflow_id(name)).terminate("test finished")
+                await client.get_workflow_handle(tail_workflow_id(name, settings.temporal_task_queue)).terminate(
+                    "test finished"
+                )
         for label, log in logs.items():
             print(f"--- worker {label} ---\n{log_tail(log)}")  # shown by pytest when the test fails
 

@@ -88,7 +88,9 @@ async def assert_failed_generation_is_dropped(pool: asyncpg.Pool, projection: st
 async def assert_nothing_started(client: Client, settings: Settings, pool: asyncpg.Pool, projection: str) -> None:
     """No replay workflow of `projection` on this test's task queue, and no generation in the database."""
     try:
-        description = await client.get_workflow_handle(replay_workflow_id(projection)).describe()
+        description = await client.get_workflow_handle(
+            replay_workflow_id(projection, None, settings.temporal_task_queue)
+        ).describe()
     except RPCError:
         pass  # never started by anyone
     else:

@@ -313,9 +313,9 @@ async def test_code_that_adds_a_child_table_stops_the_tail_of_a_generation_built
     async with running_worker(tail_settings, Registry([with_lines]), client=client):
 
         async def tail_failed() -> bool:
-            return (await tail_state(client, "grown_orders"))[0] == "FAILED"
+            return (await tail_state(client, "grown_orders", tail_settings.temporal_task_queue))[0] == "FAILED"
 
         await eventually(tail_failed, within=30)
-        _, error = await tail_state(client, "grown_orders")
+        _, error = await tail_state(client, "grown_orders", tail_settings.temporal_task_queue)
     assert error is not None and "was built with the child tables none; the code has ['grown_lines']" in error, error
     assert "rehydrate replay start grown_orders" in error

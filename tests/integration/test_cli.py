@@ -71,7 +71,9 @@ async def test_replay_start_with_an_unknown_name_or_out_of_range_tuning_exits_1_
         assert_one_clear_error(run, expected)
     for name in ("accounts", "nope"):
         try:
-            description = await client.get_workflow_handle(replay_workflow_id(name)).describe()
+            description = await client.get_workflow_handle(
+                replay_workflow_id(name, None, settings.temporal_task_queue)
+            ).describe()
         except RPCError:
             continue  # never started by anyone
         assert description.task_queue != settings.temporal_task_queue, f"a replay of {name} was started"

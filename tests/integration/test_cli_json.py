@@ -183,7 +183,7 @@ async def test_snapshot_commands_print_json_that_parses(
         assert "workflow_id" in await run_json(settings, tmp_path, ran, "snapshots", "cancel", "slow_account", env=env)
 
         async def ended() -> bool:  # the worker acts on the cancel; the next test may rebuild this type again
-            return (await snapshot_rebuild_status(client, "slow_account"))[0] != "RUNNING"
+            return (await snapshot_rebuild_status(client, "slow_account", settings.temporal_task_queue))[0] != "RUNNING"
 
         await eventually(ended, within=30)
     assert ran == SNAPSHOT_COMMANDS

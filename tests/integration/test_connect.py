@@ -138,7 +138,9 @@ async def test_no_credential_reaches_a_history_search_attribute_log_line_or_erro
     finally:
         for name in domain.registry().names():
             with contextlib.suppress(RPCError):
-                await client.get_workflow_handle(tail_workflow_id(name)).terminate("test finished")
+                await client.get_workflow_handle(tail_workflow_id(name, settings.temporal_task_queue)).terminate(
+                    "test finished"
+                )
         await scram.aclose()
         await store.pool.execute(f"DROP OWNED BY {role}")
         await store.pool.execute(f"DROP ROLE {role}")

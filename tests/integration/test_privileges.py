@@ -88,6 +88,8 @@ async def test_a_worker_with_only_the_printed_grants_replays_tails_and_swaps_and
     finally:
         for name in domain.registry().names():
             with contextlib.suppress(RPCError):
-                await client.get_workflow_handle(tail_workflow_id(name)).terminate("test finished")
+                await client.get_workflow_handle(tail_workflow_id(name, settings.temporal_task_queue)).terminate(
+                    "test finished"
+                )
         await store.pool.execute(f"DROP OWNED BY {role}")
         await store.pool.execute(f"DROP ROLE {role}")

@@ -97,7 +97,9 @@ async def test_a_replay_started_by_a_schedule_is_found_and_cancelled(
         assert status.code == 0, status
         shown = orjson.loads(status.stdout)
         assert shown["status"] == "RUNNING", shown
-        assert shown["workflow_id"].startswith(scheduled_workflow_id("accounts") + "-"), shown
+        assert shown["workflow_id"].startswith(
+            scheduled_workflow_id("accounts", "replay", settings.temporal_task_queue) + "-"
+        ), shown
         assert "no worker answered within 3 s" in shown["unanswered"], shown  # and said at once, not after 30 s
         cancelled = await rehydrate(settings, tmp_path, "replay", "cancel", "accounts", "--json")
         assert orjson.loads(cancelled.stdout)["workflow_id"] == shown["workflow_id"], cancelled

@@ -48,7 +48,7 @@ async def test_schedule_lifecycle_trigger_swaps_overlap_is_skipped_pause_and_del
         handled = sum(1 for event in events if event.type in domain.accounts.event_types)
         assert first.status == "COMPLETED", first
         assert first.outcome.startswith(f"generation 1 active: {handled} events"), first
-        assert first.workflow_id.startswith(scheduled_workflow_id("accounts"))
+        assert first.workflow_id.startswith(scheduled_workflow_id("accounts", "replay", settings.temporal_task_queue))
         assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(domain.accounts, events)
 
         # Overlap: a manual replay is building (paused, so it stays so); the scheduled run skips and says why.
@@ -125,8 +125,9 @@ async def test_verify_schedule_shows_no_drift_then_the_drifted_keys_and_skips_wh
         assert clean.status == "COMPLETED", clean
         assert clean.outcome.startswith("no drift: generation 1 of accounts equals a rebuild at mark"), clean
         assert clean.outcome.endswith(f"({rows} rows)"), clean
-        assert clean.workflow_id.startswith(scheduled_workflow_id("accounts", "verify"))
-        assert clean.workflow_id.startswith("rehydrate-scheduled-verify-accounts")
+        queue = settings.temporal_task_queue
+        assert clean.workflow_id.startswith(scheduled_workflow_id("accounts", "verify", queue))
+        assert clean.workflow_id.startswith(f"{queue}-scheduled-verify-accounts-")
 
         # A row changed behind rehydrate's back: the next run ends as drift, naming the count and the key.
         victim = await store.pool.fetchval("SELECT min(account_id) FROM public.account__g1")

@@ -65,7 +65,7 @@ async def test_a_cancelled_rebuild_ends_cancelled_and_leaves_only_valid_snapshot
         )
         while (await handle.query(SnapshotRebuildWorkflow.progress)).streams_done == 0:
             await asyncio.sleep(0.05)
-        await cancel_snapshot_rebuild(client, "slow_account")
+        await cancel_snapshot_rebuild(client, "slow_account", settings.temporal_task_queue)
         with pytest.raises(UserError):
             await wait_for_snapshot_rebuild(handle)
         assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED

@@ -34,7 +34,7 @@ async def test_the_tail_applies_new_events_after_the_swap(
         await wait_for_replay(await start_replay(client, tail_settings, ReplayInput("accounts")))
         await domain.append_all(store, domain.random_history(42, events=200))
         await eventually(lambda: matches_oracle(store))
-        assert (await tail_state(client, "accounts"))[0] == "RUNNING"
+        assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "RUNNING"
 
 
 async def active_checkpoint(store: EventStore, projection: str) -> int:
@@ -219,7 +219,7 @@ async def test_concurrent_writers_during_a_replay_and_its_swap_end_equal_to_the_
             return await lag_of(store, "accounts") == 0 and await matches_oracle(store)
 
         await eventually(caught_up, within=30)
-        assert (await tail_state(client, "accounts"))[0] == "RUNNING"
+        assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "RUNNING"
         events = await domain.all_events(store)
         assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(domain.accounts, events)
         # group_totals is keyed across streams: only its commutative column is comparable with the position fold.
@@ -278,10 +278,10 @@ async def test_a_poison_event_stops_that_projections_tail_with_a_clear_error_and
         poison = (await store.read_stream("poison"))[0]
 
         async def tail_failed() -> bool:
-            return (await tail_state(client, "group_totals"))[0] == "FAILED"
+            return (await tail_state(client, "group_totals", tail_settings.temporal_task_queue))[0] == "FAILED"
 
         await eventually(tail_failed)
-        _, error = await tail_state(client, "group_totals")
+        _, error = await tail_state(client, "group_totals", tail_settings.temporal_task_queue)
         assert error is not None
         for part in (f"event {poison.global_position}", "'poison'", "'Deposited'", "KeyError", "amount"):
             assert part in error, (part, error)
@@ -294,7 +294,7 @@ async def test_a_poison_event_stops_that_projections_tail_with_a_clear_error_and
         await store.append("after", [NewEvent("Opened", {"owner": "z", "group": "g1"})])
         await eventually(lambda: matches_oracle(store))
         assert "after" in await domain.read_model(store.pool, domain.accounts)
-        assert (await tail_state(client, "accounts"))[0] == "RUNNING"
+        assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "RUNNING"
         # The failed tail applies nothing more, and the CLI shows it stopped at the poison event.
         assert await domain.read_model(store.pool, domain.group_totals) == groups_before
         output = await projections_command(tail_settings)
@@ -303,8 +303,9 @@ async def test_a_poison_event_stops_that_projections_tail_with_a_clear_error_and
     assert len(failed_lines) == 1 and "group_total" in failed_lines[0], output
 
 
-async def tail_run_id(client: Client, projection: str) -> str | None:
-    return (await client.get_workflow_handle(tail_workflow_id(projection)).describe()).run_id
+async def tail_run_id(client: Client, settings: Settings, projection: str) -> str | None:
+    handle = client.get_workflow_handle(tail_workflow_id(projection, settings.temporal_task_queue))
+    return (await handle.describe()).run_id
 
 
 async def test_tail_stop_holds_new_events_back_and_tail_start_applies_them_exactly_once(
@@ -316,7 +317,7 @@ async def test_tail_stop_holds_new_events_back_and_tail_start_applies_them_exact
         await eventually(lambda: matches_oracle(store))
         await stop_tail(client, pool, tail_settings, "accounts")
         # Once `tail stop` has returned, the tail has stopped: nothing appended from now on is applied.
-        assert (await tail_state(client, "accounts"))[0] == "CANCELED"
+        assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "CANCELED"
         before = await domain.read_model(store.pool, domain.accounts)
         checkpoint = await active_checkpoint(store, "accounts")
         await domain.append_all(store, domain.random_history(51, events=100))
@@ -327,12 +328,12 @@ async def test_tail_stop_holds_new_events_back_and_tail_start_applies_them_exact
     # A worker that starts again leaves a stopped tail stopped.
     async with running_worker(tail_settings, domain.registry(), client=client):
         await asyncio.sleep(1.5)
-        assert (await tail_state(client, "accounts"))[0] == "CANCELED"
+        assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "CANCELED"
         assert await domain.read_model(store.pool, domain.accounts) == before
         await start_tail(client, pool, tail_settings, "accounts")
         # The oracle's counters and order-sensitive history would show an event applied twice or skipped.
         await eventually(lambda: matches_oracle(store))
-        assert (await tail_state(client, "accounts"))[0] == "RUNNING"
+        assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "RUNNING"
         assert await lag_of(store, "accounts") == 0
 
 
@@ -342,15 +343,15 @@ async def test_tail_start_right_after_tail_stop_starts_a_new_tail_that_keeps_run
     await domain.append_all(store, domain.random_history(52, events=100))
     async with running_worker(tail_settings, domain.registry(), client=client):
         await wait_for_replay(await start_replay(client, tail_settings, ReplayInput("accounts")))
-        first = await tail_run_id(client, "accounts")
+        first = await tail_run_id(client, tail_settings, "accounts")
         await stop_tail(client, pool, tail_settings, "accounts")
         await start_tail(client, pool, tail_settings, "accounts")
         # Not the run being cancelled (which would end CANCELED soon after): a new one.
-        assert await tail_run_id(client, "accounts") != first
-        assert (await tail_state(client, "accounts"))[0] == "RUNNING"
+        assert await tail_run_id(client, tail_settings, "accounts") != first
+        assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "RUNNING"
         await domain.append_all(store, domain.random_history(53, events=100))
         await eventually(lambda: matches_oracle(store))
-        assert (await tail_state(client, "accounts"))[0] == "RUNNING"
+        assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "RUNNING"
 
 
 async def test_a_running_tail_never_takes_a_replay_chunks_slot(
@@ -362,7 +363,7 @@ async def test_a_running_tail_never_takes_a_replay_chunks_slot(
     await domain.append_all(store, domain.random_history(45, events=300))
     async with running_worker(settings, domain.registry(), client=client):
         await wait_for_replay(await start_replay(client, settings, ReplayInput("accounts")))
-        await eventually(lambda: _tail_running(client))
+        await eventually(lambda: _tail_running(client, settings))
         second = await asyncio.wait_for(
             wait_for_replay(await start_replay(client, settings, ReplayInput("accounts"))), 60
         )
@@ -371,8 +372,8 @@ async def test_a_running_tail_never_takes_a_replay_chunks_slot(
         await eventually(lambda: matches_oracle(store))
 
 
-async def _tail_running(client: Client) -> bool:
-    return (await tail_state(client, "accounts"))[0] == "RUNNING"
+async def _tail_running(client: Client, settings: Settings) -> bool:
+    return (await tail_state(client, "accounts", settings.temporal_task_queue))[0] == "RUNNING"
 
 
 async def tail_code_is(store: EventStore, fingerprint: str) -> bool:
@@ -446,7 +447,9 @@ async def test_a_tail_waits_out_cut_connections_with_one_warning_and_catches_up(
             cuts = await cutter
         await eventually(lambda: matches_oracle(store))
         await eventually(lambda: _no_tail_error(store))
-        tail = await client.get_workflow_handle(tail_workflow_id("accounts")).describe()
+        tail = await client.get_workflow_handle(
+            tail_workflow_id("accounts", tail_settings.temporal_task_queue)
+        ).describe()
         assert [a.attempt for a in tail.raw_description.pending_activities] == [1]
     assert cuts > 0
     messages = [r.getMessage() for r in caplog.records if r.name == "rehydrate.tail"]

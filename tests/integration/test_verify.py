@@ -100,7 +100,9 @@ async def test_one_verify_per_projection_a_second_is_refused_or_skipped_and_canc
     async with running_worker(settings, domain.registry(), client=client):
         await build(client, settings, "accounts")
         first = await start_verify(client, settings, VerifyInput("accounts", lanes=1, chunk_size=5))
-        rebuild = client.get_workflow_handle(replay_workflow_id("accounts", verify_label("accounts")))
+        rebuild = client.get_workflow_handle(
+            replay_workflow_id("accounts", verify_label("accounts"), settings.temporal_task_queue)
+        )
 
         async def rebuilding() -> bool:
             try:
