@@ -2,7 +2,7 @@
 
     python bench/fault_report.py [extra pytest arguments]
 
-Environment: REHYDRATE_FAULT_EVENTS sets the history's size (default 200,000); REHYDRATE_TEST_DATABASE_URL a
+Environment: REHYDRATE_FAULT_EVENTS sets the history's size (default 100,000); REHYDRATE_TEST_DATABASE_URL a
 Postgres to use instead of the embedded one (the Postgres-restart test always starts a private embedded one).
 """
 

@@ -14,9 +14,10 @@ Recovery is the time from a fault until every lane that was unfinished at the fa
 (or, for a fault in the swap, until the new generation is active): it includes the heartbeat timeout of a lost
 chunk attempt, the retry's back-off, the workflow task moving to a live worker and reconnecting to the server.
 
-Size: FAULT_EVENTS events (200,000 by default) over 3,000 streams; about 165,000 of them are handled by the
-projection. The workers add 50 µs per event (tests/helpers/slow_domain.py), which stretches a build to ~10 s here: long
-enough for five faults 0.2–1 s apart inside one build, short enough that the file takes ~2½ minutes on two cores.
+Size: FAULT_EVENTS events (100,000 by default) over 3,000 streams; about 82,000 of them are handled by the
+projection. The workers add 100 µs per event (tests/helpers/slow_domain.py), which stretches a build to ~10 s here:
+long enough for five faults 0.2–1 s apart inside one build. The build's length comes from the cost per event, not
+from the history's size: a larger history would only make loading it, and the oracle's fold and the check, longer.
 """
 
 from __future__ import annotations
@@ -58,14 +59,14 @@ from tests.helpers.workers import chunk_transactions_open, log_tail, rolled_back
 
 pytestmark = pytest.mark.slow
 
-FAULT_EVENTS = int(os.environ.get("REHYDRATE_FAULT_EVENTS", "200000"))
+FAULT_EVENTS = int(os.environ.get("REHYDRATE_FAULT_EVENTS", "100000"))
 STREAMS = 3_000
 PROJECTION = domain.accounts
-# Chunks of 2,000 events over 4 lanes: ~50 chunks per replay, each a transaction of tens of milliseconds.
-REPLAY = {"lanes": 4, "chunk_size": 2_000, "max_parallel": 4, "heartbeat_timeout_seconds": 2.0}
-# The workers fold with tests.helpers.slow_domain: the domain's handlers plus a sleep of 50 µs per event, which
-# stretches a build from ~4 s to ~10 s here, so that five faults land inside one build (see the module docstring).
-WORKER_ENV = {"REHYDRATE_PROJECTIONS": "tests.helpers.slow_domain", "REHYDRATE_TEST_EVENT_COST": "0.00005"}
+# Chunks of 1,000 events over 4 lanes: ~80 chunks per replay, each a transaction of ~0.1 s (most of it folding).
+REPLAY = {"lanes": 4, "chunk_size": 1_000, "max_parallel": 4, "heartbeat_timeout_seconds": 2.0}
+# The workers fold with tests.helpers.slow_domain: the domain's handlers plus a sleep of 100 µs per event, which
+# stretches a build from ~2 s to ~10 s here, so that five faults land inside one build (see the module docstring).
+WORKER_ENV = {"REHYDRATE_PROJECTIONS": "tests.helpers.slow_domain", "REHYDRATE_TEST_EVENT_COST": "0.0001"}
 # Bound on any single recovery; a test fails rather than hang.
 RECOVERY_LIMIT = 60.0
 
