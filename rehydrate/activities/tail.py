@@ -193,7 +193,11 @@ class TailActivities(Activities):
                         if isinstance(source, EventSource) and not isinstance(declared, KafkaSource):
                             channel = source.mapping.notify_channel
                     if channel is not None and (listener is None or listener.is_closed()):
-                        listener = await connect(listen_url)
+                        try:
+                            listener = await connect(listen_url)
+                        except UserError as error:
+                            # The database down or restarting: an outage to wait out, not a reason to stop the tail.
+                            raise SourceUnavailable(error.message) from None
                         await listener.add_listener(channel, on_notify)
                     async with self.generations() as generations:
                         result = await generations.tail_batch(projection, input.batch_size)
