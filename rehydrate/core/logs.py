@@ -55,6 +55,19 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class _PoolFloorFilter(logging.Filter):
+    """Drops asyncpg's warning, with its stack trace, for each failed attempt to reopen a pool's idle connection
+    while the database is down: one after 1 s, then after 2, 4, … up to 60 s, for as long as the outage lasts. The
+    pool connects again when next used anyway, and whoever uses it says once what is down (a tail's outage warning,
+    a failed activity)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to restore the pool connection floor")
+
+
+_POOL_FLOOR = _PoolFloorFilter()
+
+
 def configure(json: bool = False, level: int = logging.INFO) -> None:
     """Log rehydrate's records at `level` (others at WARNING) to stderr, as text or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
@@ -66,3 +79,4 @@ def configure(json: bool = False, level: int = logging.INFO) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("rehydrate").setLevel(level)
+    logging.getLogger("asyncpg.pool").addFilter(_POOL_FLOOR)
