@@ -49,6 +49,21 @@ def _listening(host: str, port: int) -> bool:
         return sock.connect_ex((host if host != "localhost" else "127.0.0.1", port)) == 0
 
 
+def _serving(address: str) -> bool:
+    """Whether the Temporal server at `address` says its frontend serves."""
+    try:
+        health = subprocess.run(
+            [temporal_cli(), "operator", "cluster", "health", "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return health.returncode == 0 and "SERVING" in health.stdout
+
+
 @dataclass
 class DevServer:
     """A running Temporal dev server: ours (`process`: we may stop it) or one found already listening (we leave it)."""
@@ -122,7 +137,9 @@ def start_temporal(settings: Settings, *, log_path: Path | None = None) -> DevSe
     )
     _pid_file(settings).write_text(str(process.pid))
     deadline = time.monotonic() + 30
-    while not _listening(host, port):
+    # Listening is not serving: for a moment after it opens its port the frontend refuses clients ("Frontend is not
+    # healthy yet"), and a worker that connected then would fail to start.
+    while not (_listening(host, port) and _serving(settings.temporal_address)):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise UserError(
