@@ -23,7 +23,7 @@ from rehydrate.activities import (
     VerifyActivities,
     ensure_tail,
 )
-from rehydrate.core.database import create_pool, ensure_schema, resolve_url
+from rehydrate.core.database import create_pool, ensure_schema, resolve_url, worker_session
 from rehydrate.core.metrics import declare, prometheus_runtime
 from rehydrate.core.settings import Settings
 from rehydrate.core.temporal import connect_client
@@ -89,7 +89,7 @@ async def running_worker(
     """
     aggregates = aggregates if aggregates is not None else AggregateRegistry.from_settings(settings)
     url = database_url or resolve_url(settings, start=True)
-    pool = await create_pool(url, max_size=settings.max_concurrent_activities + 4)
+    pool = await create_pool(url, max_size=settings.max_concurrent_activities + 4, **worker_session(settings))
     sources: Sources | None = None
     try:
         async with pool.acquire() as conn:

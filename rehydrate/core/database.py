@@ -96,11 +96,46 @@ def _unreachable(url: str, error: Exception) -> UserError:
     return UserError(f"cannot connect to Postgres at {redact_url(url)}: {detail}", fix=fix)
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections decode JSON with orjson; an unreachable database is one clear line."""
+def worker_session(settings: Settings) -> dict[str, Any]:
+    """What a worker's connections ask of Postgres so that a worker gone silent (frozen, or cut off by the network
+    with no FIN or RST ever arriving) does not hold its locks for ever: a lane's row lock blocks the chunk's retry,
+    and a swap's view lock blocks every reader. As `create_pool`'s keywords.
+
+    - `idle_in_transaction_session_timeout` ends a session left idle inside its transaction: the state of a worker
+      cut off between two statements (the server answered; the next command never comes). It must stay above the
+      longest healthy pause between two statements of a transaction (a fold of one fetch of events in Python, a
+      read from another database or a topic): REHYDRATE_DB_IDLE_IN_TRANSACTION_TIMEOUT, 60 s by default.
+    - TCP keepalives and `tcp_user_timeout` end a session whose peer stopped answering at the network level, idle
+      or not: a backend blocked sending rows to a lost worker is stopped by nothing else (`statement_timeout` does
+      not interrupt a blocked send; neither does the idle timeout). A live worker's kernel answers probes and
+      acknowledges data however busy its process is, so these never cut a slow worker: REHYDRATE_DB_PEER_TIMEOUT,
+      60 s (keepalives from 30 s of silence, then 3 probes 10 s apart). (Linux also ends a connection whose peer
+      has kept its window shut, not reading at all, that long: a worker's event loop is never blocked for 60 s.)
+    - No `statement_timeout` and no `command_timeout`: a healthy statement (an index on a large table, the merge of
+      a large chunk) has no useful bound, and a lost worker's statement is ended by the rules above; the worker's
+      side of it is cancelled by Temporal when its heartbeats stop (see activities._common).
+
+    Settings of 0 leave Postgres's and asyncpg's defaults. Sessions over a Unix socket ignore the TCP settings."""
+    server: dict[str, str] = {}
+    if settings.db_idle_in_transaction_timeout > 0:
+        server["idle_in_transaction_session_timeout"] = f"{round(settings.db_idle_in_transaction_timeout * 1000)}ms"
+    options: dict[str, Any] = {}
+    peer = settings.db_peer_timeout
+    if peer > 0:
+        server["tcp_keepalives_idle"] = str(max(1, round(peer / 2)))
+        server["tcp_keepalives_interval"] = str(max(1, round(peer / 6)))
+        server["tcp_keepalives_count"] = "3"
+        server["tcp_user_timeout"] = f"{round(peer * 1000)}ms"
+        options["timeout"] = peer  # asyncpg's connect timeout: a server that never answers the handshake
+    return {"server_settings": server, **options} if server else options
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, **connect: Any) -> asyncpg.Pool:
+    """A pool whose connections decode JSON with orjson; an unreachable database is one clear line. `connect`:
+    more of asyncpg's connection keywords (a worker's: `worker_session`)."""
     try:
         pool = await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=None
+            url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=None, **connect
         )
     except (TimeoutError, OSError, asyncpg.PostgresError, ValueError, OverflowError) as error:
         raise _unreachable(url, error) from None

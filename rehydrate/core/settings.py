@@ -195,6 +195,24 @@ class Settings(BaseSettings):
         "Tails have slots of their own.",
     )
     tails: bool = Field(default=True, description="Workers start the tails of active projections by themselves")
+    db_idle_in_transaction_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a worker's transaction may sit idle (between two statements) before Postgres ends the "
+        "session (idle_in_transaction_session_timeout): a worker that froze or lost the network in the middle of a "
+        "chunk then stops holding its lane's lock, and the chunk's retry goes on. Well above the longest healthy "
+        "pause inside a transaction: folding one fetch of events in Python, or reading a batch from another "
+        "database or a Kafka topic. 0: never",
+    )
+    db_peer_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds after which a worker's peer that does not answer counts as gone: Postgres drops a "
+        "worker's session when TCP keepalives go unanswered or sent data stays unacknowledged that long "
+        "(tcp_keepalives_*, tcp_user_timeout), and a worker gives up opening a connection after it. A live peer's "
+        "network stack answers however busy its process is, so a slow worker is never cut. 0: the system's defaults "
+        "(keepalives after 2 hours) and asyncpg's 60 s connect timeout",
+    )
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Event sources projections may read besides rehydrate's own store, by name: for each, the "
