@@ -4,12 +4,14 @@ with the one line that names the input and the fix; anything else is retried by 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import ParamSpec, TypeVar
 
 import asyncpg
+from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from rehydrate.core.errors import UnknownProjectionError, UserError, WrongWorker, worker_identity
@@ -66,7 +68,32 @@ class Activities:
         self.sources = Sources(self.store)  # the sources the projections read, opened on first use
 
     @asynccontextmanager
-    async def generations(self) -> AsyncIterator[Generations]:
-        """The generations, on a connection of the pool held for the block."""
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool, held for the block; dropped on the spot if the activity is cancelled meanwhile.
+
+        Temporal cancels an activity whose heartbeats stopped (the worker's SDK times it out locally, as the server
+        does) or that was cancelled. Left to asyncpg, the cancellation would then send a cancel request over a new
+        connection and a ROLLBACK over this one, and wait for both without a bound: a worker cut off from Postgres
+        would hang there, its activity slot taken, for as long as the network is down. Closing the socket instead
+        frees the slot at once; Postgres rolls the transaction back when it sees the close, or, when the close
+        cannot reach it, when the session's own timeouts end it (core.database.worker_session)."""
         async with self.pool.acquire() as conn:
+            if not activity.in_activity():
+                yield conn
+                return
+            watch = asyncio.ensure_future(activity.wait_for_cancelled())
+            watch.add_done_callback(lambda done: done.cancelled() or conn.terminate())
+            try:
+                yield conn
+            except Exception:
+                if watch.done() and not watch.cancelled():
+                    raise asyncio.CancelledError from None  # the error is the dropped connection's
+                raise
+            finally:
+                watch.cancel()
+
+    @asynccontextmanager
+    async def generations(self) -> AsyncIterator[Generations]:
+        """The generations, on a connection held for the block (see `connection`)."""
+        async with self.connection() as conn:
             yield Generations(conn, self.sources, self.settings.read_model_schema)

@@ -68,7 +68,7 @@ class ReplayActivities(Activities):
     async def plan_replay(self, input: PlanInput) -> Plan:
         """Take the high-water mark as the target, create the generation's table and its lane checkpoints."""
         projection = self.registry.get(input.projection)
-        async with self.pool.acquire() as conn:
+        async with self.connection() as conn:
             plan = await build.plan_generation(conn, self.sources, self.settings, projection, input)
         if plan.running_elsewhere is None:
             plan.search_attributes = await search_attributes_registered()
@@ -95,7 +95,7 @@ class ReplayActivities(Activities):
             progress = build.ChunkProgress(
                 heartbeat=activity.heartbeat, quiet_until=asyncio.get_running_loop().time() + _quiet_start()
             )
-            async with self.pool.acquire() as conn:
+            async with self.connection() as conn:
                 result = await build.apply_chunk(
                     conn, self.sources, self.settings.read_model_schema, projection, input, progress
                 )

@@ -41,7 +41,7 @@ class SnapshotActivities(Activities):
         """Create the rebuild's partition cursors (kept on retry) and count the aggregate type's streams."""
         aggregate = self.aggregates.get(input.aggregate_type)
         check_range("partitions", input.partitions, 1, MAX_PARTITIONS)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connection() as conn, conn.transaction():
             rows = await Catalog(conn, self.settings.schema_name).start_partitions(
                 input.rebuild_id, input.aggregate_type, input.partitions
             )
@@ -59,7 +59,7 @@ class SnapshotActivities(Activities):
         cursor: a chunk done twice writes the same snapshots again, which changes nothing.
         """
         aggregate = self.aggregates.get(input.aggregate_type)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.connection() as conn, conn.transaction():
             catalog = Catalog(conn, self.settings.schema_name)
             cursor = await catalog.lock_partition(input.rebuild_id, input.partition)
             if cursor is None:
