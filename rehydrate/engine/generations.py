@@ -33,6 +33,12 @@ log = logging.getLogger("rehydrate.generations")
 # (1 s by default): a reader that locks a projection's views in another order than the swap (a join of its tables)
 # waits for the swap to give up, instead of being the deadlock detector's victim.
 SWAP_LOCK_TIMEOUT_MS = 500
+# Once a swap (or rollback) holds the views' locks, readers queue behind it until it commits: a few short statements
+# later, milliseconds when all is well. If the worker goes silent in between (frozen, or cut off from the server with
+# no FIN or RST arriving), Postgres ends its session after this long idle, so readers wait at most about this much
+# and the swap's retry finds the locks free. Long enough that a worker whose event loop is held up for a moment (a
+# heavy fold of another activity on a loaded machine) is not cut; a cut swap is retried, it is never half done.
+SWAP_IDLE_TIMEOUT_MS = 5_000
 ROLLBACK_PATIENCE_SECONDS = 10.0
 
 
@@ -349,7 +355,11 @@ class Generations:
             rows = await tables.count_rows(row["physical_table"])
             started = time.perf_counter()
             await tables.point_views(
-                projection, generation, row["physical_table"], lock_timeout_ms=SWAP_LOCK_TIMEOUT_MS
+                projection,
+                generation,
+                row["physical_table"],
+                lock_timeout_ms=SWAP_LOCK_TIMEOUT_MS,
+                idle_timeout_ms=SWAP_IDLE_TIMEOUT_MS,
             )
             await self.catalog.activate(
                 projection.name,
@@ -448,7 +458,13 @@ class Generations:
                         f"table {physical} of generation {number} of {projection.name!r} is gone",
                         fix="it was dropped by hand; start a new replay instead",
                     )
-            await tables.point_views(projection, number, chosen["physical_table"], lock_timeout_ms=SWAP_LOCK_TIMEOUT_MS)
+            await tables.point_views(
+                projection,
+                number,
+                chosen["physical_table"],
+                lock_timeout_ms=SWAP_LOCK_TIMEOUT_MS,
+                idle_timeout_ms=SWAP_IDLE_TIMEOUT_MS,
+            )
             await self.catalog.activate(
                 projection.name,
                 chosen["generation"],

@@ -46,6 +46,9 @@ _RELATION_KIND = """SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oi
     WHERE n.nspname = $1 AND c.relname = $2"""
 # Readers queue behind the view's lock while a swap waits for it: the swap gives up quickly and retries.
 _LOCK_TIMEOUT = "SET LOCAL lock_timeout = '{milliseconds}ms'"
+# Once a swap holds the view's lock, readers wait for its commit: a swapping worker that goes silent (frozen, or
+# cut off from the server) must not keep them waiting beyond this bound (see `point_views`).
+_IDLE_TIMEOUT = "SET LOCAL idle_in_transaction_session_timeout = '{milliseconds}ms'"
 _REPLACE_VIEW = "CREATE OR REPLACE VIEW {view} AS SELECT {columns} FROM {table}"
 _DROP_VIEW = "DROP VIEW {view}"
 _CREATE_VIEW = "CREATE VIEW {view} AS SELECT {columns} FROM {table}"
@@ -146,9 +149,21 @@ class ReadModels:
             await self.drop_table(physical_name(name, generation))
 
     async def point_views(
-        self, projection: Projection, generation: int, main: str, *, lock_timeout_ms: int | None = None
+        self,
+        projection: Projection,
+        generation: int,
+        main: str,
+        *,
+        lock_timeout_ms: int | None = None,
+        idle_timeout_ms: int | None = None,
     ) -> None:
-        """Point the views of every table of `projection` at `generation`'s tables, in the caller's transaction."""
+        """Point the views of every table of `projection` at `generation`'s tables, in the caller's transaction.
+
+        With `idle_timeout_ms`, Postgres ends the session if, from here to its commit, the transaction sits idle that
+        long between two statements: the views' locks, which every reader queues behind, are then never held for
+        longer by a worker that stopped talking (the rest of the transaction is a few short statements)."""
+        if idle_timeout_ms is not None:
+            await self.conn.execute(_IDLE_TIMEOUT.format(milliseconds=int(idle_timeout_ms)))
         if lock_timeout_ms is not None:
             await self.conn.execute(_LOCK_TIMEOUT.format(milliseconds=int(lock_timeout_ms)))
         await self.point_view(projection.table, main)
