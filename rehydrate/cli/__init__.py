@@ -7,7 +7,6 @@ Exit codes: 0 done; 1 an expected mistake (one `error:` line and its `fix:` on s
 from __future__ import annotations
 
 import gc
-from importlib.metadata import version
 from typing import Annotated
 
 import typer
@@ -46,6 +45,8 @@ app = typer.Typer(
 
 def _print_version(given: bool) -> None:
     if given:
+        from importlib.metadata import version
+
         out.print(f"rehydrate {version('rehydrate')}")
         raise typer.Exit()
 

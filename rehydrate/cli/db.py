@@ -9,12 +9,7 @@ import typer
 
 from rehydrate.cli import _common as c
 from rehydrate.cli import sources
-from rehydrate.core import embedded
-from rehydrate.core.database import connect, ensure_schema, grant, grants_sql, ready_pool, resolve_url
 from rehydrate.core.identifiers import check_identifier
-from rehydrate.core.settings import redact_url
-from rehydrate.sources.declaration import Source
-from rehydrate.sources.inspection import grants_sql as source_grants_sql
 
 app = typer.Typer(help="The database: rehydrate's schema, its workers' grants, its URL and psql.", no_args_is_help=True)
 
@@ -22,6 +17,9 @@ app = typer.Typer(help="The database: rehydrate's schema, its workers' grants, i
 @app.command("init")
 def init(as_json: c.Json = False) -> None:
     """Create or update rehydrate's schema and tables (idempotent)."""
+    from rehydrate.core.database import connect, ensure_schema, resolve_url
+    from rehydrate.core.settings import redact_url
+
     settings = c.settings()
 
     async def work() -> str:
@@ -52,6 +50,10 @@ def grants(
 ) -> None:
     """The least privileges a worker's role needs: print them (or, with --apply, grant them as the owner). On the
     read models' database that includes reading the sources it holds; a source in another database: --source NAME."""
+    from rehydrate.core.database import grant, grants_sql, ready_pool, resolve_url
+    from rehydrate.sources.declaration import Source
+    from rehydrate.sources.inspection import grants_sql as source_grants_sql
+
     settings = c.settings()
     check_identifier(role, "role")
     if source is not None:
@@ -90,6 +92,9 @@ def url(
     as_json: c.Json = False,
 ) -> None:
     """Print the database's URL: REHYDRATE_DATABASE_URL, or the running embedded Postgres's."""
+    from rehydrate.core.database import resolve_url
+    from rehydrate.core.settings import redact_url
+
     settings = c.settings()
     found = resolve_url(settings)
     shown = found if show_password else redact_url(found)
@@ -105,6 +110,9 @@ def psql(
 ) -> None:
     """Open psql on the database (the psql that comes with rehydrate's embedded Postgres): the read models are
     views named like their tables, e.g. `SELECT * FROM order_summary LIMIT 5;`."""
+    from rehydrate.core import embedded
+    from rehydrate.core.database import resolve_url
+
     settings = c.settings()
     target = resolve_url(settings)
     done = subprocess.run([str(embedded.psql()), target, *(["-c", command] if command else [])], check=False)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import typer
 from rich.markup import escape
 
 from rehydrate.cli import _common as c
 from rehydrate.cli._deprecated import DefaultToList
 from rehydrate.core.errors import UserError
-from rehydrate.engine.catalog import Catalog
-from rehydrate.engine.generations import Generations
-from rehydrate.sources.pools import Sources
-from rehydrate.sources.store import EventStore
+
+if TYPE_CHECKING:
+    import asyncpg
 
 app = typer.Typer(
     cls=DefaultToList,
@@ -32,6 +30,8 @@ def list_dead_letters(
     as_json: c.Json = False,
 ) -> None:
     """List the events NAME parked: the active generation's, or else the latest generation that parked any."""
+    from rehydrate.engine.catalog import Catalog
+
     settings = c.settings()
     c.known_projection(settings, name)
 
@@ -67,6 +67,10 @@ def list_dead_letters(
 @app.command("retry")
 def retry(name: Name, as_json: c.Json = False) -> None:
     """Rebuild NAME's parked keys from their whole history with today's code; exit 1 if some fail again."""
+    from rehydrate.engine.generations import Generations
+    from rehydrate.sources.pools import Sources
+    from rehydrate.sources.store import EventStore
+
     settings = c.settings()
     projection = c.projections(settings).get(name)
 

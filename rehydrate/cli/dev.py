@@ -12,24 +12,19 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from rehydrate.cli import _common as c
 from rehydrate.cli.replay import print_result, watch
-from rehydrate.core.database import create_pool, ensure_schema
-from rehydrate.core.settings import EXAMPLE_PROJECTIONS, Settings, projections_origin, redact_url
-from rehydrate.core.temporal import connect_client
-from rehydrate.devstack import Stack, dev_stack, stop_stack
-from rehydrate.engine.importer import import_events
-from rehydrate.engine.projections import Registry
-from rehydrate.examples.orders import generate
-from rehydrate.models import ReplayInput, ReplayResult
-from rehydrate.sources.store import EventStore
-from rehydrate.starter import start_replay, wait_for_replay
-from rehydrate.worker import running_worker
+
+if TYPE_CHECKING:
+    from rehydrate.core.settings import Settings
+    from rehydrate.devstack import Stack
+    from rehydrate.engine.projections import Registry
+    from rehydrate.models import ReplayResult
 
 app = typer.Typer()
 
@@ -52,6 +47,9 @@ def demo(
     ] = False,
 ) -> None:
     """Bring up Temporal and Postgres, load an order history, replay the example projections, then stop them."""
+    from rehydrate.core.settings import EXAMPLE_PROJECTIONS
+    from rehydrate.engine.projections import Registry
+
     settings = c.settings()
     registry = Registry.from_modules(EXAMPLE_PROJECTIONS, "the examples (the demo replays them)")
     results = c.run(lambda: _demo(settings, registry, events, lanes, keep, as_json))
@@ -62,6 +60,16 @@ def demo(
 async def _demo(
     settings: Settings, registry: Registry, events: int, lanes: int | None, keep: bool, as_json: bool
 ) -> list[ReplayResult]:
+    from rehydrate.core.database import create_pool, ensure_schema
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.devstack import dev_stack
+    from rehydrate.engine.importer import import_events
+    from rehydrate.examples.orders import generate
+    from rehydrate.models import ReplayInput
+    from rehydrate.sources.store import EventStore
+    from rehydrate.starter import start_replay, wait_for_replay
+    from rehydrate.worker import running_worker
+
     # The demo's worker runs in this process: its per-chunk log lines would break into the progress bars, which
     # say the same. Warnings and errors still show.
     logging.getLogger("rehydrate").setLevel(logging.WARNING)
@@ -101,6 +109,8 @@ async def _demo(
 
 def _demo_closing(settings: Settings, dev: Stack, keep: bool, say: Callable[..., None]) -> None:
     """What to do next, with no link that is dead once the demo has exited."""
+    from rehydrate.core.settings import redact_url
+
     queries = "SELECT * FROM order_summary LIMIT 5;  SELECT * FROM customer_stats LIMIT 5;"
     if keep:
         say(
@@ -136,6 +146,8 @@ def dev(
 
     The worker loads the project's projections (REHYDRATE_PROJECTIONS, rehydrate.toml or [tool.rehydrate] in
     pyproject.toml; the examples when nothing names any) and, with --reload, is restarted when their code changes."""
+    from rehydrate.devstack import stop_stack
+
     settings = c.settings()
     c.log_as_configured(settings)
     if stop:
@@ -150,6 +162,9 @@ def dev(
 async def _dev(
     settings: Settings, registry: Registry, aggregates: list[str], *, worker: bool, reload: bool, keep: bool
 ) -> None:
+    from rehydrate.core.settings import projections_origin, redact_url
+    from rehydrate.devstack import dev_stack
+
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import asyncpg
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from rehydrate.cli import _common as c
-from rehydrate.engine.event_check import TypeVersion, check_events
-from rehydrate.engine.importer import ImportReport, import_events, read_jsonl
-from rehydrate.sources.store import EventStore
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from rehydrate.engine.event_check import TypeVersion
+    from rehydrate.engine.importer import ImportReport
 
 app = typer.Typer(help="Load events into the event store, and check them against the code.", no_args_is_help=True)
 
@@ -26,6 +28,9 @@ def import_file(
     as_json: c.Json = False,
 ) -> None:
     """Import events from a JSON Lines file through COPY, all or nothing."""
+    from rehydrate.engine.importer import import_events, read_jsonl
+    from rehydrate.sources.store import EventStore
+
     settings = c.settings()
 
     async def work(pool: asyncpg.Pool) -> ImportReport:
@@ -45,6 +50,9 @@ def import_file(
 @app.command("check")
 def check(as_json: c.Json = False) -> None:
     """List every (event type, schema version) in the store; exit 1 if one has no upcaster path or no handler."""
+    from rehydrate.engine.event_check import check_events
+    from rehydrate.sources.store import EventStore
+
     settings = c.settings()
     registry = c.projections(settings)
     aggregates = c.aggregates(settings)

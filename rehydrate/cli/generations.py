@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import typer
 from rich.table import Table
 
 from rehydrate.cli import _common as c
 from rehydrate.core.errors import UserError
-from rehydrate.engine.catalog import Catalog
-from rehydrate.engine.operations import Rollback, rollback
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from rehydrate.engine.operations import Rollback
 
 app = typer.Typer()
 
@@ -22,6 +24,8 @@ Name = Annotated[str, typer.Argument(help="The projection.")]
 @app.command("generations")
 def generations(name: Name, as_json: c.Json = False) -> None:
     """List NAME's generations: state, version, fingerprint, counts, timings and the run that built each."""
+    from rehydrate.engine.catalog import Catalog
+
     settings = c.settings()
     c.known_projection(settings, name)
 
@@ -59,6 +63,8 @@ def rollback_command(
     as_json: c.Json = False,
 ) -> None:
     """Swap NAME's previous retained generation back in at once, then catch it up from its own checkpoint."""
+    from rehydrate.engine.operations import rollback
+
     settings = c.settings()
     projection = c.projections(settings).get(name)
 

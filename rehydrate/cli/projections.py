@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from rehydrate.cli import _common as c
 from rehydrate.core.errors import UserError
-from rehydrate.core.temporal import connect_client
-from rehydrate.engine.operations import ProjectionStatus, projection_statuses
-from rehydrate.sources.pools import Sources
-from rehydrate.sources.store import EventStore
-from rehydrate.starter import tail_state
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from rehydrate.engine.operations import ProjectionStatus
 
 app = typer.Typer()
 
@@ -24,6 +23,10 @@ app = typer.Typer()
 @app.command("projections")
 def projections(as_json: c.Json = False) -> None:
     """List projections: version, active generation (STALE when other code made it), rows, tail, lag, last replay."""
+    from rehydrate.engine.operations import projection_statuses
+    from rehydrate.sources.pools import Sources
+    from rehydrate.sources.store import EventStore
+
     settings = c.settings()
     registry = c.projections(settings)
 
@@ -32,6 +35,11 @@ def projections(as_json: c.Json = False) -> None:
             statuses = await projection_statuses(conn, sources, registry, settings.read_model_schema)
         tails: dict[str, tuple[str, str | None]] = {}
         built = [s.name for s in statuses if s.last_replay is not None]
+        if not built:  # no tail to ask Temporal about (nor its SDK to import)
+            return [_row(status, ("NOT_STARTED", None)) for status in statuses]
+        from rehydrate.core.temporal import connect_client
+        from rehydrate.starter import tail_state
+
         try:
             client = await connect_client(settings)
             for name in built:

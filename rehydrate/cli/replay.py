@@ -4,41 +4,26 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from temporalio.client import WorkflowHandle
-from temporalio.service import RPCError
 
 from rehydrate.cli import _common as c
-from rehydrate.core.database import ready_pool, resolve_url
 from rehydrate.core.errors import UserError
 from rehydrate.core.limits import MAX_LANES
-from rehydrate.core.settings import Settings
-from rehydrate.core.temporal import connect_client, workers_polling
-from rehydrate.engine import operations
-from rehydrate.engine.projections import Registry
-from rehydrate.models import RepairInput, RepairResult, ReplayInput, ReplayProgress, ReplayResult
-from rehydrate.runs import ReplayRun, replay_runs, started_by
-from rehydrate.sources.pools import Sources
-from rehydrate.sources.store import EventStore
-from rehydrate.starter import (
-    cancel_replay,
-    check_replay_input,
-    replay_status,
-    signal_replay,
-    start_replay,
-    throttle_replay,
-    tune_replay,
-    wait_for_replay,
-)
-from rehydrate.starter import repair as run_repair
-from rehydrate.workflows.repair import repair_message
-from rehydrate.workflows.replay import ReplayWorkflow
+
+if TYPE_CHECKING:
+    import asyncpg
+    from temporalio.client import WorkflowHandle
+
+    from rehydrate.core.settings import Settings
+    from rehydrate.engine import operations
+    from rehydrate.engine.projections import Registry
+    from rehydrate.models import RepairResult, ReplayInput, ReplayProgress, ReplayResult
+    from rehydrate.runs import ReplayRun
+    from rehydrate.workflows.replay import ReplayWorkflow
 
 app = typer.Typer(help="Start, watch, pause and cancel replays.", no_args_is_help=True)
 
@@ -78,6 +63,10 @@ def start(
     as_json: c.Json = False,
 ) -> None:
     """Start a replay of NAME: build a new generation from the events, then swap it in (or build a sandbox)."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.models import ReplayInput
+    from rehydrate.starter import check_replay_input, start_replay, wait_for_replay
+
     settings = c.settings()
     registry = c.projections(settings)
     if stale == (name is not None):
@@ -138,6 +127,11 @@ def url(settings: Settings, handle: WorkflowHandle[Any, Any]) -> str:
 
 
 async def _stale_names(settings: Settings, registry: Registry) -> list[str]:
+    from rehydrate.core.database import ready_pool, resolve_url
+    from rehydrate.engine import operations
+    from rehydrate.sources.pools import Sources
+    from rehydrate.sources.store import EventStore
+
     async with (
         ready_pool(resolve_url(settings), settings.schema_name) as pool,
         Sources(EventStore(pool, settings.schema_name)) as sources,
@@ -148,6 +142,10 @@ async def _stale_names(settings: Settings, registry: Registry) -> list[str]:
 
 async def watch(handle: WorkflowHandle[ReplayWorkflow, ReplayResult], name: str) -> ReplayResult:
     """Wait for a replay with a progress bar; its result."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from rehydrate.starter import wait_for_replay
+
     with Progress(
         TextColumn(f"[bold]{name}[/]"),
         TextColumn("{task.fields[phase]:<12}"),
@@ -204,6 +202,11 @@ def repair(
     without a replay: a batch of keys at a time, each in one transaction under the tail's lock.
 
     Runs as the `Repair` workflow on the workers."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.models import RepairInput
+    from rehydrate.starter import repair as run_repair
+    from rehydrate.workflows.repair import repair_message
+
     settings = c.settings()
     registry = c.projections(settings)
     keys = list(key or [])
@@ -252,6 +255,11 @@ def plan(
     as_json: c.Json = False,
 ) -> None:
     """Show what a replay of NAME would do, changing nothing: events, lanes, chunks and an estimated duration."""
+    from temporalio.service import RPCError
+
+    from rehydrate.core.temporal import connect_client, workers_polling
+    from rehydrate.engine import operations
+
     settings = c.settings()
     projection = c.projections(settings).get(name)
 
@@ -315,6 +323,10 @@ def status(
     as_json: c.Json = False,
 ) -> None:
     """Show NAME's running replay, else its latest, however it was started: progress, or the result or error."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.runs import started_by
+    from rehydrate.starter import replay_status
+
     settings = c.settings()
     c.known_projection(settings, name)
 
@@ -355,6 +367,9 @@ def list_runs(
 ) -> None:
     """List NAME's recent replays (sandbox builds included), running first, with who started each: cli, schedule,
     verify or other (the Web UI or a program)."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.runs import replay_runs
+
     settings = c.settings()
     c.known_projection(settings, name)
 
@@ -392,6 +407,9 @@ def cancel(
 ) -> None:
     """Cancel NAME's running replay, whoever started it: its half-built generation is dropped, the active one
     stays."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.starter import cancel_replay
+
     settings = c.settings()
     c.known_projection(settings, name)
 
@@ -423,6 +441,9 @@ def resume(
 
 
 def _signal(name: str, signal: str, as_json: bool) -> None:
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.starter import signal_replay
+
     settings = c.settings()
     c.known_projection(settings, name)
 
@@ -446,6 +467,9 @@ def tune(
 ) -> None:
     """Change a running replay's --max-parallel or --max-rate (or lift the rate limit with --unthrottle), from its next
     chunks on: running chunks finish under the old values."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.starter import throttle_replay, tune_replay
+
     if max_parallel is None and max_rate is None and not unthrottle:
         raise UserError("nothing to tune", fix="give --max-parallel N, --max-rate N or --unthrottle")
     if max_rate is not None and unthrottle:

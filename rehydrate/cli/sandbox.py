@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import typer
 from rich.table import Table
 
 from rehydrate.cli import _common as c
 from rehydrate.cli._deprecated import notice
-from rehydrate.core.settings import Settings
-from rehydrate.engine.catalog import Catalog
-from rehydrate.engine.generations import Generations
-from rehydrate.engine.readmodels import sandbox_schema
-from rehydrate.sources.store import EventStore
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from rehydrate.core.settings import Settings
 
 app = typer.Typer(help="Sandbox builds: point-in-time and verify rebuilds that never go live.", no_args_is_help=True)
 legacy = typer.Typer()
@@ -34,6 +33,9 @@ def sandboxes(as_json: c.Json = False) -> None:
 
 
 def _list(settings: Settings, as_json: bool) -> None:
+    from rehydrate.engine.catalog import Catalog
+    from rehydrate.engine.readmodels import sandbox_schema
+
     async def work(pool: asyncpg.Pool) -> list[dict[str, Any]]:
         async with pool.acquire() as conn:
             return await Catalog(conn, settings.schema_name).sandboxes()
@@ -66,6 +68,10 @@ def _list(settings: Settings, as_json: bool) -> None:
 @app.command("drop")
 def drop(label: Annotated[str, typer.Argument(help="The sandbox label.")], as_json: c.Json = False) -> None:
     """Drop sandbox LABEL: its schema and every build in it."""
+    from rehydrate.engine.generations import Generations
+    from rehydrate.engine.readmodels import sandbox_schema
+    from rehydrate.sources.store import EventStore
+
     settings = c.settings()
 
     async def work(pool: asyncpg.Pool) -> int:

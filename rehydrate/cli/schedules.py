@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from rehydrate import schedules
 from rehydrate.cli import _common as c
-from rehydrate.core.temporal import connect_client
-from rehydrate.schedules import ScheduleView
+
+if TYPE_CHECKING:
+    from rehydrate.schedules import ScheduleView
 
 app = typer.Typer(help="Periodic rebuilds and verifies on Temporal Schedules.", no_args_is_help=True)
 
@@ -34,6 +34,9 @@ def create(
     as_json: c.Json = False,
 ) -> None:
     """Rebuild (or verify) PROJECTION on a schedule; a run that finds a replay of it running is skipped, and says so."""
+    from rehydrate import schedules
+    from rehydrate.core.temporal import connect_client
+
     schedules.schedule_spec(cron, every)  # before Temporal: name the mistake itself
     settings = c.settings()
     registry = c.projections(settings)
@@ -73,6 +76,9 @@ def create(
 @app.command("list")
 def list_schedules(as_json: c.Json = False) -> None:
     """List rehydrate's schedules: projection, when, paused, next run."""
+    from rehydrate import schedules
+    from rehydrate.core.temporal import connect_client
+
     settings = c.settings()
 
     async def work() -> list[ScheduleView]:
@@ -98,6 +104,9 @@ def list_schedules(as_json: c.Json = False) -> None:
 @app.command("describe")
 def describe(name: Name, as_json: c.Json = False) -> None:
     """Show NAME: next runs, and recent runs with their outcome (new generation or drift found, skipped, failure)."""
+    from rehydrate import schedules
+    from rehydrate.core.temporal import connect_client
+
     settings = c.settings()
 
     async def work() -> ScheduleView:
@@ -145,19 +154,20 @@ def delete(name: Name, as_json: c.Json = False) -> None:
     _change(name, "delete", "deleted", as_json)
 
 
-_CHANGES = {
-    "pause": schedules.pause_schedule,
-    "unpause": schedules.unpause_schedule,
-    "trigger": schedules.trigger_schedule,
-    "delete": schedules.delete_schedule,
-}
-
-
 def _change(name: str, verb: str, done: str, as_json: bool) -> None:
+    from rehydrate import schedules
+    from rehydrate.core.temporal import connect_client
+
+    change = {
+        "pause": schedules.pause_schedule,
+        "unpause": schedules.unpause_schedule,
+        "trigger": schedules.trigger_schedule,
+        "delete": schedules.delete_schedule,
+    }[verb]
     settings = c.settings()
 
     async def work() -> None:
-        await _CHANGES[verb](await connect_client(settings), name)
+        await change(await connect_client(settings), name)
 
     c.run(work)
     if as_json:

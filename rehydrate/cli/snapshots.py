@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from rehydrate.cli import _common as c
-from rehydrate.core.temporal import connect_client
-from rehydrate.models import SnapshotRebuildInput, SnapshotRebuildProgress
-from rehydrate.starter import (
-    cancel_snapshot_rebuild,
-    snapshot_rebuild_status,
-    start_snapshot_rebuild,
-    wait_for_snapshot_rebuild,
-)
+
+if TYPE_CHECKING:
+    from rehydrate.models import SnapshotRebuildProgress
 
 app = typer.Typer(help="Bulk rebuilds of aggregate snapshots.", no_args_is_help=True)
 
@@ -31,6 +25,12 @@ def rebuild(
     as_json: c.Json = False,
 ) -> None:
     """Rewrite the snapshot of every stream of AGGREGATE_TYPE (after its code changed), as a Temporal workflow."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.models import SnapshotRebuildInput
+    from rehydrate.starter import start_snapshot_rebuild, wait_for_snapshot_rebuild
+
     settings = c.settings()
     aggregates = c.aggregates(settings)
 
@@ -82,6 +82,9 @@ def rebuild(
 @app.command("status")
 def status(aggregate_type: AggregateType, as_json: c.Json = False) -> None:
     """Show the state of AGGREGATE_TYPE's latest snapshot rebuild and its progress while it runs."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.starter import snapshot_rebuild_status
+
     settings = c.settings()
 
     async def work() -> tuple[str, SnapshotRebuildProgress | None]:
@@ -101,6 +104,9 @@ def status(aggregate_type: AggregateType, as_json: c.Json = False) -> None:
 @app.command("cancel")
 def cancel(aggregate_type: AggregateType, as_json: c.Json = False) -> None:
     """Cancel AGGREGATE_TYPE's running snapshot rebuild; the snapshots written so far stay."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.starter import cancel_snapshot_rebuild
+
     settings = c.settings()
 
     async def work() -> str:

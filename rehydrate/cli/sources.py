@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from rehydrate.cli import _common as c
-from rehydrate.core.database import create_pool, ready_pool, resolve_url
 from rehydrate.core.errors import SourceUnavailable, UserError
-from rehydrate.core.settings import Settings, redact_url
-from rehydrate.sources.declaration import AnySource, KafkaSource, Source, sources_from_settings
-from rehydrate.sources.inspection import SourceCheck, check_log, check_source, prepare, prepare_sql
-from rehydrate.sources.pools import open_log
-from rehydrate.sources.reading import EventSource
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from rehydrate.core.settings import Settings
+    from rehydrate.sources.declaration import AnySource, Source
+    from rehydrate.sources.inspection import SourceCheck
+    from rehydrate.sources.reading import EventSource
 
 app = typer.Typer(help="Event sources: list them, check a mapping, prepare a table.", no_args_is_help=True)
 
@@ -28,6 +29,8 @@ Name = Annotated[str, typer.Argument(help="The source.")]
 
 def declared(settings: Settings) -> dict[str, AnySource]:
     """The project's sources: those its projections read (declared in code or settings), and those in settings."""
+    from rehydrate.sources.declaration import sources_from_settings
+
     found = {source.name: source for source in c.projections(settings).sources()}
     return {**sources_from_settings(settings.sources), **found}
 
@@ -44,6 +47,8 @@ def named(settings: Settings, name: str) -> AnySource:
 
 def named_table(settings: Settings, name: str, doing: str) -> Source:
     """The table source `name`; a UserError for a Kafka source, naming what it cannot do."""
+    from rehydrate.sources.declaration import KafkaSource
+
     source = named(settings, name)
     if isinstance(source, KafkaSource):
         raise UserError(f"source {name!r} is a Kafka topic: {doing} is for event tables", fix="name a table source")
@@ -53,6 +58,9 @@ def named_table(settings: Settings, name: str, doing: str) -> Source:
 @contextlib.asynccontextmanager
 async def connected(settings: Settings, source: Source) -> AsyncIterator[tuple[asyncpg.Pool, EventSource]]:
     """A pool on the source's database, and its reader."""
+    from rehydrate.core.database import create_pool, ready_pool, resolve_url
+    from rehydrate.sources.reading import EventSource
+
     url = source.database_url
     if url is None:
         async with ready_pool(resolve_url(settings), settings.schema_name) as pool:
@@ -68,6 +76,9 @@ async def connected(settings: Settings, source: Source) -> AsyncIterator[tuple[a
 @app.command("list")
 def list_sources(as_json: c.Json = False) -> None:
     """List the sources: table, gap strategy, database, and the projections that read each."""
+    from rehydrate.core.settings import redact_url
+    from rehydrate.sources.declaration import KafkaSource
+
     settings = c.settings()
     registry = c.projections(settings)
     rows: list[dict[str, Any]] = []
@@ -120,6 +131,10 @@ def check(name: Name, as_json: c.Json = False) -> None:
     """Check NAME's mapping against its live table: columns, the index of the read order, decoded payloads, rising
     stream versions and the gap strategy; or a Kafka topic: partitions, offsets, a decoded sample and whether it holds
     its whole history. Exit 1 on a problem."""
+    from rehydrate.sources.declaration import KafkaSource
+    from rehydrate.sources.inspection import SourceCheck, check_log, check_source
+    from rehydrate.sources.pools import open_log
+
     settings = c.settings()
     source = named(settings, name)
 
@@ -160,6 +175,8 @@ def prepare_command(
 ) -> None:
     """Give NAME's table a transaction column (xid8, DEFAULT pg_current_xact_id()) and its index, so that it can be
     read as exactly as rehydrate's own store (map it with order="transaction", transaction=COLUMN)."""
+    from rehydrate.sources.inspection import prepare, prepare_sql
+
     settings = c.settings()
     source = named_table(settings, name, "prepare")
     statements = prepare_sql(source.table, column=column, notify=notify)

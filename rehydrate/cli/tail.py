@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import asyncpg
 import typer
 
 from rehydrate.cli import _common as c
-from rehydrate.core.temporal import connect_client
-from rehydrate.starter import start_tail, stop_tail
+
+if TYPE_CHECKING:
+    import asyncpg
 
 app = typer.Typer(help="Start and stop the live tail that keeps a read model current.", no_args_is_help=True)
 
@@ -31,6 +31,9 @@ def stop(
 
 
 def _tail(name: str, *, start: bool, as_json: bool) -> None:
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.starter import start_tail, stop_tail
+
     settings = c.settings()
     c.known_projection(settings, name)
 

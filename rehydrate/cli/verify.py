@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from rehydrate.cli import _common as c
-from rehydrate.core.temporal import connect_client
-from rehydrate.models import VerifyResult
-from rehydrate.starter import verify as run_verify
+
+if TYPE_CHECKING:
+    from rehydrate.models import VerifyResult
 
 app = typer.Typer()
 
@@ -25,6 +25,9 @@ def verify(
     """Rebuild NAME into a sandbox at the live checkpoint and compare row hashes key by key; exit 1 on drift.
 
     Runs as the `Verify` workflow on the workers (as a schedule created with --verify-only does)."""
+    from rehydrate.core.temporal import connect_client
+    from rehydrate.starter import verify as run_verify
+
     settings = c.settings()
     registry = c.projections(settings)
 

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from rehydrate.cli import _common as c
-from rehydrate.worker import run_worker
 
 app = typer.Typer()
 
@@ -28,6 +27,8 @@ def worker(
     ] = None,
 ) -> None:
     """Run a worker: replays, tails and their activities, until SIGINT or SIGTERM."""
+    from rehydrate.worker import run_worker
+
     settings = c.settings(
         max_concurrent_activities=max_concurrent_activities,
         tails=tails,

@@ -1,6 +1,9 @@
 """The Temporal client: address, namespace, TLS or API key from settings and Temporal's environment configuration,
 with a clear error when the server cannot be reached; and how a process that used it exits. Credentials are never
-printed."""
+printed.
+
+Temporal's SDK is imported by the functions that use it (it takes a quarter of a second): every `rehydrate` command
+imports this module for `quiet_exit`, and many of them never talk to Temporal."""
 
 from __future__ import annotations
 
@@ -8,19 +11,17 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-from temporalio.api.enums.v1 import TaskQueueType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client
-from temporalio.envconfig import ClientConfig
-from temporalio.runtime import Runtime
-from temporalio.service import TLSConfig
+from typing import TYPE_CHECKING, Any
 
 from rehydrate.core.errors import UserError
-from rehydrate.core.settings import Settings
 from rehydrate.core.tracing import interceptors
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
+    from temporalio.runtime import Runtime
+    from temporalio.service import TLSConfig
+
+    from rehydrate.core.settings import Settings
 
 
 def _read(path: Path | None, variable: str) -> bytes | None:
@@ -36,6 +37,8 @@ def _read(path: Path | None, variable: str) -> bytes | None:
 
 def tls_config(settings: Settings) -> TLSConfig | bool | None:
     """TLS from settings: a TLSConfig when certificates or a server name are set, else the TEMPORAL_TLS flag."""
+    from temporalio.service import TLSConfig
+
     s = settings
     if s.temporal_tls is False:
         return False
@@ -58,6 +61,8 @@ def tls_config(settings: Settings) -> TLSConfig | bool | None:
 def connect_options(settings: Settings) -> dict[str, Any]:
     """`Client.connect` keyword arguments: Temporal's environment configuration (TOML profile and TEMPORAL_*
     variables, as the `temporal` CLI reads them), overlaid with the settings that were set."""
+    from temporalio.envconfig import ClientConfig
+
     tls = tls_config(settings)  # first: a missing certificate gets its own message naming the variable
     try:
         options: dict[str, Any] = dict(ClientConfig.load_client_connect_config(profile=settings.temporal_profile))
@@ -81,6 +86,8 @@ def connect_options(settings: Settings) -> dict[str, Any]:
 
 async def connect_client(settings: Settings, *, runtime: Runtime | None = None) -> Client:
     """A client for the settings' cluster; with tracing on, it (and any worker built on it) traces."""
+    from temporalio.client import Client
+
     options = connect_options(settings)
     address, namespace = options["target_host"], options["namespace"]
     traced = interceptors(settings)  # before connecting: a missing package is the error to report
@@ -97,6 +104,10 @@ async def connect_client(settings: Settings, *, runtime: Runtime | None = None) 
 async def workers_polling(client: Client, task_queue: str) -> int:
     """The worker processes polling `task_queue` for activities (Temporal forgets a poller a few minutes after
     its last poll)."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
     response = await client.workflow_service.describe_task_queue(
         DescribeTaskQueueRequest(
             namespace=client.namespace,

@@ -20,12 +20,13 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from rehydrate.core.errors import UserError
-from rehydrate.core.settings import Settings
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span
     from temporalio.client import Interceptor
+
+    from rehydrate.core.settings import Settings
 
 INSTALL = "pip install 'rehydrate[otel]'"
 DEFAULT_SERVICE_NAME = "rehydrate"
