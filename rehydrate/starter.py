@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -194,11 +195,23 @@ async def _wait(
 
 
 def failure_cause(error: WorkflowFailureError | WorkflowUpdateFailedError) -> str:
+    """The one line that says why a run failed: the message at the bottom of its chain of causes; for an input the
+    worker could not read (a start from the Web UI), every level's, which name the field and what it held."""
+    chain: list[BaseException] = []
     cause: BaseException | None = error.cause
-    while cause is not None and getattr(cause, "cause", None) is not None:
-        cause = cause.cause  # type: ignore[attr-defined]
-    message = getattr(cause, "message", None) or str(cause or error)
-    return str(message)
+    while cause is not None:
+        chain.append(cause)
+        cause = getattr(cause, "cause", None)
+    if not chain:
+        return str(error)
+    converting = [c for c in chain if isinstance(c, ApplicationError) and c.type == "TypeError"]
+    if converting and converting[0] is chain[0]:
+        parts = ": ".join(_CLASS.sub(r"\1", c.message) for c in converting)
+        return f"the workflow's input does not fit its type: {parts}"
+    return str(getattr(chain[-1], "message", None) or chain[-1])
+
+
+_CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")  # "<class 'rehydrate.models.replay.ReplayInput'>": ReplayInput
 
 
 async def replay_status(

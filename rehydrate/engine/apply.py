@@ -84,6 +84,13 @@ def fold(
         handler = handlers.get(event.type)
         if handler is None:
             if strict and event.type not in ignored:
+                if undecodable and not event.type:  # a message whose type could not be read: say why
+                    raise _fail(
+                        projection,
+                        event,
+                        event.data.problem,  # type: ignore[attr-defined]
+                        "fix the producer, or the source's type_header/type_field, then replay",
+                    )
                 raise _fail(
                     projection,
                     event,

@@ -8,7 +8,9 @@ name: every worker finds the source, and its connection, in its own code and set
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -92,6 +94,7 @@ def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, AnyS
             raise UserError(f"source {name!r} in settings is not a table", fix=f"write it as [sources.{name}]")
         values = dict(table)
         kind = values.pop("kind", "table")
+        _check_text(name, {"kind": kind})
         if kind == "kafka":
             found[name] = _kafka_from_settings(name, values)
             continue
@@ -109,11 +112,31 @@ def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, AnyS
                 values[optional] = None
         if "table" not in values:
             raise UserError(f"source {name!r} in settings names no table", fix='add table = "schema.table"')
-        try:
+        _check_text(name, {"url": url, **values})
+        with _named(name):
             found[name] = Source(name, EventTable(**values), url)
-        except TypeError as error:
-            raise UserError(f"source {name!r} in settings is invalid: {error}", fix="check its keys") from None
     return found
+
+
+def _check_text(name: str, values: dict[str, Any]) -> None:
+    """Every value a source's settings hold is text (or None: a column not mapped)."""
+    for key, value in values.items():
+        if value is not None and not isinstance(value, str):
+            raise UserError(
+                f"source {name!r} in settings: {key} = {value!r} is not text"[:300],
+                fix=f'write it as a string, e.g. {key} = "..."',
+            )
+
+
+@contextlib.contextmanager
+def _named(name: str) -> Iterator[None]:
+    """A mapping's refusal, or a wrong key, prefixed with the source it is about."""
+    try:
+        yield
+    except UserError as error:
+        raise UserError(f"source {name!r} in settings: {error.message}", fix=error.fix) from None
+    except TypeError as error:
+        raise UserError(f"source {name!r} in settings is invalid: {error}", fix="check its keys") from None
 
 
 def _kafka_from_settings(name: str, values: dict[str, Any]) -> KafkaSource:
@@ -129,7 +152,7 @@ def _kafka_from_settings(name: str, values: dict[str, Any]) -> KafkaSource:
             values[optional] = None
     if "topic" not in values:
         raise UserError(f"Kafka source {name!r} in settings names no topic", fix='add topic = "orders"')
-    try:
-        return KafkaSource(name, KafkaTopic(**values), servers)
-    except TypeError as error:
-        raise UserError(f"source {name!r} in settings is invalid: {error}", fix="check its keys") from None
+    _check_text(name, {"bootstrap_servers": servers, **values})
+    with _named(name):
+        source = KafkaSource(name, KafkaTopic(**values), servers)
+    return source

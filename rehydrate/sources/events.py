@@ -49,9 +49,10 @@ class UndecodablePayload(dict[str, Any]):
     """The data of an event whose payload the source's decoder could not read: empty, with the reason. The fold
     treats it as the handler's failure (parked where the projection parks), never as a crash of the read."""
 
-    def __init__(self, problem: str) -> None:
+    def __init__(self, problem: str, part: str = "value") -> None:
         super().__init__()
         self.problem = problem
+        self.part = part  # what could not be read: "value", or (of a log's message) "key", "type" or "version"
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,9 +98,11 @@ async def check_log(log: LogSource) -> SourceCheck:
     if not sample:
         found.warnings.append("the topic holds no message yet: nothing to decode")
         return found
-    undecodable = [e for e in sample if isinstance(e.data, UndecodablePayload)]
+    unread = [e.data for e in sample if isinstance(e.data, UndecodablePayload)]
+    undecodable = [e for e in sample if isinstance(e.data, UndecodablePayload) and e.data.part == "value"]
     untyped = [e for e in sample if not e.type]
     keyless = [e for e in sample if not e.stream_id]
+    bad_keys = [data for data in unread if data.part == "key" and "no key" not in data.problem]
     if undecodable:
         first = undecodable[0].data
         assert isinstance(first, UndecodablePayload)
@@ -111,10 +113,16 @@ async def check_log(log: LogSource) -> SourceCheck:
             "type field): map type_header or type_field"
         )
     if keyless:
-        found.warnings.append(
-            f"{len(keyless)} of {len(sample)} sampled messages have no key: they fold as one stream with the id ''"
+        found.problems.append(
+            f"{len(keyless)} of {len(sample)} sampled messages have no key: without their stream id as the key, a "
+            "stream's messages are spread over partitions and lose their order; such messages are parked (or stop "
+            "the replay)"
         )
-    if not undecodable and not untyped:
+    if bad_keys:
+        found.problems.append(
+            f"{len(bad_keys)} of {len(sample)} sampled keys cannot be stream ids: {bad_keys[0].problem}"
+        )
+    if not unread:
         types = sorted({e.type for e in sample})
         found.holds.append(f"{len(sample)} sampled messages decode, of type(s) {', '.join(types[:8])}")
     return found

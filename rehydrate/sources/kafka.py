@@ -192,13 +192,28 @@ class KafkaLog(LogSource):
                 event_type = str(payload.get(type_field, ""))
             # A version a producer wrote (ASCII digits); else the offset, which orders the partition's messages too.
             version = int(version_text) if version_text and version_text.isascii() and version_text.isdigit() else 0
+            stream_id, problem = _stream_id(record.key)
+            part = "key"
+            if problem is None and version > _MAX_VERSION:
+                problem, part = f"its {version_header} header {(version_text or '')[:30]!r} is out of range", "version"
+            if problem is None and not event_type:
+                problem, part = f"it has no type: no {type_header!r} header", "type"
+                problem += f" and no {type_field!r} field" if type_field else ""
+                event_type = ""
+            if problem is not None and type(payload) is not UndecodablePayload:
+                # Parked or stopped on where its type has a handler; a strict projection names it too.
+                payload = UndecodablePayload(
+                    f"source {self.name!r}: the message at partition {record.partition}, offset {record.offset} "
+                    f"cannot be read as an event: {problem}",
+                    part,
+                )
             if record.timestamp != last_ms:
                 last_ms, at = record.timestamp, datetime.fromtimestamp(record.timestamp / 1000, UTC)
             events.append(
                 Event(
                     log_position(record.partition, record.offset),
-                    record.key.decode() if record.key is not None else "",
-                    version or record.offset + 1,
+                    stream_id,
+                    version if 0 < version <= _MAX_VERSION else record.offset + 1,
                     event_type or "",
                     1,
                     payload,
@@ -207,6 +222,23 @@ class KafkaLog(LogSource):
                 )
             )
         return events
+
+
+_MAX_VERSION = 2**63 - 1
+
+
+def _stream_id(key: bytes | None) -> tuple[str, str | None]:
+    """A message's stream id, read from its key, and why it cannot be one (None: it can). Without a key a producer
+    spreads a stream's messages over partitions, where their order is lost."""
+    if not key:
+        return "", "it has no key: a producer must key each message by its stream id"
+    try:
+        text, problem = key.decode(), None
+    except UnicodeDecodeError:
+        text, problem = key.decode(errors="backslashreplace"), "its key is not UTF-8 text"
+    if "\x00" in text:  # Postgres text cannot hold it: shown escaped, as the stream id of the dead letter
+        text, problem = text.replace("\x00", "\\x00"), problem or "its key holds a NUL character"
+    return text, problem
 
 
 class _Reader(PartitionReader):

@@ -4,7 +4,7 @@ running a set of chains (lanes, partitions) in parallel."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -19,6 +19,24 @@ with workflow.unsafe.imports_passed_through():
 T = TypeVar("T")
 NO_WORKER = "NoWorker"  # the error type of a run no worker could serve within its patience
 _AT_ONCE = 3  # refusals of one task rescheduled without waiting
+
+# An input that does not fit the workflow's type (a start from the Web UI with `{"lanes": "4"}`, or with no projection)
+# fails the run, with the converter's message naming the field. Otherwise the SDK fails the workflow *task*, which
+# Temporal retries for ever: a run shown as running that never starts. A TypeError raised by workflow code fails the
+# run too; such a bug would fail every retry of the task the same way.
+INPUT_ERRORS: Sequence[type[BaseException]] = (TypeError,)
+
+
+def expect(input: object, kind: type[T], example: str) -> T:
+    """The run's input, once sure it is a `kind` (a start from the Web UI may send null, a string or a list)."""
+    if not isinstance(input, kind):
+        raise ApplicationError(
+            f"the input is not a {kind.__name__} but {type(input).__name__}: start the workflow with {example}",
+            type="BadInput",
+            non_retryable=True,
+        )
+    return input
+
 
 RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30)

@@ -13,7 +13,7 @@ with workflow.unsafe.imports_passed_through():
     from rehydrate.core.errors import shorten
     from rehydrate.models import RepairBatchInput, RepairInput, RepairResult
     from rehydrate.models.names import REPAIR
-    from rehydrate.workflows._common import RETRY, failure_message, served
+    from rehydrate.workflows._common import INPUT_ERRORS, RETRY, expect, failure_message, served
 
 REPAIR_FAILED = "RepairFailed"
 
@@ -29,7 +29,7 @@ def repair_message(result: RepairResult) -> str:
     )
 
 
-@workflow.defn(name=REPAIR)
+@workflow.defn(name=REPAIR, failure_exception_types=INPUT_ERRORS)
 class RepairWorkflow:
     """Rebuilds the rows of `keys` in the live generation from their whole history, `batch_size` keys per
     transaction, coordinated with the tail (each batch holds the projection's lock). Start it with
@@ -37,6 +37,7 @@ class RepairWorkflow:
 
     @workflow.run
     async def run(self, input: RepairInput) -> RepairResult:
+        input = expect(input, RepairInput, '{"projection": NAME, "keys": [KEY, ...]}')
         keys = sorted(set(input.keys))
         if not keys:
             raise ApplicationError("no key to repair: give keys", type=REPAIR_FAILED, non_retryable=True)

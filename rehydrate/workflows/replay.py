@@ -31,9 +31,11 @@ with workflow.unsafe.imports_passed_through():
     from rehydrate.models.names import OWN_SOURCE, REPLAY, REPLAY_PHASES
     from rehydrate.models.replay import Plan
     from rehydrate.workflows._common import (
+        INPUT_ERRORS,
         NO_WORKER,
         RETRY,
         execute_chunk,
+        expect,
         failure_message,
         raise_if_cancel_requested,
         run_all,
@@ -53,7 +55,7 @@ _MAX_CATCH_UP_ROUNDS = 20
 T = TypeVar("T")
 
 
-@workflow.defn(name=REPLAY)
+@workflow.defn(name=REPLAY, failure_exception_types=INPUT_ERRORS)
 class ReplayWorkflow:
     """Rebuilds one projection into a new generation and swaps it in. Start it with `{"projection": NAME}`."""
 
@@ -72,6 +74,7 @@ class ReplayWorkflow:
 
     @workflow.run
     async def run(self, input: ReplayInput) -> ReplayResult:
+        input = expect(input, ReplayInput, '{"projection": NAME}')
         self._input = input
         self._name_in_memo(input)
         state = input.state

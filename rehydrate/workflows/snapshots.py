@@ -19,10 +19,18 @@ with workflow.unsafe.imports_passed_through():
         SnapshotRebuildState,
     )
     from rehydrate.models.names import SNAPSHOT_REBUILD
-    from rehydrate.workflows._common import RETRY, execute_chunk, failure_message, raise_if_cancel_requested, run_all
+    from rehydrate.workflows._common import (
+        INPUT_ERRORS,
+        RETRY,
+        execute_chunk,
+        expect,
+        failure_message,
+        raise_if_cancel_requested,
+        run_all,
+    )
 
 
-@workflow.defn(name=SNAPSHOT_REBUILD)
+@workflow.defn(name=SNAPSHOT_REBUILD, failure_exception_types=INPUT_ERRORS)
 class SnapshotRebuildWorkflow:
     """Rewrites the snapshot of every stream of one aggregate type. Start it with `{"aggregate_type": NAME}`.
 
@@ -38,6 +46,7 @@ class SnapshotRebuildWorkflow:
 
     @workflow.run
     async def run(self, input: SnapshotRebuildInput) -> SnapshotRebuildResult:
+        input = expect(input, SnapshotRebuildInput, '{"aggregate_type": NAME}')
         self._input = input
         state = input.state
         try:

@@ -13,7 +13,7 @@ with workflow.unsafe.imports_passed_through():
     from rehydrate.activities.tail import TailActivities
     from rehydrate.models import TailInput, TailRun, TailStatus
     from rehydrate.models.names import TAIL, tail_task_queue
-    from rehydrate.workflows._common import failure_message, served
+    from rehydrate.workflows._common import INPUT_ERRORS, expect, failure_message, served
 
 # A tail retries sooner than a replay's activities: its read model falls behind while it waits.
 _RETRY = RetryPolicy(
@@ -21,7 +21,7 @@ _RETRY = RetryPolicy(
 )
 
 
-@workflow.defn(name=TAIL)
+@workflow.defn(name=TAIL, failure_exception_types=INPUT_ERRORS)
 class TailWorkflow:
     """Runs the tail activity again and again; any worker can run it, a crashed one is replaced after the
     heartbeat timeout. Start it with `{"projection": NAME}`; cancel it to stop the tail."""
@@ -34,6 +34,7 @@ class TailWorkflow:
 
     @workflow.run
     async def run(self, input: TailInput) -> None:
+        input = expect(input, TailInput, '{"projection": NAME}')
         self._input = input
         while True:
             self._show()

@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
         VerifyStartInput,
     )
     from rehydrate.models.names import VERIFY, replay_workflow_id, verify_label
-    from rehydrate.workflows._common import RETRY, failure_message, served
+    from rehydrate.workflows._common import INPUT_ERRORS, RETRY, expect, failure_message, served
     from rehydrate.workflows.replay import ReplayWorkflow
 
 DRIFT = "Drift"  # the error type of a run that found drift
@@ -49,7 +49,7 @@ def clean_message(result: VerifyResult) -> str:
     )
 
 
-@workflow.defn(name=VERIFY)
+@workflow.defn(name=VERIFY, failure_exception_types=INPUT_ERRORS)
 class VerifyWorkflow:
     """Verifies one projection against a fresh rebuild. Start it with `{"projection": NAME}`.
 
@@ -65,6 +65,7 @@ class VerifyWorkflow:
 
     @workflow.run
     async def run(self, input: VerifyInput) -> VerifyResult:
+        input = expect(input, VerifyInput, '{"projection": NAME}')
         self._projection = input.projection
         started = workflow.now()
         label = verify_label(input.projection)

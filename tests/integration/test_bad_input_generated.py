@@ -26,24 +26,28 @@ import asyncpg
 import orjson
 import pytest
 import sqlalchemy as sa
+from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sqlmodel import Field, SQLModel
+from temporalio.client import WorkflowFailureError
 
 from rehydrate import Event, EventStore, NewEvent
 from rehydrate.core.database import connect, ensure_schema, grants_sql
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import qualified
 from rehydrate.core.settings import Settings, load_settings
+from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.importer import import_events, read_jsonl
 from rehydrate.engine.projections import Projection, Registry, Row, TableShape
 from rehydrate.engine.snapshots import SnapshotStore
 from rehydrate.engine.upcasting import Upcasters
 from rehydrate.models import ReplayInput
-from rehydrate.starter import check_replay_input, start_replay, wait_for_replay
+from rehydrate.sources.log import log_position
+from rehydrate.starter import check_replay_input, failure_cause, start_replay, wait_for_replay
 from rehydrate.worker import running_worker
-from tests.helpers import domain
+from tests.helpers import domain, kafka, legacy
 from tests.helpers.cli import assert_one_clear_error, rehydrate
 from tests.helpers.ledgers import REGISTRY, good_history
 from tests.helpers.roles import as_role
@@ -764,3 +768,214 @@ async def test_a_10_mb_payload_is_stored_and_replayed_and_its_failures_stay_shor
             record("payload: 10 MB, failing", True)
             await store.pool.execute("DELETE FROM rehydrate.events WHERE global_position = $1", position)
     record("payload: 10 MB, accepted", True)
+
+
+# -- 10. workflow inputs of the wrong shape, as the Web UI can send them -------------------------------------------
+
+# Each workflow type, the field its input needs, and a tuning field of a given type.
+WORKFLOW_INPUTS = [
+    ("Replay", "projection", "lanes"),
+    ("Verify", "projection", "lanes"),
+    ("Repair", "projection", "batch_size"),
+    ("Tail", "projection", "batch_size"),
+    ("SnapshotRebuild", "aggregate_type", "partitions"),
+]
+NOT_TEXT = st.integers() | st.lists(st.text(max_size=3), max_size=2) | st.dictionaries(st.text(max_size=3), st.none())
+NOT_INT = st.text(alphabet=string.ascii_letters, min_size=1, max_size=6) | st.lists(st.integers(), max_size=2)
+
+
+@st.composite
+def wrong_workflow_inputs(draw: st.DrawFn) -> tuple[str, Any, list[str]]:
+    """(workflow type, its input from the UI, what the failure must name)."""
+    workflow, required, tuning = draw(st.sampled_from(WORKFLOW_INPUTS))
+    shape = draw(st.sampled_from(["not an object", "null", "no required field", "required of a wrong type", "tuning"]))
+    name = "accounts" if workflow != "SnapshotRebuild" else "account"
+    if shape == "not an object":
+        return workflow, draw(st.text(max_size=8) | st.lists(st.integers(), max_size=3) | st.integers()), ["Input"]
+    if shape == "null":
+        return workflow, None, ["the input is not a", "start the workflow with"]
+    if shape == "no required field":
+        return workflow, {tuning: 2}, [required]
+    if shape == "required of a wrong type":
+        return workflow, {required: draw(NOT_TEXT)}, [required]
+    return workflow, {required: name, tuning: draw(NOT_INT)}, [tuning]
+
+
+async def test_generated_workflow_inputs_of_the_wrong_shape_fail_the_run_naming_the_field(
+    settings: Settings, store: EventStore, client: Any
+) -> None:
+    """A start from the Web UI with an input that does not fit: the run fails at once (it does not wait for ever as
+    a retried workflow task), its failure names the field, and nothing in the database changes."""
+    await with_active_read_models(settings, store, client)
+    before = await state(store.pool)
+    cases = examples(wrong_workflow_inputs(), 30)
+    failures = []
+    async with running_worker(settings, domain.registry(), client=client):
+
+        async def one(workflow: str, raw: Any, names: list[str]) -> None:
+            handle = await client.start_workflow(
+                workflow, raw, id=f"ui-{uuid.uuid4().hex[:10]}", task_queue=settings.temporal_task_queue
+            )
+            problem = None
+            try:
+                await asyncio.wait_for(handle.result(), 30)
+                problem = "it completed"
+            except WorkflowFailureError as error:
+                message = failure_cause(error)
+                missing = [name for name in names if name not in message]
+                problem = f"does not name {missing}: {message!r}" if missing else None
+            except TimeoutError:
+                await handle.terminate("the test gave up: it should have failed")
+                problem = "still running after 30 s"
+            record(f"workflow input: {workflow}", problem is None)
+            if problem:
+                failures.append((workflow, raw, problem))
+
+        await asyncio.gather(*(one(*case) for case in cases))
+    assert await state(store.pool) == before
+    assert not failures, "\n".join(map(str, failures))
+
+
+# -- 11. Kafka messages that cannot be read as events -----------------------------------------------------------------
+
+KAFKA_TYPES = ["Opened", "Deposited", "Withdrawn"]
+
+
+@st.composite
+def bad_kafka_messages(draw: st.DrawFn) -> tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """(what is wrong, key, value, headers) of a message a producer got wrong; its type is handled by `accounts`."""
+    kind = draw(st.sampled_from(["no key", "key not UTF-8", "value not JSON", "value not an object", "no type"]))
+    key: bytes | None = b"bad"  # made unique per message when written
+    value: bytes | None = orjson.dumps({"owner": "x", "amount": 1})
+    headers = [("event_type", draw(st.sampled_from(KAFKA_TYPES)).encode())]
+    if kind == "no key":
+        key = draw(st.sampled_from([None, b""]))
+    elif kind == "key not UTF-8":
+        key = b"\xff" + draw(st.binary(max_size=6))
+    elif kind == "value not JSON":
+        value = draw(st.binary(min_size=1, max_size=12).filter(lambda raw: not _is_json(raw)))
+    elif kind == "value not an object":
+        value = orjson.dumps(draw(NOT_OBJECTS))
+    else:
+        headers = draw(st.sampled_from([[], [("version", b"1")], [("event-type", b"Opened")]]))
+    return kind, key, value, headers
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+async def test_generated_bad_kafka_messages_are_parked_naming_partition_and_offset(
+    tail_settings: Settings, store: EventStore, client: Any, kafka_bootstrap: str
+) -> None:
+    """Messages without a key, with a key that is not text, a value that is not a JSON object, or no type, among
+    good ones on a real broker: a replay that parks parks each one whose type it handles, naming its partition and
+    offset; a message without a type is read as one and passed over (its projection is not strict); every key the bad
+    messages do not touch equals the fold of its good messages."""
+    topic = f"bad-{uuid.uuid4().hex[:8]}"
+    await kafka.create_topic(kafka_bootstrap, topic, 2)
+    good = domain.random_history(91, streams=10, events=120)
+    bad = examples(bad_kafka_messages(), 30)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    written: list[tuple[str, int]] = []  # (what is wrong, position) of each bad message
+    try:
+        for n, (stream, event) in enumerate(good):
+            await producer.send_and_wait(
+                topic,
+                key=stream.encode(),
+                value=orjson.dumps(event.data),
+                headers=[("event_type", event.type.encode())],
+            )
+            if n % 4 == 0 and bad:
+                kind, key, value, headers = bad.pop()
+                key = f"bad-{n}".encode() if key == b"bad" else key
+                sent = await producer.send_and_wait(topic, key=key, value=value, headers=headers)
+                written.append((kind, log_position(sent.partition, sent.offset)))
+    finally:
+        await producer.stop()
+    projection = legacy.accounts(read=kafka.accounts(kafka_bootstrap, topic).source, on_error="park")
+    settings = tail_settings.model_copy(update={"tails": False})
+    async with running_worker(settings, Registry([projection]), client=client):
+        handle = await start_replay(client, settings, ReplayInput("accounts", allow_dead_letters=True))
+        result = await asyncio.wait_for(wait_for_replay(handle), 90)
+    parked = {row["global_position"]: row for row in await Catalog(store.pool, "rehydrate").dead_letters("accounts", 1)}
+    failures = []
+    for kind, position in written:
+        letter = parked.get(position)
+        partition, offset = position >> 40, position & ((1 << 40) - 1)
+        if kind == "no type":
+            safe = letter is None  # read, typeless, and passed over like any type the projection does not handle
+        else:  # parked naming it; or, after a bad message of the same (drawn) key, parked behind that one
+            named = f"partition {partition}, offset {offset}"
+            behind = kind in ("no key", "key not UTF-8") and "an earlier event of this key failed"
+            safe = letter is not None and (named in letter["error"] or bool(behind and behind in letter["error"]))
+        record(f"kafka message: {kind}", safe)
+        if not safe:
+            failures.append((kind, position, letter))
+    assert len(parked) == sum(1 for kind, _ in written if kind != "no type"), parked
+    expected = domain.oracle(domain.accounts, kafka.as_events(good))
+    rows = await domain.read_model(store.pool, projection)
+    assert rows == expected, "a good stream's row differs from its fold"
+    assert result.generation == 1
+    assert not failures, "\n".join(map(str, failures))
+
+
+# -- 12. source mappings in settings ----------------------------------------------------------------------------------
+
+TOML_VALUES = (
+    st.text(max_size=12)
+    | st.sampled_from(INJECTIONS)
+    | st.integers(-5, 10**6)
+    | st.booleans()
+    | st.lists(st.text(max_size=4), max_size=2)
+    | st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)
+)
+TABLE_KEYS = [
+    "table",
+    "url",
+    "position",
+    "stream_id",
+    "stream_version",
+    "event_type",
+    "payload",
+    "order",
+    "transaction",
+]
+KAFKA_KEYS = ["topic", "bootstrap_servers", "type_header", "type_field", "version_header"]
+
+
+@st.composite
+def bad_source_settings(draw: st.DrawFn) -> dict[str, Any]:
+    """A `[sources.legacy]` table someone got wrong: a value of the wrong type or shape, an unknown key, a kind that
+    does not exist, a required key missing."""
+    kind = draw(st.sampled_from(["table", "kafka", "unknown kind", "not a table"]))
+    if kind == "not a table":
+        return {"legacy": draw(TOML_VALUES)}
+    keys = TABLE_KEYS if kind == "table" else KAFKA_KEYS
+    values: dict[str, Any] = {"kind": kind if kind != "unknown kind" else draw(st.text(min_size=1, max_size=6))}
+    values.update(draw(st.dictionaries(st.sampled_from(keys), TOML_VALUES, min_size=1, max_size=4)))
+    if draw(st.booleans()):
+        values[draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in keys))] = draw(TOML_VALUES)
+    return {"legacy": values}
+
+
+def test_generated_bad_source_settings_are_refused_naming_the_source() -> None:
+    """Each is read into a source when it happens to be valid, or refused with a UserError that names the source;
+    never another exception (a crash deep in a replay, later, would be the alternative)."""
+    from rehydrate.sources.declaration import sources_from_settings
+
+    failures = []
+    for declared in examples(bad_source_settings(), 400):
+        error = refused_now(lambda declared=declared: sources_from_settings(declared))
+        if error is None:
+            continue  # a valid source after all (checked against its table or brokers when used)
+        problem = refusal_problem(error, "'legacy'")
+        record("source settings", problem is None)
+        if problem:
+            failures.append((declared, problem))
+    assert not failures, "\n".join(map(str, failures[:20]))

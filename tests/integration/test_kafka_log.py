@@ -139,7 +139,7 @@ async def test_sources_check_names_partitions_a_decoded_sample_and_what_is_wrong
     assert not found.ok
     assert [p for p in found.problems if "1 of 4 sampled values undecodable" in p and "JSONDecodeError" in p]
     assert [p for p in found.problems if "1 of 4 sampled messages have no event type" in p]
-    assert [w for w in found.warnings if "1 of 4 sampled messages have no key" in w]
+    assert [p for p in found.problems if "1 of 4 sampled messages have no key" in p]
 
 
 async def test_an_empty_topic_is_checked_and_its_readers_close_cleanly(kafka_bootstrap: str) -> None:
