@@ -1,4 +1,4 @@
-"""Run the fault suite (tests/faults/test_faults.py) and print its figures as a table: docs/reliability.md's.
+"""Run the fault suite (the FILES below) and print its figures as a table: docs/reliability.md's.
 
     python bench/fault_report.py [extra pytest arguments]
 
@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The fault tests that report figures (the `figures` fixture of tests/faults/conftest.py).
+FILES = ("tests/faults/test_faults.py", "tests/faults/test_partition.py", "tests/faults/test_temporal_kill.py")
 COLUMNS = (
     ("fault", "fault"),
     ("faults_injected", "faults injected"),
@@ -54,7 +56,7 @@ def main() -> int:
             sys.executable,
             "-m",
             "pytest",
-            "tests/faults/test_faults.py",
+            *FILES,
             "-q",
             "-p",
             "no:cacheprovider",
