@@ -173,7 +173,7 @@ async def import_events(
             # imports into an empty store would each wait for the other's to take the exclusive one (a deadlock).
             looks_empty = await store.is_empty(conn)
             async with conn.transaction():
-                deferred = await store.defer_reader_indexes(conn) if looks_empty else []
+                deferred = await store.defer_indexes(conn) if looks_empty else []
                 # Into an empty store every stream starts at version 1: nothing to look up (a stream appended to
                 # meanwhile by someone else is caught by the unique (stream, version) index, and nothing is written), so
                 # the thread numbers the events too, while Postgres takes the batch before.

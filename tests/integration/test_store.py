@@ -271,7 +271,7 @@ async def test_a_plan_estimates_lane_sizes_from_a_sample_and_the_replay_reports_
     )
 
 
-async def _reader_index_oids(store: EventStore) -> dict[str, int]:
+async def _index_oids(store: EventStore) -> dict[str, int]:
     rows = await store.pool.fetch(
         "SELECT indexname, (quote_ident(schemaname) || '.' || quote_ident(indexname))::regclass::oid AS oid "
         "FROM pg_indexes WHERE schemaname = 'rehydrate' AND tablename = 'events'"
@@ -279,29 +279,37 @@ async def _reader_index_oids(store: EventStore) -> dict[str, int]:
     return {row["indexname"]: row["oid"] for row in rows}
 
 
-async def test_an_import_into_an_empty_store_builds_the_readers_indexes_after_the_load(
+async def test_an_import_into_an_empty_store_builds_every_index_but_the_primary_key_after_the_load(
     store: EventStore, database_url: str
 ) -> None:
-    """Into an empty store the readers' indexes are dropped and built again after the load (new index objects,
-    same definitions), in the import's transaction: a bad line leaves them as they were. Into a store with
-    events, and for a role that may not drop them, the import maintains them as it goes."""
+    """Into an empty store the readers' indexes and the unique (stream, version) are dropped and built again after
+    the load (new index objects, same definitions), in the import's transaction: a bad line leaves them as they were.
+    Into a store with events the import maintains them as it goes."""
     lines = [(n, {"stream_id": f"s-{n % 7}", "type": "Opened", "data": {"n": n}}) for n in range(1, 501)]
-    before = await _reader_index_oids(store)
+    before = await _index_oids(store)
     assert {"events_tx_position_idx", "events_type_position_idx"} <= before.keys()
 
     with pytest.raises(UserError, match="input:501"):
         await import_events(store, [*lines, (501, {"stream_id": "s", "type": "Opened", "data": []})])
-    assert await _reader_index_oids(store) == before and await store.head() == 0
+    assert await _index_oids(store) == before and await store.head() == 0
 
     await import_events(store, lines)
-    after = await _reader_index_oids(store)
+    after = await _index_oids(store)
     assert after.keys() == before.keys()
     rebuilt = {name for name in after if after[name] != before[name]}
-    assert rebuilt == {"events_tx_position_idx", "events_type_position_idx"}
+    assert rebuilt == {"events_tx_position_idx", "events_type_position_idx", "events_stream_version_key"}
+    assert await store.pool.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'events_stream_version_key'"
+    ) == ("UNIQUE (stream_id, stream_version)")
     assert [e.stream_version for e in await store.read_stream("s-3")] == list(range(1, 73))
+    with pytest.raises(asyncpg.UniqueViolationError):  # the constraint is back
+        await store.pool.execute(
+            "INSERT INTO rehydrate.events (stream_id, stream_version, event_type, payload) "
+            "VALUES ('s-3', 72, 'T', '{}')"
+        )
 
     await import_events(store, lines[:10])  # the store has events: indexes maintained, not rebuilt
-    assert await _reader_index_oids(store) == after
+    assert await _index_oids(store) == after
 
 
 async def test_two_imports_into_an_empty_store_at_once_both_commit_one_after_the_other(
@@ -312,7 +320,7 @@ async def test_two_imports_into_an_empty_store_at_once_both_commit_one_after_the
     inside the transaction held a share lock that made the two wait for each other: a deadlock.)"""
     arrived: list[int] = []
     both = asyncio.Event()
-    defer = EventStore.defer_reader_indexes
+    defer = EventStore.defer_indexes
 
     async def together(events: EventStore, conn: asyncpg.Connection) -> list[str]:
         arrived.append(1)
@@ -321,8 +329,8 @@ async def test_two_imports_into_an_empty_store_at_once_both_commit_one_after_the
         await asyncio.wait_for(both.wait(), timeout=10)
         return await defer(events, conn)
 
-    monkeypatch.setattr(EventStore, "defer_reader_indexes", together)
-    before = await _reader_index_oids(store)
+    monkeypatch.setattr(EventStore, "defer_indexes", together)
+    before = await _index_oids(store)
 
     def lines(stream: str) -> list[tuple[int, Any]]:
         return [(n, {"stream_id": f"{stream}-{n % 5}", "type": "Opened", "data": {"n": n}}) for n in range(1, 201)]
@@ -330,7 +338,7 @@ async def test_two_imports_into_an_empty_store_at_once_both_commit_one_after_the
     reports = await asyncio.gather(import_events(store, lines("a")), import_events(store, lines("b")))
     assert [r.events for r in reports] == [200, 200] and len(arrived) == 2
     assert await store.head() == 400
-    after = await _reader_index_oids(store)
+    after = await _index_oids(store)
     assert after.keys() == before.keys() and after != before  # rebuilt once, by the first
     for stream in ("a-0", "b-4"):
         assert [e.stream_version for e in await store.read_stream(stream)] == list(range(1, 41))
@@ -370,7 +378,7 @@ async def test_an_import_by_a_role_that_may_only_insert_maintains_the_indexes(
     )
     parts = urlsplit(database_url)
     url = urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.netloc.rpartition('@')[2]}"))
-    before = await _reader_index_oids(store)
+    before = await _index_oids(store)
     pool = await create_pool(url)
     try:
         lines = [(n, {"stream_id": f"s-{n % 3}", "type": "Opened", "data": {}}) for n in range(1, 31)]
@@ -379,7 +387,7 @@ async def test_an_import_by_a_role_that_may_only_insert_maintains_the_indexes(
         await pool.close()
         await store.pool.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
     assert report.events == 30 and await store.head() == 30
-    assert await _reader_index_oids(store) == before
+    assert await _index_oids(store) == before
 
 
 async def test_import_reads_every_iso_8601_form_of_recorded_at_as_python_does(store: EventStore) -> None:
