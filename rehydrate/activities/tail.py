@@ -184,7 +184,7 @@ class TailActivities(Activities):
                     # Set up inside the loop: a database that is down at the start is waited out like one that goes
                     # down later.
                     if source is None:
-                        async with self.pool.acquire() as conn:
+                        async with self.connection() as conn:
                             # What `rehydrate projections` compares with the code its generation was built with.
                             await Catalog(conn, self.settings.schema_name).set_tail_code(
                                 projection.name, projection.fingerprint
@@ -212,11 +212,11 @@ class TailActivities(Activities):
                                 async with self.generations() as generations:
                                     lag = await generations.log_lag(projection, generation, source), 0.0
                             else:
-                                async with self.pool.acquire() as conn, source.reading(conn) as reading:
+                                async with self.connection() as conn, source.reading(conn) as reading:
                                     lag = await source.lag(reading, checkpoint, projection.event_types)
                             metrics.tail_lag(projection.name, *lag)
                 except UserError as error:  # a poison event, or a generation the code cannot write
-                    async with self.pool.acquire() as conn:
+                    async with self.connection() as conn:
                         await Catalog(conn, self.settings.schema_name).set_tail_error(projection.name, str(error))
                     raise ApplicationError(
                         f"tail stopped: {error}", type=type(error).__name__, non_retryable=True
