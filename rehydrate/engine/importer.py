@@ -1,5 +1,5 @@
-"""Bulk import of events from JSON Lines through COPY, in one transaction (into an empty store, the readers' indexes
-are built after the load).
+"""Bulk import of events from JSON Lines through COPY, in one transaction (into an empty store, one COPY fed while a
+thread parses, and the indexes but the primary key built after the load).
 
 A malformed line stops the import with its line number; because the whole file is one transaction, nothing
 of it is written and it can be fixed and imported again without duplicates.
@@ -30,7 +30,18 @@ _MAX_INT = 2**31 - 1  # schema_version is an integer column
 READ_BUFFER = 4 << 20
 # How often the interpreter passes between the thread that parses and the one that feeds COPY, while an import runs.
 SWITCH_INTERVAL = 0.0005
-_FIELDS = {"stream_id", "type", "data", "stream_version", "schema_version", "metadata", "recorded_at"}
+_FIELDS = frozenset({"stream_id", "type", "data", "stream_version", "schema_version", "metadata", "recorded_at"})
+# What an import into an empty store hands COPY at a time: the thread that parses stays this far ahead.
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ImportProgress:
+    """How far an import has come: the events handed to Postgres so far; `indexing` once they all are and an empty
+    store's indexes are being built."""
+
+    events: int
+    indexing: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,22 +55,62 @@ class ImportReport:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded object) for each non-blank line; a line that is not JSON stops with its number."""
-    try:
-        # Big reads: the thread that parses gives the interpreter up at each read and waits to have it back, and
-        # the batches it hands over come later (1M events: COPY waited 3.3-3.9 s for them at 8 KiB, 1.8-2.2 at 4 MiB).
-        handle = path.open("rb", buffering=READ_BUFFER)
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror}", fix="check the file's path") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, orjson.loads(line)
-            except orjson.JSONDecodeError as error:
-                raise UserError(f"{path}:{number}: not valid JSON ({error})", fix="fix or remove that line") from None
+class JsonLines:
+    """(line number, decoded object) for each non-blank line of a JSON Lines file; a line that is not JSON stops with
+    its number. `size` and `bytes_read` say how far the reading has come."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.size = path.stat().st_size
+        except OSError as error:
+            raise _unreadable(path, error) from None
+        self.bytes_read = 0
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        path, loads = self.path, orjson.loads
+        self.bytes_read = 0
+        try:
+            # Big reads, unbuffered: the thread that parses gives the interpreter up at each read and waits to have
+            # it back, and the batches it hands over come later (1M events: COPY waited 3.3-3.9 s for them at 8 KiB,
+            # 1.8-2.2 at 4 MiB).
+            handle = path.open("rb", buffering=0)
+        except OSError as error:
+            raise _unreadable(path, error) from None
+        number = 0
+        rest = b""
+        with handle:
+            while block := handle.read(READ_BUFFER):
+                self.bytes_read += len(block)
+                lines = (rest + block if rest else block).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    number += 1
+                    if line and not line.isspace():  # what bytes.strip() strips, without the copy
+                        try:
+                            value = loads(line)
+                        except orjson.JSONDecodeError as error:
+                            raise _not_json(path, number, error) from None
+                        yield number, value
+            if rest and not rest.isspace():  # a last line without its newline
+                try:
+                    value = loads(rest)
+                except orjson.JSONDecodeError as error:
+                    raise _not_json(path, number + 1, error) from None
+                yield number + 1, value
+
+
+def read_jsonl(path: Path) -> JsonLines:
+    """The lines of a JSON Lines file (see `JsonLines`); a file that cannot be read stops here."""
+    return JsonLines(path)
+
+
+def _unreadable(path: Path, error: OSError) -> UserError:
+    return UserError(f"cannot read {path}: {error.strerror}", fix="check the file's path")
+
+
+def _not_json(path: Path, number: int, error: orjson.JSONDecodeError) -> UserError:
+    return UserError(f"{path}:{number}: not valid JSON ({error})", fix="fix or remove that line")
 
 
 def _bad(where: str, problem: str) -> UserError:
@@ -67,7 +118,7 @@ def _bad(where: str, problem: str) -> UserError:
 
 
 # An ISO 8601 timestamp with an offset, in the forms Postgres' timestamptz input reads too.
-_PLAIN_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:\d{2})?)\Z")
+_PLAIN_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+-]\d{2}(?::\d{2})?)\Z")
 _COPY_SPECIALS = re.compile(r"[\\\t\n\r]")
 _COPY_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
@@ -92,9 +143,14 @@ def _json(where: Callable[[], str], value: dict[str, Any]) -> str:
     return text.replace("\\", "\\\\")
 
 
-def _record(where: Callable[[], str], line: Any, now: str) -> tuple[str, Any, str]:
-    """(stream id, the line's `stream_version` or None, the rest of its COPY line after the version);
-    `where` names the line, `now` is the time of events that carry none."""
+# A line's COPY text, as `_record` and `_quick_record` give it: (stream id, the stream id as COPY text, the line's
+# `stream_version` or None, the rest of its COPY line after the version).
+Record = tuple[str, str, Any, str]
+
+
+def _record(where: Callable[[], str], line: Any, now: str) -> Record:
+    """Check a line and write it for COPY, or raise naming what is wrong with it (`where` names the line, `now` is the
+    time of events that carry none). Every line `_quick_record` leaves comes here."""
     if not isinstance(line, dict):
         raise _bad(where(), f"expected a JSON object, got {type(line).__name__}")
     unknown = line.keys() - _FIELDS
@@ -131,10 +187,82 @@ def _record(where: Callable[[], str], line: Any, now: str) -> tuple[str, Any, st
         raise _bad(where(), "contains a NUL character, which Postgres cannot store in text or JSON")
     meta = _json(where, metadata) if metadata else "{}"
     rest = f"\t{_text(event_type)}\t{schema_version}\t{_json(where, data)}\t{meta}\t{recorded_at}\n"
-    return stream_id, line.get("stream_version"), rest
+    return stream_id, _text(stream_id), line.get("stream_version"), rest
 
 
-Parsed = list[tuple[int, tuple[str, Any, str]]]  # (line number, _record's result)
+def _quick_record(line: Any, now: str, types: dict[str, str]) -> Record | None:
+    """`_record` of the usual line, in a third of its time; None for a line it does not clear, which `_record` then
+    takes (and names what is wrong with it, or writes it). It clears only lines `_record` writes exactly so: exact
+    types, nothing COPY must escape in the stream id or type, a timestamp Postgres reads as written. `types` keeps
+    the COPY text of each event type met."""
+    if type(line) is not dict or not _FIELDS.issuperset(line):
+        return None
+    stream_id, event_type, data = line.get("stream_id"), line.get("type"), line.get("data")
+    # printable: no NUL, tab, newline or carriage return
+    if type(stream_id) is not str or not stream_id or not stream_id.isprintable() or "\\" in stream_id:
+        return None
+    if type(event_type) is not str or type(data) is not dict:
+        return None
+    type_text = types.get(event_type)
+    if type_text is None:
+        if not event_type or not event_type.isprintable() or "\\" in event_type:
+            return None
+        type_text = types[event_type] = event_type
+    schema_version = line.get("schema_version", 1)
+    if type(schema_version) is not int or not 0 < schema_version <= _MAX_INT:
+        return None
+    metadata = line.get("metadata")
+    meta: str | None = "{}"
+    if metadata is None:
+        if "metadata" in line:
+            return None
+    elif type(metadata) is not dict:
+        return None
+    elif metadata:
+        meta = _quick_json(metadata)
+    recorded = line.get("recorded_at")
+    if recorded is None:
+        recorded = now
+    elif type(recorded) is not str or not _PLAIN_TIMESTAMP.match(recorded):
+        return None
+    else:
+        try:
+            datetime.fromisoformat(recorded)  # the regex has the form; this, that each field is in range
+        except ValueError:
+            return None
+    payload = _quick_json(data)
+    if payload is None or meta is None:
+        return None
+    return (
+        stream_id,
+        stream_id,
+        line.get("stream_version"),
+        f"\t{type_text}\t{schema_version}\t{payload}\t{meta}\t{recorded}\n",
+    )
+
+
+def _quick_json(value: dict[str, Any]) -> str | None:
+    """`_json` of a value that is JSON and holds no NUL; None for another."""
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return None
+    if b"\\" in text:
+        if b"\\u0000" in text:
+            return None
+        text = text.replace(b"\\", b"\\\\")
+    return text.decode()
+
+
+Parsed = list[tuple[int, Record]]  # (line number, the line's record)
+
+
+def _records(batch: Iterable[tuple[int, Any]], source: str, now: str, types: dict[str, str]) -> Parsed:
+    """Each line of the batch checked and written for COPY, but for its version."""
+    return [
+        (number, _quick_record(line, now, types) or _record(lambda number=number: f"{source}:{number}", line, now))  # type: ignore[misc]
+        for number, line in batch
+    ]
 
 
 async def import_events(
@@ -143,30 +271,18 @@ async def import_events(
     *,
     source: str = "input",
     batch_size: int = 20_000,
+    progress: Callable[[ImportProgress], None] | None = None,
 ) -> ImportReport:
     """Append every line's event; versions continue each stream unless a line gives `stream_version`,
-    which must then be exactly the next one.
+    which must then be exactly the next one. `progress` is called after each batch, and before the indexes are
+    built.
 
-    A pipeline of two stages: a thread reads and checks the next batch while Postgres takes the previous one
-    (its COPY and index updates run in the server, so the thread has the interpreter to itself then).
+    Into an empty store, one COPY takes the whole file while a thread reads, checks, numbers and writes the lines
+    ahead of it (`_Feed`). Into a store with events, each batch's streams are looked up first; a thread checks the
+    next batch while Postgres takes the one before.
     """
     started = time.perf_counter()
-    items = iter(lines)
     known: dict[str, int] = {}
-    total = 0
-
-    def next_batch() -> Parsed:
-        now = datetime.now(UTC).isoformat()
-        batch: Parsed = []
-        for number, line in itertools.islice(items, batch_size):
-            batch.append((number, _record(lambda number=number: f"{source}:{number}", line, now)))  # type: ignore[misc]
-        return batch
-
-    def next_data() -> tuple[int, bytes]:
-        """Into an empty store: the next batch parsed, numbered and encoded, all in the thread."""
-        batch = next_batch()
-        return len(batch), _numbered(batch, known, source)
-
     with _switching_often():
         async with store.pool.acquire() as conn:
             # Looked at before the transaction: a read in it would hold a share lock until the commit, and two
@@ -174,36 +290,161 @@ async def import_events(
             looks_empty = await store.is_empty(conn)
             async with conn.transaction():
                 deferred = await store.defer_indexes(conn) if looks_empty else []
-                # Into an empty store every stream starts at version 1: nothing to look up (a stream appended to
-                # meanwhile by someone else is caught by the unique (stream, version) index, and nothing is written), so
-                # the thread numbers the events too, while Postgres takes the batch before.
-                empty = bool(deferred) or await store.is_empty(conn)
-                copying: asyncio.Task[None] | None = None
-                try:
-                    while True:
-                        if empty:
-                            size, data = await asyncio.to_thread(next_data)
-                        else:
-                            batch = await asyncio.to_thread(next_batch)
-                            size = len(batch)
-                        if copying is not None:
-                            await copying
-                            copying = None
-                        if not size:
-                            break
-                        if not empty:
-                            await _look_up_versions(conn, store, batch, known)
-                            data = _numbered(batch, known, source)
-                        copying = asyncio.create_task(_copy(conn, store, data, source))
-                        total += size
-                finally:
-                    if copying is not None:
-                        # A bad line while a batch was being written: let the COPY end before the rollback.
-                        with contextlib.suppress(Exception):
-                            await copying
+                # Into an empty store every stream starts at version 1: nothing to look up. Without the table's lock
+                # (a role that may not take it), a stream appended to meanwhile by someone else is caught by the
+                # unique (stream, version) index, and nothing is written.
+                if deferred or await store.is_empty(conn):
+                    total = await _load_empty(conn, store, lines, known, source, batch_size, progress)
+                else:
+                    total = await _load(conn, store, lines, known, source, batch_size, progress)
+                if deferred and progress is not None:
+                    progress(ImportProgress(total, indexing=True))
                 await store.restore_indexes(conn, deferred)
                 await store.notify(conn)
     return ImportReport(total, len(known), time.perf_counter() - started)
+
+
+async def _load_empty(
+    conn: asyncpg.Connection,
+    store: EventStore,
+    lines: Iterable[tuple[int, Any]],
+    known: dict[str, int],
+    source: str,
+    batch_size: int,
+    progress: Callable[[ImportProgress], None] | None,
+) -> int:
+    feed = _Feed(lines, known, source, batch_size, progress)
+    try:
+        await _copy(conn, store, feed, source)
+    except Exception:
+        if feed.error is None:
+            raise
+    finally:
+        await feed.close()
+    if feed.error is not None:
+        raise feed.error
+    return feed.events
+
+
+class _Feed:
+    """The COPY data of an import into an empty store, made by one thread a batch ahead of the COPY that takes it.
+
+    A bad line ends the data, and the COPY with it, instead of failing the COPY: the import then raises it and its
+    transaction rolls back (a failed COPY would also send Postgres a cancel request, to race the rollback)."""
+
+    def __init__(
+        self,
+        lines: Iterable[tuple[int, Any]],
+        known: dict[str, int],
+        source: str,
+        batch_size: int,
+        progress: Callable[[ImportProgress], None] | None,
+    ) -> None:
+        self._lines = iter(lines)
+        self._known = known
+        self._source = source
+        self._batch_size = batch_size
+        self._progress = progress
+        self._now = datetime.now(UTC).isoformat()
+        self._types: dict[str, str] = {}
+        self._next: asyncio.Future[tuple[int, bytes]] | None = None
+        self._pending: memoryview | None = None
+        self.events = 0
+        self.error: UserError | None = None
+
+    def _batch(self) -> tuple[int, bytes]:
+        """The next batch's COPY data (0 events: the end), in the thread."""
+        known, source, now, types = self._known, self._source, self._now, self._types
+        lines = []
+        size = 0
+        for number, line in itertools.islice(self._lines, self._batch_size):
+            stream_id, stream_text, given, rest = _quick_record(line, now, types) or _record(
+                lambda number=number: f"{source}:{number}",  # type: ignore[misc]
+                line,
+                now,
+            )
+            version = known.get(stream_id, 0) + 1
+            if given is not None and given != version:
+                raise _not_next(source, number, stream_id, given, version)
+            known[stream_id] = version
+            lines.append(f"{stream_text}\t{version}{rest}")
+            size += 1
+        return size, _encoded(lines, source)
+
+    def __aiter__(self) -> _Feed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._pending:
+                chunk, self._pending = self._pending[:_COPY_CHUNK], self._pending[_COPY_CHUNK:]
+                return bytes(chunk)
+            if self.error is not None:
+                raise StopAsyncIteration
+            if self._next is None:
+                self._next = asyncio.ensure_future(asyncio.to_thread(self._batch))
+            try:
+                size, data = await self._next
+            except UserError as error:
+                self.error = error
+                self._next = None
+                raise StopAsyncIteration from None
+            self._next = None
+            if not size:
+                raise StopAsyncIteration
+            self.events += size
+            self._next = asyncio.ensure_future(asyncio.to_thread(self._batch))  # parsed while this one is sent
+            self._pending = memoryview(data)
+            if self._progress is not None:
+                self._progress(ImportProgress(self.events))
+
+    async def close(self) -> None:
+        """Wait for the thread's batch in progress (the COPY may end before it does)."""
+        if self._next is not None:
+            with contextlib.suppress(Exception):
+                await self._next
+            self._next = None
+
+
+async def _load(
+    conn: asyncpg.Connection,
+    store: EventStore,
+    lines: Iterable[tuple[int, Any]],
+    known: dict[str, int],
+    source: str,
+    batch_size: int,
+    progress: Callable[[ImportProgress], None] | None,
+) -> int:
+    """Into a store with events: batch by batch, each batch's streams looked up before it is numbered. A pipeline of
+    two stages: a thread reads and checks the next batch while Postgres takes the previous one."""
+    items = iter(lines)
+    now = datetime.now(UTC).isoformat()
+    types: dict[str, str] = {}
+    total = 0
+
+    def next_batch() -> Parsed:
+        return _records(itertools.islice(items, batch_size), source, now, types)
+
+    copying: asyncio.Task[None] | None = None
+    try:
+        while True:
+            batch = await asyncio.to_thread(next_batch)
+            if copying is not None:
+                await copying
+                copying = None
+            if not batch:
+                break
+            await _look_up_versions(conn, store, batch, known)
+            copying = asyncio.create_task(_copy(conn, store, _numbered(batch, known, source), source))
+            total += len(batch)
+            if progress is not None:
+                progress(ImportProgress(total))
+    finally:
+        if copying is not None:
+            # A bad line while a batch was being written: let the COPY end before the rollback.
+            with contextlib.suppress(Exception):
+                await copying
+    return total
 
 
 _importing = 0  # imports running in this process
@@ -231,41 +472,48 @@ def _switching_often() -> Iterator[None]:
 
 async def _look_up_versions(conn: asyncpg.Connection, store: EventStore, batch: Parsed, known: dict[str, int]) -> None:
     """Add the stored versions of the batch's streams not met before to `known` (0: a new stream)."""
-    new_streams = sorted({stream_id for _, (stream_id, _, _) in batch} - known.keys())
+    new_streams = sorted({stream_id for _, (stream_id, _, _, _) in batch} - known.keys())
     if new_streams:
         known.update({s: 0 for s in new_streams})
         known.update(await store.versions(conn, new_streams))
+
+
+def _not_next(source: str, number: int, stream_id: str, given: Any, version: int) -> UserError:
+    return _bad(
+        f"{source}:{number}", f"'stream_version' {given!r} of stream {stream_id!r} is not the next version ({version})"
+    )
 
 
 def _numbered(batch: Parsed, known: dict[str, int], source: str) -> bytes:
     """The batch's COPY data, each event with its stream's next version (`known`: each stream's last version,
     none: a new stream)."""
     lines = []
-    for number, (stream_id, given, rest) in batch:
+    for number, (stream_id, stream_text, given, rest) in batch:
         version = known.get(stream_id, 0) + 1
         if given is not None and given != version:
-            raise _bad(
-                f"{source}:{number}",
-                f"'stream_version' {given!r} of stream {stream_id!r} is not the next version ({version})",
-            )
+            raise _not_next(source, number, stream_id, given, version)
         known[stream_id] = version
-        lines.append(f"{_text(stream_id)}\t{version}{rest}")
+        lines.append(f"{stream_text}\t{version}{rest}")
+    return _encoded(lines, source)
+
+
+def _encoded(lines: list[str], source: str) -> bytes:
     try:
         return "".join(lines).encode()
     except UnicodeEncodeError as error:  # a lone surrogate in a str handed over from Python
         raise UserError(f"{source}: a value is not valid Unicode ({error})", fix="fix the value") from None
 
 
-async def _copy(conn: asyncpg.Connection, store: EventStore, data: bytes, source: str) -> None:
+async def _copy(conn: asyncpg.Connection, store: EventStore, data: bytes | AsyncIterator[bytes], source: str) -> None:
     """COPY in text format: Postgres parses the JSON into jsonb itself, on its own core."""
 
-    async def chunks() -> AsyncIterator[bytes]:
+    async def chunks(data: bytes) -> AsyncIterator[bytes]:
         view = memoryview(data)
-        for start in range(0, len(data), 1 << 20):
-            yield bytes(view[start : start + (1 << 20)])
+        for start in range(0, len(data), _COPY_CHUNK):
+            yield bytes(view[start : start + _COPY_CHUNK])
 
     try:
-        await store.copy(conn, chunks())
+        await store.copy(conn, chunks(data) if isinstance(data, bytes) else data)
     except asyncpg.UniqueViolationError as error:
         raise UserError(
             f"{source}: a stream was appended to by someone else during the import ({error.detail})",

@@ -21,7 +21,7 @@ from rehydrate.core.database import create_pool
 from rehydrate.core.errors import ConcurrencyError, UserError
 from rehydrate.core.settings import Settings
 from rehydrate.engine import importer
-from rehydrate.engine.importer import import_events, read_jsonl
+from rehydrate.engine.importer import ImportProgress, JsonLines, import_events, read_jsonl
 from rehydrate.models import ReplayInput
 from rehydrate.sources.events import KeySpec
 from rehydrate.starter import start_replay, wait_for_replay
@@ -310,6 +310,54 @@ async def test_an_import_into_an_empty_store_builds_every_index_but_the_primary_
 
     await import_events(store, lines[:10])  # the store has events: indexes maintained, not rebuilt
     assert await _index_oids(store) == after
+
+
+async def test_a_bad_line_late_in_a_file_stops_an_import_into_an_empty_store_and_writes_nothing(
+    store: EventStore, tmp_path: Path
+) -> None:
+    """Into an empty store one COPY takes the whole file while a thread parses ahead of it: a bad line after many
+    batches have been sent ends the COPY, the import names the line, and the rollback leaves the store empty with its
+    indexes; the connection goes back to the pool usable, and the fixed file imports."""
+    before = await _index_oids(store)
+    good = [{"stream_id": f"s-{n % 13}", "type": "Opened", "data": {"n": n}} for n in range(1, 5001)]
+    bad_lines = {
+        "not-json": (4901, b'{"stream_id": "s-1", "type": "Opened", "data": {'),
+        "not-an-object": (4902, b"[1, 2]"),
+        "wrong-version": (4990, orjson.dumps({**good[4989], "stream_version": 7})),
+    }
+    for case, (number, bad) in bad_lines.items():
+        path = tmp_path / f"{case}.jsonl"
+        path.write_bytes(b"\n".join([*map(orjson.dumps, good[: number - 1]), bad, *map(orjson.dumps, good[number:])]))
+        with pytest.raises(UserError, match=f"{path}:{number}: "):
+            await import_events(store, read_jsonl(path), source=str(path), batch_size=300)
+        assert await store.head() == 0, case
+        assert await store.pool.fetchval("SELECT count(*) FROM rehydrate.events") == 0, case
+        assert await _index_oids(store) == before, case
+    path = tmp_path / "fixed.jsonl"
+    path.write_bytes(b"\n".join(map(orjson.dumps, good)))
+    report = await import_events(store, read_jsonl(path), source=str(path), batch_size=300)
+    assert (report.events, report.streams) == (5000, 13)
+    assert [e.stream_version for e in await store.read_stream("s-5")] == list(range(1, 386))
+
+
+async def test_an_import_reports_its_progress_after_each_batch_and_before_building_indexes(
+    store: EventStore, tmp_path: Path
+) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps({"stream_id": f"s-{n % 3}", "type": "T", "data": {}}) for n in range(95)))
+    for into_empty in (True, False):
+        reader = read_jsonl(path)
+        seen: list[tuple[ImportProgress, int]] = []
+
+        def note(progress: ImportProgress, reader: JsonLines = reader, seen: list[Any] = seen) -> None:
+            seen.append((progress, reader.bytes_read))
+
+        report = await import_events(store, reader, batch_size=10, progress=note)
+        counts = [progress.events for progress, _ in seen]
+        assert counts == sorted(counts) and counts[-1] == report.events == 95, into_empty
+        assert [progress.indexing for progress, _ in seen][-2:] == ([False, True] if into_empty else [False, False])
+        assert seen[-1][1] == reader.size
+    assert await store.head() == 190
 
 
 async def test_two_imports_into_an_empty_store_at_once_both_commit_one_after_the_other(
