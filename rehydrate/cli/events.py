@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,7 +19,7 @@ if TYPE_CHECKING:
     import asyncpg
 
     from rehydrate.engine.event_check import TypeVersion
-    from rehydrate.engine.importer import ImportReport
+    from rehydrate.engine.importer import ImportProgress, ImportReport, JsonLines
 
 app = typer.Typer(help="Load events into the event store, and check them against the code.", no_args_is_help=True)
 
@@ -27,7 +30,8 @@ def import_file(
     batch_size: Annotated[int, typer.Option(min=1, help="Events per COPY batch.")] = 20_000,
     as_json: c.Json = False,
 ) -> None:
-    """Import events from a JSON Lines file through COPY, all or nothing."""
+    """Import events from a JSON Lines file through COPY, all or nothing. On a terminal a progress bar shows the
+    file read so far, the events per second and the time left."""
     from rehydrate.engine.importer import import_events, read_jsonl
     from rehydrate.sources.store import EventStore
 
@@ -35,7 +39,9 @@ def import_file(
 
     async def work(pool: asyncpg.Pool) -> ImportReport:
         store = EventStore(pool, settings.schema_name)
-        return await import_events(store, read_jsonl(file), source=str(file), batch_size=batch_size)
+        lines = read_jsonl(file)
+        with _progress_bar(lines, show=not as_json and c.out.is_terminal) as progress:
+            return await import_events(store, lines, source=str(file), batch_size=batch_size, progress=progress)
 
     report = c.with_pool(settings, work)
     if as_json:
@@ -45,6 +51,41 @@ def import_file(
         f"imported {report.events:,} events in {report.streams:,} streams in {report.seconds:.2f} s "
         f"({report.events_per_second:,.0f} events/s)"
     )
+
+
+@contextlib.contextmanager
+def _progress_bar(lines: JsonLines, *, show: bool) -> Iterator[Callable[[ImportProgress], None] | None]:
+    """A bar of the file read so far, with the events per second and the time left (from the bytes read, which
+    the events follow closely); gone when the import ends, for its one-line report. None when not `show`."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description:<9}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[events]:>11} events"),
+        TextColumn("{task.fields[rate]:>9} ev/s"),
+        TimeRemainingColumn(),
+        console=c.out,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("importing", total=lines.size or None, events="0", rate="")
+
+        def show_progress(progress: ImportProgress) -> None:
+            seconds = time.perf_counter() - started
+            bar.update(
+                task,
+                description="indexing" if progress.indexing else "importing",
+                completed=lines.bytes_read,
+                events=f"{progress.events:,}",
+                rate=f"{progress.events / seconds:,.0f}" if seconds > 0 else "",
+            )
+
+        yield show_progress
 
 
 @app.command("check")

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import pty
+import struct
 import sys
+import termios
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +62,41 @@ async def rehydrate(settings: Settings, cwd: Path, *args: str, **env: str) -> Ru
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return Run(args, process.returncode, stdout.decode(), stderr.decode())
+
+
+async def on_terminal(settings: Settings, cwd: Path, *args: str) -> Run:
+    """`rehydrate` with its standard output on a terminal (a pseudo-terminal 120 columns wide) as a user at one sees
+    it: `stdout` is what the terminal received, escape sequences and all, with its line ends as `\n`."""
+    terminal, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "rehydrate",
+            *args,
+            cwd=cwd,
+            env=command_env(settings, TERM="xterm-256color"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=child,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(child)
+
+    def read() -> bytes:
+        received = b""
+        with contextlib.suppress(OSError):  # EIO once the command has closed the terminal
+            while data := os.read(terminal, 65536):
+                received += data
+        return received
+
+    try:
+        stdout, (_, stderr) = await asyncio.wait_for(asyncio.gather(asyncio.to_thread(read), process.communicate()), 60)
+    finally:
+        os.close(terminal)
+    assert process.returncode is not None
+    return Run(args, process.returncode, stdout.decode().replace("\r\n", "\n"), stderr.decode())
 
 
 def assert_one_clear_error(run: Run, *parts: str) -> str:

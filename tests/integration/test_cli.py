@@ -20,7 +20,7 @@ from rehydrate.core.settings import Settings
 from rehydrate.examples import orders
 from rehydrate.models.names import replay_workflow_id
 from tests.helpers import domain
-from tests.helpers.cli import UNREACHABLE_DATABASE, assert_one_clear_error, rehydrate
+from tests.helpers.cli import UNREACHABLE_DATABASE, assert_one_clear_error, on_terminal, rehydrate
 
 
 async def event_rows(pool: asyncpg.Pool) -> list[tuple[object, ...]]:
@@ -237,6 +237,29 @@ async def test_import_of_a_good_file_writes_every_event_and_prints_the_rate(
         (2, "Deposited", 2, {"amount": 5}),
     ]
     assert new[1].metadata == {"source": "import"} and new[1].recorded_at.year == 2025
+
+
+async def test_import_shows_a_progress_bar_on_a_terminal_and_none_under_json_or_into_a_pipe(
+    settings: Settings, tmp_path: Path, store: EventStore
+) -> None:
+    """On a terminal the import draws a bar (the file read, events per second, time left) and clears it for its
+    report; under --json, and when standard output is not a terminal, the output is the report alone."""
+    path = tmp_path / "orders.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(line) for line in orders.generate(3000)))
+    shown = await on_terminal(settings, tmp_path, "events", "import", str(path))
+    assert shown.code == 0, shown
+    assert "ev/s" in shown.stdout and "\x1b[" in shown.stdout, shown  # drawn, then erased
+    assert "imported 3,000 events in " in shown.stdout, shown
+
+    as_json = await on_terminal(settings, tmp_path, "events", "import", str(path), "--json")
+    assert as_json.code == 0, as_json
+    assert "\x1b" not in as_json.stdout and "ev/s" not in as_json.stdout, as_json
+    assert orjson.loads(as_json.stdout)["events"] == 3000
+
+    piped = await rehydrate(settings, tmp_path, "events", "import", str(path))
+    assert piped.code == 0, piped
+    assert piped.stdout.startswith("imported 3,000 events in ") and piped.stdout.count("\n") == 1, piped
+    assert piped.stderr == "", piped
 
 
 async def test_the_demo_builds_both_read_models_and_prints_only_its_story(
