@@ -48,6 +48,7 @@ from rehydrate.core.database import create_pool, ensure_schema
 from rehydrate.core.settings import Settings
 from rehydrate.devstack import DEV_SERVER_TUNING, DevServer, start_temporal
 from rehydrate.engine.importer import import_events
+from rehydrate.engine.projections import Projection
 from rehydrate.models import ReplayInput, ReplayResult, TailInput
 from rehydrate.models.names import replay_workflow_id, tail_workflow_id
 from rehydrate.starter import start_replay, wait_for_replay
@@ -84,23 +85,23 @@ async def load_history(store: EventStore) -> None:
     await import_events(store, enumerate(lines, start=1), source="fault suite history")
 
 
-async def check(pool: asyncpg.Pool, figures: Figures, generation: int) -> None:
-    """Compare the read model with the oracle over every event in the store, row for row, and the generation's
-    count of applied events with the number of handled events; add the outcome to `figures`."""
+async def check(pool: asyncpg.Pool, figures: Figures, generation: int, projection: Projection = PROJECTION) -> None:
+    """Compare `projection`'s read model with the oracle over every event in the store, row for row, and the
+    generation's count of applied events with the number of handled events; add the outcome to `figures`."""
     rows = await pool.fetch(
         "SELECT global_position, stream_id, stream_version, event_type, schema_version, payload, metadata, "
         "recorded_at FROM rehydrate.events ORDER BY global_position"
     )
     events = [Event(*row) for row in rows]
-    want = domain.oracle(PROJECTION, events)
-    got = await domain.read_model(pool, PROJECTION)
+    want = domain.oracle(projection, events)
+    got = await domain.read_model(pool, projection)
     keys = got.keys() | want.keys()
     figures.rows_compared += len(keys)
     figures.rows_wrong += sum(1 for key in keys if got.get(key) != want.get(key))
-    handled = sum(1 for event in events if event.type in PROJECTION.handlers)
+    handled = sum(1 for event in events if event.type in projection.handlers)
     applied = await pool.fetchval(
         "SELECT events_applied FROM rehydrate.generations WHERE projection = $1 AND generation = $2",
-        PROJECTION.name,
+        projection.name,
         generation,
     )
     figures.events_lost_or_doubled += abs(int(applied) - handled)

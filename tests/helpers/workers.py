@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,22 +76,34 @@ async def kill_inside_chunks(
 
 
 async def kill_frozen(worker: subprocess.Popen[bytes], look: Callable[[], Awaitable[T]]) -> T | None:
-    """SIGKILL `worker` if, frozen (SIGSTOP), `look` finds the same thing twice in a row: that thing, or None (the
-    worker goes on, SIGCONT). Frozen, the worker cannot commit what `look` saw between the look and the kill; the
-    second look, 50 ms on, lets Postgres act on what the worker sent just before it froze."""
-    worker.send_signal(signal.SIGSTOP)
+    """SIGKILL `worker` if, frozen, `look` finds the same thing twice in a row (see `frozen`): that thing, or None (the
+    worker goes on)."""
     try:
-        await asyncio.sleep(0.05)
-        found = await look()
-        await asyncio.sleep(0.05)
-        if found and found == await look():
-            worker.send_signal(signal.SIGKILL)
+        async with frozen([worker], look) as found:
+            if found:
+                worker.send_signal(signal.SIGKILL)
             return found
     except BaseException:
         worker.send_signal(signal.SIGKILL)
         raise
-    worker.send_signal(signal.SIGCONT)
-    return None
+
+
+@contextlib.asynccontextmanager
+async def frozen(workers: list[subprocess.Popen[bytes]], look: Callable[[], Awaitable[T]]) -> AsyncIterator[T | None]:
+    """Freeze `workers` (SIGSTOP) and yield what `look` finds twice in a row, or None; they go on (SIGCONT) when the
+    block ends. Frozen, a worker cannot commit what `look` saw before the block acts on it; the second look, 50 ms
+    on, lets Postgres act on what the workers sent just before they froze."""
+    for worker in workers:
+        worker.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(0.05)
+        found = await look()
+        await asyncio.sleep(0.05)
+        yield found if found and found == await look() else None
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGCONT)
 
 
 async def _idle_chunk_transactions(pool: asyncpg.Pool, cursors: str) -> set[tuple[str, Any]]:
