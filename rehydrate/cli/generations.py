@@ -39,8 +39,12 @@ def generations(name: Name, as_json: c.Json = False) -> None:
     if as_json:
         c.print_json(rows)
         return
+    children = any(len(r["tables"]) > 1 for r in rows)  # a projection with child tables: name each build's tables
     table = Table("gen", "state", "version", "fingerprint", "events", "rows", "parked", "built in", "started", "run")
+    if children:
+        table.add_column("tables")
     for r in rows:
+        tables = [", ".join(r["tables"])] if children else []
         table.add_row(
             f"g{r['generation']}",
             r["state"],
@@ -52,6 +56,7 @@ def generations(name: Name, as_json: c.Json = False) -> None:
             f"{r['build_seconds']:.1f} s" if r["build_seconds"] is not None else "-",
             c.when(r["started_at"]),
             f"{r['workflow_id']} {r['run_id'] or ''}".strip(),
+            *tables,
         )
     c.out.print(table)
 

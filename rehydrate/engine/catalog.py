@@ -18,6 +18,7 @@ import asyncpg
 
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import quote
+from rehydrate.engine.projections import physical_name
 
 # -- locks: transaction-level advisory locks, released at commit -----------------------------------------------
 
@@ -76,7 +77,7 @@ _SANDBOX_OF = "SELECT sandbox FROM {schema}.generations WHERE projection = $1 AN
 _LIST_GENERATIONS = """SELECT g.generation, g.state, g.version, g.fingerprint, g.physical_table, g.lanes, g.chunk_size,
         g.events_total, g.events_applied, g.rows_count, g.workflow_id, g.run_id, g.error,
         g.target_xmin::text::bigint AS target_mark, g.checkpoint_xmin::text::bigint AS checkpoint,
-        g.started_at, g.built_at, g.activated_at, g.ended_at, g.partial_history,
+        g.started_at, g.built_at, g.activated_at, g.ended_at, g.partial_history, g.child_tables,
         extract(epoch FROM g.built_at - g.started_at)::float8 AS build_seconds,
         (SELECT count(*) FROM {schema}.dead_letters d
          WHERE d.projection = g.projection AND d.generation = g.generation) AS dead_letters
@@ -332,8 +333,13 @@ class Catalog:
         return str(await self.conn.fetchval(self._sql(_SANDBOX_OF), projection, generation) or "")
 
     async def generations(self, projection: str) -> list[dict[str, Any]]:
-        """A projection's live generations, newest first, with what `rehydrate generations` shows."""
-        return [dict(row) for row in await self.conn.fetch(self._sql(_LIST_GENERATIONS), projection)]
+        """A projection's live generations, newest first, with what `rehydrate generations` shows (`tables`: each
+        one's tables, its child tables' after its own)."""
+        found = [dict(row) for row in await self.conn.fetch(self._sql(_LIST_GENERATIONS), projection)]
+        for row in found:
+            children = [physical_name(child, row["generation"]) for child in row.pop("child_tables") or ()]
+            row["tables"] = [row["physical_table"], *children]
+        return found
 
     # -- lane checkpoints ----------------------------------------------------------------------------------
 

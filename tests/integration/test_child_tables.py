@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from sqlmodel import Field, SQLModel
 from temporalio.client import Client
@@ -26,6 +28,7 @@ from rehydrate.starter import repair, start_replay, tail_state, verify, wait_for
 from rehydrate.worker import running_worker
 from rehydrate.workflows import ReplayWorkflow
 from tests.helpers import domain
+from tests.helpers.cli import rehydrate
 from tests.helpers.order_lines import Tables, history, oracle, read
 from tests.helpers.waiting import eventually
 
@@ -55,7 +58,7 @@ async def changes_to_stored_orders(store: EventStore, heads: dict[str, Row], lin
 
 @pytest.mark.parametrize("lanes", [1, 4])
 async def test_both_tables_equal_the_plain_fold_and_the_tail_keeps_them_so(
-    client: Client, tail_settings: Settings, store: EventStore, lanes: int
+    client: Client, tail_settings: Settings, store: EventStore, lanes: int, tmp_path: Path
 ) -> None:
     await history(store)
     async with running_worker(tail_settings, Registry([order_lines.orders]), client=client):
@@ -71,6 +74,13 @@ async def test_both_tables_equal_the_plain_fold_and_the_tail_keeps_them_so(
             return await read(store.pool) == oracle(await domain.all_events(store))
 
         await eventually(tail_caught_up, within=30)
+    if lanes == 1:  # `rehydrate generations` names each build's tables
+        listed = await rehydrate(
+            tail_settings, tmp_path, "generations", "orders", "--json", REHYDRATE_PROJECTIONS=order_lines.__name__
+        )
+        assert listed.code == 0, listed
+        [generation] = orjson.loads(listed.stdout)
+        assert generation["tables"] == ["orders__g1", "order_lines__g1"]
 
 
 class TaggedOrder(SQLModel, table=True):
