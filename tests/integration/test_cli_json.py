@@ -4,6 +4,7 @@ parsed. A command added without --json, or without a run here, fails the walk.""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,17 @@ async def test_every_command_prints_json_that_parses(
         async with running_worker(settings, domain.registry()):
             assert (await j("replay", "start", "accounts", "--wait"))["generation"] == 1
             assert (await j("replay", "start", "accounts", "--wait"))["generation"] == 2
-            assert (await j("replay", "status", "accounts"))["status"] == "COMPLETED"
-            assert [run["started_by"] for run in await j("replay", "list", "accounts")] == ["cli", "cli"]
-            assert [g["generation"] for g in await j("generations", "accounts")] == [2, 1]
-            listed = {p["name"]: p for p in await j("projections")}
+            # Commands that only read, run at once.
+            status, runs, generations, projections = await asyncio.gather(
+                j("replay", "status", "accounts"),
+                j("replay", "list", "accounts"),
+                j("generations", "accounts"),
+                j("projections"),
+            )
+            assert status["status"] == "COMPLETED"
+            assert [run["started_by"] for run in runs] == ["cli", "cli"]
+            assert [g["generation"] for g in generations] == [2, 1]
+            listed = {p["name"]: p for p in projections}
             assert listed["accounts"]["active_generation"] == 2 and listed["accounts"]["rows_exact"] is True
             assert (await j("rollback", "accounts"))["to_generation"] == 1
             assert (await j("verify", "accounts"))["differing"] == 0
@@ -152,8 +160,9 @@ async def test_every_command_prints_json_that_parses(
             assert (await j("schedule", "create", "nightly", "--projection", "accounts", "--every", "1d"))[
                 "does"
             ] == "replay"
-            assert [s["name"] for s in await j("schedule", "list")] == ["nightly"]
-            assert (await j("schedule", "describe", "nightly"))["paused"] is False
+            schedules, nightly = await asyncio.gather(j("schedule", "list"), j("schedule", "describe", "nightly"))
+            assert [s["name"] for s in schedules] == ["nightly"]
+            assert nightly["paused"] is False
             assert (await j("schedule", "pause", "nightly"))["state"] == "paused"
             assert (await j("schedule", "unpause", "nightly"))["state"] == "unpaused"
             assert (await j("schedule", "trigger", "nightly"))["state"] == "triggered"

@@ -160,8 +160,8 @@ async def test_a_kept_stack_keeps_running_until_dev_stop(tmp_path: Path) -> None
 
 async def test_a_command_that_reads_never_starts_the_embedded_postgres(tmp_path: Path) -> None:
     env = stack_env(tmp_path / "data", free_port())
-    for command in (["projections"], ["generations", "order_summary"], ["db", "url"], ["events", "check"]):
-        done = await run(tmp_path, env, *command)
+    commands = (["projections"], ["generations", "order_summary"], ["db", "url"], ["events", "check"])
+    for done in await asyncio.gather(*(run(tmp_path, env, *command) for command in commands)):
         assert done.returncode == 1, done
         assert "the embedded Postgres in" in done.stderr and "is not running" in done.stderr, done
         assert "fix: start it with `rehydrate dev`" in done.stderr, done
