@@ -121,6 +121,7 @@ class Outcome:
     applied: int
     swap_lock_ms: float
     load: str
+    at_swap: str  # when the slowest queries of the swap window ran, against the swap and the ANALYZE beside it
 
     def ratio(self, of: Callable[[PhaseStats], float]) -> float:
         before = of(self.phases["before"])
@@ -193,7 +194,8 @@ async def writer(store: EventStore, index: int, args: argparse.Namespace, traffi
 
 async def milestones(client: Client, workflow_id: str, run_id: str | None) -> dict[str, float]:
     """Unix times from the replay's history, over every run of it across continue-as-new: its chunks' first
-    scheduling and last completion, the swap activity's scheduling and completion."""
+    scheduling and last completion, the swap activity's scheduling and completion, the new tables' ANALYZE's
+    completion."""
     times: dict[str, float] = {}
     scheduled: dict[int, str] = {}
     while run_id:
@@ -215,6 +217,8 @@ async def milestones(client: Client, workflow_id: str, run_id: str | None) -> di
                     times["chunks_to"] = at
                 elif name == "swap":
                     times["swap_to"] = at
+                elif name == "analyze_table":
+                    times["analyzed"] = at
             elif kind == "workflow_execution_continued_as_new_event_attributes":
                 run_id = event.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
     return times
@@ -236,6 +240,22 @@ def phase_stats(traffic: Traffic, start: float, end: float) -> PhaseStats:
         append_p99=percentile(appends, 99) if appends else float("nan"),
         write_errors=sum(start <= at < end for at in traffic.write_errors),
     )
+
+
+def slowest_at_swap(traffic: Traffic, start: float, end: float, times: dict[str, float]) -> str:
+    """The slowest lookup and join of the swap window, when each began against the swap's completion, and when the new
+    tables' ANALYZE (which runs beside the catch-up and the swap) completed."""
+    swapped = times["swap_to"]
+    parts = []
+    for kind in KINDS:
+        reads = [r for r in traffic.reads if start <= r[0] < end and r[1] == kind]
+        if reads:
+            began, _, ms, _ = max(reads, key=lambda r: r[2])
+            parts.append(f"slowest {kind} {ms:.0f} ms, began {(began - swapped) * 1000:+.0f} ms")
+    analyzed = times.get("analyzed")
+    if analyzed is not None:
+        parts.append(f"ANALYZE done {(analyzed - swapped) * 1000:+.0f} ms")
+    return "from the swap's completion: " + ", ".join(parts)
 
 
 def load_average() -> str:
@@ -274,6 +294,7 @@ async def measured_replay(
         "after": (swap_to, end),
     }
     return Outcome(
+        at_swap=slowest_at_swap(traffic, swap_from, swap_to, times),
         label=label,
         round=round_,
         phases={name: phase_stats(traffic, *window) for name, window in windows.items()},
@@ -303,6 +324,7 @@ def show(outcome: Outcome) -> None:
             f"  {name:<6} {s.seconds:5.1f} | {cells} | {s.errors:>6} {s.empty:>5} | {s.writes_per_second:8,.0f} "
             f"{s.append_p99:7.1f} ms {s.write_errors:>6}"
         )
+    print(f"  at the swap, {outcome.at_swap}")
     lookup, join = (outcome.ratio(lambda s, k=kind: s.latency[k][2]) for kind in KINDS)  # type: ignore[misc]
     writes = outcome.ratio(lambda s: s.writes_per_second)
     print(f"  build ÷ before: lookup p99 {lookup:.2f}×, join p99 {join:.2f}×, writes/s {writes:.2f}×", flush=True)
