@@ -34,6 +34,7 @@ from tests.faults.test_faults import (
     PROJECTION,
     STREAMS,
     Probe,
+    activity_retries,
     assert_exact,
     build_state,
     check,
@@ -284,12 +285,15 @@ async def test_temporal_server_sigkilled_mid_build_catch_up_swap_and_tail(
             written = appended()
             await until(lambda: caught_up(store.pool), 60, "the tail to catch up", 0.1)
             tails = await running_tails(client)
+            # Whether the results of the activities that ended while the server was down reached it, or were retried.
+            kinds = ("apply_chunk", "catch_up", "swap")
+            retried = {kind: await activity_retries(client, handle.id, f"rehydrate.{kind}") for kind in kinds}
         finally:
             await probe.close()
             for gate in (catch_up_gate, swap_gate):
                 await gate.close()
     await check(store.pool, figures, generation)
-    print(f"{written} events appended during the test; recoveries {figures.recoveries}")
+    print(f"{written} events appended during the test; recoveries {figures.recoveries}; attempts retried {retried}")
     assert len(tails) == 1, f"one tail runs, though the swap started it around a dead server: {tails}"
     assert figures.faults_injected == 4
     assert_exact(figures)
