@@ -106,8 +106,9 @@ def worker_session(settings: Settings) -> dict[str, Any]:
       longest healthy pause between two statements of a transaction (a fold of one fetch of events in Python, a
       read from another database or a topic): REHYDRATE_DB_IDLE_IN_TRANSACTION_TIMEOUT, 60 s by default.
     - TCP keepalives and `tcp_user_timeout` end a session whose peer stopped answering at the network level, idle
-      or not: a backend blocked sending rows to a lost worker is stopped by nothing else (`statement_timeout` does
-      not interrupt a blocked send; neither does the idle timeout). A live worker's kernel answers probes and
+      or not: a backend blocked sending rows to a lost worker, or waiting for the rest of a statement's exchange
+      (asyncpg's bind after its prepare, a COPY's rows), is stopped by nothing else: `statement_timeout` interrupts
+      neither, and the session does not count as idle. A live worker's kernel answers probes and
       acknowledges data however busy its process is, so these never cut a slow worker: REHYDRATE_DB_PEER_TIMEOUT,
       60 s (keepalives from 30 s of silence, then 3 probes 10 s apart). (Linux also ends a connection whose peer
       has kept its window shut, not reading at all, that long: a worker's event loop is never blocked for 60 s.)
