@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rehydrate import UserError
+from rehydrate.core.database import worker_session
 from rehydrate.core.settings import EXAMPLE_PROJECTIONS, load_settings, projections_origin, redact_url
 
 
@@ -74,3 +75,20 @@ def test_a_bad_value_in_a_project_file_names_the_setting(project: Path) -> None:
 def test_a_url_without_a_password_is_printed_as_it_is() -> None:
     assert redact_url("postgresql://postgres:@/postgres?host=/tmp/x") == "postgresql://postgres:@/postgres?host=/tmp/x"
     assert redact_url("postgresql://app:s3cret@db:5432/app") == "postgresql://app:***@db:5432/app"
+
+
+def test_a_workers_sessions_ask_postgres_to_end_them_once_the_worker_goes_silent(project: Path) -> None:
+    session = worker_session(load_settings())
+    assert session == {
+        "server_settings": {
+            "idle_in_transaction_session_timeout": "60000ms",
+            "tcp_keepalives_idle": "30",
+            "tcp_keepalives_interval": "10",
+            "tcp_keepalives_count": "3",
+            "tcp_user_timeout": "60000ms",
+        },
+        "timeout": 60.0,
+    }
+    tuned = worker_session(load_settings(db_idle_in_transaction_timeout=2.5, db_peer_timeout=0))
+    assert tuned == {"server_settings": {"idle_in_transaction_session_timeout": "2500ms"}}
+    assert worker_session(load_settings(db_idle_in_transaction_timeout=0, db_peer_timeout=0)) == {}
