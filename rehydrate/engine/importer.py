@@ -78,12 +78,17 @@ class JsonLines:
         except OSError as error:
             raise _unreadable(path, error) from None
         number = 0
-        rest = b""
+        pending: list[bytes] = []  # the start of a line that goes on in the next block
         with handle:
             while block := handle.read(READ_BUFFER):
                 self.bytes_read += len(block)
-                lines = (rest + block if rest else block).split(b"\n")
-                rest = lines.pop()
+                end = block.rfind(b"\n")
+                if end < 0:  # a line longer than a block
+                    pending.append(block)
+                    continue
+                pending.append(block[:end])
+                lines = b"".join(pending).split(b"\n")
+                pending = [block[end + 1 :]]
                 for line in lines:
                     number += 1
                     if line and not line.isspace():  # what bytes.strip() strips, without the copy
@@ -92,6 +97,7 @@ class JsonLines:
                         except orjson.JSONDecodeError as error:
                             raise _not_json(path, number, error) from None
                         yield number, value
+            rest = b"".join(pending)
             if rest and not rest.isspace():  # a last line without its newline
                 try:
                     value = loads(rest)

@@ -13,7 +13,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from rehydrate.core.errors import UserError
-from rehydrate.engine.importer import _quick_record, _record, read_jsonl
+from rehydrate.engine.importer import READ_BUFFER, _quick_record, _record, read_jsonl
 
 NOW = "2026-01-02T03:04:05.678901+00:00"
 TRICKY = 'tab\there, newline\nthere, cr\r, backslash \\ and \\n literally, quote ", é ✓ 🚀, \\u0000 text, \x00'
@@ -106,12 +106,13 @@ def test_the_quick_check_clears_the_usual_lines() -> None:
 
 def test_the_file_reader_numbers_lines_as_iterating_the_file_does(tmp_path: Path) -> None:
     """Blank and whitespace lines are skipped but counted, CRLF endings and a last line without its newline are
-    read, and a line across the reader's block boundary is read whole."""
+    read, and lines across the reader's block boundaries, or longer than a block, are read whole."""
     path = tmp_path / "events.jsonl"
     long = {"stream_id": "s", "type": "T", "data": {"blob": "x" * 300_000}}
+    longer = {"stream_id": "s", "type": "T", "data": {"blob": "y" * (READ_BUFFER * 2 + 1)}}
     text = b"\n".join(
         [orjson.dumps({"n": 1}), b"", b"  \t\r", orjson.dumps({"n": 2}) + b"\r", orjson.dumps(long)] * 20
-        + [orjson.dumps({"n": 3})]
+        + [orjson.dumps(longer), orjson.dumps({"n": 3})]
     )
     path.write_bytes(text)
     expected = [(n, orjson.loads(line)) for n, line in enumerate(text.split(b"\n"), start=1) if line.strip()]
