@@ -58,6 +58,33 @@ def user_errors_fail_the_run(activity: Callable[P, Awaitable[T]]) -> Callable[P,
     return run
 
 
+def heartbeats(step: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Wrap an activity so that it heartbeats while it runs, every third of its heartbeat timeout. A long statement
+    (an index, ANALYZE, a catch-up) awaits the database with the event loop free, so a worker that dies inside the
+    step is noticed after the heartbeat timeout, not after the step's time limit (an hour or two). Scheduled without
+    a heartbeat timeout (a run started by an earlier release), it does nothing more."""
+
+    @functools.wraps(step)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        timeout = activity.info().heartbeat_timeout
+        if not timeout:
+            return await step(*args, **kwargs)
+        every = max(timeout.total_seconds() / 3, 0.1)
+
+        async def beat() -> None:
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(every)
+
+        beating = asyncio.create_task(beat())
+        try:
+            return await step(*args, **kwargs)
+        finally:
+            beating.cancel()
+
+    return run
+
+
 class Activities:
     """Base of the activity classes: each method of a subclass is one activity, run with the worker's pool."""
 

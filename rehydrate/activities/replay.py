@@ -12,7 +12,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.service import RPCError
 
-from rehydrate.activities._common import Activities, user_errors_fail_the_run
+from rehydrate.activities._common import Activities, heartbeats, user_errors_fail_the_run
 from rehydrate.activities.tail import ensure_tail
 from rehydrate.core import logs, metrics, search_attributes, tracing
 from rehydrate.core.settings import Settings
@@ -65,6 +65,7 @@ class ReplayActivities(Activities):
 
     @activity.defn(name="rehydrate.plan_replay")
     @user_errors_fail_the_run
+    @heartbeats
     async def plan_replay(self, input: PlanInput) -> Plan:
         """Take the high-water mark as the target, create the generation's table and its lane checkpoints."""
         projection = self.registry.get(input.projection)
@@ -117,6 +118,7 @@ class ReplayActivities(Activities):
 
     @activity.defn(name="rehydrate.finish_tables")
     @user_errors_fail_the_run
+    @heartbeats
     async def finish_tables(self, input: GenerationRef) -> int:
         """Create the secondary indexes and ANALYZE; returns the row count. (Sandbox builds, and replays started
         before `index_tables` and `analyze_table` split it so that ANALYZE runs beside the catch-up and swap.)"""
@@ -128,6 +130,7 @@ class ReplayActivities(Activities):
 
     @activity.defn(name="rehydrate.index_tables")
     @user_errors_fail_the_run
+    @heartbeats
     async def index_tables(self, input: GenerationRef) -> int:
         """Create the secondary indexes; returns the row count. (ANALYZE is `analyze_table`, beside the swap.)"""
         projection = self.registry.get(input.projection)
@@ -136,6 +139,7 @@ class ReplayActivities(Activities):
 
     @activity.defn(name="rehydrate.analyze_table")
     @user_errors_fail_the_run
+    @heartbeats
     async def analyze_table(self, input: GenerationRef) -> None:
         """ANALYZE the generation's table (nothing if a cancel dropped it meanwhile)."""
         async with self.generations() as generations:
@@ -143,6 +147,7 @@ class ReplayActivities(Activities):
 
     @activity.defn(name="rehydrate.catch_up")
     @user_errors_fail_the_run
+    @heartbeats
     async def catch_up(self, input: CatchUpInput) -> CatchUpResult:
         """Apply the events that became visible since the generation's checkpoint, up to the current mark."""
         with tracing.span("catch_up", projection=input.projection, generation=input.generation):
@@ -198,6 +203,7 @@ class ReplayActivities(Activities):
 
     @activity.defn(name="rehydrate.publish_sandbox")
     @user_errors_fail_the_run
+    @heartbeats
     async def publish_sandbox(self, input: GenerationRef) -> int:
         """Finish a sandbox build: its own view in the sandbox schema, the label's older build dropped. Returns
         the events the build parked (on_error="park")."""

@@ -49,8 +49,9 @@ class ReplayInput:
     chunk_size: int | None = None
     max_parallel: int | None = None
     catch_up_threshold: int = 1_000
-    # A chunk heartbeats about every second: a worker that dies mid-chunk is noticed after this long, and the chunk
-    # runs again on another worker a retry interval (1 s) later.
+    # A chunk heartbeats about every second, and the longer steps (plan, indexes, ANALYZE, catch-up) every third of
+    # this: a worker that dies inside one is noticed after this long, and the step runs again on another worker a
+    # retry interval (1 s) later.
     heartbeat_timeout_seconds: float = 8.0
     skip_if_running: bool = False
     state: ReplayState | None = None

@@ -148,6 +148,7 @@ class ReplayWorkflow:
                         accept_partial_history=input.accept_partial_history,
                     ),
                     start_to_close_timeout=timedelta(minutes=30),
+                    heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
                     retry_policy=RETRY,
                     summary=f"plan {input.projection}",
                 )
@@ -276,6 +277,7 @@ class ReplayWorkflow:
                 ReplayActivities.index_tables if beside else ReplayActivities.finish_tables,
                 ref,
                 start_to_close_timeout=timedelta(hours=2),
+                heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
                 retry_policy=RETRY,
                 summary=f"indexes {'' if beside else 'and ANALYZE '}of {state.physical_table}",
             )
@@ -288,6 +290,7 @@ class ReplayWorkflow:
                 ReplayActivities.analyze_table,
                 ref,
                 start_to_close_timeout=timedelta(hours=2),
+                heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
                 retry_policy=RETRY,
                 summary=f"ANALYZE {state.physical_table}",
             )
@@ -338,6 +341,7 @@ class ReplayWorkflow:
                     ReplayActivities.catch_up,
                     CatchUpInput(input.projection, state.generation),
                     start_to_close_timeout=timedelta(hours=1),
+                    heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
                     retry_policy=RETRY,
                     summary="catch up with events appended since the target",
                 )
@@ -373,6 +377,7 @@ class ReplayWorkflow:
                 ReplayActivities.publish_sandbox,
                 ref,
                 start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=timedelta(seconds=input.heartbeat_timeout_seconds),
                 retry_policy=RETRY,
                 summary=f"publish sandbox {input.sandbox}",
             )
