@@ -24,14 +24,14 @@ the tail applies a probe event. Then, for the whole measurement:
   transaction, `--write-rate` events/s over all writers (0: as fast as they go), which the tail applies to the active
   generation.
 
-Each round replays `orders` three times, each of them first in one round in three: unthrottled; throttled to a rate
-(`replay start --max-rate`: `--max-rate`, by default a quarter of the first unthrottled build's rate); and with
-`--max-parallel` chunks at a time (default 1; 0: left out). Each replay's phases are times in its Temporal
-history: **before** is the `--before` seconds before `replay start`; **build** from `replay start` until the swap
-window (planning, the chunks, indexes, catch-up); **swap** from `--swap-margin` seconds before the swap activity was
-scheduled to as long after it completed; **after** the `--after` seconds following. For each phase: readers'
-p50/p99/max latency (lookups and joins apart), queries, errors and empty results; writers' events/s, their append
-p99 and errors. For each replay the ratios to its own "before": reader p99 during the build ÷ before, writer events/s
+Each round replays `orders` three ways, in turn the first of a round: unthrottled; throttled to a rate (`replay start
+--max-rate`: `--max-rate`, by default a quarter of the first unthrottled build's rate); and with `--max-parallel`
+chunks at a time (default 1; 0: left out). Each replay's phases are times in its Temporal history: **before** is the
+`--before` seconds before `replay start`; **build** from `replay start` until the swap window (planning, the chunks,
+indexes, catch-up, the wait for ANALYZE); **swap** from `--swap-margin` seconds before the swap activity was scheduled
+to as long after it completed; **after** the `--after` seconds following. For each phase: readers' p50/p99/max
+latency (lookups and joins apart), queries, errors and empty results; writers' events/s, their append p99 and
+errors. For each replay the ratios to its own "before": reader p99 during the build ÷ before, writer events/s
 during the build ÷ before; over the rounds the median and the range of each, never the best.
 
 Readers and writers share this process's event loop, and on a small machine every process shares its cores: the
@@ -121,7 +121,7 @@ class Outcome:
     applied: int
     swap_lock_ms: float
     load: str
-    at_swap: str  # when the slowest queries of the swap window ran, against the swap and the ANALYZE beside it
+    at_swap: str  # when the slowest queries of the swap window ran, against the swap and the new tables' ANALYZE
 
     def ratio(self, of: Callable[[PhaseStats], float]) -> float:
         before = of(self.phases["before"])
@@ -244,7 +244,7 @@ def phase_stats(traffic: Traffic, start: float, end: float) -> PhaseStats:
 
 def slowest_at_swap(traffic: Traffic, start: float, end: float, times: dict[str, float]) -> str:
     """The slowest lookup and join of the swap window, when each began against the swap's completion, and when the new
-    tables' ANALYZE (which runs beside the catch-up and the swap) completed."""
+    tables' ANALYZE (which runs beside the catch-up) completed."""
     swapped = times["swap_to"]
     parts = []
     for kind in KINDS:
