@@ -23,8 +23,8 @@ deterministic: ~40 orders open at a time, so streams interleave):
    starts one); for each lane count, a full replay from start to swap, with lanes over stream-id ranges (the
    default); then the most lanes again split by hash (`REHYDRATE_LANE_SPLIT=hash`). Each table is compared with
    the ceiling's, row for row. "To the swap" ends when the new generation went live (the swap activity's
-   completion in the replay's history); the workflow ends when the new generation's `ANALYZE`, begun before the
-   catch-up and the swap, is done too, and that time is printed beside it.
+   completion in the replay's history; the swap waits for the new generation's `ANALYZE`, begun beside the
+   catch-up); the workflow's end is printed beside it.
 5. **small replay**: a replay of a 1,000-event store from start to swap (median of 5).
 
 Prints events/s for each, the ratios, and the workers' peak RSS (VmHWM); for each replay, the CPU time each process
@@ -286,8 +286,8 @@ async def replay(
     chunk_size: int | None = None,
     projection: str = PROJECTION.name,
 ) -> tuple[float, float, int, str]:
-    """A replay of `projection`: seconds from `replay start` to the swap and to the workflow's end (it waits for the
-    new generation's ANALYZE, begun before the catch-up and the swap), events applied, where its time went."""
+    """A replay of `projection`: seconds from `replay start` to the swap (which waits for the new generation's
+    ANALYZE, begun beside the catch-up) and to the workflow's end, events applied, where its time went."""
     began, clock = time.perf_counter(), time.time()
     started = await start_replay(client, settings, ReplayInput(projection, lanes=lanes, chunk_size=chunk_size))
     result = await wait_for_replay(started)
@@ -333,7 +333,7 @@ async def phases(client: Client, workflow_id: str, run_id: str | None) -> tuple[
     swap = ms.get("catch_up", 0) + ms.get("swap", 0)
     parts += [
         f"indexes {ms.get('index_tables', ms.get('finish_tables', 0)):.0f} ms",  # finish_tables: ANALYZE too
-        f"ANALYZE {ms.get('analyze_table', 0):.0f} ms beside catch-up + swap {swap:.0f} ms",
+        f"ANALYZE {ms.get('analyze_table', 0):.0f} ms beside the catch-up; catch-up + swap {swap:.0f} ms",
     ]
     busy = f"; chunks ran {chunk_seconds * 1000 / build:.1f} at a time on average" if build else ""
     return ", ".join(parts) + busy, swapped_at
