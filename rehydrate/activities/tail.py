@@ -20,7 +20,7 @@ from temporalio.service import RPCError
 from rehydrate.activities._common import Activities, wrong_worker
 from rehydrate.core import metrics
 from rehydrate.core.database import connect
-from rehydrate.core.errors import SourceUnavailable, UnknownProjectionError, UserError
+from rehydrate.core.errors import DatabaseUnreachable, SourceUnavailable, UnknownProjectionError, UserError
 from rehydrate.core.settings import Settings
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
@@ -215,6 +215,9 @@ class TailActivities(Activities):
                                 async with self.connection() as conn, source.reading(conn) as reading:
                                     lag = await source.lag(reading, checkpoint, projection.event_types)
                             metrics.tail_lag(projection.name, *lag)
+                except DatabaseUnreachable as error:  # a source's database down when the tail first opens it
+                    await outage.failed(error, checkpoint, deadline)
+                    continue
                 except UserError as error:  # a poison event, or a generation the code cannot write
                     async with self.connection() as conn:
                         await Catalog(conn, self.settings.schema_name).set_tail_error(projection.name, str(error))

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 
 from rehydrate.core import embedded
-from rehydrate.core.errors import UserError
+from rehydrate.core.errors import DatabaseUnreachable, UserError
 from rehydrate.core.identifiers import check_identifier, quote
 from rehydrate.core.settings import Settings, redact_url, url_password
 
@@ -87,13 +87,15 @@ def _unreachable(url: str, error: Exception) -> UserError:
     password = url_password(url)
     if password:
         detail = detail.replace(password, "***").replace(unquote(password), "***")
+    message = f"cannot connect to Postgres at {redact_url(url)}: {detail}"
     if isinstance(error, (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError)):
         fix = "Postgres is up but refused the login: check the user and password in REHYDRATE_DATABASE_URL"
     elif isinstance(error, asyncpg.InvalidCatalogNameError):
         fix = "Postgres is up but has no such database: create it (createdb NAME) or fix its name in the URL"
     else:
         fix = "start Postgres or set REHYDRATE_DATABASE_URL to a reachable database"
-    return UserError(f"cannot connect to Postgres at {redact_url(url)}: {detail}", fix=fix)
+        return DatabaseUnreachable(message, fix=fix)
+    return UserError(message, fix=fix)
 
 
 def worker_session(settings: Settings) -> dict[str, Any]:

@@ -32,6 +32,11 @@ class UserError(RehydrateError):
         super().__init__(f"{message} — {fix}" if fix else message)
 
 
+class DatabaseUnreachable(UserError):
+    """A database that did not answer: down, starting up, or out of reach on the network (not a login or a database
+    name it refused). A command, or a replay's plan, stops on it with its one line; a tail waits it out."""
+
+
 class SourceUnavailable(RehydrateError):
     """A source that does not answer for now (a broker restarting): retried, unlike a UserError."""
 

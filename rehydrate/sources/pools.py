@@ -72,8 +72,8 @@ class Sources:
         else:
             try:
                 pool = await create_pool(url, max_size=POOL_SIZE)
-            except UserError as error:
-                raise UserError(
+            except UserError as error:  # the same kind: a tail waits out a source's database that does not answer
+                raise type(error)(
                     f"source {source.name!r}: {error.message}",
                     fix=f"check REHYDRATE_SOURCE_{source.name.upper()}_URL (or the source's url): {redact_url(url)}",
                 ) from None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -30,9 +31,10 @@ from rehydrate.sources.mapping import EventTable
 from rehydrate.sources.pools import Sources
 from rehydrate.sources.presets import outbox_table
 from rehydrate.sources.reading import EventSource
-from rehydrate.starter import start_replay, verify, wait_for_replay
+from rehydrate.starter import start_replay, start_tail, tail_state, verify, wait_for_replay
 from rehydrate.worker import running_worker
 from tests.helpers import domain, es_bank, legacy, team_stores
+from tests.helpers.ports import free_port
 from tests.helpers.roles import as_role
 from tests.helpers.waiting import eventually
 
@@ -531,5 +533,51 @@ async def test_a_preset_table_rebuilds_while_its_writers_write_and_its_tail_foll
         finally:
             writing = False
             await writes
+    finally:
+        await events_db.close()
+
+
+async def test_a_tail_waits_out_a_source_database_that_does_not_answer_when_it_starts(
+    client: Client,
+    tail_settings: Settings,
+    store: EventStore,
+    other_database: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The team's database is down when the tail first opens it: the tail records that it is retrying, keeps
+    running, and once the database answers it applies what was written meanwhile (it does not stop for good as it
+    does on a poison event)."""
+    events_db = await asyncpg.connect(other_database)
+    try:
+        await events_db.execute(legacy.CREATE)
+        await prepare(events_db, prepare_sql(legacy.table()))
+        await legacy.write(events_db, domain.random_history(91, streams=15, events=200))
+        projection = legacy.accounts()  # its database: REHYDRATE_SOURCE_LEGACY_URL
+        monkeypatch.setenv("REHYDRATE_SOURCE_LEGACY_URL", other_database)
+        settings = tail_settings.model_copy(update={"tails": False})
+        async with running_worker(settings, Registry([projection]), client=client):
+            await wait_for_replay(await start_replay(client, settings, ReplayInput("accounts", lanes=2)))
+        # Nothing listens there: the connection is refused, as while the database restarts.
+        down = f"postgresql://postgres@127.0.0.1:{free_port()}{urlsplit(other_database).path}"
+        monkeypatch.setenv("REHYDRATE_SOURCE_LEGACY_URL", down)
+        await legacy.write(events_db, domain.random_history(92, streams=15, events=100))
+        async with running_worker(tail_settings, Registry([projection]), client=client):
+            await start_tail(client, store.pool, tail_settings, "accounts")
+
+            async def retrying() -> bool:
+                error = await store.pool.fetchval(
+                    "SELECT tail_error FROM rehydrate.projections WHERE name = 'accounts'"
+                )
+                return str(error or "").startswith("retrying: DatabaseUnreachable")
+
+            await eventually(retrying)
+            assert (await tail_state(client, "accounts", tail_settings.temporal_task_queue))[0] == "RUNNING"
+            monkeypatch.setenv("REHYDRATE_SOURCE_LEGACY_URL", other_database)
+
+            async def caught_up() -> bool:
+                expected = domain.oracle(domain.accounts, await legacy.events(events_db))
+                return await domain.read_model(store.pool, domain.accounts) == expected
+
+            await eventually(caught_up, within=60)
     finally:
         await events_db.close()
