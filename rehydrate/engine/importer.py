@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -276,6 +276,28 @@ def _records(batch: Iterable[tuple[int, Any]], source: str, now: str, types: dic
     ]
 
 
+@dataclass
+class _Job:
+    """What the stages of one import share: the lines still to read, each stream's last version so far, and whom to
+    tell how far it has come."""
+
+    lines: Iterator[tuple[int, Any]]
+    source: str
+    batch_size: int
+    progress: Callable[[ImportProgress], None] | None
+    known: dict[str, int] = field(default_factory=dict)
+    now: str = field(default_factory=lambda: datetime.now(UTC).isoformat())  # the time of events that carry none
+    types: dict[str, str] = field(default_factory=dict)  # the COPY text of each event type met
+
+    def next_batch(self) -> Parsed:
+        """The next batch, each line checked and written for COPY but for its version (in a thread)."""
+        return _records(itertools.islice(self.lines, self.batch_size), self.source, self.now, self.types)
+
+    def report(self, events: int, *, indexing: bool = False) -> None:
+        if self.progress is not None:
+            self.progress(ImportProgress(events, indexing))
+
+
 async def import_events(
     store: EventStore,
     lines: Iterable[tuple[int, Any]],
@@ -293,7 +315,7 @@ async def import_events(
     next batch while Postgres takes the one before.
     """
     started = time.perf_counter()
-    known: dict[str, int] = {}
+    job = _Job(iter(lines), source, batch_size, progress)
     with _switching_often():
         async with store.pool.acquire() as conn:
             # Looked at before the transaction: a read in it would hold a share lock until the commit, and two
@@ -305,28 +327,20 @@ async def import_events(
                 # (a role that may not take it), a stream appended to meanwhile by someone else is caught by the
                 # unique (stream, version) index, and nothing is written.
                 if deferred or await store.is_empty(conn):
-                    total = await _load_empty(conn, store, lines, known, source, batch_size, progress)
+                    total = await _load_empty(conn, store, job)
                 else:
-                    total = await _load(conn, store, lines, known, source, batch_size, progress)
-                if deferred and progress is not None:
-                    progress(ImportProgress(total, indexing=True))
+                    total = await _load(conn, store, job)
+                if deferred:
+                    job.report(total, indexing=True)
                 await store.restore_indexes(conn, deferred)
                 await store.notify(conn)
-    return ImportReport(total, len(known), time.perf_counter() - started)
+    return ImportReport(total, len(job.known), time.perf_counter() - started)
 
 
-async def _load_empty(
-    conn: asyncpg.Connection,
-    store: EventStore,
-    lines: Iterable[tuple[int, Any]],
-    known: dict[str, int],
-    source: str,
-    batch_size: int,
-    progress: Callable[[ImportProgress], None] | None,
-) -> int:
-    feed = _Feed(lines, known, source, batch_size, progress)
+async def _load_empty(conn: asyncpg.Connection, store: EventStore, job: _Job) -> int:
+    feed = _Feed(job)
     try:
-        await _copy(conn, store, feed, source)
+        await _copy(conn, store, feed, job.source)
     except Exception:
         if feed.error is None:
             raise
@@ -343,32 +357,20 @@ class _Feed:
     A bad line ends the data, and the COPY with it, instead of failing the COPY: the import then raises it and its
     transaction rolls back (a failed COPY would also send Postgres a cancel request, to race the rollback)."""
 
-    def __init__(
-        self,
-        lines: Iterable[tuple[int, Any]],
-        known: dict[str, int],
-        source: str,
-        batch_size: int,
-        progress: Callable[[ImportProgress], None] | None,
-    ) -> None:
-        self._lines = iter(lines)
-        self._known = known
-        self._source = source
-        self._batch_size = batch_size
-        self._progress = progress
-        self._now = datetime.now(UTC).isoformat()
-        self._types: dict[str, str] = {}
+    def __init__(self, job: _Job) -> None:
+        self._job = job
         self._next: asyncio.Future[tuple[int, bytes]] | None = None
         self._pending: memoryview | None = None
         self.events = 0
         self.error: UserError | None = None
 
     def _batch(self) -> tuple[int, bytes]:
-        """The next batch's COPY data (0 events: the end), in the thread."""
-        known, source, now, types = self._known, self._source, self._now, self._types
+        """The next batch's COPY data (0 events: the end), in the thread: `_numbered(job.next_batch())` in one pass,
+        without a record kept per line (they made it a sixth slower)."""
+        job = self._job
+        known, source, now, types = job.known, job.source, job.now, job.types
         lines = []
-        size = 0
-        for number, line in itertools.islice(self._lines, self._batch_size):
+        for number, line in itertools.islice(job.lines, job.batch_size):
             stream_id, stream_text, given, rest = _quick_record(line, now, types) or _record(
                 lambda number=number: f"{source}:{number}",  # type: ignore[misc]
                 line,
@@ -379,8 +381,7 @@ class _Feed:
                 raise _not_next(source, number, stream_id, given, version)
             known[stream_id] = version
             lines.append(f"{stream_text}\t{version}{rest}")
-            size += 1
-        return size, _encoded(lines, source)
+        return len(lines), _encoded(lines, source)
 
     def __aiter__(self) -> _Feed:
         return self
@@ -406,8 +407,7 @@ class _Feed:
             self.events += size
             self._next = asyncio.ensure_future(asyncio.to_thread(self._batch))  # parsed while this one is sent
             self._pending = memoryview(data)
-            if self._progress is not None:
-                self._progress(ImportProgress(self.events))
+            self._job.report(self.events)
 
     async def close(self) -> None:
         """Wait for the thread's batch in progress (the COPY may end before it does)."""
@@ -417,39 +417,23 @@ class _Feed:
             self._next = None
 
 
-async def _load(
-    conn: asyncpg.Connection,
-    store: EventStore,
-    lines: Iterable[tuple[int, Any]],
-    known: dict[str, int],
-    source: str,
-    batch_size: int,
-    progress: Callable[[ImportProgress], None] | None,
-) -> int:
+async def _load(conn: asyncpg.Connection, store: EventStore, job: _Job) -> int:
     """Into a store with events: batch by batch, each batch's streams looked up before it is numbered. A pipeline of
     two stages: a thread reads and checks the next batch while Postgres takes the previous one."""
-    items = iter(lines)
-    now = datetime.now(UTC).isoformat()
-    types: dict[str, str] = {}
     total = 0
-
-    def next_batch() -> Parsed:
-        return _records(itertools.islice(items, batch_size), source, now, types)
-
     copying: asyncio.Task[None] | None = None
     try:
         while True:
-            batch = await asyncio.to_thread(next_batch)
+            batch = await asyncio.to_thread(job.next_batch)
             if copying is not None:
                 await copying
                 copying = None
             if not batch:
                 break
-            await _look_up_versions(conn, store, batch, known)
-            copying = asyncio.create_task(_copy(conn, store, _numbered(batch, known, source), source))
+            await _look_up_versions(conn, store, batch, job.known)
+            copying = asyncio.create_task(_copy(conn, store, _numbered(batch, job.known, job.source), job.source))
             total += len(batch)
-            if progress is not None:
-                progress(ImportProgress(total))
+            job.report(total)
     finally:
         if copying is not None:
             # A bad line while a batch was being written: let the COPY end before the rollback.
