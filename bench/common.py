@@ -12,17 +12,19 @@ import statistics
 import subprocess
 import sys
 import warnings
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from rehydrate.core.settings import Settings
 from rehydrate.core.temporal import quiet_exit
 from rehydrate.devstack import dev_server_args, temporal_cli
+from rehydrate.examples import orders
 
 
 def with_database(url: str, name: str) -> str:
@@ -124,6 +126,17 @@ async def stop_process(process: subprocess.Popen[bytes]) -> None:
             await asyncio.to_thread(process.wait)
 
 
+def write_jsonl(path: Path, events: int) -> None:
+    """The demo's order history of `events` events as JSON Lines at `path`, unless it is there from an earlier run."""
+    if path.exists():
+        return
+    partial = path.with_suffix(".partial")
+    with partial.open("wb") as out:
+        for line in orders.generate(events):
+            out.write(orjson.dumps(line) + b"\n")
+    partial.rename(path)
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident set (VmHWM), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -132,11 +145,8 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(workers: list[int]) -> dict[str, float]:
-    """CPU time (user + system) used so far by the given worker processes, by Postgres' processes, by the
-    Temporal server and by everything else on the machine (from /proc: Linux only)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    used = {"workers": 0.0, "postgres": 0.0, "temporal": 0.0, "other": 0.0}
+def processes() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, name, the fields of /proc/PID/stat after the name) of every process (Linux only)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -144,16 +154,23 @@ def cpu_seconds(workers: list[int]) -> dict[str, float]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
+        yield int(entry.name), stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(workers: list[int]) -> dict[str, float]:
+    """CPU time (user + system) used so far by the given worker processes, by Postgres' processes, by the
+    Temporal server and by everything else on the machine (from /proc: Linux only)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {"workers": 0.0, "postgres": 0.0, "temporal": 0.0, "other": 0.0}
+    for pid, name, fields in processes():
         seconds = (int(fields[11]) + int(fields[12])) / tick
-        if int(entry.name) in workers:
+        if pid in workers:
             used["workers"] += seconds
         elif name.startswith("postgres"):
             used["postgres"] += seconds
         elif name.startswith("temporal"):
             used["temporal"] += seconds
-        elif int(entry.name) != os.getpid():
+        elif pid != os.getpid():
             used["other"] += seconds
     return used
 

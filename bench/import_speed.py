@@ -31,23 +31,10 @@ from pathlib import Path
 
 import asyncpg
 import orjson
-from common import create_database, drop_database, postgres_server, run_script
-
-from rehydrate.examples import orders
+from common import create_database, drop_database, postgres_server, processes, run_script, write_jsonl
 
 HOME = Path(".rehydrate-bench").resolve()
 PGDATA = HOME / "import-pgdata"
-
-
-def write_jsonl(path: Path, events: int) -> None:
-    """The order history as JSON Lines, written once (`bench/replay_speed.py` writes the same file)."""
-    if path.exists():
-        return
-    partial = path.with_suffix(".partial")
-    with partial.open("wb") as out:
-        for line in orders.generate(events):
-            out.write(orjson.dumps(line) + b"\n")
-    partial.rename(path)
 
 
 def postgres_cpu(pgdata: Path) -> float | None:
@@ -61,15 +48,8 @@ def postgres_cpu(pgdata: Path) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     ticks = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(entry.name) == postmaster:
+    for pid, _, fields in processes():
+        if pid == postmaster:
             ticks += sum(int(field) for field in fields[11:15])
         elif int(fields[1]) == postmaster:
             ticks += int(fields[11]) + int(fields[12])

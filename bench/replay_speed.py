@@ -61,6 +61,7 @@ from common import (  # bench/ is on sys.path: the script's folder
     spawn_worker,
     stop_process,
     temporal,
+    write_jsonl,
 )
 from temporalio.client import Client
 
@@ -118,16 +119,6 @@ def rate(events: int, seconds: float) -> str:
 
 
 # -- the store ------------------------------------------------------------------------------------------
-
-
-def write_jsonl(path: Path, events: int) -> None:
-    if path.exists():
-        return
-    partial = path.with_suffix(".partial")
-    with partial.open("wb") as out:
-        for line in orders.generate(events):
-            out.write(orjson.dumps(line) + b"\n")
-    partial.rename(path)
 
 
 async def build_store(server_url: str, events: int, reuse: bool) -> tuple[str, float | None]:
