@@ -200,10 +200,10 @@ def _record(where: Callable[[], str], line: Any, now: str) -> Record:
 
 
 def _quick_record(line: Any, now: str, types: dict[str, str]) -> Record | None:
-    """`_record` of the usual line, in a third of its time; None for a line it does not clear, which `_record` then
-    takes (and names what is wrong with it, or writes it). It clears only lines `_record` writes exactly so: exact
-    types, nothing COPY must escape in the stream id or type, a timestamp Postgres reads as written. `types` keeps
-    the COPY text of each event type met."""
+    """`_record` of the usual line, in two thirds of its time (1.1 µs against 1.6 here); None for a line it does not
+    clear, which `_record` then takes (and names what is wrong with it, or writes it). It clears only lines `_record`
+    writes exactly so: exact types, nothing COPY must escape in the stream id or type, a timestamp Postgres reads as
+    written. `types` keeps the COPY text of each event type met."""
     if type(line) is not dict or not _FIELDS.issuperset(line):
         return None
     stream_id, event_type, data = line.get("stream_id"), line.get("type"), line.get("data")
