@@ -104,7 +104,7 @@ def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, AnyS
         unknown = sorted(set(values) - _TABLE_FIELDS)
         if unknown:
             raise UserError(
-                f"source {name!r} in settings has unknown key(s) {', '.join(unknown)}",
+                f"source {name!r} in settings has unknown key(s) {', '.join(map(repr, unknown))}",
                 fix=f"use {', '.join(sorted(_TABLE_FIELDS | {'url'}))}",
             )
         for optional in _OPTIONAL_COLUMNS:  # TOML has no null: "" (or false) maps no column
@@ -123,7 +123,7 @@ def _check_text(name: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if value is not None and not isinstance(value, str):
             raise UserError(
-                f"source {name!r} in settings: {key} = {value!r} is not text"[:300],
+                f"source {name!r} in settings: {key!r} = {value!r} is not text"[:300],
                 fix=f'write it as a string, e.g. {key} = "..."',
             )
 
@@ -144,7 +144,7 @@ def _kafka_from_settings(name: str, values: dict[str, Any]) -> KafkaSource:
     unknown = sorted(set(values) - _KAFKA_FIELDS)
     if unknown:
         raise UserError(
-            f"Kafka source {name!r} in settings has unknown key(s) {', '.join(unknown)}",
+            f"Kafka source {name!r} in settings has unknown key(s) {', '.join(map(repr, unknown))}",
             fix=f"use kind, bootstrap_servers, {', '.join(sorted(_KAFKA_FIELDS))}",
         )
     for optional in ("type_header", "type_field", "version_header"):  # TOML has no null: "" reads nothing

@@ -46,7 +46,7 @@ def test_a_kafka_source_in_settings_reads_as_declared_and_misspellings_are_named
     assert found["ledger"].servers == "k1:9092"  # type: ignore[union-attr]
     monkeypatch.setenv("REHYDRATE_SOURCE_LEDGER_BOOTSTRAP_SERVERS", "k2:9092")
     assert found["ledger"].servers == "k2:9092"  # type: ignore[union-attr]
-    with pytest.raises(UserError, match=r"unknown key\(s\) tpoic") as misspelt:
+    with pytest.raises(UserError, match=r"unknown key\(s\) 'tpoic'") as misspelt:
         sources_from_settings({"ledger": {"kind": "kafka", "tpoic": "ledger"}})
     assert "topic" in (misspelt.value.fix or "")
     with pytest.raises(UserError, match="names no topic"):

@@ -68,3 +68,20 @@ def test_a_projection_keyed_by_a_payload_field_needs_a_json_payload_read_as_is(c
         source._key_sql(KeySpec(field="account"), 4)
     jsonb = EventSource(None, TABLE, "team")  # type: ignore[arg-type]
     assert "->>" in jsonb._key_sql(KeySpec(field="account"), 4)
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        ({"table": "public.events", "pos\nition": "id"}, "source 'legacy' in settings has unknown key(s) 'pos\\n"),
+        ({"table": 5}, "source 'legacy' in settings: 'table' = 5 is not text"),
+        ({"kind": "kafka", "topic": ["a"]}, "source 'legacy' in settings: 'topic' = ['a'] is not text"),
+        ({"table": ""}, "source 'legacy' in settings: events table '' is not a plain identifier"),
+    ],
+    ids=["key-with-a-newline", "table-not-text", "topic-not-text", "table-empty"],
+)
+def test_settings_that_cannot_be_a_source_are_one_line_naming_it(declared: dict[str, object], message: str) -> None:
+    with pytest.raises(UserError) as refused:
+        sources_from_settings({"legacy": declared})
+    assert refused.value.message.startswith(message), refused.value.message
+    assert "\n" not in str(refused.value)
