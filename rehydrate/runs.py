@@ -81,13 +81,12 @@ async def replay_runs(
     if task_queue is not None:
         query += f" AND TaskQueue = '{_quoted(task_queue)}'"
     found: list[ReplayRun] = []
+    continued: dict[str, tuple[WorkflowExecution, str | None]] = {}
     scanned = 0
     async for execution in client.list_workflows(query, page_size=200):
         scanned += 1
         if scanned > _SCANNED:
             break
-        if execution.status == Status.CONTINUED_AS_NEW:
-            continue
         named, label = await _names(execution)
         if named is None:
             if not _is_of(execution.id, projection, sandbox, execution.task_queue):
@@ -95,19 +94,37 @@ async def replay_runs(
             label = _sandbox_of(execution.id, projection, execution.task_queue)
         elif named != projection or (sandbox != ANY_SANDBOX and label != sandbox):
             continue
-        found.append(
-            ReplayRun(
-                workflow_id=execution.id,
-                run_id=execution.run_id,
-                status=execution.status.name if execution.status is not None else "UNKNOWN",
-                started_at=execution.start_time,
-                closed_at=execution.close_time,
-                started_by=started_by(execution.id, projection, execution.task_queue),
-                sandbox=label,
-            )
-        )
+        if execution.status == Status.CONTINUED_AS_NEW:
+            continued.setdefault(execution.id, (execution, label))
+            continue
+        found.append(_run(execution, projection, label))
+    # A run that continued as new whose successor the list does not show yet (it is written a moment later): the
+    # chain's latest run, as Temporal describes it, stands for it.
+    listed = {run.workflow_id for run in found}
+    for workflow_id, (execution, label) in continued.items():
+        if workflow_id in listed:
+            continue
+        try:
+            latest = await client.get_workflow_handle(workflow_id).describe()
+        except RPCError:
+            continue
+        if not running or latest.status == Status.RUNNING:
+            found.append(_run(latest, projection, label, execution.task_queue))
     found.sort(key=lambda run: (run.status != "RUNNING", -(run.started_at.timestamp() if run.started_at else 0)))
     return found[:limit]
+
+
+def _run(execution: WorkflowExecution, projection: str, label: str | None, task_queue: str | None = None) -> ReplayRun:
+    queue = task_queue or execution.task_queue
+    return ReplayRun(
+        workflow_id=execution.id,
+        run_id=execution.run_id,
+        status=execution.status.name if execution.status is not None else "UNKNOWN",
+        started_at=execution.start_time,
+        closed_at=execution.close_time,
+        started_by=started_by(execution.id, projection, queue),
+        sandbox=label,
+    )
 
 
 def _quoted(value: str) -> str:

@@ -263,8 +263,8 @@ async def running_replay(
     into, latest = f" into sandbox {sandbox!r}" if sandbox else "", ""
     for attempt in range(_LIST_ATTEMPTS):
         # Temporal's list is eventually consistent (the dev server rewrites a run's row on every search attribute
-        # update), so one listing can miss a running run: the latest run's own description decides, and a run
-        # that seems not to run is looked for again before the answer is no.
+        # update), so one listing can miss a running run, or every run: the latest run's own description decides,
+        # and a run that seems not to run, or not to exist, is looked for again before the answer is no.
         if attempt:
             await asyncio.sleep(_LIST_PAUSE)
         handle = await latest_replay(client, projection, sandbox, running=True, task_queue=task_queue)
@@ -272,12 +272,14 @@ async def running_replay(
             return client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
         last = await latest_replay(client, projection, sandbox, task_queue=task_queue)
         if last is None:
-            raise UserError(f"no replay of {projection!r}{into} was ever started", fix=f"nothing to {verb}")
+            continue
         description = await last.describe()
         if description.status == Status.RUNNING:
             return client.get_workflow_handle_for(ReplayWorkflow.run, last.id, run_id=description.run_id)
         state = description.status.name.lower() if description.status else "unknown"
         latest = f"the latest, {last.id}, is {state}"
+    if not latest:
+        raise UserError(f"no replay of {projection!r}{into} was ever started", fix=f"nothing to {verb}")
     raise UserError(
         f"no replay of {projection!r}{into} is running ({latest})",
         fix=f"nothing to {verb}; `rehydrate replay list {projection}` shows its runs",
