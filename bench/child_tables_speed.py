@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
 import time
 
@@ -137,10 +136,6 @@ def spread(values: list[float], form: str) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    # SIGTERM as Ctrl-C: the run is cancelled, and the blocks below stop the workers, Temporal and Postgres.
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     await asyncio.to_thread(HOME.mkdir, exist_ok=True)
     async with postgres_server(HOME / "pgdata", delete=False) as server_url, temporal() as client:
         url, _ = await build_store(server_url, args.events, args.reuse)

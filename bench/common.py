@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -72,6 +76,35 @@ async def drop_database(server_url: str, name: str) -> None:
         admin = await asyncpg.connect(server_url)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(scratch: Path) -> AsyncIterator[str]:
+    """A fresh database, dropped at the end: on the server of REHYDRATE_DATABASE_URL, or on an embedded server in
+    `scratch`."""
+    async with postgres_server(scratch / "pgdata", delete=True) as server_url:
+        name = f"rh_bench_{uuid.uuid4().hex[:8]}"
+        try:
+            yield await create_database(server_url, name)
+        finally:
+            await drop_database(server_url, name)
+
+
+@contextlib.asynccontextmanager
+async def scratch_stack() -> AsyncIterator[tuple[Path, str, Client]]:
+    """A scratch folder, a fresh database (see `fresh_database`) and a Temporal client (see `temporal`), all
+    stopped and removed at the end."""
+    scratch = Path(tempfile.mkdtemp(prefix="rehydrate-bench-"))
+    try:
+        async with fresh_database(scratch) as url, temporal() as client:
+            yield scratch, url, client
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def percentile(ordered: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 @contextlib.asynccontextmanager
@@ -180,10 +213,18 @@ def cpu_used(before: dict[str, float], after: dict[str, float]) -> str:
 
 
 def run_script(main: Callable[[argparse.Namespace], Coroutine[object, object, int]], args: argparse.Namespace) -> None:
-    """Run a script's `main` and exit with its status: 130 on Ctrl-C, 143 on SIGTERM (when the script turned it into
-    a cancellation), without the interpreter's exit handlers (sdk-python#300)."""
+    """Run a script's `main` and exit with its status: 130 on Ctrl-C, 143 on SIGTERM, without the interpreter's exit
+    handlers (sdk-python#300). SIGTERM cancels `main` as Ctrl-C does, so the script's blocks stop what they started
+    (workers, Temporal, Postgres, traffic) on either."""
+
+    async def cancelled_on_sigterm() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main(args)
+
     try:
-        code = asyncio.run(main(args))
+        code = asyncio.run(cancelled_on_sigterm())
     except KeyboardInterrupt:
         code = 130
     except asyncio.CancelledError:  # SIGTERM

@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -187,10 +186,6 @@ async def check_ends(bootstrap: str, sent: list[int]) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    # SIGTERM as Ctrl-C: the run is cancelled, and the blocks below stop the workers, tansu, Temporal and Postgres.
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     await asyncio.to_thread(HOME.mkdir, exist_ok=True)
     async with (
         postgres_server(HOME / "pgdata", delete=False) as server_url,

@@ -47,10 +47,7 @@ import contextlib
 import itertools
 import os
 import random
-import shutil
-import signal
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,9 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from common import run_script, temporal
+from common import percentile, run_script, scratch_stack
 from replay_speed import workers
-from tail_latency import percentile, postgres
 from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 
@@ -369,17 +365,8 @@ def summary(outcomes: list[Outcome]) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    # SIGTERM as Ctrl-C: the run is cancelled, and the blocks below stop the traffic, the workers, the replay and
-    # tail workflows, Temporal and Postgres.
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    scratch = Path(tempfile.mkdtemp(prefix="rehydrate-bench-"))
-    try:
-        async with postgres(scratch) as url, temporal() as client:
-            return await run(args, scratch, url, client)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    async with scratch_stack() as (scratch, url, client):
+        return await run(args, scratch, url, client)
 
 
 async def run(args: argparse.Namespace, scratch: Path, url: str, client: Client) -> int:

@@ -355,9 +355,6 @@ def described(kill: Kill) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     await asyncio.to_thread(HOME.mkdir, exist_ok=True)
     print(f"load average at the start: {load()}", flush=True)
     kills: list[Kill] = []

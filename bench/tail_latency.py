@@ -30,10 +30,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import math
-import shutil
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from common import create_database, drop_database, postgres_server, spawn_worker, stop_process, temporal, worker_env
+from common import percentile, scratch_stack, spawn_worker, stop_process, worker_env
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -80,17 +77,6 @@ def fold(projection: Projection, events: list[Event]) -> dict[Any, dict[str, Any
 
 
 @contextlib.asynccontextmanager
-async def postgres(scratch: Path) -> AsyncIterator[str]:
-    """A fresh database: on the server of REHYDRATE_DATABASE_URL, or on an embedded server in `scratch`."""
-    async with postgres_server(scratch / "pgdata", delete=True) as server_url:
-        name = f"rh_bench_{uuid.uuid4().hex[:8]}"
-        try:
-            yield await create_database(server_url, name)
-        finally:
-            await drop_database(server_url, name)
-
-
-@contextlib.asynccontextmanager
 async def worker(settings: Settings, client: Client, in_process: bool, log: Path) -> AsyncIterator[None]:
     """A rehydrate worker with tails on: in this process, or `python -m rehydrate worker` in another."""
     if in_process:
@@ -115,18 +101,9 @@ async def wait_for_checkpoint(conn: asyncpg.Connection, past: int, within: float
     return False
 
 
-def percentile(ordered: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
 async def main(args: argparse.Namespace) -> int:
-    scratch = Path(tempfile.mkdtemp(prefix="rehydrate-bench-"))
-    try:
-        async with postgres(scratch) as url, temporal() as client:
-            return await run(args, scratch, url, client)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    async with scratch_stack() as (scratch, url, client):
+        return await run(args, scratch, url, client)
 
 
 async def run(args: argparse.Namespace, scratch: Path, url: str, client: Client) -> int:
