@@ -22,26 +22,14 @@ from rehydrate.core.settings import Settings
 from rehydrate.engine.importer import import_events
 from rehydrate.models import ReplayInput
 from rehydrate.starter import start_replay, wait_for_replay
+from tests.faults.test_faults import until
 from tests.helpers import domain
-from tests.helpers.workers import kill_workers, start_worker
+from tests.helpers.workers import blocked_by, kill_workers, start_worker
 
 HEARTBEAT_TIMEOUT = 2.0
 # A step's retry reaches a live worker after the heartbeat timeout and the retry's first back-off (1 s); on a loaded
 # machine a worker's start and the workflow task's move add a few seconds. Without heartbeats it would be an hour.
 RECOVERY_LIMIT = 20.0
-
-
-async def blocked_by(pool: asyncpg.Pool, gate: asyncpg.Connection) -> bool:
-    """Whether some session waits for a lock that `gate` holds."""
-    pid = gate.get_server_pid()
-    return bool(await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid))
-
-
-async def until(check: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_worker_killed_while_indexing_or_catching_up_is_replaced_within_seconds(

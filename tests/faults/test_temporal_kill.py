@@ -47,7 +47,7 @@ from tests.faults.test_tail_crash import batch_in_fold
 from tests.helpers import domain
 from tests.helpers.faults import Figures, PrivatePostgres
 from tests.helpers.ports import free_port
-from tests.helpers.workers import frozen, rolled_back, start_worker
+from tests.helpers.workers import blocked_by, frozen, rolled_back, start_worker
 
 pytestmark = pytest.mark.slow
 
@@ -180,12 +180,6 @@ async def planned(probe: Probe) -> bool:
     """Whether the newest generation is building (its plan committed: its row and lanes exist)."""
     state, lanes = await build_state(probe)
     return state == "building" and bool(lanes)
-
-
-async def blocked_by(pool: asyncpg.Pool, blocker: asyncpg.Connection) -> bool:
-    """Whether a session waits for a lock that `blocker` holds."""
-    pid = blocker.get_server_pid()
-    return bool(await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid))
 
 
 async def running_tails(client: Client) -> list[str]:

@@ -52,6 +52,12 @@ def start_worker(settings: Settings, log: Path, extra_env: dict[str, str] | None
         )
 
 
+async def blocked_by(pool: asyncpg.Pool, blocker: asyncpg.Connection) -> bool:
+    """Whether a session waits for a lock that `blocker` holds (a test holding a step inside its statement)."""
+    pid = blocker.get_server_pid()
+    return bool(await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid))
+
+
 async def chunk_transactions_open(pool: asyncpg.Pool, cursors: str = "lane_checkpoints") -> int:
     """Open transactions that locked a cursor row (FOR UPDATE) of table `cursors` or wrote it: chunks between start
     and commit (a replay's lane checkpoints, or a snapshot rebuild's partitions: `snapshot_rebuilds`)."""
