@@ -193,11 +193,7 @@ class TailActivities(Activities):
                         if isinstance(source, EventSource) and not isinstance(declared, KafkaSource):
                             channel = source.mapping.notify_channel
                     if channel is not None and (listener is None or listener.is_closed()):
-                        try:
-                            listener = await connect(listen_url)
-                        except UserError as error:
-                            # The database down or restarting: an outage to wait out, not a reason to stop the tail.
-                            raise SourceUnavailable(error.message) from None
+                        listener = await connect(listen_url)  # down or restarting: DatabaseUnreachable, waited out
                         await listener.add_listener(channel, on_notify)
                     async with self.generations() as generations:
                         result = await generations.tail_batch(projection, input.batch_size)
@@ -215,7 +211,7 @@ class TailActivities(Activities):
                                 async with self.connection() as conn, source.reading(conn) as reading:
                                     lag = await source.lag(reading, checkpoint, projection.event_types)
                             metrics.tail_lag(projection.name, *lag)
-                except DatabaseUnreachable as error:  # a source's database down when the tail first opens it
+                except DatabaseUnreachable as error:  # the database or a source's down when the tail (re)connects
                     await outage.failed(error, checkpoint, deadline)
                     continue
                 except UserError as error:  # a poison event, or a generation the code cannot write
