@@ -453,8 +453,11 @@ async def test_a_tail_waits_out_cut_connections_with_one_warning_and_catches_up(
         assert [a.attempt for a in tail.raw_description.pending_activities] == [1]
     assert cuts > 0
     messages = [r.getMessage() for r in caplog.records if r.name == "rehydrate.tail"]
-    assert len([m for m in messages if "cannot apply batches" in m]) == 1, messages
-    assert len([m for m in messages if "applies batches again" in m]) == 1, messages
+    # One warning per outage and one line when it is over. Batches can slip through between cuts: when they do for
+    # 5 s while the error is still being recorded, that outage is over and the next cut starts another, so the lines
+    # alternate rather than number exactly one each; a stream of warnings would show as two in a row.
+    kinds = [("down" if "cannot apply" in m else "up") for m in messages if "apply batches" in m or "applies b" in m]
+    assert kinds and kinds == ["down", "up"] * (len(kinds) // 2), messages
 
 
 async def _no_tail_error(store: EventStore) -> bool:
