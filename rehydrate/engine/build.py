@@ -24,7 +24,7 @@ from rehydrate.models import ChunkInput, ChunkResult, LaneState, Plan, PlanInput
 from rehydrate.sources.events import Cutoff, Event, is_held
 from rehydrate.sources.log import LogSource, check_partitions
 from rehydrate.sources.pools import Sources
-from rehydrate.sources.reading import SLICE, EventSource
+from rehydrate.sources.reading import FETCH_SIZE, SLICE, EventSource
 from rehydrate.sources.store import EventStore
 
 
@@ -250,6 +250,33 @@ class ChunkProgress:
     from_position: int = 0
 
 
+# Under a rate, a chunk fetches about this many seconds of events at a time: its load on the database comes in
+# small, even steps (a fetch of FETCH_SIZE rows is itself a burst of the server's work).
+_PACED_FETCH_SECONDS = 0.01
+
+
+def fetch_size(max_rate: float | None) -> int:
+    """Rows a chunk fetches at a time: FETCH_SIZE at full speed; under `max_rate`, about 10 ms of events."""
+    if not max_rate:
+        return FETCH_SIZE
+    return max(100, min(SLICE, int(max_rate * _PACED_FETCH_SECONDS)))
+
+
+class Pace:
+    """Spreads a chunk's slices over its time under a rate: after `n` events, wait until `n / rate` seconds have
+    passed since the chunk began reading. A throttled chunk then loads the database a slice at a time, evenly,
+    instead of in one burst at full speed followed by a pause (the bursts are what live readers wait behind)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, rate: float | None) -> None:
+        self.loop = loop
+        self.rate = rate
+        self.began = loop.time()
+
+    async def after(self, events: int) -> None:
+        wait = events / self.rate - (self.loop.time() - self.began) if self.rate else 0.0
+        await asyncio.sleep(max(0.0, wait))
+
+
 async def apply_chunk(
     conn: asyncpg.Connection,
     store: EventStore | Sources,
@@ -304,6 +331,7 @@ async def apply_chunk(
                     mark=input.mark,
                     types=projection.event_types,
                     limit=input.chunk_size,
+                    fetch_size=fetch_size(input.max_rate),
                     cutoff=cutoff,
                 )
             else:
@@ -316,10 +344,12 @@ async def apply_chunk(
                     lane=input.lane,
                     lanes=input.lanes,
                     limit=input.chunk_size,
+                    fetch_size=fetch_size(input.max_rate),
                     cutoff=cutoff,
                 )
             folding = Folding(projection, table, Parking(catalog, input.generation), stored_keys)
             loop = asyncio.get_running_loop()
+            pace = Pace(loop, input.max_rate)
             fetched = 0
             async for batch in batches:
                 fetched += len(batch)
@@ -328,7 +358,9 @@ async def apply_chunk(
                 if held:
                     batch = [e for e in batch if not is_held(held, e.stream_id, e.stream_version)]
                 await folding.add(batch)
-                await asyncio.sleep(0)  # the worker's workflow tasks and other chunks get a turn (see reading.SLICE)
+                # The worker's workflow tasks and other chunks get a turn (see reading.SLICE); under a rate, the
+                # slices are spread over the chunk's time.
+                await pace.after(fetched)
                 if loop.time() >= progress.quiet_until:
                     progress.heartbeat(position)
             applied = await folding.write()
@@ -364,10 +396,14 @@ async def _apply_log_chunk(
     # Keys interleave in a partition: any key may have a row from an earlier chunk.
     folding = Folding(projection, table, Parking(catalog, input.generation), None)
     loop = asyncio.get_running_loop()
+    pace = Pace(loop, input.max_rate)
+    read = 0
     async with log.reader() as reader:
-        async for events, position in log.batches(reader, input.lane, start, target, input.chunk_size, SLICE):
+        step = min(SLICE, fetch_size(input.max_rate))
+        async for events, position in log.batches(reader, input.lane, start, target, input.chunk_size, step):
             await folding.add(events)
-            await asyncio.sleep(0)
+            read += len(events)
+            await pace.after(read)
             if loop.time() >= progress.quiet_until:
                 progress.heartbeat(position)
     applied = await folding.write()

@@ -109,6 +109,8 @@ class ChunkInput:
     lanes: int
     mark: int
     chunk_size: int
+    # Under a replay's max_rate: the events per second this chunk applies at most, spread over its slices.
+    max_rate: float | None = None
 
 
 @dataclass

@@ -48,8 +48,12 @@ _PROGRESS_EVERY_SECOND = "progress-upserted-at-most-every-second"
 _ANALYZE_BESIDE_SWAP = "analyze-beside-catch-up-and-swap"
 # And then swapped as soon as they had caught up, while ANALYZE could still be running; they still do when replayed.
 _ANALYZED_BEFORE_SWAP = "swap-after-analyze"
-# Under max_rate, a chunk holds about this many seconds of events at the rate: short bursts, evenly spread.
-_THROTTLED_CHUNK_SECONDS = 1.0
+# Under max_rate, a chunk holds about this many seconds of events at the rate, and applies them over that time.
+_THROTTLED_CHUNK_SECONDS = 2.0
+# Replays started before throttled chunks paced themselves ran chunks of a second's events at full speed, and gave
+# no turn's time back for a lane's last, short chunk; they still do when replayed.
+_PACED_CHUNKS = "throttled-chunks-paced-inside"
+_UNPACED_CHUNK_SECONDS = 1.0
 # Replays started before runs carried their projection in the memo (where `replay status|list` find them,
 # whatever their workflow id) do not write it when replayed.
 _MEMO = "memo-names-the-projection"
@@ -198,9 +202,9 @@ class ReplayWorkflow:
 
         async def run_lane(lane: LaneState) -> None:
             while not lane.done and not self._stop_for_continue:
-                chunk_size = state.chunk_size
+                chunk_size, rate = state.chunk_size, None
                 if state.max_rate:
-                    chunk_size = await self._pace(state)
+                    chunk_size, rate = await self._pace(state)
                 # Waiters released in the same pass all saw the same free slot: the first to resume takes it,
                 # the others check again (no await between the check and the increment).
                 while not may_start():
@@ -216,6 +220,7 @@ class ReplayWorkflow:
                     lanes=len(state.lanes),
                     mark=state.mark,
                     chunk_size=chunk_size,
+                    max_rate=rate,
                 )
                 try:
                     result = await self._served(
@@ -233,6 +238,9 @@ class ReplayWorkflow:
                 lane.position = result.position
                 lane.applied = result.applied
                 lane.done = result.done
+                if rate is not None and lane.done and state.max_rate == rate:
+                    # A lane's last chunk is short: the time its turn held for the events it did not have goes back.
+                    self._next_chunk_at -= max(0, chunk_size - result.chunk_events) / rate
                 if lane.done:  # the plan's total was estimated from a sample: now it is known
                     state.events_total += lane.applied - lane.total
                     lane.total = lane.applied
@@ -244,24 +252,27 @@ class ReplayWorkflow:
         await run_all(run_lane(lane) for lane in state.lanes if not lane.done)
         return all(lane.done for lane in state.lanes)
 
-    async def _pace(self, state: ReplayState) -> int:
-        """Under `max_rate`, wait for the next chunk's turn and return its size: chunks of about a second's events
-        (so that each is a short burst), their turns handed out in order over all lanes, one chunk's worth of time
-        apart at the rate. A rate changed while a lane waits takes effect at once; a rate removed ends the wait."""
+    async def _pace(self, state: ReplayState) -> tuple[int, float | None]:
+        """Under `max_rate`, wait for the next chunk's turn and return its size and rate: chunks of about two
+        seconds' events, their turns handed out in order over all lanes, one chunk's worth of time apart at the rate;
+        each chunk spreads its own fetches over that time (build.Pace), so that the database sees an even trickle, not
+        bursts. A rate changed while a lane waits takes effect at once; a rate removed ends the wait."""
+        paced = workflow.patched(_PACED_CHUNKS)
+        seconds = _THROTTLED_CHUNK_SECONDS if paced else _UNPACED_CHUNK_SECONDS
         while state.max_rate:
             rate = state.max_rate
-            size = max(1, min(state.chunk_size, int(rate * _THROTTLED_CHUNK_SECONDS)))
+            size = max(1, min(state.chunk_size, int(rate * seconds)))
             now = workflow.time()
             turn = max(now, self._next_chunk_at)
             self._next_chunk_at = turn + size / rate  # taken before waiting: lanes get turns in the order they ask
             if turn <= now:
-                return size
+                return size, rate if paced else None
             with contextlib.suppress(TimeoutError):
                 await workflow.wait_condition(functools.partial(_changed, state, rate), timeout=turn - now)
             if state.max_rate == rate:
-                return size
+                return size, rate if paced else None
             self._next_chunk_at = workflow.time()  # a new rate hands out turns afresh
-        return state.chunk_size
+        return state.chunk_size, None
 
     async def _finish(self, input: ReplayInput, state: ReplayState) -> ReplayResult:
         ref = GenerationRef(input.projection, state.generation)

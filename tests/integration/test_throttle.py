@@ -8,13 +8,14 @@ import time
 
 import pytest
 from temporalio.client import Client
+from temporalio.worker import Replayer
 
 from rehydrate import EventStore
 from rehydrate.core.errors import UserError
 from rehydrate.core.settings import Settings
 from rehydrate.models import ReplayInput
 from rehydrate.starter import start_replay, throttle_replay, wait_for_replay
-from rehydrate.worker import running_worker
+from rehydrate.worker import running_worker, workflow_runner
 from rehydrate.workflows import ReplayWorkflow
 from tests.helpers import domain
 from tests.helpers.waiting import eventually
@@ -25,7 +26,7 @@ RATE = 300.0
 async def test_a_throttled_replay_keeps_to_its_rate_and_runs_free_once_the_limit_is_lifted(
     client: Client, settings: Settings, store: EventStore
 ) -> None:
-    await domain.append_all(store, domain.random_history(71, streams=40, events=4000))
+    await domain.append_all(store, domain.random_history(71, streams=40, events=8000))
     with pytest.raises(UserError, match=r"max_rate=-1 is not a positive number"):
         await start_replay(client, settings, ReplayInput("accounts", max_rate=-1))
     async with running_worker(settings, domain.registry(), client=client):
@@ -37,12 +38,13 @@ async def test_a_throttled_replay_keeps_to_its_rate_and_runs_free_once_the_limit
 
         await eventually(building)
         before, started = await handle.query(ReplayWorkflow.progress), time.monotonic()
-        await asyncio.sleep(3)
+        await asyncio.sleep(6)
         after, ended = await handle.query(ReplayWorkflow.progress), time.monotonic()
         rate = (after.events_applied - before.events_applied) / (ended - started)
         assert after.max_rate == RATE and "throttled to 300 events/s" in after.summary()
-        # Chunks of a second's events (300), their turns a second apart: at most a chunk over the rate in 3 s.
-        assert RATE / 5 < rate < RATE * 4 / 3, rate
+        # Chunks of two seconds' events (600), their turns two seconds apart, counted as each ends: at most a chunk
+        # over the rate in 6 s.
+        assert RATE / 5 < rate < RATE * 1.4, rate
         assert after.events_applied < after.events_total / 2
         with pytest.raises(UserError, match="max_rate=0 is not a positive number"):
             await throttle_replay(client, "accounts", 0)
@@ -54,4 +56,8 @@ async def test_a_throttled_replay_keeps_to_its_rate_and_runs_free_once_the_limit
     assert time.monotonic() - lifted < remaining / RATE / 2
     assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(
         domain.accounts, await domain.all_events(store)
+    )
+    # Turns, waits, a rate lifted while lanes waited: the history replays as it ran.
+    await Replayer(workflows=[ReplayWorkflow], workflow_runner=workflow_runner()).replay_workflow(
+        await handle.fetch_history()
     )
