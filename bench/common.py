@@ -135,8 +135,8 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m rehydrate worker` with `env` added to this process's environment."""
+def spawn_worker(env: dict[str, str], log: Path, nice: int = 0) -> subprocess.Popen[bytes]:
+    """`python -m rehydrate worker` with `env` added to this process's environment, at CPU niceness `nice`."""
     # Output to a file: a pipe nobody reads would block the worker once full.
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -145,7 +145,26 @@ def spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,  # before exec: every thread inherits it
         )
+
+
+def renice_server(port: int, nice: int) -> int:
+    """Set the CPU niceness of every thread of the Temporal dev server listening on `port` (Linux: a thread's
+    niceness is its own, and new threads take their creator's); returns its pid (0: not found)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"start-dev" in args and str(port).encode() in args:
+            for task in (proc / "task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+            return int(proc.name)
+    return 0
 
 
 async def stop_process(process: subprocess.Popen[bytes]) -> None:

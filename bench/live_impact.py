@@ -7,6 +7,7 @@ Usage:
     python bench/live_impact.py --max-parallel 0          # no replay limited to one chunk at a time
     python bench/live_impact.py --events 200000 --runs 1 --before 5 --after 5   # a quick look
     python bench/live_impact.py --write-rate 0            # writers append as fast as they can
+    python bench/live_impact.py --nice 19                 # workers and Temporal as if on machines of their own
 
 What it does: starts Postgres (embedded, in a temporary folder, stopped and deleted at the end; or, with
 REHYDRATE_DATABASE_URL, a new scratch database on that server, dropped at the end), a Temporal dev server (or uses
@@ -34,8 +35,14 @@ latency (lookups and joins apart), queries, errors and empty results; writers' e
 errors. For each replay the ratios to its own "before": reader p99 during the build ÷ before, writer events/s
 during the build ÷ before; over the rounds the median and the range of each, never the best.
 
+For each replay it also prints the build's two parts apart (**chunks**, and **finish**: the indexes, the catch-up
+and the wait for ANALYZE), and where the reads slower than twice the baseline's p99 fell in the chunks (their first
+tenth, the middle, the last tenth, or between chunks).
+
 Readers and writers share this process's event loop, and on a small machine every process shares its cores: the
-latencies include waiting for a core. Prints the load average beside each replay. Exit status 1 if any reader saw
+latencies include waiting for a core. `--nice 19` runs the workers and the Temporal dev server at the lowest CPU
+priority, so that they take what Postgres and the readers leave, as workers and Temporal on machines of their own
+would (in production they do not share the database's cores). Prints the load average beside each replay. Exit status 1 if any reader saw
 an error or an empty result. Everything it started is stopped at the end, on Ctrl-C and on SIGTERM too.
 """
 
@@ -55,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from common import percentile, run_script, scratch_stack
+from common import percentile, renice_server, run_script, scratch_stack
 from replay_speed import workers
 from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
@@ -118,6 +125,7 @@ class Outcome:
     swap_lock_ms: float
     load: str
     at_swap: str  # when the slowest queries of the swap window ran, against the swap and the new tables' ANALYZE
+    in_chunks: str  # where the reads over twice the baseline's p99 fell in the chunks
 
     def ratio(self, of: Callable[[PhaseStats], float]) -> float:
         before = of(self.phases["before"])
@@ -188,12 +196,15 @@ async def writer(store: EventStore, index: int, args: argparse.Namespace, traffi
                 await asyncio.sleep(0.1)
 
 
-async def milestones(client: Client, workflow_id: str, run_id: str | None) -> dict[str, float]:
+async def milestones(
+    client: Client, workflow_id: str, run_id: str | None, chunks: list[tuple[float, float]] | None = None
+) -> dict[str, float]:
     """Unix times from the replay's history, over every run of it across continue-as-new: its chunks' first
     scheduling and last completion, the swap activity's scheduling and completion, the new tables' ANALYZE's
-    completion."""
+    completion; and into `chunks`, each chunk's start and completion."""
     times: dict[str, float] = {}
     scheduled: dict[int, str] = {}
+    started: dict[int, float] = {}
     while run_id:
         history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
         run_id = None
@@ -207,10 +218,15 @@ async def milestones(client: Client, workflow_id: str, run_id: str | None) -> di
                     times.setdefault("chunks_from", at)
                 elif name == "swap":
                     times.setdefault("swap_from", at)
+            elif kind == "activity_task_started_event_attributes":
+                started[event.activity_task_started_event_attributes.scheduled_event_id] = at
             elif kind == "activity_task_completed_event_attributes":
-                name = scheduled[event.activity_task_completed_event_attributes.scheduled_event_id]
+                of = event.activity_task_completed_event_attributes.scheduled_event_id
+                name = scheduled[of]
                 if name == "apply_chunk":
                     times["chunks_to"] = at
+                    if chunks is not None and of in started:
+                        chunks.append((started[of], at))
                 elif name == "swap":
                     times["swap_to"] = at
                 elif name == "analyze_table":
@@ -254,6 +270,27 @@ def slowest_at_swap(traffic: Traffic, start: float, end: float, times: dict[str,
     return "from the swap's completion: " + ", ".join(parts)
 
 
+def slow_reads_in_chunks(traffic: Traffic, chunks: list[tuple[float, float]], slow_ms: float) -> str:
+    """Where the reads slower than `slow_ms` that began while chunks ran fall in the chunk that was running (the
+    latest started): its first tenth (the activity's start, its transaction's first fetch), the middle, or its last
+    tenth (the rows' COPY and the commit); and how many slow reads began between chunks."""
+    if not chunks:
+        return "no chunk"
+    chunks = sorted(chunks)
+    first, last = chunks[0][0], max(end for _, end in chunks)
+    places = {"first tenth": 0, "middle": 0, "last tenth": 0, "between chunks": 0}
+    slow = [r for r in traffic.reads if first <= r[0] < last and r[2] >= slow_ms]
+    for began, *_ in slow:
+        running = [(start, end) for start, end in chunks if start <= began < end]
+        if not running:
+            places["between chunks"] += 1
+            continue
+        start, end = max(running)
+        share = (began - start) / (end - start)
+        places["first tenth" if share < 0.1 else "last tenth" if share >= 0.9 else "middle"] += 1
+    return f"{len(slow)} reads ≥ {slow_ms:.1f} ms: " + ", ".join(f"{n} in the {k}" for k, n in places.items())
+
+
 def load_average() -> str:
     return " ".join(f"{n:.1f}" for n in os.getloadavg())
 
@@ -278,7 +315,8 @@ async def measured_replay(
         with contextlib.suppress(RPCError):
             await handle.terminate("benchmark stopped")
         raise
-    times = await milestones(client, handle.id, handle.result_run_id)
+    chunks: list[tuple[float, float]] = []
+    times = await milestones(client, handle.id, handle.result_run_id, chunks)
     swap_from = max(started, times["swap_from"] - args.swap_margin)
     swap_to = times["swap_to"] + args.swap_margin
     end = swap_to + args.after
@@ -289,7 +327,14 @@ async def measured_replay(
         "swap": (swap_from, swap_to),
         "after": (swap_to, end),
     }
+    # The build's two parts, shown beside the phases (not in the summary): the chunks, and what follows them up to
+    # the swap window (indexes, catch-up, the wait for ANALYZE).
+    windows["chunks"] = (times["chunks_from"], times["chunks_to"])
+    windows["finish"] = (times["chunks_to"], swap_from)
+    before = phase_stats(traffic, *windows["before"])
+    slow_ms = 2 * max(before.latency[kind][2] for kind in KINDS)
     return Outcome(
+        in_chunks=slow_reads_in_chunks(traffic, chunks, slow_ms),
         at_swap=slowest_at_swap(traffic, swap_from, swap_to, times),
         label=label,
         round=round_,
@@ -321,6 +366,7 @@ def show(outcome: Outcome) -> None:
             f"{s.append_p99:7.1f} ms {s.write_errors:>6}"
         )
     print(f"  at the swap, {outcome.at_swap}")
+    print(f"  during the chunks, {outcome.in_chunks}")
     lookup, join = (outcome.ratio(lambda s, k=kind: s.latency[k][2]) for kind in KINDS)  # type: ignore[misc]
     writes = outcome.ratio(lambda s: s.writes_per_second)
     print(f"  build ÷ before: lookup p99 {lookup:.2f}×, join p99 {join:.2f}×, writes/s {writes:.2f}×", flush=True)
@@ -384,8 +430,18 @@ async def run(args: argparse.Namespace, scratch: Path, url: str, client: Client)
         async with pool.acquire() as conn:
             await conn.execute("VACUUM ANALYZE rehydrate.events")
         print(f"imported {report.events:,} events in {time.perf_counter() - began:.1f} s", flush=True)
+        if args.nice and not os.environ.get("REHYDRATE_TEMPORAL_ADDRESS"):
+            port = int(client.service_client.config.target_host.rsplit(":", 1)[1])
+            if not renice_server(port, args.nice):
+                raise SystemExit(f"--nice: found no Temporal dev server on port {port}")
         async with workers(
-            url, client, args.workers, scratch / "worker.log", projections=MODULE, extra={"REHYDRATE_TAILS": "true"}
+            url,
+            client,
+            args.workers,
+            scratch / "worker.log",
+            projections=MODULE,
+            extra={"REHYDRATE_TAILS": "true"},
+            nice=args.nice,
         ) as (settings, _):
             tail = client.get_workflow_handle(tail_workflow_id(PROJECTION.name, settings.temporal_task_queue))
             first = await wait_for_replay(await start_replay(client, settings, ReplayInput(PROJECTION.name)))
@@ -446,8 +502,8 @@ async def run(args: argparse.Namespace, scratch: Path, url: str, client: Client)
     reads = len(traffic.reads)
     failed = sum(outcome != "ok" for _, _, _, outcome in traffic.reads)
     print(
-        f"{args.events:,} events at the start; {os.cpu_count()} cores; {args.workers} worker processes; {args.readers} "
-        f"readers at {args.read_rate:,.0f} queries/s; {args.writers} writers at "
+        f"{args.events:,} events at the start; {os.cpu_count()} cores; {args.workers} worker processes at nice "
+        f"{args.nice}; {args.readers} readers at {args.read_rate:,.0f} queries/s; {args.writers} writers at "
         + (f"{args.write_rate:,.0f} events/s" if args.write_rate else "full speed")
         + f"; {reads:,} queries in all, {failed} of them an error or empty; load average now {load_average()}"
     )
@@ -489,6 +545,13 @@ if __name__ == "__main__":
         type=int,
         default=1,
         help="also a replay throttled to this many chunks at a time (0: none)",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="CPU niceness of the workers and the Temporal dev server (19: they take what Postgres and the readers "
+        "leave, as on machines of their own)",
     )
     parser.add_argument("--before", type=float, default=10.0, help="seconds of baseline before each replay")
     parser.add_argument("--after", type=float, default=10.0, help="seconds measured after each swap window")

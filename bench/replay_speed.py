@@ -238,9 +238,10 @@ async def workers(
     activities: int | None = None,
     projections: str = "rehydrate.examples.orders",
     extra: dict[str, str] | None = None,
+    nice: int = 0,
 ) -> AsyncIterator[tuple[Settings, list[int]]]:
     """`count` worker processes on a task queue of their own, serving the projections of the module `projections`
-    (`extra`: more of their environment)."""
+    (`extra`: more of their environment), at CPU niceness `nice`."""
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     settings = Settings(
         database_url=url,
@@ -259,7 +260,7 @@ async def workers(
         **({"REHYDRATE_MAX_CONCURRENT_ACTIVITIES": str(activities)} if activities else {}),
         **(extra or {}),
     }
-    processes = [spawn_worker(env, log) for _ in range(count)]
+    processes = [spawn_worker(env, log, nice) for _ in range(count)]
     try:
         await asyncio.sleep(3)  # let them connect and poll
         yield settings, [p.pid for p in processes]
