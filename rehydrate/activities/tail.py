@@ -26,7 +26,7 @@ from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.projections import Registry
 from rehydrate.models import TailInput, TailRun
 from rehydrate.models.names import TAIL, tail_workflow_id
-from rehydrate.sources.declaration import KafkaSource, Source
+from rehydrate.sources.declaration import Source
 from rehydrate.sources.log import LogSource
 from rehydrate.sources.reading import EventSource
 
@@ -190,7 +190,7 @@ class TailActivities(Activities):
                                 projection.name, projection.fingerprint
                             )
                         source = await self.sources.any(declared)
-                        if isinstance(source, EventSource) and not isinstance(declared, KafkaSource):
+                        if isinstance(source, EventSource):
                             channel = source.mapping.notify_channel
                     if channel is not None and (listener is None or listener.is_closed()):
                         listener = await connect(listen_url)  # down or restarting: DatabaseUnreachable, waited out
@@ -204,13 +204,16 @@ class TailActivities(Activities):
                         metrics.events_applied(projection.name, moved)
                         if time.monotonic() >= lag_due:
                             lag_due = time.monotonic() + _LAG_EVERY_SECONDS
+                            lag: tuple[int, float] | None
                             if isinstance(source, LogSource):
                                 async with self.generations() as generations:
-                                    lag = await generations.log_lag(projection, generation, source), 0.0
+                                    behind = await generations.log_lag(projection, generation, source)
+                                lag = None if behind is None else (behind, 0.0)
                             else:
                                 async with self.connection() as conn, source.reading(conn) as reading:
                                     lag = await source.lag(reading, checkpoint, projection.event_types)
-                            metrics.tail_lag(projection.name, *lag)
+                            if lag is not None:
+                                metrics.tail_lag(projection.name, *lag)
                 except DatabaseUnreachable as error:  # the database or a source's down when the tail (re)connects
                     await outage.failed(error, checkpoint, deadline)
                     continue

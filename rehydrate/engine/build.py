@@ -22,7 +22,7 @@ from rehydrate.engine.generations import Generations, other_code
 from rehydrate.engine.projections import Projection
 from rehydrate.models import ChunkInput, ChunkResult, LaneState, Plan, PlanInput
 from rehydrate.sources.events import Cutoff, Event, is_held
-from rehydrate.sources.log import LogSource, check_partitions
+from rehydrate.sources.log import LogSource, check_lanes
 from rehydrate.sources.pools import Sources
 from rehydrate.sources.reading import FETCH_SIZE, SLICE, EventSource
 from rehydrate.sources.store import EventStore
@@ -142,15 +142,16 @@ async def _plan_log(
     max_parallel: int,
 ) -> Plan:
     """Plan a build from a log: a lane per partition, each from the partition's first offset to its end now (or, for
-    a verify's rebuild, to where the live generation's lane is)."""
+    a verify's rebuild, to where the live generation's lane is). A partition whose end is not known without reading
+    it (an open Kinesis shard) is read up to the plan's time; a lane waits for its partition's parents' lanes."""
     catalog = generations.catalog
     sandbox = input.sandbox or ""
     if building is None:
         if input.to_position is not None or input.as_of is not None:
             raise UserError(
-                f"projection {projection.name!r} reads Kafka source {log.name!r}: a build cut at a position or a "
-                "time (--to-position, --as-of) is not available for a topic",
-                fix="build the whole topic",
+                f"projection {projection.name!r} reads the {log.noun} of source {log.name!r}: a build cut at a "
+                f"position or a time (--to-position, --as-of) is not available for a {log.noun}",
+                fix=f"build the whole {log.noun}",
             )
         partial = False
         if input.mark is not None:  # a verify's rebuild: to the live generation's offsets, read at the start
@@ -158,21 +159,28 @@ async def _plan_log(
             live_lanes = await catalog.log_lanes(projection.name, live)
             partial = bool((await catalog.generation(projection.name, live))["partial_history"])
             ranges, _ = await log.check_history(accept_partial=partial)
-            check_partitions(log.name, len(ranges), len(live_lanes))
-            bounds = [(r.earliest, lane["position"]) for r, lane in zip(ranges, live_lanes, strict=True)]
+            check_lanes(log.name, ranges, live_lanes)
+            if len(ranges) != len(live_lanes):  # a closed shard gone since (retention): its records are too
+                raise UserError(
+                    f"source {log.name!r}: the {log.noun} no longer holds every partition the live generation read",
+                    fix="its history is gone in part: a rebuild cannot be compared with the live generation",
+                )
+            bounds: list[tuple[int, int | None]] = [
+                (r.earliest, lane["position"]) for r, lane in zip(ranges, live_lanes, strict=True)
+            ]
         else:
             ranges, problems = await log.check_history(accept_partial=input.accept_partial_history)
             partial = bool(problems)
             bounds = [(r.earliest, r.end) for r in ranges]
         if lanes is not None and lanes != len(ranges):
             raise UserError(
-                f"projection {projection.name!r} reads Kafka source {log.name!r}, whose lanes are its {len(ranges)} "
-                f"partition(s), not {lanes}",
+                f"projection {projection.name!r} reads the {log.noun} of source {log.name!r}, whose lanes are its "
+                f"{len(ranges)} {'shard' if ranges and ranges[0].name else 'partition'}(s), not {lanes}",
                 fix="leave --lanes out",
             )
         building = await generations.create(
             projection,
-            mark=sum(end for _, end in bounds),
+            mark=sum(end or 0 for _, end in bounds),
             lanes=len(bounds),
             chunk_size=chunk_size,
             workflow_id=input.workflow_id,
@@ -180,6 +188,8 @@ async def _plan_log(
             sandbox=sandbox,
             partitions=bounds,
             partial_history=partial,
+            partition_names=[r.name for r in ranges],
+            parent_lanes=[r.parents for r in ranges],
         )
     generation = building["generation"]
     states = [
@@ -187,8 +197,9 @@ async def _plan_log(
             lane=row["lane"],
             position=row["position"],
             applied=row["events_applied"],
-            total=row["events_applied"] + max(0, row["target"] - row["position"]),
+            total=row["events_applied"] + max(0, (row["target"] or 0) - row["position"]),
             done=row["done"],
+            after=list(row["parent_lanes"]),
         )
         for row in await catalog.log_lanes(projection.name, generation)
     ]
@@ -386,28 +397,44 @@ async def _apply_log_chunk(
     checkpoint: asyncpg.Record,
     progress: ChunkProgress,
 ) -> ChunkResult:
-    """Apply the next events of one partition, from the lane's offset towards its target, with the lane's new offset
-    (in the caller's transaction). The chunk ends when the read's position reaches the target, never by counting
-    records: offsets of transaction markers and aborted records hold no event."""
+    """Apply the next events of one partition, from the lane's position towards its target, with the lane's new
+    position and cursor (in the caller's transaction). The chunk ends when the read's position reaches the target,
+    never by counting records: offsets of transaction markers and aborted records hold no event. A partition whose end
+    was not known at plan time (an open Kinesis shard) is done at its tip, or at the first record that arrived after
+    the plan (the generation's start): the catch-up applies the rest."""
     catalog = generations.catalog
     table = generations.read_models(checkpoint["sandbox"]).tables(projection, input.generation)
     start = position = progress.from_position = checkpoint["position"]
+    cursor = checkpoint["log_cursor"]
     target = checkpoint["target"]
     # Keys interleave in a partition: any key may have a row from an earlier chunk.
     folding = Folding(projection, table, Parking(catalog, input.generation), None)
     loop = asyncio.get_running_loop()
     pace = Pace(loop, input.max_rate)
-    read = 0
-    async with log.reader() as reader:
-        step = min(SLICE, fetch_size(input.max_rate))
-        async for events, position in log.batches(reader, input.lane, start, target, input.chunk_size, step):
-            await folding.add(events)
-            read += len(events)
-            await pace.after(read)
-            if loop.time() >= progress.quiet_until:
-                progress.heartbeat(position)
+    fetched = 0
+    done = target is not None and start >= target
+    if not done:
+        async with log.reader() as reader:
+            async for read in log.batches(
+                reader,
+                input.lane,
+                start,
+                target,
+                input.chunk_size,
+                min(SLICE, fetch_size(input.max_rate)),
+                cursor=cursor,
+                name=checkpoint["partition_name"],
+                until=checkpoint["started_at"],
+            ):
+                await folding.add(read.events)
+                position, cursor, done = read.position, read.cursor, read.ended
+                fetched += len(read.events)
+                await pace.after(fetched)
+                if loop.time() >= progress.quiet_until:
+                    progress.heartbeat(position)
     applied = await folding.write()
-    done = position >= target
     total_applied = checkpoint["events_applied"] + applied.events
-    await catalog.save_lane(input.projection, input.generation, input.lane, position, total_applied, done)
+    await catalog.save_lane(
+        input.projection, input.generation, input.lane, position, total_applied, done, cursor=cursor
+    )
     return ChunkResult(position=position, applied=total_applied, chunk_events=applied.events, done=done)

@@ -91,11 +91,11 @@ _INSERT_HASH_LANES = """INSERT INTO {schema}.lane_checkpoints (projection, gener
 _INSERT_RANGE_LANE = """INSERT INTO {schema}.lane_checkpoints
         (projection, generation, lane, position, by_stream, low_stream, high_stream)
     VALUES ($1, $2, $3, 0, true, $4, $5)"""
-_INSERT_LOG_LANES = """INSERT INTO {schema}.lane_checkpoints (projection, generation, lane, position, target)
-    SELECT $1, $2, lane - 1, start, target
-    FROM unnest($3::bigint[], $4::bigint[]) WITH ORDINALITY AS l(start, target, lane)"""
-_LOG_LANES = """SELECT lane, position, target, events_applied, done FROM {schema}.lane_checkpoints
-    WHERE projection = $1 AND generation = $2 ORDER BY lane"""
+_INSERT_LOG_LANE = """INSERT INTO {schema}.lane_checkpoints
+        (projection, generation, lane, position, target, partition_name, parent_lanes)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+_LOG_LANES = """SELECT lane, position, target, events_applied, done, log_cursor, partition_name, parent_lanes
+    FROM {schema}.lane_checkpoints WHERE projection = $1 AND generation = $2 ORDER BY lane"""
 _MARK_PARTIAL = "UPDATE {schema}.generations SET partial_history = true WHERE projection = $1 AND generation = $2"
 _LANE_BOUNDS = """SELECT by_stream, low_stream, high_stream FROM {schema}.lane_checkpoints
     WHERE projection = $1 AND generation = $2 ORDER BY lane"""
@@ -104,12 +104,13 @@ _LANES = """SELECT lane, position, events_applied, done FROM {schema}.lane_check
 # The row lock makes a retried chunk wait for a zombie attempt of the same lane (a worker that lost its heartbeat
 # but still runs); the retry then starts from whatever that attempt committed.
 _LOCK_LANE = """SELECT c.position, c.events_applied, c.done, g.state, c.by_stream, c.low_stream, c.high_stream,
-        c.after_stream, c.after_version, c.target, g.sandbox, g.to_position, g.as_of, g.fingerprint
+        c.after_stream, c.after_version, c.target, c.log_cursor, c.partition_name, g.sandbox, g.to_position, g.as_of,
+        g.fingerprint, g.started_at
     FROM {schema}.lane_checkpoints c JOIN {schema}.generations g USING (projection, generation)
     WHERE c.projection = $1 AND c.generation = $2 AND c.lane = $3
     FOR UPDATE OF c"""
 _SAVE_LANE = """UPDATE {schema}.lane_checkpoints SET position = $4, events_applied = $5, done = $6,
-        after_stream = coalesce($7, after_stream), after_version = coalesce($8, after_version)
+        after_stream = coalesce($7, after_stream), after_version = coalesce($8, after_version), log_cursor = $9
     WHERE projection = $1 AND generation = $2 AND lane = $3"""
 
 # -- projections -------------------------------------------------------------------------------------------------
@@ -358,16 +359,40 @@ class Catalog:
         )
 
     async def insert_log_lanes(
-        self, projection: str, generation: int, starts: Sequence[int], targets: Sequence[int], partial: bool
+        self,
+        projection: str,
+        generation: int,
+        starts: Sequence[int],
+        targets: Sequence[int | None],
+        partial: bool,
+        names: Sequence[str | None] | None = None,
+        parents: Sequence[Sequence[int]] | None = None,
     ) -> None:
-        """One lane per partition of a log: from its `starts` offset to its `targets` offset; `partial`: the log no
-        longer held its whole history, and whoever started the build accepted that."""
-        await self.conn.execute(self._sql(_INSERT_LOG_LANES), projection, generation, list(starts), list(targets))
+        """One lane per partition of a log: from its `starts` offset to its `targets` offset (None: a partition whose
+        end is not known at plan time, read up to the plan's time); `names`, the partitions' ids in the log when their
+        numbers are not; `parents`, the lanes each waits for. `partial`: the log no longer held its whole history, and
+        whoever started the build accepted that."""
+        await self.conn.executemany(
+            self._sql(_INSERT_LOG_LANE),
+            [
+                (
+                    projection,
+                    generation,
+                    lane,
+                    start,
+                    target,
+                    None if names is None else names[lane],
+                    [] if parents is None else list(parents[lane]),
+                )
+                for lane, (start, target) in enumerate(zip(starts, targets, strict=True))
+            ],
+        )
         if partial:
             await self.conn.execute(self._sql(_MARK_PARTIAL), projection, generation)
 
     async def log_lanes(self, projection: str, generation: int) -> list[asyncpg.Record]:
-        """(lane, position, target, events_applied, done) of each lane of a log's generation, in partition order."""
+        """(lane, position, target, events_applied, done, log_cursor, partition_name, parent_lanes) of each lane of a
+        log's generation, in partition order."""
         return list(await self.conn.fetch(self._sql(_LOG_LANES), projection, generation))
 
     async def lane_bounds(self, projection: str, generation: int) -> list[tuple[str | None, str | None]] | None:
@@ -395,8 +420,10 @@ class Catalog:
         applied: int,
         done: bool,
         after: tuple[str, int] | None = None,
+        cursor: str | None = None,
     ) -> None:
-        """Move a lane's checkpoint: `position` for a hash lane, `after` (stream id, version) for a stream lane."""
+        """Move a lane's checkpoint: `position` for a hash lane, `after` (stream id, version) for a stream lane;
+        `position` and the log's `cursor` for a log's lane."""
         await self.conn.execute(
             self._sql(_SAVE_LANE),
             projection,
@@ -407,6 +434,7 @@ class Catalog:
             done,
             None if after is None else after[0],
             None if after is None else after[1],
+            cursor,
         )
 
     # -- projections ---------------------------------------------------------------------------------------

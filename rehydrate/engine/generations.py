@@ -22,7 +22,7 @@ from rehydrate.engine.projections import Projection, physical_name
 from rehydrate.engine.readmodels import GenerationTables, ReadModels, sandbox_schema, table_schema
 from rehydrate.models import SwapResult, VerifyResult
 from rehydrate.sources.events import Cutoff, Event
-from rehydrate.sources.log import LogSource, check_partitions
+from rehydrate.sources.log import LogSource, check_lanes, check_partitions
 from rehydrate.sources.pools import Sources
 from rehydrate.sources.reading import SLICE, EventSource
 from rehydrate.sources.store import EventStore
@@ -90,13 +90,17 @@ class Generations:
         sandbox: str = "",
         cutoff: Cutoff | None = None,
         gaps: Sequence[tuple[int, int]] = (),
-        partitions: Sequence[tuple[int, int]] | None = None,
+        partitions: Sequence[tuple[int, int | None]] | None = None,
         partial_history: bool = False,
+        partition_names: Sequence[str | None] | None = None,
+        parent_lanes: Sequence[Sequence[int]] | None = None,
     ) -> asyncpg.Record:
         """Register a new building generation, create its tables (no secondary indexes) and its lane checkpoints, and
         record the `gaps` below its mark (a settle-window source's); returns its row as
         `Catalog.building_generation` reads it. A log's generation has a lane per partition, each read from its
-        first offset to its end at plan time: `partitions`, (first, end) in partition order."""
+        first offset to its end at plan time: `partitions`, (first, end) in partition order (end None: not known at
+        plan time, read up to the plan's time), with their ids in the log (`partition_names`) and the lanes each waits
+        for (`parent_lanes`) when the log has them."""
         tables = self.read_models(sandbox)
         async with self.conn.transaction():
             await tables.ensure_schema()
@@ -118,7 +122,9 @@ class Generations:
             await tables.create_tables(projection, number)
             if partitions is not None:
                 starts, ends = [p[0] for p in partitions], [p[1] for p in partitions]
-                await self.catalog.insert_log_lanes(projection.name, number, starts, ends, partial_history)
+                await self.catalog.insert_log_lanes(
+                    projection.name, number, starts, ends, partial_history, partition_names, parent_lanes
+                )
             else:
                 await self.catalog.insert_lanes(projection.name, number, lanes, boundaries)
             await self.catalog.add_gaps(projection.name, number, gaps)
@@ -250,14 +256,16 @@ class Generations:
         max_events: int | None,
         upto: Sequence[int] | None,
     ) -> tuple[int, int]:
-        """Read each partition from its lane's offset to its end now (or to `upto`), apply, and move the lanes; at
-        most `max_events`, starting from a partition that turns with the checkpoint, so that a busy partition does
-        not starve the others. The checkpoint is the sum of the lanes' offsets."""
+        """Read each partition from its lane's position to its end now (or to `upto`), apply, and move the lanes with
+        their cursors; at most `max_events`, starting from a partition that turns with the checkpoint, so that a busy
+        partition does not starve the others. The checkpoint is the sum of the lanes' positions.
+
+        A partition's parents need no turn before it here: the build started a lane only once its parents' lanes had
+        read them to their end, and a reshard since then is refused (`check_lanes`)."""
         lanes = await self.catalog.log_lanes(projection.name, generation)
-        if upto is None:
-            ranges = await log.ranges()
-            check_partitions(log.name, len(ranges), len(lanes))
-            upto = [r.end for r in ranges]
+        ends: dict[int, int | None] = (
+            check_lanes(log.name, await log.ranges(), lanes) if upto is None else dict(enumerate(upto))
+        )
         budget = max_events if max_events is not None else 1 << 62
         applied = 0
         positions = [lane["position"] for lane in lanes]
@@ -265,16 +273,21 @@ class Generations:
         parking = Parking(self.catalog, generation)
         async with log.reader() as reader:
             for lane in [*lanes[first:], *lanes[:first]]:
-                number, start, end = lane["lane"], lane["position"], upto[lane["lane"]]
-                if start >= end or budget <= 0:
+                number, start = lane["lane"], lane["position"]
+                if number not in ends or budget <= 0:
                     continue
-                moved, position = 0, start
-                async for events, reached in log.batches(reader, number, start, end, budget, SLICE):
-                    moved += (await apply_events(projection, table, events, parking)).events
-                    budget -= len(events)
-                    position = reached
+                end = ends[number]
+                if end is not None and start >= end:
+                    continue
+                moved, position, cursor = 0, start, lane["log_cursor"]
+                async for read in log.batches(
+                    reader, number, start, end, budget, SLICE, cursor=cursor, name=lane["partition_name"]
+                ):
+                    moved += (await apply_events(projection, table, read.events, parking)).events
+                    budget -= len(read.events)
+                    position, cursor = read.position, read.cursor
                 await self.catalog.save_lane(
-                    projection.name, generation, number, position, lane["events_applied"] + moved, True
+                    projection.name, generation, number, position, lane["events_applied"] + moved, True, cursor=cursor
                 )
                 positions[number] = position
                 applied += moved
@@ -283,11 +296,10 @@ class Generations:
             await self.catalog.move_checkpoint(projection.name, generation, mark, applied)
         return applied, mark
 
-    async def log_lag(self, projection: Projection, generation: int, log: LogSource) -> int:
-        """The events (offsets) a log's generation has still to read, over its partitions."""
-        lanes = await self.catalog.log_lanes(projection.name, generation)
-        ranges = await log.ranges()
-        return sum(max(0, r.end - lane["position"]) for r, lane in zip(ranges, lanes, strict=False))
+    async def log_lag(self, projection: Projection, generation: int, log: LogSource) -> int | None:
+        """The events (offsets) a log's generation has still to read, over its partitions; None when the log cannot
+        tell without reading them (Kinesis)."""
+        return await log.lag(await self.catalog.log_lanes(projection.name, generation))
 
     async def _audit_gaps(
         self,
@@ -492,8 +504,7 @@ class Generations:
             await table.delete_as_text(keys)
             opened = await self.sources.any(projection.event_source)
             if isinstance(opened, LogSource):
-                lanes = await self.catalog.log_lanes(projection.name, generation)
-                events = await opened.read_keys(keys, [lane["position"] for lane in lanes])
+                events = await opened.read_keys(keys, await self.catalog.log_lanes(projection.name, generation))
             else:
                 async with opened.reading(self.conn) as reading:
                     events = await opened.read_keys(
@@ -531,6 +542,13 @@ class Generations:
                 live_lanes = await self.catalog.log_lanes(projection.name, live)
                 rebuilt_lanes = await self.catalog.log_lanes(projection.name, sandbox_generation)
                 check_partitions(opened.name, len(live_lanes), len(rebuilt_lanes))
+                if [lane["partition_name"] for lane in live_lanes] != [
+                    lane["partition_name"] for lane in rebuilt_lanes
+                ]:
+                    raise UserError(
+                        f"the live generation of {projection.name!r} (g{live}) and the rebuild read other partitions",
+                        fix="run the verify again",
+                    )
                 if any(a["position"] < b["position"] for a, b in zip(live_lanes, rebuilt_lanes, strict=True)):
                     raise UserError(
                         f"the live generation of {projection.name!r} (g{live}) is behind the rebuild's offsets (a "

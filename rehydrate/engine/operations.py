@@ -91,7 +91,8 @@ async def projection_statuses(
                 source = await sources.any(projection.event_source)
                 if isinstance(source, LogSource):
                     generations = Generations(conn, sources, read_model_schema)
-                    lag = await generations.log_lag(projection, row["active_generation"], source), 0.0
+                    behind = await generations.log_lag(projection, row["active_generation"], source)
+                    lag = None if behind is None else (behind, 0.0)
                 else:
                     async with source.reading(conn) as reading:
                         lag = await source.lag(reading, row["checkpoint"], projection.event_types)
@@ -314,9 +315,10 @@ async def plan(
         async with pool.acquire() as conn:
             if isinstance(source, LogSource):  # a lane per partition, its offsets below its end; no sample read
                 ranges, _ = await source.check_history(accept_partial=accept_partial_history)
+                # A partition whose end is not known without reading it (an open Kinesis shard) counts as 0.
                 counts, mark, fetched, seconds = (
-                    [r.end - r.earliest for r in ranges],
-                    sum(r.end for r in ranges),
+                    [(r.end or r.earliest) - r.earliest for r in ranges],
+                    sum(r.end or 0 for r in ranges),
                     0,
                     0.0,
                 )

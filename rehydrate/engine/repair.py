@@ -145,8 +145,7 @@ async def _events_of(
     """The keys' events below the generation's checkpoint (a log's: below each lane's offset)."""
     source = await generations.sources.any(projection.event_source)
     if isinstance(source, LogSource):
-        lanes = await generations.catalog.log_lanes(projection.name, generation)
-        return await source.read_keys(keys, [lane["position"] for lane in lanes])
+        return await source.read_keys(keys, await generations.catalog.log_lanes(projection.name, generation))
     async with source.reading(generations.conn) as reading:
         return await source.read_keys(
             reading, key=projection.key, keys=keys, mark=checkpoint, types=projection.event_types

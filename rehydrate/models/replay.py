@@ -10,6 +10,8 @@ class LaneState:
     applied: int = 0
     total: int = 0
     done: bool = False
+    # The lanes that must be done before this one starts (a resharded Kinesis stream's parent shards).
+    after: list[int] = field(default_factory=list)
 
 
 @dataclass

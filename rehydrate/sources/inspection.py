@@ -66,20 +66,34 @@ SAMPLE_MESSAGES = 20
 
 
 async def check_log(log: LogSource) -> SourceCheck:
-    """Check a log source: the brokers answer, the topic's partitions and what each holds, a decoded sample (types
-    read, values decoded) and the history guard (a rebuild needs the whole history)."""
+    """Check a log source: the brokers (or the stream's endpoint) answer, its partitions or shards and what each holds,
+    a decoded sample (types read, values decoded) and the history guard (a rebuild needs the whole history)."""
     found = SourceCheck(log.name)
     try:
         ranges = await log.ranges()
     except (UserError, SourceUnavailable) as error:
         found.problems.append(str(error))
         return found
-    held = sum(r.end - r.earliest for r in ranges)
-    found.holds.append(
-        f"{len(ranges)} partition(s), {held:,} offset(s) held: "
-        + ", ".join(f"{r.partition}: {r.earliest}..{r.end}" for r in ranges[:16])
-        + (" …" if len(ranges) > 16 else "")
-    )
+    if any(r.name is not None for r in ranges):
+        names = {r.partition: r.name for r in ranges}
+        shown = [
+            f"{r.name} ({'closed' if r.closed else 'open'}"
+            + (f", after {' and '.join(str(names.get(p)) for p in r.parents)}" if r.parents else "")
+            + ")"
+            for r in ranges[:16]
+        ]
+        found.holds.append(
+            f"{len(ranges)} shard(s), {sum(not r.closed for r in ranges)} open: "
+            + ", ".join(shown)
+            + (" …" if len(ranges) > 16 else "")
+        )
+    else:
+        held = sum((r.end or 0) - r.earliest for r in ranges)
+        found.holds.append(
+            f"{len(ranges)} partition(s), {held:,} offset(s) held: "
+            + ", ".join(f"{r.partition}: {r.earliest}..{r.end}" for r in ranges[:16])
+            + (" …" if len(ranges) > 16 else "")
+        )
     try:
         _, problems = await log.check_history(accept_partial=True)
     except SourceUnavailable as error:
@@ -87,16 +101,16 @@ async def check_log(log: LogSource) -> SourceCheck:
     if problems:
         found.problems += [f"{p} — a replay refuses it unless started with --accept-partial-history" for p in problems]
     else:
-        found.holds.append("it holds its whole history: every partition starts at offset 0, none is compacted")
+        found.holds.append(f"it holds its whole history: {log.holds_whole_history}")
     sample: list[Event] = []
     async with log.reader() as reader:
         for r in ranges:
             if len(sample) >= SAMPLE_MESSAGES:
                 break
-            events, _ = await reader.read_range(r.partition, r.earliest, r.end, SAMPLE_MESSAGES - len(sample))
-            sample += events
+            read = await reader.read_range(r.partition, r.earliest, r.end, SAMPLE_MESSAGES - len(sample), name=r.name)
+            sample += read.events
     if not sample:
-        found.warnings.append("the topic holds no message yet: nothing to decode")
+        found.warnings.append(f"the {log.noun} holds no message yet: nothing to decode")
         return found
     unread = [e.data for e in sample if isinstance(e.data, UndecodablePayload)]
     undecodable = [e for e in sample if isinstance(e.data, UndecodablePayload) and e.data.part == "value"]

@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 from rehydrate.core.errors import SourceUnavailable, UserError
 from rehydrate.sources.declaration import KafkaSource
 from rehydrate.sources.events import Event, UndecodablePayload
-from rehydrate.sources.log import LogSource, PartitionRange, PartitionReader, history_problems, log_position
+from rehydrate.sources.log import LogRead, LogSource, PartitionRange, PartitionReader, history_problems, log_position
 from rehydrate.sources.mapping import KafkaTopic
 
 _FETCH_WAIT_MS = 500  # how long one fetch waits for records that must be there (below the end taken before)
@@ -257,9 +257,26 @@ class _Reader(PartitionReader):
             self.taken = log._idle.pop() if log._idle else await log._consumer()
         return self.taken
 
-    async def read_range(self, partition: int, start: int, end: int, limit: int) -> tuple[list[Event], int]:
+    async def read_range(
+        self,
+        partition: int,
+        start: int,
+        end: int | None,
+        limit: int,
+        *,
+        cursor: str | None = None,
+        name: str | None = None,
+        until: datetime | None = None,
+    ) -> LogRead:
         """Stops when the position reaches `end`, whatever the offsets between (transaction markers and compacted
-        records take offsets and hold no event)."""
+        records take offsets and hold no event). An offset says where to go on: no cursor; a partition's end is known,
+        so `until` is not needed."""
+        if end is None:
+            raise ValueError("a Kafka partition is read up to an end offset")
+        events, position = await self._read(partition, start, end, limit)
+        return LogRead(events, position, None, position >= end)
+
+    async def _read(self, partition: int, start: int, end: int, limit: int) -> tuple[list[Event], int]:
         if start >= end:
             return [], start
         log = self.log

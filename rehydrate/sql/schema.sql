@@ -117,6 +117,13 @@ ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS after_version big
 -- A log source's lane is a partition: `position` is the next offset to read, `target` the partition's end when the
 -- generation was planned (NULL for a table source's lane).
 ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS target bigint;
+-- Where a log's lane goes on from when its offset alone cannot say (a Kinesis shard: the sequence number of the last
+-- record read; its position is the ordinal of the next one), written with the position; the partition's id in the log
+-- when its number is not (a Kinesis shard id); the lanes read to their end before this one starts (a resharded
+-- stream's parent shards). The tail goes on from these same rows (the active generation's).
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS log_cursor text;
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS partition_name text;
+ALTER TABLE {schema}.lane_checkpoints ADD COLUMN IF NOT EXISTS parent_lanes integer[] NOT NULL DEFAULT '{{}}';
 
 -- The newest snapshot of an aggregate's state, per stream and aggregate type: `state` is the state after folding
 -- the stream's events up to `stream_version`. A snapshot is used only when its `state_version` and `fingerprint`

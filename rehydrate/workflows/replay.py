@@ -200,7 +200,14 @@ class ReplayWorkflow:
             # every replay of the history re-evaluates this condition on the same signals in the same order.
             return self._stop_for_continue or (not self._paused and self._running < state.max_parallel)
 
+        def parents_done(lane: LaneState) -> bool:
+            return self._stop_for_continue or all(state.lanes[parent].done for parent in lane.after)
+
         async def run_lane(lane: LaneState) -> None:
+            if lane.after and not lane.done:
+                # A partition's parents hold its keys' earlier records: the lane starts once they are read to their
+                # end. Only plans that record parents take this path, so replays in flight replay the same commands.
+                await workflow.wait_condition(functools.partial(parents_done, lane))
             while not lane.done and not self._stop_for_continue:
                 chunk_size, rate = state.chunk_size, None
                 if state.max_rate:

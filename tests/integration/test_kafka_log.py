@@ -15,7 +15,7 @@ from rehydrate.sources.declaration import KafkaSource
 from rehydrate.sources.events import UndecodablePayload
 from rehydrate.sources.inspection import check_log
 from rehydrate.sources.kafka import KafkaLog
-from rehydrate.sources.log import log_position
+from rehydrate.sources.log import LogRead, log_position
 from rehydrate.sources.mapping import KafkaTopic
 from tests.helpers import kafka
 
@@ -44,7 +44,8 @@ async def test_each_partition_is_read_once_in_offset_order_chunk_by_chunk(kafka_
             for r in ranges:
                 read, at = [], 0
                 while at < r.end:
-                    events, at = await reader.read_range(r.partition, at, r.end, 37)
+                    got = await reader.read_range(r.partition, at, r.end, 37)
+                    events, at = got.events, got.position
                     assert len(events) <= 37
                     read += events
                 assert [(e.global_position, e.stream_id, e.data["n"], e.type) for e in read] == [
@@ -55,12 +56,14 @@ async def test_each_partition_is_read_once_in_offset_order_chunk_by_chunk(kafka_
                     assert keys_seen.setdefault(event.stream_id, r.partition) == r.partition  # a key lives in one lane
             # A range ending inside the partition stops at its end, whatever the limit.
             busiest = max(ranges, key=lambda r: r.end)
-            middle, at = await reader.read_range(busiest.partition, 3, 10, 1_000)
+            got = await reader.read_range(busiest.partition, 3, 10, 1_000)
+            middle, at = got.events, got.position
+            assert got.ended and got.cursor is None
             assert ([e.global_position for e in middle], at) == (
                 [log_position(busiest.partition, o) for o in range(3, 10)],
                 10,
             )
-            assert await reader.read_range(busiest.partition, 10, 10, 5) == ([], 10)
+            assert await reader.read_range(busiest.partition, 10, 10, 5) == LogRead([], 10, None, True)
 
 
 async def test_types_versions_and_times_come_from_the_message_and_a_bad_value_is_named(kafka_bootstrap: str) -> None:
@@ -77,7 +80,8 @@ async def test_types_versions_and_times_come_from_the_message_and_a_bad_value_is
     )
     mapping = KafkaTopic(topic, type_field="kind", version_header="version")
     async with _log(kafka_bootstrap, mapping, "accounts") as log, log.reader() as reader:
-        events, at = await reader.read_range(0, 0, 3, 100)
+        got = await reader.read_range(0, 0, 3, 100)
+        events, at = got.events, got.position
     assert at == 3
     assert [(e.type, e.stream_version, e.stream_id) for e in events] == [
         ("Opened", 1, "acct-1"),
@@ -151,7 +155,7 @@ async def test_an_empty_topic_is_checked_and_its_readers_close_cleanly(kafka_boo
     try:
         found = await check_log(log)
         async with log.reader() as reader:
-            assert await reader.read_range(1, 0, 0, 10) == ([], 0)
+            assert await reader.read_range(1, 0, 0, 10) == LogRead([], 0, None, True)
     finally:
         await log.close()
     assert found.ok and found.warnings == ["the topic holds no message yet: nothing to decode"]
