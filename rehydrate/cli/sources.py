@@ -46,12 +46,14 @@ def named(settings: Settings, name: str) -> AnySource:
 
 
 def named_table(settings: Settings, name: str, doing: str) -> Source:
-    """The table source `name`; a UserError for a Kafka source, naming what it cannot do."""
-    from rehydrate.sources.declaration import KafkaSource
+    """The table source `name`; a UserError for a Kafka or Kinesis source, naming what it cannot do."""
+    from rehydrate.sources.declaration import KafkaSource, KinesisSource
 
     source = named(settings, name)
     if isinstance(source, KafkaSource):
         raise UserError(f"source {name!r} is a Kafka topic: {doing} is for event tables", fix="name a table source")
+    if isinstance(source, KinesisSource):
+        raise UserError(f"source {name!r} is a Kinesis stream: {doing} is for event tables", fix="name a table source")
     return source
 
 
@@ -77,7 +79,7 @@ async def connected(settings: Settings, source: Source) -> AsyncIterator[tuple[a
 def list_sources(as_json: c.Json = False) -> None:
     """List the sources: table, gap strategy, database, and the projections that read each."""
     from rehydrate.core.settings import redact_url
-    from rehydrate.sources.declaration import KafkaSource
+    from rehydrate.sources.declaration import KafkaSource, KinesisSource
 
     settings = c.settings()
     registry = c.projections(settings)
@@ -107,6 +109,17 @@ def list_sources(as_json: c.Json = False) -> None:
                 }
             )
             continue
+        if isinstance(source, KinesisSource):
+            rows.append(
+                {
+                    "name": name,
+                    "table": f"kinesis stream {source.stream.stream}",
+                    "order": "shard",
+                    "database": source.endpoint_url or source.region or "(from the environment)",
+                    "projections": readers.get(name, []),
+                }
+            )
+            continue
         url = source.database_url
         rows.append(
             {
@@ -130,8 +143,9 @@ def list_sources(as_json: c.Json = False) -> None:
 def check(name: Name, as_json: c.Json = False) -> None:
     """Check NAME's mapping against its live table: columns, the index of the read order, decoded payloads, rising
     stream versions and the gap strategy; or a Kafka topic: partitions, offsets, a decoded sample and whether it holds
-    its whole history. Exit 1 on a problem."""
-    from rehydrate.sources.declaration import KafkaSource
+    its whole history; or a Kinesis stream: shards (open or closed, and their parents), a decoded sample and whether
+    it may have lost records to retention. Exit 1 on a problem."""
+    from rehydrate.sources.declaration import KafkaSource, KinesisSource
     from rehydrate.sources.inspection import SourceCheck, check_log, check_source
     from rehydrate.sources.pools import open_log
 
@@ -139,10 +153,12 @@ def check(name: Name, as_json: c.Json = False) -> None:
     source = named(settings, name)
 
     async def work() -> SourceCheck:
-        if isinstance(source, KafkaSource):
+        if isinstance(source, KafkaSource | KinesisSource):
             try:
                 log = await open_log(source)
             except SourceUnavailable as error:
+                return SourceCheck(source.name, problems=[str(error)])
+            except UserError as error:  # a stream that does not exist, no region or no credentials
                 return SourceCheck(source.name, problems=[str(error)])
             try:
                 return await check_log(log)

@@ -216,9 +216,11 @@ class Settings(BaseSettings):
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Event sources projections may read besides rehydrate's own store, by name: for each, the "
-        'table and its columns, or kind = "kafka" with its brokers and topic (a [sources.NAME] table in '
-        "rehydrate.toml; see the event sources and Kafka guides). A source's database URL may come from "
-        "REHYDRATE_SOURCE_NAME_URL, a topic's brokers from REHYDRATE_SOURCE_NAME_BOOTSTRAP_SERVERS",
+        'table and its columns, kind = "kafka" with its brokers and topic, or kind = "kinesis" with its stream and '
+        "region (a [sources.NAME] table in rehydrate.toml; see the event sources, Kafka and Kinesis guides). A "
+        "source's database URL may come from REHYDRATE_SOURCE_NAME_URL, a topic's brokers from "
+        "REHYDRATE_SOURCE_NAME_BOOTSTRAP_SERVERS, a stream's region and endpoint from REHYDRATE_SOURCE_NAME_REGION "
+        "and REHYDRATE_SOURCE_NAME_ENDPOINT_URL",
     )
     worker_deployment: str = Field(
         default="",

@@ -82,7 +82,11 @@ def fold(
         if upcast is not None and not undecodable:
             event = upcast(event)  # the handler sees the event at its type's current version
         handler = handlers.get(event.type)
-        if handler is None:
+        # A payload that does not decode, and so says no type (a Kinesis record's type is a field of its data), may
+        # be any event, handled or not: it fails like an undecodable event of a handled type instead of being passed
+        # over.
+        unreadable = undecodable and not event.type and event.data.part == "value"  # type: ignore[attr-defined]
+        if handler is None and not unreadable:
             if strict and event.type not in ignored:
                 if undecodable and not event.type:  # a message whose type could not be read: say why
                     raise _fail(
@@ -121,6 +125,7 @@ def fold(
                     event.data.problem,  # type: ignore[attr-defined]
                     "fix the source's decoder (or the stored payload), then replay (or retry the dead letters)",
                 )
+            assert handler is not None
             try:
                 if has_children and takes_children[event.type]:
                     row = handler(previous, event, Children(projection, key, child_state, with_rows, reads[event.type]))

@@ -27,7 +27,7 @@ from rehydrate.core.identifiers import check_identifier, derived_name
 from rehydrate.core.settings import Settings, projections_origin
 from rehydrate.engine.upcasting import UpcastError, Upcasters
 from rehydrate.engine.user_modules import module_definitions, source_text
-from rehydrate.sources.declaration import AnySource, KafkaSource, Source, sources_from_settings
+from rehydrate.sources.declaration import AnySource, KafkaSource, KinesisSource, Source, sources_from_settings
 from rehydrate.sources.events import Event, KeySpec
 
 Row = dict[str, Any]
@@ -286,14 +286,21 @@ class Projection:
         return found
 
     def _check_source_key(self) -> None:
-        """A Kafka topic orders events only per partition, that is per message key: a projection keyed by a payload
-        field would fold one key's events from several partitions, in no order."""
+        """A Kafka topic (a Kinesis stream) orders events only per partition (shard), that is per message (partition)
+        key: a projection keyed by a payload field would fold one key's events from several partitions, in no order."""
         if isinstance(self.source, KafkaSource) and self.key.field is not None:
             raise UserError(
                 f"projection {self.name!r} reads Kafka source {self.source.name!r} keyed by the field "
                 f"{self.key.field!r}: a topic orders events only per message key",
                 fix="key the projection by the stream (key='stream', the message key), or have producers key "
                 "messages by that field",
+            )
+        if isinstance(self.source, KinesisSource) and self.key.field is not None:
+            raise UserError(
+                f"projection {self.name!r} reads Kinesis source {self.source.name!r} keyed by the field "
+                f"{self.key.field!r}: a stream orders records only per partition key",
+                fix="key the projection by the stream (key='stream', the partition key), or have producers use that "
+                "field as the partition key",
             )
 
     def on(self, *event_types: str, reads: TableRef | Iterable[TableRef] = ()) -> Callable[[Handler], Handler]:
@@ -499,7 +506,11 @@ class Registry:
 
     def sources(self) -> list[AnySource]:
         """The sources its projections read (rehydrate's own store left out)."""
-        found = {p.source.name: p.source for p in self._by_name.values() if isinstance(p.source, Source | KafkaSource)}
+        found = {
+            p.source.name: p.source
+            for p in self._by_name.values()
+            if isinstance(p.source, Source | KafkaSource | KinesisSource)
+        }
         return [found[name] for name in sorted(found)]
 
 

@@ -1,5 +1,5 @@
-"""A named event source: an events table or view (see `mapping`) and the database that holds it; or a Kafka topic and
-the brokers that hold it.
+"""A named event source: an events table or view (see `mapping`) and the database that holds it; a Kafka topic and
+the brokers that hold it; or a Kinesis data stream and the region (or endpoint) that holds it.
 
 Declared in code, beside the projections that read it (`Projection(..., source=legacy)`), or in settings
 (`[sources.legacy]` in rehydrate.toml, referred to by name). Workflow inputs never carry a source, only the projection's
@@ -17,7 +17,7 @@ from typing import Any
 from rehydrate.core.errors import UserError
 from rehydrate.core.identifiers import check_identifier
 from rehydrate.models.names import OWN_SOURCE
-from rehydrate.sources.mapping import EventTable, KafkaTopic
+from rehydrate.sources.mapping import EventTable, KafkaTopic, KinesisStream
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,51 @@ class KafkaSource:
         return f"{self.name}:kafka:{t.topic}:{t.type_header}:{t.type_field}:{t.version_header}"
 
 
-AnySource = Source | KafkaSource
+@dataclass(frozen=True)
+class KinesisSource:
+    """A Kinesis data stream to read projections from. `region`: its AWS region; `endpoint_url`: another endpoint than
+    the region's (a VPC endpoint, an emulator). The variables REHYDRATE_SOURCE_<NAME>_REGION and
+    REHYDRATE_SOURCE_<NAME>_ENDPOINT_URL override them; credentials come from the AWS SDK's usual chain (environment,
+    shared files, an instance or task role), never from rehydrate's settings."""
+
+    name: str
+    stream: KinesisStream
+    region: str | None = None
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        check_identifier(self.name, "source name")
+        if self.name == OWN_SOURCE:
+            raise UserError(f"source name {OWN_SOURCE!r} is rehydrate's own store", fix="name the source otherwise")
+
+    @property
+    def region_name(self) -> str | None:
+        """REHYDRATE_SOURCE_<NAME>_REGION, else `region` (None: the AWS SDK's own, e.g. AWS_DEFAULT_REGION)."""
+        return os.environ.get(f"REHYDRATE_SOURCE_{self.name.upper()}_REGION") or self.region
+
+    @property
+    def endpoint(self) -> str | None:
+        """REHYDRATE_SOURCE_<NAME>_ENDPOINT_URL, else `endpoint_url` (None: the region's endpoint)."""
+        return os.environ.get(f"REHYDRATE_SOURCE_{self.name.upper()}_ENDPOINT_URL") or self.endpoint_url
+
+    def identity(self) -> str:
+        """What of the source decides the rows (for the projection's fingerprint): the stream and how it is read."""
+        s = self.stream
+        return f"{self.name}:kinesis:{s.stream}:{s.type_field}:{s.version_field}"
+
+
+LogSourceDeclaration = KafkaSource | KinesisSource
+AnySource = Source | KafkaSource | KinesisSource
 
 _TABLE_FIELDS = {f.name for f in fields(EventTable)} - {"decode"}
 _KAFKA_FIELDS = {f.name for f in fields(KafkaTopic)} - {"decode"}
+_KINESIS_FIELDS = {f.name for f in fields(KinesisStream)} - {"decode"}
 _OPTIONAL_COLUMNS = ("stream_version", "schema_version", "metadata", "recorded_at", "transaction", "notify_channel")
 
 
 def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, AnySource]:
-    """The sources of `[sources.NAME]` tables in settings (`kind = "kafka"` for a topic); a misspelt key is refused,
-    naming it."""
+    """The sources of `[sources.NAME]` tables in settings (`kind = "kafka"` for a topic, `kind = "kinesis"` for a
+    stream); a misspelt key is refused, naming it."""
     found: dict[str, AnySource] = {}
     for name, table in declared.items():
         if not isinstance(table, dict):
@@ -98,8 +133,13 @@ def sources_from_settings(declared: dict[str, dict[str, Any]]) -> dict[str, AnyS
         if kind == "kafka":
             found[name] = _kafka_from_settings(name, values)
             continue
+        if kind == "kinesis":
+            found[name] = _kinesis_from_settings(name, values)
+            continue
         if kind != "table":
-            raise UserError(f"source {name!r} in settings: kind {kind!r} is not table or kafka", fix="use one of them")
+            raise UserError(
+                f"source {name!r} in settings: kind {kind!r} is not table, kafka or kinesis", fix="use one of them"
+            )
         url = values.pop("url", None)
         unknown = sorted(set(values) - _TABLE_FIELDS)
         if unknown:
@@ -155,4 +195,23 @@ def _kafka_from_settings(name: str, values: dict[str, Any]) -> KafkaSource:
     _check_text(name, {"bootstrap_servers": servers, **values})
     with _named(name):
         source = KafkaSource(name, KafkaTopic(**values), servers)
+    return source
+
+
+def _kinesis_from_settings(name: str, values: dict[str, Any]) -> KinesisSource:
+    region = values.pop("region", None)
+    endpoint = values.pop("endpoint_url", None)
+    unknown = sorted(set(values) - _KINESIS_FIELDS)
+    if unknown:
+        raise UserError(
+            f"Kinesis source {name!r} in settings has unknown key(s) {', '.join(map(repr, unknown))}",
+            fix=f"use kind, region, endpoint_url, {', '.join(sorted(_KINESIS_FIELDS))}",
+        )
+    if values.get("version_field") in ("", False):  # TOML has no null: "" reads nothing
+        values["version_field"] = None
+    if "stream" not in values:
+        raise UserError(f"Kinesis source {name!r} in settings names no stream", fix='add stream = "orders"')
+    _check_text(name, {"region": region, "endpoint_url": endpoint, **values})
+    with _named(name):
+        source = KinesisSource(name, KinesisStream(**values), region, endpoint)
     return source

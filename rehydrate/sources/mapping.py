@@ -174,6 +174,25 @@ class KafkaTopic:
             )
 
 
+@dataclass(frozen=True)
+class KinesisStream:
+    """A Kinesis data stream, and how each of its records reads as an event: the partition key is the stream id, the
+    data the payload (JSON, or `decode`), the approximate arrival timestamp the recorded-at; the event type comes from
+    a field of the payload (a record has no headers), the stream version from another when producers write one (else
+    the record's ordinal in its shard orders a stream)."""
+
+    stream: str
+    type_field: str = "type"
+    version_field: str | None = None
+    decode: Decoder | None = field(default=None, compare=False)  # the data's decoder (default: JSON)
+
+    def __post_init__(self) -> None:
+        if not self.stream:
+            raise UserError("a Kinesis source names no stream", fix="give stream=")
+        if not self.type_field:
+            raise UserError(f"stream {self.stream!r}: no way to read an event's type", fix="give type_field=")
+
+
 def sql_of(column: Column) -> str:
     """A column, quoted, or an expression as written."""
     return column.sql if isinstance(column, Expression) else quote(column)

@@ -1,5 +1,6 @@
 """The sources one process reads, opened once: rehydrate's own store, each declared table source on the read models'
-database or on a pool of its own, its columns inspected on first use, and each Kafka source's consumers."""
+database or on a pool of its own, its columns inspected on first use, each Kafka source's consumers and each Kinesis
+source's client."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncpg
 from rehydrate.core.database import create_pool
 from rehydrate.core.errors import UserError
 from rehydrate.core.settings import redact_url
-from rehydrate.sources.declaration import AnySource, KafkaSource, Source
+from rehydrate.sources.declaration import AnySource, KafkaSource, KinesisSource, LogSourceDeclaration, Source
 from rehydrate.sources.log import LogSource
 from rehydrate.sources.reading import EventSource
 from rehydrate.sources.store import EventStore
@@ -25,13 +26,13 @@ class Sources:
     def __init__(self, own: EventStore) -> None:
         self.own = own
         self._opened: dict[str, EventSource] = {}
-        self._logs: dict[str, tuple[KafkaSource, LogSource]] = {}
+        self._logs: dict[str, tuple[LogSourceDeclaration, LogSource]] = {}
         self._pools: list[asyncpg.Pool] = []
         self._lock = asyncio.Lock()
 
     async def any(self, source: AnySource | None) -> EventSource | LogSource:
         """The reader of `source`, a table's or a log's (None: rehydrate's own store)."""
-        if isinstance(source, KafkaSource):
+        if isinstance(source, KafkaSource | KinesisSource):
             return await self._log(source)
         return await self.of(source)
 
@@ -44,6 +45,11 @@ class Sources:
                 f"source {source.name!r} is a Kafka topic: {doing} reads event tables only",
                 fix="see the Kafka page of the docs for what a Kafka source supports",
             )
+        if isinstance(source, KinesisSource):
+            raise UserError(
+                f"source {source.name!r} is a Kinesis stream: {doing} reads event tables only",
+                fix="see the Kinesis page of the docs for what a Kinesis source supports",
+            )
         opened = self._opened.get(source.name)
         if opened is not None and opened.mapping == source.table:
             return opened
@@ -54,7 +60,7 @@ class Sources:
                 self._opened[source.name] = opened
         return opened
 
-    async def _log(self, source: KafkaSource) -> LogSource:
+    async def _log(self, source: LogSourceDeclaration) -> LogSource:
         opened = self._logs.get(source.name)
         if opened is not None and opened[0] == source:
             return opened[1]
@@ -98,8 +104,19 @@ class Sources:
         self._logs.clear()
 
 
-async def open_log(source: KafkaSource) -> LogSource:
-    """The started reader of a Kafka source (aiokafka is imported here: an optional dependency)."""
+async def open_log(source: LogSourceDeclaration) -> LogSource:
+    """The started reader of a Kafka or Kinesis source (its client is imported here: an optional dependency)."""
+    if isinstance(source, KinesisSource):
+        try:
+            from rehydrate.sources.kinesis import KinesisLog
+        except ImportError:
+            raise UserError(
+                f"source {source.name!r} is a Kinesis stream, and boto3 is not installed",
+                fix="pip install 'rehydrate[kinesis]'",
+            ) from None
+        stream = KinesisLog(source)
+        await stream.start()
+        return stream
     try:
         from rehydrate.sources.kafka import KafkaLog
     except ImportError:
