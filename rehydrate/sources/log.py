@@ -157,7 +157,7 @@ class LogSource(ABC):
         """The offsets the `lanes` (a generation's, in partition order) have still to read; None when the log cannot
         tell without reading (Kinesis)."""
         ranges = await self.ranges()
-        return sum(max(0, (r.end or 0) - lane["position"]) for r, lane in zip(ranges, lanes, strict=False))
+        return sum(max(0, (r.end or 0) - int(lane["position"])) for r, lane in zip(ranges, lanes, strict=False))
 
     async def read_keys(self, keys: Sequence[str], upto: Sequence[Mapping[str, Any]]) -> list[Event]:
         """Every event of the streams `keys` below each lane's position in `upto` (a generation's lanes, in partition
