@@ -24,7 +24,7 @@ from rehydrate.core.database import create_pool, ensure_schema
 from rehydrate.core.settings import Settings
 from rehydrate.devstack import DEV_SERVER_TUNING, temporal_cli
 from rehydrate.models.names import tail_workflow_id
-from tests.helpers import kafka
+from tests.helpers import kafka, kinesis
 
 # Continue-as-new is suggested after this many history events, so that tests exercise it.
 CONTINUE_AS_NEW_AFTER = 400
@@ -217,3 +217,13 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Kafka-protocol broker (tansu) for the session: its bootstrap address. Tests make topics of their own."""
     with kafka.tansu(tmp_path_factory.mktemp("tansu") / "tansu.log") as bootstrap:
         yield bootstrap
+
+
+@pytest.fixture(scope="session")
+def kinesis_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's server (an emulator of the Kinesis API) for the session: its endpoint URL. The SDK's credentials and
+    region are set for this process (moto takes any). Tests make streams of their own."""
+    for variable, value in kinesis.CREDENTIALS.items():
+        os.environ.setdefault(variable, value)
+    with kinesis.moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        yield endpoint

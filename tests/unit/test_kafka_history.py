@@ -51,8 +51,8 @@ def test_a_kafka_source_in_settings_reads_as_declared_and_misspellings_are_named
     assert "topic" in (misspelt.value.fix or "")
     with pytest.raises(UserError, match="names no topic"):
         sources_from_settings({"ledger": {"kind": "kafka", "bootstrap_servers": "k1:9092"}})
-    with pytest.raises(UserError, match="kind 'kinesis' is not table or kafka"):
-        sources_from_settings({"ledger": {"kind": "kinesis"}})
+    with pytest.raises(UserError, match="kind 'pulsar' is not table, kafka or kinesis"):
+        sources_from_settings({"ledger": {"kind": "pulsar"}})
     monkeypatch.delenv("REHYDRATE_SOURCE_LEDGER_BOOTSTRAP_SERVERS")
     with pytest.raises(UserError, match="Kafka source 'ledger' names no brokers"):
         _ = KafkaSource("ledger", KafkaTopic("ledger")).servers
