@@ -4,6 +4,12 @@ process on a free port; streams made, written, split and merged through boto3 as
 What moto does not do as Kinesis does, and how the tests live with it:
 - a PutRecords request's records land in the shards in request order (AWS does not promise that within a request;
   producers that need the order use PutRecord with SequenceNumberForOrdering, or the KPL): the tests rely on it;
+- a split or a merge changes the shard list as Kinesis does (parents closed, children naming them), but records go on
+  to the first shard that covers their hash, the closed parent included: children stay empty (a split puts the
+  parent's records back into the parent with new sequence numbers, a merge copies its parents' records into the
+  child): the tests check a resharded stream's lanes and the order in which they start, not records read from a
+  child;
+- iterators never expire, and nothing is throttled;
 - no stream ages: a stream's creation time is the moment it was made, so the history guard's refusal is tested on a
   second moto server whose clock runs `hours` behind (`moto_server(..., behind_hours=...)`), where a stream made now
   is that old by the worker's clock.
