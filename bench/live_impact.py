@@ -42,8 +42,9 @@ tenth, the middle, the last tenth, or between chunks).
 Readers and writers share this process's event loop, and on a small machine every process shares its cores: the
 latencies include waiting for a core. `--nice 19` runs the workers and the Temporal dev server at the lowest CPU
 priority, so that they take what Postgres and the readers leave, as workers and Temporal on machines of their own
-would (in production they do not share the database's cores). Prints the load average beside each replay. Exit status 1 if any reader saw
-an error or an empty result. Everything it started is stopped at the end, on Ctrl-C and on SIGTERM too.
+would (in production they do not share the database's cores). Prints the load average beside each replay. Exit
+status 1 if any reader saw an error or an empty result. Everything it started is stopped at the end, on Ctrl-C and on
+SIGTERM too.
 """
 
 from __future__ import annotations
