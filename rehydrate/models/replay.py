@@ -176,11 +176,14 @@ class ReplayProgress:
     def counts(self) -> str:
         """Events applied of total, the share, the rate and, while it runs, the ETA: what the CLI's status and the
         Web UI's details both show."""
+        rate = f"{self.rate:,.0f} events/s"
+        if self.events_applied > self.events_total or (self.events_total == 0 and self.phase == "building"):
+            # The total is not known (a log whose ends were open at plan time), or was estimated low from a sample:
+            # it is known once every lane is done. Neither a share nor an ETA can be told meanwhile.
+            return f"{self.events_applied:,} events (the total is known once every lane is done), {rate}"
         percent = 100 * self.events_applied / self.events_total if self.events_total else 100.0
         eta = "" if self.paused or self.eta_seconds is None else f", ETA {self.eta_seconds:,.0f} s"
-        return (
-            f"{self.events_applied:,} of {self.events_total:,} events ({percent:.0f}%), {self.rate:,.0f} events/s{eta}"
-        )
+        return f"{self.events_applied:,} of {self.events_total:,} events ({percent:.0f}%), {rate}{eta}"
 
     def summary(self) -> str:
         """One line: the phase (or paused), the generation and `counts()`."""
