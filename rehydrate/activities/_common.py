@@ -14,6 +14,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from rehydrate.core.database import worker_session
 from rehydrate.core.errors import UnknownProjectionError, UserError, WrongWorker, worker_identity
 from rehydrate.core.settings import Settings
 from rehydrate.engine.generations import Generations
@@ -92,7 +93,8 @@ class Activities:
         self.pool = pool
         self.settings = settings
         self.store = EventStore(pool, settings.schema_name)
-        self.sources = Sources(self.store)  # the sources the projections read, opened on first use
+        # The sources the projections read, opened on first use; those in other databases with a worker's sessions.
+        self.sources = Sources(self.store, session=worker_session(settings))
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:

@@ -5,6 +5,7 @@ source's client."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 
@@ -23,8 +24,11 @@ POOL_SIZE = 8
 class Sources:
     """rehydrate's own store (`own`) and the sources opened so far; `close` closes the pools it made."""
 
-    def __init__(self, own: EventStore) -> None:
+    def __init__(self, own: EventStore, session: dict[str, Any] | None = None) -> None:
+        """`session`: asyncpg's connection keywords for the pools of sources in other databases (a worker's:
+        core.database.worker_session, so that a source's database cut off mid-read does not hold a chunk for ever)."""
         self.own = own
+        self._session = session or {}
         self._opened: dict[str, EventSource] = {}
         self._logs: dict[str, tuple[LogSourceDeclaration, LogSource]] = {}
         self._pools: list[asyncpg.Pool] = []
@@ -77,7 +81,7 @@ class Sources:
             reader = EventSource(self.own.pool, source.table, source.name)
         else:
             try:
-                pool = await create_pool(url, max_size=POOL_SIZE)
+                pool = await create_pool(url, max_size=POOL_SIZE, **self._session)
             except UserError as error:  # the same kind: a tail waits out a source's database that does not answer
                 raise type(error)(
                     f"source {source.name!r}: {error.message}",

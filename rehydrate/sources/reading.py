@@ -32,6 +32,7 @@ so it lands in stream order, and it is reported; a run is forgotten once the tab
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -417,8 +418,24 @@ class EventSource:
         if not self.external:
             yield conn
             return
-        async with self.pool.acquire() as own, own.transaction(readonly=True, isolation="repeatable_read"):
-            yield own
+        async with self.pool.acquire() as own:
+            transaction = own.transaction(readonly=True, isolation="repeatable_read")
+            await transaction.start()
+            try:
+                yield own
+            except asyncio.CancelledError:
+                # Cancelled mid-read (the chunk's heartbeats stopped, or it was cancelled): left to asyncpg, the
+                # cancellation would send a cancel request over a new connection and a ROLLBACK over this one and
+                # wait for both without a bound, which a source database cut off from the worker never answers.
+                # Closing the socket frees the chunk at once; the server ends the read-only transaction when it sees
+                # the close, or by the session's own timeouts (core.database.worker_session).
+                own.terminate()
+                raise
+            except BaseException:
+                await transaction.rollback()
+                raise
+            else:
+                await transaction.commit()
 
     # -- marks -----------------------------------------------------------------------------------------
 
