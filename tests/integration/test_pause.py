@@ -23,10 +23,12 @@ async def pending_activities(handle: object) -> int:
 
 
 async def others_busy(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    """Other sessions on this database inside a transaction, running a statement, or holding a lock."""
+    """Other client sessions on this database inside a transaction, running a statement, or holding a lock
+    (autovacuum's workers come and go on their own)."""
     return await conn.fetch(
         """SELECT a.pid, a.state, a.query FROM pg_stat_activity a
            WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+             AND a.backend_type = 'client backend'
              AND (a.state <> 'idle' OR a.xact_start IS NOT NULL
                   OR EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid))"""
     )
