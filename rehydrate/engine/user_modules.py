@@ -3,10 +3,12 @@ and the source text that code fingerprints hash."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -48,9 +50,26 @@ def _project_importable() -> None:
         sys.path.insert(0, here)
 
 
+# Each function's source, read once: a worker checks its projection's fingerprint at every chunk, and reading the
+# handlers' source (inspect tokenizes the module) took a few percent of a chunk's time. A function object's code never
+# changes; an edited module, reloaded, makes new function objects.
+_SOURCES: weakref.WeakKeyDictionary[Callable[..., Any], str] = weakref.WeakKeyDictionary()
+
+
 def source_text(function: Callable[..., Any]) -> str:
     """A function's source, for fingerprints (so an edit shows even if it compiles to the same bytecode); its
     bytecode and constants when the source cannot be read (a REPL, a frozen app). Stable across processes."""
+    try:
+        return _SOURCES[function]
+    except (KeyError, TypeError):  # TypeError: a callable that takes no weak reference (read each time)
+        pass
+    text = _read_source(function)
+    with contextlib.suppress(TypeError):
+        _SOURCES[function] = text
+    return text
+
+
+def _read_source(function: Callable[..., Any]) -> str:
     try:
         return inspect.getsource(function)
     except (OSError, TypeError):
