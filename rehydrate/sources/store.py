@@ -20,13 +20,6 @@ from rehydrate.sources.reading import EventSource, events_of
 
 # -- the statements that write ({events}: the schema-qualified events table) ----------------------------------------
 
-# JSON comes as text and is parsed by orjson straight from the record (a codec would add a Python call and a copy
-# per value). Empty metadata (the usual case) comes as NULL: nothing to parse, a sixth of a read's time.
-_COLUMNS = (
-    "global_position, stream_id, stream_version, event_type, schema_version, payload::text, "
-    "nullif(metadata, '{}'::jsonb)::text AS metadata, recorded_at"
-)  # substituted as {columns}: its braces are not read as placeholders
-
 _STREAM_VERSION = "SELECT coalesce(max(stream_version), 0) FROM {events} WHERE stream_id = $1"
 # Returns the events as stored (as every later read gives them): their positions, the database's recorded_at, and
 # payload and metadata as jsonb normalised them.
@@ -35,7 +28,7 @@ _APPEND = """INSERT INTO {events}
     SELECT $1, v, t, s, p::jsonb, m::jsonb, coalesce(r, now())
     FROM unnest($2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[], $7::timestamptz[])
         AS u(v, t, s, p, m, r)
-    RETURNING {columns}"""
+    RETURNING {columns}"""  # (as every read: EventSource's select list)
 # Delivered at commit: wakes the tails at once instead of at their next poll.
 _NOTIFY = "SELECT pg_notify($1, '')"
 _IS_EMPTY = "SELECT NOT EXISTS (SELECT 1 FROM {events})"
@@ -75,7 +68,7 @@ class EventStore(EventSource):
         self.channel = notify_channel(schema)
 
     def _own(self, statement: str) -> str:
-        return statement.format(events=self.table, columns=_COLUMNS)
+        return statement.format(events=self.table, columns=self._parts["columns"])
 
     # -- writing -------------------------------------------------------------------------------------
 
