@@ -10,6 +10,7 @@ import asyncpg
 from sqlmodel import Field, SQLModel
 
 from rehydrate import Event, EventStore, NewEvent
+from rehydrate.engine.importer import import_events
 from rehydrate.engine.projections import Projection, Registry, Row
 
 
@@ -118,6 +119,13 @@ def random_history(seed: int, streams: int = 40, events: int = 600) -> list[tupl
 async def append_all(store: EventStore, history: Iterable[tuple[str, NewEvent]]) -> None:
     for stream, event in history:
         await store.append(stream, [event])
+
+
+async def import_all(store: EventStore, history: Iterable[tuple[str, NewEvent]]) -> None:
+    """The same events as `append_all`, in one import (a COPY): for a history of thousands of events whose test needs
+    no transaction of its own per event (appended one by one, 8,000 take ~5 s here)."""
+    lines = ({"stream_id": stream, "type": event.type, "data": event.data} for stream, event in history)
+    await import_events(store, enumerate(lines, start=1), source="test history")
 
 
 def oracle(projection: Projection, events: Iterable[Event]) -> dict[Any, Row]:

@@ -26,7 +26,7 @@ RATE = 300.0
 async def test_a_throttled_replay_keeps_to_its_rate_and_runs_free_once_the_limit_is_lifted(
     client: Client, settings: Settings, store: EventStore
 ) -> None:
-    await domain.append_all(store, domain.random_history(71, streams=40, events=8000))
+    await domain.import_all(store, domain.random_history(71, streams=40, events=8000))
     with pytest.raises(UserError, match=r"max_rate=-1 is not a positive number"):
         await start_replay(client, settings, ReplayInput("accounts", max_rate=-1))
     async with running_worker(settings, domain.registry(), client=client):
