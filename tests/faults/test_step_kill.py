@@ -9,6 +9,7 @@ own, kills the worker running it, lets go, and times how long until the step has
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from rehydrate.models import ReplayInput
 from rehydrate.starter import start_replay, wait_for_replay
 from tests.faults.test_faults import until
 from tests.helpers import domain
-from tests.helpers.workers import blocked_by, kill_workers, start_worker
+from tests.helpers.workers import blocked_by, forget_sticky_worker, kill_workers, polling, start_worker
 
 HEARTBEAT_TIMEOUT = 2.0
 # A step's retry reaches a live worker after the heartbeat timeout and the retry's first back-off (1 s); on a loaded
@@ -76,10 +77,14 @@ async def test_a_worker_killed_while_indexing_or_catching_up_is_replaced_within_
         for victim, gate, heir in (("A", index_gate, "B"), ("B", catch_up_gate, "C")):
             await until(lambda gate=gate: blocked_by(store.pool, gate), 90, f"worker {victim} to wait in its step")
             workers[heir] = start_worker(settings, logs[heir])
-            await asyncio.sleep(3)  # the heir polls the task queue
+            # The recovery is timed from the kill: the heir is polling by then, as a standby worker would be.
+            heir_polls = functools.partial(polling, client, settings.temporal_task_queue, workers[heir])
+            await until(heir_polls, 60, f"worker {heir} to poll the task queue", 0.1)
             workers[victim].kill()
             killed = time.monotonic()
             await asyncio.to_thread(workers[victim].wait)
+            # The step's retry is what is timed, not the 3 s the next workflow task would wait on the dead worker.
+            await forget_sticky_worker(client, handle)
             await gate.execute("COMMIT")  # the killed worker's statement died with its connection
             if gate is index_gate:
                 await until(lambda: blocked_by(store.pool, catch_up_gate), 60, "the indexes built elsewhere")

@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 from temporalio.api.common.v1 import WorkflowExecution
-from temporalio.api.enums.v1 import EventType
-from temporalio.api.workflowservice.v1 import ResetStickyTaskQueueRequest
+from temporalio.api.enums.v1 import EventType, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, ResetStickyTaskQueueRequest
 from temporalio.client import Client, WorkflowHandle
 
 from rehydrate import Settings
@@ -50,6 +51,18 @@ def start_worker(settings: Settings, log: Path, extra_env: dict[str, str] | None
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+async def polling(client: Client, task_queue: str, worker: subprocess.Popen[bytes]) -> bool:
+    """Whether worker process `worker` polls `task_queue` for activities (Temporal names it pid@host)."""
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+        )
+    )
+    return any(poller.identity.startswith(f"{worker.pid}@") for poller in response.pollers)
 
 
 async def blocked_by(pool: asyncpg.Pool, blocker: asyncpg.Connection) -> bool:
