@@ -16,8 +16,9 @@ chunk attempt, the retry's back-off, the workflow task moving to a live worker a
 
 Size: FAULT_EVENTS events (100,000 by default) over 3,000 streams; about 82,000 of them are handled by the
 projection. The workers add 100 µs per event (tests/helpers/slow_domain.py), which stretches a build to ~10 s here:
-long enough for five faults 0.2–1 s apart inside one build. The build's length comes from the cost per event, not
-from the history's size: a larger history would only make loading it, and the oracle's fold and the check, longer.
+long enough for five faults 0.2–1 s apart inside one build. The tests with two faults in a build, or none, halve the
+cost (SHORT_BUILD_ENV). The build's length comes from the cost per event, not from the history's size: a larger
+history would only make loading it, and the oracle's fold and the check, longer.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ REPLAY = {"lanes": 4, "chunk_size": 1_000, "max_parallel": 4, "heartbeat_timeout
 # The workers fold with tests.helpers.slow_domain: the domain's handlers plus a sleep of 100 µs per event, which
 # stretches a build from ~2 s to ~10 s here, so that five faults land inside one build (see the module docstring).
 WORKER_ENV = {"REHYDRATE_PROJECTIONS": "tests.helpers.slow_domain", "REHYDRATE_TEST_EVENT_COST": "0.0001"}
+# 50 µs per event, a build of ~5 s: for the tests with at most two faults in a build, or a build that is only waited
+# for (a rebuild whose swap is the target, a replay with writers beside it).
+SHORT_BUILD_ENV = {**WORKER_ENV, "REHYDRATE_TEST_EVENT_COST": "0.00005"}
+# How long a stopped Temporal server stays down: its workers and clients meet refused connections meanwhile.
+TEMPORAL_DOWN_SECONDS = 1.0
 # Bound on any single recovery; a test fails rather than hang.
 RECOVERY_LIMIT = 60.0
 
@@ -209,10 +215,12 @@ def watch_recovery(url: str, before: Lanes, fault_at: float, figures: Figures) -
 
 
 @contextlib.asynccontextmanager
-async def workers(settings: Settings, logs: Path, count: int) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
-    """`count` worker processes (the list may be changed: every process in it is killed at the end)."""
+async def workers(
+    settings: Settings, logs: Path, count: int, env: dict[str, str] = WORKER_ENV
+) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
+    """`count` worker processes with `env` (the list may be changed: every process in it is killed at the end)."""
     await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
-    running = [start_worker(settings, logs / f"worker-{n}.log", WORKER_ENV) for n in range(count)]
+    running = [start_worker(settings, logs / f"worker-{n}.log", env) for n in range(count)]
     try:
         yield running
     finally:
@@ -323,7 +331,7 @@ async def test_postgres_restart_fast_and_immediate_mid_chunk_and_mid_swap(
     await pool.close()  # the test's own pool would not survive the restarts: it uses probes
     probe = Probe(private_postgres.url)
     try:
-        async with workers(settings, tmp_path / "logs", 2):
+        async with workers(settings, tmp_path / "logs", 2, SHORT_BUILD_ENV):
             # Replay 1: restarts mid-chunk.
             handle = await replay(client, settings)
             for mode in ("fast", "immediate"):
@@ -440,7 +448,7 @@ async def swap_waits_or_replay_ends(probe: Probe, handle: WorkflowHandle[Any, An
 async def test_temporal_dev_server_stopped_and_restarted_mid_replay(
     database_url: str, store: EventStore, tmp_path: Path, figures: Figures
 ) -> None:
-    """A dev server with its state in a file, stopped (SIGTERM) twice mid-build for two seconds and started
+    """A dev server with its state in a file, stopped (SIGTERM) twice mid-build for a second and started
     again on the same port from the same file; the workers reconnect and the replay finishes exactly."""
     await load_history(store)
     settings = Settings(
@@ -457,7 +465,7 @@ async def test_temporal_dev_server_stopped_and_restarted_mid_replay(
     probe = Probe(database_url)
     try:
         client = await Client.connect(settings.temporal_address)
-        async with workers(settings, tmp_path / "logs", 2):
+        async with workers(settings, tmp_path / "logs", 2, SHORT_BUILD_ENV):
             handle = await replay(client, settings)
             for stop in range(2):
                 await until(lambda: mid_build(probe, minimum=2), 60, f"a build in the middle (stop {stop + 1})")
@@ -465,7 +473,7 @@ async def test_temporal_dev_server_stopped_and_restarted_mid_replay(
                 fault_at = time.monotonic()
                 await asyncio.to_thread(server.stop)
                 figures.faults_injected += 1
-                await asyncio.sleep(2)
+                await asyncio.sleep(TEMPORAL_DOWN_SECONDS)
                 server = await asyncio.to_thread(start_temporal, settings, log_path=tmp_path / "temporal.log")
                 assert server.process is not None, "a Temporal server of someone else answered on our port"
                 figures.recoveries.append(await recovered(probe, before, fault_at))
@@ -579,7 +587,7 @@ async def test_out_of_order_commits_throughout_a_replay_swap_and_tail(
             else:
                 last_stream[0] = stream
 
-    async with workers(settings, tmp_path / "logs", 2):
+    async with workers(settings, tmp_path / "logs", 2, SHORT_BUILD_ENV):
         tasks = [asyncio.create_task(writer(seed, late=seed % 2 == 1)) for seed in range(4)]
         try:
             await asyncio.sleep(0.5)
