@@ -16,9 +16,9 @@ chunk attempt, the retry's back-off, the workflow task moving to a live worker a
 
 Size: FAULT_EVENTS events (100,000 by default) over 3,000 streams; about 82,000 of them are handled by the
 projection. The workers add 100 µs per event (tests/helpers/slow_domain.py), which stretches a build to ~10 s here:
-long enough for five faults 0.2–1 s apart inside one build. The tests with two faults in a build, or none, halve the
-cost (SHORT_BUILD_ENV). The build's length comes from the cost per event, not from the history's size: a larger
-history would only make loading it, and the oracle's fold and the check, longer.
+long enough for five SIGKILLs 0.2–1 s apart inside one build. The other tests, whose faults come back to back or
+not in the build at all, halve the cost (SHORT_BUILD_ENV). The build's length comes from the cost per event, not
+from the history's size: a larger history would only make loading it, and the oracle's fold and the check, longer.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ PROJECTION = domain.accounts
 # Chunks of 1,000 events over 4 lanes: ~80 chunks per replay, each a transaction of ~0.1 s (most of it folding).
 REPLAY = {"lanes": 4, "chunk_size": 1_000, "max_parallel": 4, "heartbeat_timeout_seconds": 2.0}
 # The workers fold with tests.helpers.slow_domain: the domain's handlers plus a sleep of 100 µs per event, which
-# stretches a build from ~2 s to ~10 s here, so that five faults land inside one build (see the module docstring).
+# stretches a build from ~2 s to ~10 s here, so that five SIGKILLs land inside one build (see the module docstring).
 WORKER_ENV = {"REHYDRATE_PROJECTIONS": "tests.helpers.slow_domain", "REHYDRATE_TEST_EVENT_COST": "0.0001"}
-# 50 µs per event, a build of ~5 s: for the tests with at most two faults in a build, or a build that is only waited
-# for (a rebuild whose swap is the target, a replay with writers beside it).
+# 50 µs per event, a build of ~5 s: enough for faults that come back to back (two restarts, five cuts 0.3 s apart),
+# or for a build that is only waited for (a rebuild whose swap is the target, a replay with writers beside it).
 SHORT_BUILD_ENV = {**WORKER_ENV, "REHYDRATE_TEST_EVENT_COST": "0.00005"}
 # How long a stopped Temporal server stays down: its workers and clients meet refused connections meanwhile.
 TEMPORAL_DOWN_SECONDS = 1.0
@@ -502,7 +502,7 @@ async def test_backend_terminated_inside_chunk_transactions(
     missed = 0
     watching: list[asyncio.Task[None]] = []
     try:
-        async with workers(settings, tmp_path / "logs", 2):
+        async with workers(settings, tmp_path / "logs", 2, SHORT_BUILD_ENV):
             handle = await replay(client, settings)
             while figures.faults_injected < 5:
                 await asyncio.sleep(0.3)
