@@ -69,7 +69,7 @@ async def test_search_attributes_details_and_summaries_survive_continue_as_new(
     client: Client, settings: Settings, store: EventStore
 ) -> None:
     # 1,000 events in chunks of 5 over 2 lanes: ~200 activities, past the session's continue-as-new limit.
-    await domain.append_all(store, domain.random_history(32, streams=25, events=1000))
+    await domain.import_all(store, domain.random_history(32, streams=25, events=1000))
     async with running_worker(settings, domain.registry(), client=client):
         workflow_id, result = await replay_like_the_ui(
             client, settings, {"projection": "accounts", "lanes": 2, "chunk_size": 5}

@@ -45,7 +45,7 @@ async def test_replay_continues_as_new_and_still_equals_the_oracle(
     client: Client, settings: Settings, store: EventStore
 ) -> None:
     # 1,200 events in chunks of 5 over 2 lanes: ~240 activities, far past the session's continue-as-new limit.
-    await domain.append_all(store, domain.random_history(9, streams=25, events=1200))
+    await domain.import_all(store, domain.random_history(9, streams=25, events=1200))
     events = await domain.all_events(store)
     async with running_worker(settings, domain.registry(), client=client):
         result = await replay(client, settings, ReplayInput("accounts", lanes=2, chunk_size=5))

@@ -36,7 +36,7 @@ async def progress(handle: WorkflowHandle[ReplayWorkflow, object]) -> ReplayProg
 async def test_a_replay_started_from_the_web_ui_is_found_paused_shown_as_paused_and_cancelled(
     client: Client, settings: Settings, store: EventStore, tmp_path: Path
 ) -> None:
-    await domain.append_all(store, domain.random_history(12, events=1500))
+    await domain.import_all(store, domain.random_history(12, events=1500))
     async with running_worker(settings, domain.registry(), client=client):
         ui_id = f"ui-{uuid.uuid4().hex[:8]}"
         await client.start_workflow(

@@ -22,7 +22,7 @@ from tests.helpers import domain
 async def test_readers_never_see_an_error_an_empty_table_or_a_mix_during_swaps(
     client: Client, settings: Settings, store: EventStore, database_url: str
 ) -> None:
-    await domain.append_all(store, domain.random_history(31, streams=60, events=1500))
+    await domain.import_all(store, domain.random_history(31, streams=60, events=1500))
     events = await domain.all_events(store)
     expected = domain.oracle(domain.accounts, events)
     expected_state = (len(expected), sum(row["balance"] for row in expected.values()))
@@ -68,7 +68,7 @@ async def test_the_new_generation_is_analyzed_beside_the_catch_up(
 ) -> None:
     """ANALYZE does not block the catch-up's writes, so it runs beside them; the replay ends only when the table has
     its statistics."""
-    await domain.append_all(store, domain.random_history(32, streams=60, events=1500))
+    await domain.import_all(store, domain.random_history(32, streams=60, events=1500))
     async with running_worker(settings, domain.registry(), client=client):
         handle = await start_replay(client, settings, ReplayInput("accounts"))
         result = await wait_for_replay(handle)
@@ -100,7 +100,7 @@ async def test_the_views_move_to_the_new_generation_only_once_it_is_analyzed(
 ) -> None:
     """Readers' queries are planned from the tables' statistics: a swap while ANALYZE still runs beside the catch-up
     would serve them plans made without any (a join that scans a whole child table). The swap waits for it."""
-    await domain.append_all(store, domain.random_history(33, streams=60, events=1500))
+    await domain.import_all(store, domain.random_history(33, streams=60, events=1500))
     analyzed: list[datetime] = []
     analyze = Generations.analyze
 
