@@ -48,7 +48,6 @@ from rehydrate import ConcurrencyError, Event, EventStore, NewEvent
 from rehydrate.core.database import create_pool, ensure_schema
 from rehydrate.core.settings import Settings
 from rehydrate.devstack import DEV_SERVER_TUNING, DevServer, start_temporal
-from rehydrate.engine.importer import import_events
 from rehydrate.engine.projections import Projection
 from rehydrate.models import ReplayInput, ReplayResult, TailInput
 from rehydrate.models.names import replay_workflow_id, tail_workflow_id
@@ -87,8 +86,7 @@ def history() -> list[tuple[str, NewEvent]]:
 
 
 async def load_history(store: EventStore) -> None:
-    lines = ({"stream_id": stream, "type": event.type, "data": event.data} for stream, event in history())
-    await import_events(store, enumerate(lines, start=1), source="fault suite history")
+    await domain.import_all(store, history())
 
 
 async def check(pool: asyncpg.Pool, figures: Figures, generation: int, projection: Projection = PROJECTION) -> None:

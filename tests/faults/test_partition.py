@@ -35,7 +35,6 @@ from temporalio.client import Client
 from rehydrate import EventStore
 from rehydrate.core.settings import Settings
 from rehydrate.engine.generations import SWAP_IDLE_TIMEOUT_MS
-from rehydrate.engine.importer import import_events
 from rehydrate.starter import wait_for_replay
 from tests.faults.test_faults import (
     PROJECTION,
@@ -69,11 +68,7 @@ LIMIT = 60.0
 
 
 async def load(store: EventStore, seed: int, events: int) -> None:
-    lines = (
-        {"stream_id": stream, "type": event.type, "data": event.data}
-        for stream, event in domain.random_history(seed, streams=STREAMS, events=events)
-    )
-    await import_events(store, enumerate(lines, start=1), source="partition test history")
+    await domain.import_all(store, domain.random_history(seed, streams=STREAMS, events=events))
 
 
 def through(proxy: Proxy, database_url: str) -> str:

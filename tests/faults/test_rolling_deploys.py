@@ -24,7 +24,6 @@ from temporalio.service import RPCError
 from rehydrate import EventStore
 from rehydrate.core.settings import Settings
 from rehydrate.deployment import current_build
-from rehydrate.engine.importer import import_events
 from rehydrate.engine.projections import Registry
 from rehydrate.models import ReplayInput, ReplayResult
 from rehydrate.models.names import WRONG_WORKER
@@ -39,9 +38,7 @@ SLOWER = {"REHYDRATE_TEST_EVENT_COST": "0.002"}  # 2 ms an event: a replay of 3,
 
 
 async def load(store: EventStore, seed: int) -> None:
-    history = domain.random_history(seed, streams=40, events=3000)
-    lines = ({"stream_id": stream, "type": event.type, "data": event.data} for stream, event in history)
-    await import_events(store, enumerate(lines, start=1), source="rolling deploy history")
+    await domain.import_all(store, domain.random_history(seed, streams=40, events=3000))
 
 
 async def wrong_worker_failures(client: Client, handle: WorkflowHandle[Any, Any]) -> list[str]:

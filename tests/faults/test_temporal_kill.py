@@ -26,7 +26,6 @@ from rehydrate import EventStore, NewEvent
 from rehydrate.core.database import create_pool, ensure_schema
 from rehydrate.core.settings import Settings
 from rehydrate.devstack import DevServer, start_temporal
-from rehydrate.engine.importer import import_events
 from rehydrate.models import ReplayInput
 from rehydrate.models.names import TAIL
 from rehydrate.starter import start_replay, wait_for_replay
@@ -108,9 +107,7 @@ async def own_temporal(database_url: str, tmp_path: Path) -> AsyncIterator[tuple
 
 
 async def load(store: EventStore, seed: int, events: int) -> None:
-    history = domain.random_history(seed, streams=STREAMS, events=events)
-    lines = ({"stream_id": stream, "type": event.type, "data": event.data} for stream, event in history)
-    await import_events(store, enumerate(lines, start=1), source="fault suite history")
+    await domain.import_all(store, domain.random_history(seed, streams=STREAMS, events=events))
 
 
 @contextlib.asynccontextmanager
