@@ -339,7 +339,7 @@ class EventSource:
         else:
             meta = f"{sql_of(m.metadata)}::text"
         sv = "1" if m.schema_version is None else sql_of(m.schema_version)
-        # recorded_at stays a timestamptz, decoded by asyncpg (a third of its decoding of a row). Read as ISO text and
+        # recorded_at stays a timestamptz, decoded by asyncpg (half of its decoding of a row). Read as ISO text and
         # parsed with datetime.fromisoformat it costs a worker 0.4 µs less per event and Postgres as much more to
         # format it (bench/read_cost.py): the same CPU in all, and more of it on the database's side.
         columns = f"{pos}, {stream}, {version}, {sql_of(m.event_type)}, {sv}, {payload_text}, {meta}, {at}"

@@ -21,14 +21,14 @@ from rehydrate.sources.reading import EventSource, events_of
 # -- the statements that write ({events}: the schema-qualified events table) ----------------------------------------
 
 _STREAM_VERSION = "SELECT coalesce(max(stream_version), 0) FROM {events} WHERE stream_id = $1"
-# Returns the events as stored (as every later read gives them): their positions, the database's recorded_at, and
-# payload and metadata as jsonb normalised them.
+# Returns the events as stored, in EventSource's select list (as every later read gives them): their positions, the
+# database's recorded_at, and payload and metadata as jsonb normalised them.
 _APPEND = """INSERT INTO {events}
         (stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at)
     SELECT $1, v, t, s, p::jsonb, m::jsonb, coalesce(r, now())
     FROM unnest($2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[], $7::timestamptz[])
         AS u(v, t, s, p, m, r)
-    RETURNING {columns}"""  # (as every read: EventSource's select list)
+    RETURNING {columns}"""
 # Delivered at commit: wakes the tails at once instead of at their next poll.
 _NOTIFY = "SELECT pg_notify($1, '')"
 _IS_EMPTY = "SELECT NOT EXISTS (SELECT 1 FROM {events})"
