@@ -36,7 +36,10 @@ def demo(
     events: Annotated[int, typer.Option(help="Events in the example history (loaded once, then reused).")] = 250_000,
     lanes: Annotated[
         int | None,
-        typer.Option(help="Lanes per replay (default: REHYDRATE_LANES; unset: 8 by stream range, 4 by hash)."),
+        typer.Option(
+            help="Lanes per replay (default: REHYDRATE_LANES; unset: 8 by stream range, fewer on a small store, "
+            "4 by hash)."
+        ),
     ] = None,
     keep: Annotated[
         bool,

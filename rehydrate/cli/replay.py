@@ -245,7 +245,10 @@ def _read_keys_file(path: Path) -> str:
 def plan(
     name: Name,
     lanes: Annotated[
-        int | None, typer.Option(help="Lanes (default: REHYDRATE_LANES; unset: 8 by stream range, 4 by hash).")
+        int | None,
+        typer.Option(
+            help="Lanes (default: REHYDRATE_LANES; unset: 8 by stream range, fewer on a small store, 4 by hash)."
+        ),
     ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Events per chunk (default: REHYDRATE_CHUNK_SIZE).")] = None,
     max_parallel: Annotated[int | None, typer.Option(help="Chunks at once (default: REHYDRATE_MAX_PARALLEL).")] = None,

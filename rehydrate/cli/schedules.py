@@ -26,7 +26,10 @@ def create(
     every: Annotated[str | None, typer.Option(help="An interval: 6h, 30m, 1d, 1h30m.")] = None,
     lanes: Annotated[
         int | None,
-        typer.Option(help="Lanes per replay (default: the worker's REHYDRATE_LANES; unset: 8 by range, 4 by hash)."),
+        typer.Option(
+            help="Lanes per replay (default: the worker's REHYDRATE_LANES; unset: 8 by range, fewer on a small store, "
+            "4 by hash)."
+        ),
     ] = None,
     verify_only: Annotated[
         bool, typer.Option("--verify-only", help="Verify PROJECTION (as `rehydrate verify`) instead of rebuilding it.")

@@ -16,7 +16,7 @@ import asyncpg
 
 from rehydrate.core.errors import UserError
 from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, check_range
-from rehydrate.core.settings import Settings, lanes_for
+from rehydrate.core.settings import Settings, lanes_for, sized_lanes
 from rehydrate.engine.apply import Folding, Parking
 from rehydrate.engine.generations import Generations, other_code
 from rehydrate.engine.projections import Projection
@@ -72,6 +72,7 @@ async def plan_generation(
                 top = mark if input.mark is None else min(mark, input.mark)
                 gaps = await source.gaps(reading, recent, top) if recent < top else []
             split = await source.lane_split(reading, projection.key, settings.lane_split)
+            asked = lanes
             lanes = lanes_for(settings, split) if lanes is None else lanes
             found: list[str] = []
             estimated = 0
@@ -83,6 +84,8 @@ async def plan_generation(
                     lanes=lanes,
                     cutoff=cutoff,
                 )
+                if asked is None:  # a small store gets fewer lanes
+                    found, lanes = sized_lanes(settings, found, lanes, estimated)
         if input.mark is not None:
             if input.mark > mark:
                 raise UserError(

@@ -14,6 +14,7 @@ from sqlmodel import Field, SQLModel
 from temporalio.client import Client
 
 from rehydrate import Event, EventStore, NewEvent
+from rehydrate.core import settings as settings_module
 from rehydrate.core.errors import UserError
 from rehydrate.core.settings import Settings
 from rehydrate.engine import operations
@@ -318,22 +319,32 @@ async def test_plan_estimates_from_the_latest_build_once_there_is_one(
     assert p.estimated_seconds == p.events / p.measured_events_per_second
 
 
-async def test_lanes_left_unset_are_8_by_stream_range_and_4_by_hash(
-    client: Client, settings: Settings, store: EventStore
+async def test_lanes_left_unset_are_8_by_stream_range_and_4_by_hash_and_fewer_on_a_small_store(
+    client: Client, settings: Settings, store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await domain.append_all(store, domain.random_history(61, streams=40, events=600))
     unset = settings.model_copy(update={"lanes": None, "lane_split": "auto"})
+    # 600 events: one range lane repays a chunk's cost, more would not; hash lanes are not sized.
     by_stream = await operations.plan(store.pool, unset, domain.accounts)
     by_field = await operations.plan(store.pool, unset, domain.group_totals)
-    assert (len(by_stream.lanes), len(by_field.lanes)) == (8, 4)
+    assert (len(by_stream.lanes), len(by_field.lanes)) == (1, 4)
     hashed = await operations.plan(store.pool, unset.model_copy(update={"lane_split": "hash"}), domain.accounts)
     assert len(hashed.lanes) == 4
     assert len((await operations.plan(store.pool, settings, domain.accounts)).lanes) == settings.lanes == 3
-    # The replay's own plan decides the same way: 8 lanes, each a range of stream ids.
     async with running_worker(unset, domain.registry(), client=client):
+        small = await replay(client, unset, ReplayInput("accounts"))
+        # The same events as a big store in miniature: each lane's share of the events sets the lanes, halving
+        # from 8 until each holds at least EVENTS_PER_LANE.
+        monkeypatch.setattr(settings_module, "EVENTS_PER_LANE", by_stream.events // 4)
+        assert len((await operations.plan(store.pool, unset, domain.accounts)).lanes) == 4
+        monkeypatch.setattr(settings_module, "EVENTS_PER_LANE", by_stream.events // 8)
+        assert len((await operations.plan(store.pool, unset, domain.accounts)).lanes) == 8
+        # The replay's own plan decides the same way: 8 lanes, each a range of stream ids.
         result = await replay(client, unset, ReplayInput("accounts"))
     async with store.pool.acquire() as conn:
-        ranges = await Catalog(conn, "rehydrate").lane_bounds("accounts", result.generation)
+        catalog = Catalog(conn, "rehydrate")
+        assert await catalog.lane_bounds("accounts", small.generation) == [(None, None)]
+        ranges = await catalog.lane_bounds("accounts", result.generation)
     assert ranges is not None and len(ranges) == 8
     assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(
         domain.accounts, await domain.all_events(store)

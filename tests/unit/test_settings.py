@@ -9,7 +9,15 @@ import pytest
 
 from rehydrate import UserError
 from rehydrate.core.database import worker_session
-from rehydrate.core.settings import EXAMPLE_PROJECTIONS, load_settings, projections_origin, redact_url
+from rehydrate.core.settings import (
+    EXAMPLE_PROJECTIONS,
+    RANGE_LANES,
+    Settings,
+    load_settings,
+    projections_origin,
+    redact_url,
+    sized_lanes,
+)
 
 
 @pytest.fixture
@@ -92,3 +100,19 @@ def test_a_workers_sessions_ask_postgres_to_end_them_once_the_worker_goes_silent
     tuned = worker_session(load_settings(db_idle_in_transaction_timeout=2.5, db_peer_timeout=0))
     assert tuned == {"server_settings": {"idle_in_transaction_session_timeout": "2500ms"}}
     assert worker_session(load_settings(db_idle_in_transaction_timeout=0, db_peer_timeout=0)) == {}
+
+
+@pytest.mark.parametrize(
+    ("events", "lanes"),
+    [(0, 1), (49_999, 1), (50_000, 2), (99_999, 2), (100_000, 4), (199_999, 4), (200_000, 8), (10_000_000, 8)],
+)
+def test_a_replay_without_a_lane_count_gets_fewer_lanes_on_a_small_store(events: int, lanes: int) -> None:
+    found = [f"s{i}" for i in range(1, RANGE_LANES)]  # the 7 ids that cut the events into 8 equal ranges
+    boundaries, sized = sized_lanes(Settings(), found, RANGE_LANES, events)
+    assert sized == lanes == len(boundaries) + 1
+    # The kept ids cut the same events into equal parts: every (8 / lanes)-th of the eight.
+    assert boundaries == found[8 // lanes - 1 :: 8 // lanes][: lanes - 1]
+    # Lanes set in the settings are kept; too few streams for 8 ranges leave the caller's hash split as it is.
+    assert sized_lanes(Settings(lanes=8), found, 8, events) == (found, 8)
+    if events >= 100_000:
+        assert sized_lanes(Settings(), found[:3], 8, events) == (found[:3], 8)
