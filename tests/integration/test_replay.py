@@ -10,6 +10,8 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from rehydrate import EventStore
 from rehydrate.core.errors import UserError
 from rehydrate.core.settings import Settings
+from rehydrate.deployment import build_id
+from rehydrate.engine.aggregates import AggregateRegistry
 from rehydrate.models import ReplayInput
 from rehydrate.starter import cancel_replay, replay_status, start_replay, wait_for_replay
 from rehydrate.worker import running_worker
@@ -142,3 +144,21 @@ async def test_cancel_drops_the_half_built_generation_and_keeps_the_active_one(
     rows = await store.pool.fetch("SELECT generation, state FROM rehydrate.generations ORDER BY generation")
     assert [tuple(r) for r in rows] == [(1, "active"), (2, "cancelled")]
     assert await store.pool.fetchval("SELECT to_regclass('public.account__g2')") is None
+
+
+async def test_an_unversioned_worker_names_its_build_by_its_projections(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    # Without a build id the SDK hashes every loaded module's code at each worker start.
+    await domain.append_all(store, domain.random_history(9, streams=5, events=40))
+    registry = domain.registry()
+    async with running_worker(settings, registry, client=client):
+        handle = await start_replay(client, settings, ReplayInput("accounts"))
+        await wait_for_replay(handle)
+    history = await client.get_workflow_handle(handle.id, run_id=handle.result_run_id).fetch_history()
+    builds = {
+        event.workflow_task_completed_event_attributes.worker_version.build_id
+        for event in history.events
+        if event.HasField("workflow_task_completed_event_attributes")
+    }
+    assert builds == {build_id(registry, AggregateRegistry.from_settings(settings))}
