@@ -1,8 +1,10 @@
 """What one event costs a worker and Postgres: CPU per event of reading the whole store as a lane reads it (one range
-read, stream by stream) and folding it into `order_summary`, in this process and in the Postgres backend serving it.
+read, stream by stream; or, with --hash N, each of N hash lanes chunk by chunk) and folding it into `order_summary`,
+in this process and in the Postgres backend serving it.
 
     python bench/read_cost.py                      # over replay_speed's store of 1,000,000 events (build it first)
     python bench/read_cost.py --runs 9 --against ../other-checkout
+    python bench/read_cost.py --hash 8             # 8 hash lanes, chunks of 100,000 events, as a replay reads them
 
 The worker's side is this process's CPU time with the worker's garbage-collector settings; the server's is its
 backend's (from /proc: Linux, a local server). No rows are written: replay_speed times a whole replay. With --against,
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,45 @@ def backend_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def one_read(url: str) -> tuple[float, float]:
-    """(this process's, the backend's) CPU µs per event of one read and fold of the whole store."""
+CHUNK = 100_000  # a replay's default chunk size
+
+
+async def hash_lanes(store: Any, conn: asyncpg.Connection, lanes: int, types: Any, key: Any) -> AsyncIterator[Any]:
+    """Every event of each of `lanes` hash lanes, read chunk by chunk (one transaction each) as a replay's chunks
+    read them; by windows of positions where the checkout's source has them (`lane_window`)."""
+    windows = getattr(store, "lane_window", None)
+    for lane in range(lanes):
+        position, done = 0, False
+        while not done:
+            async with conn.transaction():
+                window = None
+                if windows is not None:
+                    window = await windows(conn, after_position=position, chunk_size=CHUNK, lanes=lanes)
+                extra = {} if window is None else {"window_end": window[0]}
+                fetched = 0
+                batches = store.read_lane(
+                    conn,
+                    after_position=position,
+                    mark=2**62,
+                    types=types,
+                    key=key,
+                    lane=lane,
+                    lanes=lanes,
+                    limit=CHUNK,
+                    **extra,
+                )
+                async for batch in batches:
+                    fetched += len(batch)
+                    position = batch[-1].global_position
+                    yield batch
+                done = fetched < CHUNK
+                if window is not None and done:
+                    position, done = max(position, window[0]), window[0] >= window[1]
+
+
+async def one_read(url: str, lanes: int | None) -> tuple[float, float]:
+    """(this process's, the backend's) CPU µs per event of one read and fold of the whole store: stream by stream,
+    or (`lanes`) by hash lanes."""
     from rehydrate.cli import tune_gc
     from rehydrate.engine.apply import fold
     from rehydrate.examples import orders
@@ -45,13 +85,16 @@ async def one_read(url: str) -> tuple[float, float]:
     assert pool is not None
     try:
         store = EventStore(pool)
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire() as conn, conn.transaction():  # the hash lanes' chunks: a savepoint each
             pid = conn.get_server_pid()
             server, began = backend_cpu(pid), time.process_time()
             state: dict[Any, Any] = {}
             events = 0
-            batches = store.read_streams(
-                conn, low=None, high=None, after=None, mark=2**62, types=projection.event_types, limit=2**62
+            types, key = projection.event_types, projection.key
+            batches = (
+                store.read_streams(conn, low=None, high=None, after=None, mark=2**62, types=types, limit=2**62)
+                if lanes is None
+                else hash_lanes(store, conn, lanes, types, key)
             )
             async for batch in batches:
                 events += len(batch)
@@ -76,12 +119,13 @@ async def stored_events(url: str) -> int:
         await conn.close()
 
 
-def measured(url: str, checkout: Path | None) -> tuple[float, float]:
+def measured(url: str, checkout: Path | None, lanes: int | None) -> tuple[float, float]:
     """One read in a fresh process of `checkout`'s rehydrate (None: this one's)."""
     env = dict(os.environ)
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout.resolve())
-    done = subprocess.run([sys.executable, __file__, "--one", url], env=env, capture_output=True, text=True, check=True)
+    command = [sys.executable, __file__, "--one", url, *(["--hash", str(lanes)] if lanes else [])]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     client, server = done.stdout.split()
     return float(client), float(server)
 
@@ -92,7 +136,7 @@ def summary(values: list[float]) -> str:
 
 async def main(args: argparse.Namespace) -> int:
     if args.one:
-        client, server = await one_read(args.one)
+        client, server = await one_read(args.one, args.hash)
         print(f"{client} {server}")
         return 0
     async with postgres_server(HOME / "pgdata", delete=False) as server_url:
@@ -107,7 +151,7 @@ async def main(args: argparse.Namespace) -> int:
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
         for run in range(args.runs):
             for name, checkout in sides.items():
-                results[name].append(await asyncio.to_thread(measured, url, checkout))
+                results[name].append(await asyncio.to_thread(measured, url, checkout, args.hash))
                 worker, backend = results[name][-1]
                 print(f"run {run + 1}, {name}: worker {worker:.2f} µs, Postgres {backend:.2f} µs per event")
         print(f"\nCPU per event over {args.events:,} events, median (range) of {args.runs} runs:")
@@ -122,5 +166,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1_000_000, help="the store's size (replay_speed's --events)")
     parser.add_argument("--runs", type=int, default=5, help="reads of each checkout")
     parser.add_argument("--against", type=Path, help="another checkout to alternate with")
+    parser.add_argument("--hash", type=int, metavar="LANES", help="read by this many hash lanes, chunk by chunk")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one read of this database's store, in this process
     run_script(main, parser.parse_args())
