@@ -39,7 +39,7 @@ from rehydrate.engine.projections import Registry
 from rehydrate.models import ReplayInput, ReplayResult, VerifyInput, VerifyResult
 from rehydrate.models.names import REPLAY, VERIFY, scheduled_workflow_id
 from rehydrate.starter import check_replay_input, check_verify_input, drift_of, failure_cause
-from rehydrate.workflows.verify import clean_message, drift_message
+from rehydrate.workflows.messages import clean_message, drift_message
 
 MEMO_KEY = "rehydrate_projection"
 SPEC_KEY = "rehydrate_spec"  # as the user wrote it: the server turns cron expressions into calendar specs

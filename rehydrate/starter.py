@@ -48,6 +48,7 @@ from rehydrate.models import (
     VerifyResult,
 )
 from rehydrate.models.names import (
+    DRIFT,
     repair_workflow_id,
     replay_workflow_id,
     snapshot_workflow_id,
@@ -60,7 +61,7 @@ from rehydrate.workflows.repair import RepairWorkflow
 from rehydrate.workflows.replay import ReplayWorkflow
 from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
 from rehydrate.workflows.tail import TailWorkflow
-from rehydrate.workflows.verify import DRIFT, VerifyWorkflow
+from rehydrate.workflows.verify import VerifyWorkflow
 
 _QUERY_TIMEOUT = timedelta(seconds=3)  # a replay's progress query, before status says no worker answers
 _LIST_ATTEMPTS, _LIST_PAUSE = 3, 0.3  # looks at Temporal's list before a replay is said not to run

@@ -205,7 +205,7 @@ def repair(
     from rehydrate.core.temporal import connect_client
     from rehydrate.models import RepairInput
     from rehydrate.starter import repair as run_repair
-    from rehydrate.workflows.repair import repair_message
+    from rehydrate.workflows.messages import repair_message
 
     settings = c.settings()
     registry = c.projections(settings)

@@ -16,6 +16,9 @@ SNAPSHOT_REBUILD = "SnapshotRebuild"
 # for it than the run was planned with): workflows schedule such a task again instead of failing.
 WRONG_WORKER = "WrongWorker"
 
+# The error type of a verify that found drift: its run fails, with the result as the failure's details.
+DRIFT = "Drift"
+
 # The name of rehydrate's own event store as a source (every other source is named by its declaration).
 OWN_SOURCE = "rehydrate"
 

@@ -10,23 +10,12 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from rehydrate.activities.repair import RepairActivities
-    from rehydrate.core.errors import shorten
     from rehydrate.models import RepairBatchInput, RepairInput, RepairResult
     from rehydrate.models.names import REPAIR
     from rehydrate.workflows._common import INPUT_ERRORS, RETRY, expect, failure_message, served
+    from rehydrate.workflows.messages import repair_message
 
 REPAIR_FAILED = "RepairFailed"
-
-
-def repair_message(result: RepairResult) -> str:
-    """One line for the run's details and the CLI."""
-    verb = "would change" if result.dry_run else "changed"
-    first = ", ".join(f"{shorten(d.key, 80)} ({d.problem})" for d in result.first)
-    stale = "; the live generation is STALE: the other keys keep the rows of its older code" if result.stale else ""
-    return shorten(
-        f"{result.projection}: {verb} {result.changed:,} of {result.keys:,} key(s) in generation {result.generation} "
-        f"({result.events:,} events folded){'; ' + first if first else ''}{stale}"
-    )
 
 
 @workflow.defn(name=REPAIR, failure_exception_types=INPUT_ERRORS)

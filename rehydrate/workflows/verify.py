@@ -16,7 +16,6 @@ from temporalio.exceptions import (
 with workflow.unsafe.imports_passed_through():
     from rehydrate.activities.verify import VerifyActivities
     from rehydrate.core import search_attributes
-    from rehydrate.core.errors import shorten
     from rehydrate.models import (
         ReplayInput,
         VerifyCompareInput,
@@ -24,29 +23,10 @@ with workflow.unsafe.imports_passed_through():
         VerifyResult,
         VerifyStartInput,
     )
-    from rehydrate.models.names import VERIFY, replay_workflow_id, verify_label
+    from rehydrate.models.names import DRIFT, VERIFY, replay_workflow_id, verify_label
     from rehydrate.workflows._common import INPUT_ERRORS, RETRY, expect, failure_message, served
+    from rehydrate.workflows.messages import clean_message, drift_message
     from rehydrate.workflows.replay import ReplayWorkflow
-
-DRIFT = "Drift"  # the error type of a run that found drift
-
-
-def drift_message(result: VerifyResult) -> str:
-    """One line for the run's failure, the schedule's outcome and the UI: the count and the first keys."""
-    first = ", ".join(f"{shorten(d.key, 80)} ({d.problem})" for d in result.first)
-    stale = "; the live generation is STALE (built from other code): drift is expected" if result.stale else ""
-    return shorten(
-        f"drift: {result.differing:,} key(s) of {result.projection} differ between generation "
-        f"{result.live_generation} ({result.live_rows:,} rows) and a rebuild at mark {result.mark} "
-        f"({result.rebuilt_rows:,} rows){'; first: ' + first if first else ''}{stale}"
-    )
-
-
-def clean_message(result: VerifyResult) -> str:
-    return (
-        f"no drift: generation {result.live_generation} of {result.projection} equals a rebuild at mark "
-        f"{result.mark} ({result.live_rows:,} rows)"
-    )
 
 
 @workflow.defn(name=VERIFY, failure_exception_types=INPUT_ERRORS)
