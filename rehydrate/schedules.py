@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from temporalio.client import (
     Client,
@@ -34,12 +35,14 @@ from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.service import RPCError, RPCStatusCode
 
 from rehydrate.core.errors import UserError
-from rehydrate.core.settings import Settings
-from rehydrate.engine.projections import Registry
 from rehydrate.models import ReplayInput, ReplayResult, VerifyInput, VerifyResult
 from rehydrate.models.names import REPLAY, VERIFY, scheduled_workflow_id
 from rehydrate.starter import check_replay_input, check_verify_input, drift_of, failure_cause
 from rehydrate.workflows.messages import clean_message, drift_message
+
+if TYPE_CHECKING:
+    from rehydrate.core.settings import Settings
+    from rehydrate.engine.projections import Registry
 
 MEMO_KEY = "rehydrate_projection"
 SPEC_KEY = "rehydrate_spec"  # as the user wrote it: the server turns cron expressions into calendar specs

@@ -1,5 +1,10 @@
 """Starts, watches and controls replays, verifies, tails and snapshot rebuilds through Temporal; the client side of
-every run, shared by the CLI, schedules and programs that embed rehydrate."""
+every run, shared by the CLI, schedules and programs that embed rehydrate.
+
+Runs are addressed by their names in Temporal (workflow types, queries, updates), not through the workflow classes:
+those import their activities and with them the engine, SQLAlchemy and asyncpg, which a command that only asks
+Temporal (status, cancel, tune, a schedule's runs) never needs. What a function needs of the engine (the catalog, a
+sandbox's schema) it imports itself."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.client import WorkflowExecutionStatus as Status
@@ -17,9 +22,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.converter import value_to_type
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
-from temporalio.types import MethodAsyncSingleParam, ParamType, ReturnType, SelfType
 
-from rehydrate.activities.tail import ensure_tail
 from rehydrate.core.errors import UserError
 from rehydrate.core.limits import (
     MAX_LANES,
@@ -30,11 +33,6 @@ from rehydrate.core.limits import (
     check_range,
     check_rate,
 )
-from rehydrate.core.settings import Settings
-from rehydrate.engine.aggregates import AggregateRegistry
-from rehydrate.engine.catalog import Catalog
-from rehydrate.engine.projections import Registry
-from rehydrate.engine.readmodels import sandbox_schema
 from rehydrate.models import (
     RepairInput,
     RepairResult,
@@ -49,6 +47,10 @@ from rehydrate.models import (
 )
 from rehydrate.models.names import (
     DRIFT,
+    REPAIR,
+    REPLAY,
+    SNAPSHOT_REBUILD,
+    VERIFY,
     repair_workflow_id,
     replay_workflow_id,
     snapshot_workflow_id,
@@ -57,11 +59,14 @@ from rehydrate.models.names import (
 )
 from rehydrate.runs import latest_replay
 from rehydrate.sources.events import parse_as_of
-from rehydrate.workflows.repair import RepairWorkflow
-from rehydrate.workflows.replay import ReplayWorkflow
-from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
-from rehydrate.workflows.tail import TailWorkflow
-from rehydrate.workflows.verify import VerifyWorkflow
+
+if TYPE_CHECKING:
+    from rehydrate.core.settings import Settings
+    from rehydrate.engine.aggregates import AggregateRegistry
+    from rehydrate.engine.projections import Registry
+    from rehydrate.workflows.replay import ReplayWorkflow
+    from rehydrate.workflows.snapshots import SnapshotRebuildWorkflow
+    from rehydrate.workflows.verify import VerifyWorkflow
 
 _QUERY_TIMEOUT = timedelta(seconds=3)  # a replay's progress query, before status says no worker answers
 _LIST_ATTEMPTS, _LIST_PAUSE = 3, 0.3  # looks at Temporal's list before a replay is said not to run
@@ -96,10 +101,11 @@ async def start_replay(
     workflow_id = replay_workflow_id(input.projection, input.sandbox, queue)
     try:
         return await client.start_workflow(
-            ReplayWorkflow.run,
+            REPLAY,
             input,
             id=workflow_id,
             task_queue=queue,
+            result_type=ReplayResult,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING if attach else WorkflowIDConflictPolicy.FAIL,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             static_summary=f"Replay of {input.projection}"
@@ -130,6 +136,8 @@ def _check_point_in_time(input: ReplayInput) -> None:
     """A cut-off history (--to-position, --as-of, a target mark) builds a read model that was never live: it
     goes into a sandbox only, never behind the live view."""
     if input.sandbox is not None:
+        from rehydrate.engine.readmodels import sandbox_schema
+
         sandbox_schema(input.sandbox)
     limited = [
         name
@@ -166,7 +174,7 @@ async def wait_for_replay(
     interval: float = 0.5,
 ) -> ReplayResult:
     """Wait for the replay (across continue-as-new), reporting progress; a failure becomes one UserError."""
-    return await _wait(handle, ReplayWorkflow.progress, on_progress, interval, "replay")
+    return await _wait(handle, ReplayProgress, on_progress, interval, "replay")
 
 
 R = TypeVar("R")
@@ -175,7 +183,7 @@ P = TypeVar("P")
 
 async def _wait(
     handle: WorkflowHandle[Any, R],
-    query: Callable[[Any], P],
+    progress: type[P],
     on_progress: Callable[[P], None] | None,
     interval: float,
     what: str,
@@ -186,7 +194,7 @@ async def _wait(
             if on_progress is not None:
                 # A query fails between runs (continue-as-new) or before the first workflow task: skip it.
                 with contextlib.suppress(RPCError):
-                    on_progress(await handle.query(query))
+                    on_progress(await handle.query("progress", result_type=progress))
             await asyncio.wait({result_task}, timeout=interval)
         return result_task.result()
     except WorkflowFailureError as error:
@@ -223,14 +231,14 @@ async def replay_status(
     handle = await latest_replay(client, projection, sandbox, task_queue=task_queue)
     if handle is None:
         return ReplayStatus(replay_workflow_id(projection, sandbox, task_queue), None, "NEVER_RUN", None, None, None)
-    typed = client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
+    typed = client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=ReplayResult)
     description = await typed.describe()
     status = description.status.name if description.status is not None else "UNKNOWN"
     progress = result = error = unanswered = None
     if description.status == Status.RUNNING:
         try:
             # A query is answered by a worker: with none polling, the server would hold it for its whole deadline.
-            progress = await typed.query(ReplayWorkflow.progress, rpc_timeout=_QUERY_TIMEOUT)
+            progress = await typed.query("progress", result_type=ReplayProgress, rpc_timeout=_QUERY_TIMEOUT)
         except RPCError:
             unanswered = (
                 f"no worker answered within {_QUERY_TIMEOUT.total_seconds():g} s: is a `rehydrate worker` running on "
@@ -270,13 +278,13 @@ async def running_replay(
             await asyncio.sleep(_LIST_PAUSE)
         handle = await latest_replay(client, projection, sandbox, running=True, task_queue=task_queue)
         if handle is not None:
-            return client.get_workflow_handle_for(ReplayWorkflow.run, handle.id, run_id=handle.run_id)
+            return client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=ReplayResult)
         last = await latest_replay(client, projection, sandbox, task_queue=task_queue)
         if last is None:
             continue
         description = await last.describe()
         if description.status == Status.RUNNING:
-            return client.get_workflow_handle_for(ReplayWorkflow.run, last.id, run_id=description.run_id)
+            return client.get_workflow_handle(last.id, run_id=description.run_id, result_type=ReplayResult)
         state = description.status.name.lower() if description.status else "unknown"
         latest = f"the latest, {last.id}, is {state}"
     if not latest:
@@ -308,9 +316,7 @@ async def tune_replay(client: Client, projection: str, max_parallel: int, *, tas
     """Move the running replay's window to `max_parallel` chunks at once (update `set_max_parallel`), from its
     next chunks on; returns the previous bound."""
     _check_tuning(ReplayInput(projection, max_parallel=max_parallel))
-    previous: int = await _tune(
-        client, projection, ReplayWorkflow.set_max_parallel, "max_parallel", max_parallel, task_queue
-    )
+    previous: int = await _tune(client, projection, "set_max_parallel", "max_parallel", max_parallel, task_queue)
     return previous
 
 
@@ -320,13 +326,11 @@ async def throttle_replay(
     """Limit the running replay to `max_rate` events per second (None: no limit) from its next chunk on (update
     `set_max_rate`); returns the previous limit."""
     check_rate(max_rate)
-    previous: float | None = await _tune(
-        client, projection, ReplayWorkflow.set_max_rate, "max_rate", max_rate, task_queue
-    )
+    previous: float | None = await _tune(client, projection, "set_max_rate", "max_rate", max_rate, task_queue)
     return previous
 
 
-async def _tune(client: Client, projection: str, update: Any, name: str, value: Any, task_queue: str | None) -> Any:
+async def _tune(client: Client, projection: str, update: str, name: str, value: Any, task_queue: str | None) -> Any:
     """Send a tuning update to the projection's running replay; its refusal is a UserError naming the value."""
     handle = await running_replay(client, projection, "tune", task_queue=task_queue)
     try:
@@ -340,6 +344,9 @@ async def _tune(client: Client, projection: str, update: Any, name: str, value: 
 
 async def start_tail(client: Client, pool: Any, settings: Settings, projection: str) -> str:
     """Enable and start a projection's tail (it must have an active generation)."""
+    from rehydrate.activities.tail import ensure_tail
+    from rehydrate.engine.catalog import Catalog
+
     async with pool.acquire() as conn:
         if not await Catalog(conn, settings.schema_name).set_tail(projection, enabled=True):
             raise UserError(
@@ -357,6 +364,8 @@ async def stop_tail(
     Returns once the workflow has ended (at most `wait_seconds`; without a worker it ends when one starts): after
     that no batch is applied, and a `tail start` starts a new run instead of attaching to the one being cancelled.
     """
+    from rehydrate.engine.catalog import Catalog
+
     async with pool.acquire() as conn:
         if not await Catalog(conn, settings.schema_name).set_tail(projection, enabled=False):
             raise UserError(f"projection {projection!r} was never built", fix="check the projection name")
@@ -373,7 +382,7 @@ async def stop_tail(
 
 async def tail_state(client: Client, projection: str, task_queue: str) -> tuple[str, str | None]:
     """The tail workflow's status (RUNNING, FAILED, CANCELED, …, or NOT_STARTED) and its failure, if any."""
-    handle = client.get_workflow_handle_for(TailWorkflow.run, tail_workflow_id(projection, task_queue))
+    handle = client.get_workflow_handle(tail_workflow_id(projection, task_queue))
     try:
         description = await handle.describe()
     except RPCError:
@@ -390,21 +399,23 @@ async def tail_state(client: Client, projection: str, task_queue: str) -> tuple[
 
 async def _start_once(
     client: Client,
-    run: MethodAsyncSingleParam[SelfType, ParamType, ReturnType],
-    input: ParamType,
+    workflow: str,
+    input: Any,
+    result_type: type[R],
     *,
     workflow_id: str,
     task_queue: str,
     summary: str,
     refusal: UserError,
-) -> WorkflowHandle[SelfType, ReturnType]:
+) -> WorkflowHandle[Any, R]:
     """Start a workflow under its fixed id; `refusal` is raised while one with that id runs."""
     try:
         return await client.start_workflow(
-            run,
+            workflow,
             input,
             id=workflow_id,
             task_queue=task_queue,
+            result_type=result_type,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             static_summary=summary,
@@ -430,8 +441,9 @@ async def start_verify(
     workflow_id = verify_workflow_id(input.projection, queue)
     return await _start_once(
         client,
-        VerifyWorkflow.run,
+        VERIFY,
         input,
+        VerifyResult,
         workflow_id=workflow_id,
         task_queue=queue,
         summary=f"Verify of {input.projection}",
@@ -515,8 +527,9 @@ async def repair(
     workflow_id = repair_workflow_id(input.projection, queue)
     handle = await _start_once(
         client,
-        RepairWorkflow.run,
+        REPAIR,
         input,
+        RepairResult,
         workflow_id=workflow_id,
         task_queue=queue,
         summary=f"Repair of {len(set(input.keys))} key(s) of {input.projection}"
@@ -552,8 +565,9 @@ async def start_snapshot_rebuild(
     workflow_id = snapshot_workflow_id(input.aggregate_type, queue)
     return await _start_once(
         client,
-        SnapshotRebuildWorkflow.run,
+        SNAPSHOT_REBUILD,
         input,
+        SnapshotRebuildResult,
         workflow_id=workflow_id,
         task_queue=queue,
         summary=f"Snapshots of {input.aggregate_type}",
@@ -571,16 +585,14 @@ async def wait_for_snapshot_rebuild(
     interval: float = 0.5,
 ) -> SnapshotRebuildResult:
     """Wait for the rebuild (across continue-as-new), reporting progress; a failure becomes one UserError."""
-    return await _wait(handle, SnapshotRebuildWorkflow.progress, on_progress, interval, "snapshot rebuild")
+    return await _wait(handle, SnapshotRebuildProgress, on_progress, interval, "snapshot rebuild")
 
 
 async def snapshot_rebuild_status(
     client: Client, aggregate_type: str, task_queue: str | None = None
 ) -> tuple[str, SnapshotRebuildProgress | None]:
     """The rebuild workflow's status (RUNNING, COMPLETED, …, or NEVER_RUN) and its progress while it runs."""
-    handle = client.get_workflow_handle_for(
-        SnapshotRebuildWorkflow.run, snapshot_workflow_id(aggregate_type, task_queue)
-    )
+    handle = client.get_workflow_handle(snapshot_workflow_id(aggregate_type, task_queue))
     try:
         description = await handle.describe()
     except RPCError:
@@ -588,7 +600,7 @@ async def snapshot_rebuild_status(
     progress = None
     if description.status == Status.RUNNING:
         with contextlib.suppress(RPCError):
-            progress = await handle.query(SnapshotRebuildWorkflow.progress)
+            progress = await handle.query("progress", result_type=SnapshotRebuildProgress)
     return (description.status.name if description.status else "UNKNOWN"), progress
 
 
