@@ -54,13 +54,13 @@ def projections(settings: Settings) -> Registry:
 def known_projection(settings: Settings, name: str) -> None:
     """Refuse a projection name that neither this project's registry nor the catalog (projections built before)
     knows, listing the known ones: a typo is an error, never an empty answer."""
-    from rehydrate.engine.catalog import Catalog
-
     registry = projections(settings)
     if name in registry.names():
         return
 
     async def built(pool: asyncpg.Pool) -> list[str]:
+        from rehydrate.engine.catalog import Catalog
+
         async with pool.acquire() as conn:
             return list(await Catalog(conn, settings.schema_name).projections())
 
