@@ -39,36 +39,20 @@ CHUNK = 100_000  # a replay's default chunk size
 
 
 async def hash_lanes(store: Any, conn: asyncpg.Connection, lanes: int, types: Any, key: Any) -> AsyncIterator[Any]:
-    """Every event of each of `lanes` hash lanes, read chunk by chunk (one transaction each) as a replay's chunks
-    read them; by windows of positions where the checkout's source has them (`lane_window`)."""
-    windows = getattr(store, "lane_window", None)
+    """Every event of each of `lanes` hash lanes, read chunk by chunk (a savepoint each) as a replay's chunks read
+    them."""
     for lane in range(lanes):
-        position, done = 0, False
-        while not done:
+        position, fetched = 0, CHUNK
+        while fetched == CHUNK:
             async with conn.transaction():
-                window = None
-                if windows is not None:
-                    window = await windows(conn, after_position=position, chunk_size=CHUNK, lanes=lanes)
-                extra = {} if window is None else {"window_end": window[0]}
                 fetched = 0
                 batches = store.read_lane(
-                    conn,
-                    after_position=position,
-                    mark=2**62,
-                    types=types,
-                    key=key,
-                    lane=lane,
-                    lanes=lanes,
-                    limit=CHUNK,
-                    **extra,
+                    conn, after_position=position, mark=2**62, types=types, key=key, lane=lane, lanes=lanes, limit=CHUNK
                 )
                 async for batch in batches:
                     fetched += len(batch)
                     position = batch[-1].global_position
                     yield batch
-                done = fetched < CHUNK
-                if window is not None and done:
-                    position, done = max(position, window[0]), window[0] >= window[1]
 
 
 async def one_read(url: str, lanes: int | None) -> tuple[float, float]:

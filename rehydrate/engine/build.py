@@ -329,7 +329,6 @@ async def apply_chunk(
             position = progress.from_position = checkpoint["position"]
             after: tuple[str, int] | None = None
             stored_keys: list[str] | None = None  # None: any key may have a row already
-            window: tuple[int, int] | None = None  # a hash lane's window of positions, and the head (lane_window)
             batches: AsyncIterator[list[Event]]
             if checkpoint["by_stream"]:
                 if checkpoint["after_stream"] is not None:
@@ -350,9 +349,6 @@ async def apply_chunk(
                     cutoff=cutoff,
                 )
             else:
-                window = await source.lane_window(
-                    reading, after_position=position, chunk_size=input.chunk_size, lanes=input.lanes
-                )
                 batches = source.read_lane(
                     reading,
                     after_position=position,
@@ -364,7 +360,6 @@ async def apply_chunk(
                     limit=input.chunk_size,
                     fetch_size=fetch_size(input.max_rate),
                     cutoff=cutoff,
-                    window_end=None if window is None else window[0],
                 )
             folding = Folding(projection, table, Parking(catalog, input.generation), stored_keys)
             loop = asyncio.get_running_loop()
@@ -384,9 +379,6 @@ async def apply_chunk(
                     progress.heartbeat(position)
             applied = await folding.write()
         done = fetched < input.chunk_size
-        if window is not None and done:
-            # The window held less than a chunk of the lane's events: all of them are applied, up to its end.
-            position, done = max(position, window[0]), window[0] >= window[1]
         total_applied = checkpoint["events_applied"] + applied.events
         await catalog.save_lane(
             input.projection,

@@ -62,18 +62,10 @@ _BOUNDED_MARK = """SELECT {tx}::text::bigint FROM {events}
 _HELD_BACK = "SELECT {stream}, min({version}) FROM {events} WHERE {tx} >= $1{cast} GROUP BY 1"
 _READ_LANE = """SELECT {columns} FROM {events}
     WHERE {pos} > $1 AND {tx} < $2{cast} AND ($3::text[] IS NULL OR {type} = ANY($3::text[]))
-    {lane}{window}{cutoff}
+    {lane}{cutoff}
     ORDER BY {pos} LIMIT $4"""
 # A hash lane: the key's hash modulo the lanes ($lanes, $lane). 9223372036854775807 clears the sign bit.
 _HASH_LANE = "AND (hashtextextended({key}, 0) & 9223372036854775807) % ${lanes} = ${lane}"
-# A hash lane of a store with dense positions reads a window of them: every event in it is looked at, and the lane
-# keeps about one in `lanes`. Through the position index each event's row is fetched on its own to test its key;
-# read page by page (a bitmap or sequential scan) and the lane's rows sorted, the same events cost the server 17%
-# less and the worker 9% less (8 lanes over 1,000,000 events, `python bench/read_cost.py --hash 8`: Postgres 2.76
-# against 3.33 µs per event, the worker 3.45 against 3.80). The sort gets memory for a chunk's rows; index scans
-# are back on for the rest of the chunk's transaction once the cursor is open (its plan is made then).
-_WINDOW_SCAN = "SET LOCAL enable_indexscan = off; SET LOCAL work_mem = '64MB'"
-_INDEX_SCANS = "SET LOCAL enable_indexscan = on"
 _READ_STREAMS = """SELECT {columns} FROM {events} WHERE {where}{cutoff}
     ORDER BY {stream}, {version} LIMIT $3"""
 # Range lanes are used while the events fit in the cache (see `lane_split`), where a random page costs about what a
@@ -242,9 +234,6 @@ class EventSource:
 
     # Events a plan reads to cut lanes and estimate their sizes (a replay's plan does not count the store).
     sample_rows = 100_000
-    # Whether positions come from one sequence with few gaps (rehydrate's own store): a window of N positions then
-    # holds about N events, and hash lanes read by windows (see `read_lane`).
-    dense_positions = False
 
     def __init__(
         self, pool: asyncpg.Pool, table: EventTable, name: str = OWN_SOURCE, *, external: bool = False
@@ -501,49 +490,23 @@ class EventSource:
         limit: int,
         fetch_size: int = FETCH_SIZE,
         cutoff: Cutoff | None = None,
-        window_end: int | None = None,
     ) -> AsyncIterator[list[Event]]:
         """Yield batches of one lane's events after `after_position` and below `mark`, in position order.
 
-        With `window_end`, only events at or below that position, read page by page (see _WINDOW_SCAN): for a hash
-        lane of a store with dense positions. Held-back events are *not* filtered here: the caller drops them with
-        `is_held` (it knows the mark's held-back streams once per chunk). Must run inside a transaction
-        (server-side cursor).
+        Held-back events are *not* filtered here: the caller drops them with `is_held` (it knows the mark's
+        held-back streams once per chunk). Must run inside a transaction (server-side cursor).
         """
         args: list[Any] = [after_position, str(mark), _types(types), limit]
-        lane_filter = window = ""
+        lane_filter = ""
         if lanes > 1:
             args += [lanes, lane]
             lane_filter = _HASH_LANE.format(key=self._key_sql(key, 7), lanes=5, lane=6)
             if key.field is not None:
                 args.append(key.field)
-        if window_end is not None:
-            args.append(window_end)
-            window = f" AND {self._parts['pos']} <= ${len(args)}"
         until = _cutoff_sql(args, cutoff, self._parts["pos"], self._parts["at"])
-        statement = self._sql(_READ_LANE, lane=lane_filter, window=window, cutoff=until)
-        if window_end is None:
-            cursor = await conn.cursor(statement, *args)
-        else:
-            await conn.execute(_WINDOW_SCAN)
-            try:
-                cursor = await conn.cursor(statement, *args)
-            finally:
-                await conn.execute(_INDEX_SCANS)
+        cursor = await conn.cursor(self._sql(_READ_LANE, lane=lane_filter, cutoff=until), *args)
         async for batch in self._batches(cursor, fetch_size):
             yield batch
-
-    async def lane_window(
-        self, conn: asyncpg.Connection, *, after_position: int, chunk_size: int, lanes: int
-    ) -> tuple[int, int] | None:
-        """For a chunk of a hash lane after `after_position`: the last position of the window it reads (about a
-        chunk of the lane's events) and the head, the highest position `conn`'s snapshot sees, above which no event
-        below the chunk's mark is. None: this source's hash lanes read through the position index (one lane, or
-        positions that are not dense)."""
-        if lanes <= 1 or not self.dense_positions:
-            return None
-        head = int(await conn.fetchval(self._sql(_HEAD)))
-        return min(after_position + chunk_size * lanes, head), head
 
     async def read_streams(
         self,

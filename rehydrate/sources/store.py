@@ -62,8 +62,6 @@ def notify_channel(schema: str) -> str:
 class EventStore(EventSource):
     """rehydrate's own events table: append and load, and (as every source) every read below a mark."""
 
-    dense_positions = True  # an identity column: gaps only where a transaction rolled back
-
     def __init__(self, pool: asyncpg.Pool, schema: str = "rehydrate") -> None:
         self.schema = check_identifier(schema, "schema name")
         super().__init__(pool, own_table(schema), OWN_SOURCE)

@@ -345,37 +345,6 @@ async def test_auto_split_reads_by_stream_range_while_the_events_fit_in_the_cach
             await conn.execute("RESET effective_cache_size")
 
 
-async def test_a_hash_lane_reads_windows_of_positions_and_a_chunk_that_finds_too_few_ends_at_its_window(
-    pool: asyncpg.Pool, store: EventStore, activity_settings: Settings
-) -> None:
-    """A hash lane of rehydrate's own store reads a window of chunk x lanes positions at a time, page by page (see
-    reading.read_lane): a chunk stops after a chunk of the lane's events, or at its window's end with fewer, its
-    checkpoint there; the lane's chunks together apply each of its events once. Chunks of 5 events (windows of
-    10 positions), so that both endings come."""
-    lab = await make_lab(pool, store, activity_settings, domain.accounts, seed=39)
-    chunk = replace(lab.chunk(0), chunk_size=5)
-    types = lab.projection.event_types
-    read = [e for e in lab.events if lab.lane_of[e.stream_id] == 0 and (types is None or e.type in types)]
-    head = lab.events[-1].global_position
-    position, endings = 0, set()
-    while True:
-        result = await ActivityEnvironment().run(lab.activities.apply_chunk, chunk)
-        window = [e for e in read if position < e.global_position <= position + 5 * LANES]
-        if len(window) >= 5:
-            assert (result.position, result.done) == (window[4].global_position, False)
-            endings.add("a chunk")
-        else:
-            end = min(position + 5 * LANES, head)
-            assert (result.position, result.done) == (end, end == head)
-            endings.add("the window")
-        assert await lab.rows() == lab.expected({0}, {0: result.position})
-        position = result.position
-        if result.done:
-            break
-    assert endings == {"a chunk", "the window"}
-    assert await lab.checkpoint(0) == (head, len(lab.handled({0})), True)
-
-
 async def test_a_chunk_heartbeats_only_after_a_quarter_of_its_heartbeat_timeout_at_most_a_second(
     pool: asyncpg.Pool, store: EventStore, activity_settings: Settings
 ) -> None:
@@ -389,10 +358,7 @@ async def test_a_chunk_heartbeats_only_after_a_quarter_of_its_heartbeat_timeout_
         env.on_heartbeat = lambda *details, beats=beats: beats.append(details)
         result = await env.run(lab.activities.apply_chunk, lab.chunk(0))
         assert len(beats) == expected, (timeout, beats)
-        # A beat names the lane's position at its last slice: its last event read. The chunk's checkpoint may be
-        # past it, at the end of the window of positions a hash lane reads.
-        read = lab.handled({0}, {0: result.position})
-        assert beats == [(read[-1].global_position,)] * expected
+        assert beats == [(result.position,)] * expected
 
 
 async def test_a_chunk_folds_its_fetched_rows_a_slice_at_a_time_and_lets_the_event_loop_turn_between_slices(
