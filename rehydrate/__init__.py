@@ -9,8 +9,9 @@ starts with `rehydrate.cli`) does not load SQLAlchemy, asyncpg and pydantic-sett
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from rehydrate.core.lazy import lazy_names
 
 if TYPE_CHECKING:
     from rehydrate.core.database import create_pool
@@ -75,13 +76,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'rehydrate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # the next use is a plain lookup
-    return value
+__getattr__ = lazy_names(__name__, _HOMES, globals())
 
 
 def __dir__() -> list[str]:

@@ -8,8 +8,9 @@ that.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from rehydrate.core.lazy import lazy_names
 
 if TYPE_CHECKING:
     from rehydrate.workflows.repair import RepairWorkflow
@@ -30,10 +31,4 @@ _HOMES = {
 __all__ = ["RepairWorkflow", "ReplayWorkflow", "SnapshotRebuildWorkflow", "TailWorkflow", "VerifyWorkflow"]
 
 
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'rehydrate.workflows' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # the next use is a plain lookup
-    return value
+__getattr__ = lazy_names(__name__, _HOMES, globals())
