@@ -380,8 +380,9 @@ HASH_LANES = 4
 
 
 # A chunk costs about 15 ms whatever its size (an activity, a workflow task, a transaction; 2 cores), so a lane
-# must hold enough events to repay it (bench/replay_speed.py's small replay: 1,000 events in 1 lane 0.26 s, in 8
-# 0.34 s; 50,000 in 2 lanes 0.95 s, in 8 1.19 s; from 200,000 on, 4 and 8 lanes alike).
+# must hold enough events to repay it. Replays of the demo's orders with 2 workers, `replay start` to the end,
+# median of 3, explicit lanes: 1,000 events in 1 lane 0.26 s, in 8 0.34 s; 50,000 in 2 lanes 0.95 s, in 8 1.19 s;
+# from 200,000 on, 4 and 8 lanes alike.
 EVENTS_PER_LANE = 25_000
 
 
