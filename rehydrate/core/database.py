@@ -133,12 +133,27 @@ def worker_session(settings: Settings) -> dict[str, Any]:
     return {"server_settings": server, **options} if server else options
 
 
+# Every session rehydrate opens prints dates in ISO 8601, whatever the server's or the database's DateStyle: the bulk
+# reads take each event's recorded_at as text (see sources.reading). Sent at connect, so that a pool's RESET ALL
+# keeps it. Only the output format is set; the order in which ambiguous input dates are read stays the server's.
+SESSION = {"DateStyle": "ISO"}
+
+
+def _with_session(connect: dict[str, Any]) -> dict[str, Any]:
+    return {**connect, "server_settings": {**SESSION, **connect.get("server_settings", {})}}
+
+
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, **connect: Any) -> asyncpg.Pool:
-    """A pool whose connections decode JSON with orjson; an unreachable database is one clear line. `connect`:
-    more of asyncpg's connection keywords (a worker's: `worker_session`)."""
+    """A pool whose connections decode JSON with orjson and print dates in ISO 8601; an unreachable database is one
+    clear line. `connect`: more of asyncpg's connection keywords (a worker's: `worker_session`)."""
     try:
         pool = await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=None, **connect
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            command_timeout=None,
+            **_with_session(connect),
         )
     except (TimeoutError, OSError, asyncpg.PostgresError, ValueError, OverflowError) as error:
         raise _unreachable(url, error) from None
@@ -148,7 +163,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, **conn
 
 async def connect(url: str) -> asyncpg.Connection:
     try:
-        conn = await asyncpg.connect(url)
+        conn = await asyncpg.connect(url, server_settings=SESSION)
     except (TimeoutError, OSError, asyncpg.PostgresError, ValueError, OverflowError) as error:
         raise _unreachable(url, error) from None
     await _init_connection(conn)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -47,7 +48,8 @@ from rehydrate.sources.events import Cutoff, Event, HeldBack, KeySpec, Undecodab
 from rehydrate.sources.mapping import EventTable, sql_of
 
 # -- the statements, over the mapping's parts ({events}: the table; {pos}, {stream}, {version}, {type}: its columns as
-# SQL; {tx} and {cast}: what a mark bounds and how a mark (passed as text) is cast to it; {columns}: the select list)
+# SQL; {tx} and {cast}: what a mark bounds and how a mark (passed as text) is cast to it; {columns}: the select list;
+# {bulk_columns}: the same with recorded_at as ISO text, for the reads of many events on rehydrate's own sessions)
 
 _TYPES = "($2::text[] IS NULL OR {type} = ANY($2::text[]))"  # the event types a projection reads (NULL: all)
 
@@ -60,13 +62,13 @@ _OLDER_THAN = "SELECT coalesce(max({pos}), 0) + 1 FROM {events} WHERE {at} <= no
 _BOUNDED_MARK = """SELECT {tx}::text::bigint FROM {events}
     WHERE {tx} >= $1{cast} AND {tx} < $2{cast} ORDER BY {tx}, {pos} OFFSET $3 LIMIT 1"""
 _HELD_BACK = "SELECT {stream}, min({version}) FROM {events} WHERE {tx} >= $1{cast} GROUP BY 1"
-_READ_LANE = """SELECT {columns} FROM {events}
+_READ_LANE = """SELECT {bulk_columns} FROM {events}
     WHERE {pos} > $1 AND {tx} < $2{cast} AND ($3::text[] IS NULL OR {type} = ANY($3::text[]))
     {lane}{cutoff}
     ORDER BY {pos} LIMIT $4"""
 # A hash lane: the key's hash modulo the lanes ($lanes, $lane). 9223372036854775807 clears the sign bit.
 _HASH_LANE = "AND (hashtextextended({key}, 0) & 9223372036854775807) % ${lanes} = ${lane}"
-_READ_STREAMS = """SELECT {columns} FROM {events} WHERE {where}{cutoff}
+_READ_STREAMS = """SELECT {bulk_columns} FROM {events} WHERE {where}{cutoff}
     ORDER BY {stream}, {version} LIMIT $3"""
 # Range lanes are used while the events fit in the cache (see `lane_split`), where a random page costs about what a
 # sequential one does; at the default cost (4) the planner took a chunk whose range held more events than the limit
@@ -109,12 +111,12 @@ _READ_DELTA = """WITH held_from AS (
         UNION ALL
         SELECT e.* FROM held_from h JOIN {events} e ON {stream} = h.rh_stream AND {version} > h.rh_version
         WHERE {tx} < $1{cast})
-    SELECT {columns} FROM delta
+    SELECT {bulk_columns} FROM delta
     WHERE ($3::text[] IS NULL OR {type} = ANY($3::text[]))
       AND NOT EXISTS (SELECT 1 FROM held_to h WHERE h.rh_stream = {stream} AND {version} > h.rh_version)
     ORDER BY {pos}"""
 _READ_KEYS = (
-    """SELECT {columns} FROM {events}
+    """SELECT {bulk_columns} FROM {events}
     WHERE {tx} < $1{cast} AND """
     + _TYPES
     + """ AND {key} = ANY($3::text[]{key_casts})
@@ -143,7 +145,7 @@ _GAPS = """SELECT rh_prev + 1, rh_pos - 1 FROM (
             SELECT {pos} AS rh_pos FROM {events} WHERE {pos} >= $1 AND {pos} < $2
             UNION ALL SELECT $2) AS p) AS g
     WHERE rh_pos - rh_prev > 1"""
-_READ_RANGES = """SELECT {columns} FROM {events} JOIN unnest($1::bigint[], $2::bigint[]) AS g(rh_low, rh_high)
+_READ_RANGES = """SELECT {bulk_columns} FROM {events} JOIN unnest($1::bigint[], $2::bigint[]) AS g(rh_low, rh_high)
     ON {pos} BETWEEN g.rh_low AND g.rh_high
     ORDER BY {pos}"""
 _LATEST = "SELECT * FROM (SELECT {columns} FROM {events} ORDER BY {pos} DESC LIMIT $1) AS latest ORDER BY 1"
@@ -184,6 +186,7 @@ FETCH_SIZE = 50_000
 SLICE = 5_000
 
 _TEXT_TYPES = ("text", "character varying", "character", "name")
+_AWARE_TIME, _NAIVE_TIME = "timestamp with time zone", "timestamp without time zone"
 _INTEGER_TYPES = ("bigint", "integer", "smallint")
 _TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
 # The types a mapped column may have, by its role (a stream id of another type is read as text).
@@ -214,6 +217,12 @@ def _cutoff_sql(args: list[Any], cutoff: Cutoff | None, pos: str, at: str) -> st
     )
 
 
+def _base_type(sql_type: str) -> str:
+    """A column's type without its modifier: character varying(64) → character varying, timestamp(3) with time zone
+    → timestamp with time zone."""
+    return re.sub(r"\(\d+(,\d+)?\)", "", sql_type)
+
+
 def _types(types: Sequence[str] | None) -> list[str] | None:
     """The event types to read; None reads every type (a strict projection)."""
     return None if types is None else list(types)
@@ -224,6 +233,25 @@ def events_of(rows: Sequence[Sequence[Any]]) -> list[Event]:
     loads = orjson.loads
     return [
         Event(position, stream_id, version, event_type, schema_version, loads(data), loads(meta) if meta else {}, at)
+        for position, stream_id, version, event_type, schema_version, data, meta, at in rows
+    ]
+
+
+def events_of_iso(rows: Sequence[Sequence[Any]]) -> list[Event]:
+    """`events_of` for rows whose recorded_at is ISO 8601 text in UTC (the bulk reads' select list). Raises
+    ValueError or TypeError at a value it cannot read: a NULL, an infinity, another DateStyle (see `_instant`)."""
+    loads, instant = orjson.loads, datetime.fromisoformat
+    return [
+        Event(
+            position,
+            stream_id,
+            version,
+            event_type,
+            schema_version,
+            loads(data),
+            loads(meta) if meta else {},
+            instant(at),
+        )
         for position, stream_id, version, event_type, schema_version, data, meta, at in rows
     ]
 
@@ -246,7 +274,7 @@ class EventSource:
         self.table = table.relation
         self._stream_is_text = True
         self._stream_type = "text"
-        self._recorded_in_utc = False
+        self._time_type: str | None = "timestamp with time zone"  # recorded_at's column type (None: an expression)
         self._payload_nullable = False
         self._transaction_is_xid8 = True
         self._is_table = True
@@ -273,12 +301,12 @@ class EventSource:
         self._check_types(types)
         stream = self.mapping.stream_id
         self._stream_type = "text" if not isinstance(stream, str) else types[stream]
-        self._stream_is_text = self._stream_type.split("(")[0] in _TEXT_TYPES
+        self._stream_is_text = _base_type(self._stream_type) in _TEXT_TYPES
         payload = self.mapping.payload
         # A column of a view is never NOT NULL in the catalog: an expression or a view's column may be NULL.
         self._payload_nullable = not isinstance(payload, str) or payload not in not_null
         at = self.mapping.recorded_at
-        self._recorded_in_utc = isinstance(at, str) and types[at] == "timestamp without time zone"
+        self._time_type = _base_type(types[at]) if isinstance(at, str) else None
         tx = self.mapping.transaction
         self._transaction_is_xid8 = not isinstance(tx, str) or types.get(tx) == "xid8"
         self._is_table = rows[0][2] in (b"r", "r", b"p", "p")
@@ -298,7 +326,7 @@ class EventSource:
         for role, column in m.roles().items():
             if not isinstance(column, str) or role not in usable:
                 continue
-            found = types[column].split("(")[0]  # character varying(64) → character varying
+            found = _base_type(types[column])
             if found not in usable[role]:
                 fix = "name another column, or cast it with an Expression in code"
                 if role in ("payload", "metadata"):
@@ -319,7 +347,9 @@ class EventSource:
         stream_casts = "" if self._stream_is_text else f"::{self._stream_type}[]"
         version = pos if m.stream_version is None else sql_of(m.stream_version)
         at = "NULL::timestamptz" if m.recorded_at is None else sql_of(m.recorded_at)
-        if self._recorded_in_utc:  # a timestamp without time zone holds UTC, whatever the session's time zone
+        at_text = self._time_text(at)
+        self._bulk_text_times = at_text is not None
+        if self._time_type == _NAIVE_TIME:  # a timestamp without time zone holds UTC, whatever the session's time zone
             at = f"({at} AT TIME ZONE 'UTC')"
         payload = sql_of(m.payload)
         if m.order == "transaction":
@@ -339,10 +369,7 @@ class EventSource:
         else:
             meta = f"{sql_of(m.metadata)}::text"
         sv = "1" if m.schema_version is None else sql_of(m.schema_version)
-        # recorded_at stays a timestamptz, decoded by asyncpg (half of its decoding of a row). Read as ISO text and
-        # parsed with datetime.fromisoformat it costs a worker 0.4 µs less per event and Postgres as much more to
-        # format it (bench/read_cost.py): the same CPU in all, and more of it on the database's side.
-        columns = f"{pos}, {stream}, {version}, {sql_of(m.event_type)}, {sv}, {payload_text}, {meta}, {at}"
+        columns = f"{pos}, {stream}, {version}, {sql_of(m.event_type)}, {sv}, {payload_text}, {meta}"
         return {
             "events": self.table,
             "pos": pos,
@@ -357,9 +384,44 @@ class EventSource:
             "tx": tx,
             "cast": cast,
             # As one argument: its braces (in '{}'::jsonb) must not be read as placeholders.
-            "columns": columns,
+            "columns": f"{columns}, {at}",
+            "bulk_columns": f"{columns}, {at if at_text is None else at_text}",
             "json": payload if m.payload_format in ("jsonb", "json") else f"{payload}::jsonb",
         }
+
+    def _time_text(self, at: str) -> str | None:
+        """recorded_at as the bulk reads select it: ISO 8601 text in UTC, for a column of a known timestamp type
+        (None otherwise: an expression, or no column, is read as a timestamp).
+
+        asyncpg builds a timestamptz's datetime in three steps (a timedelta, a naive datetime, then the time zone);
+        printed by Postgres and parsed by datetime.fromisoformat it costs a worker 1.1 µs less per event and the
+        server 0.2 µs more (`python bench/read_cost.py`). The text is ISO because every session rehydrate opens
+        sets DateStyle (core.database.SESSION), and in UTC whatever the session's TimeZone."""
+        if not isinstance(self.mapping.recorded_at, str):
+            return None
+        if self._time_type == _AWARE_TIME:
+            return f"({at} AT TIME ZONE INTERVAL '0')::text || '+00'"
+        if self._time_type == _NAIVE_TIME:
+            return f"{at}::text || '+00'"
+        return None
+
+    def _instant(self, text: str, position: int) -> datetime:
+        """A recorded_at that `events_of_iso` could not read: an infinity (read as asyncpg reads it), or an error
+        that names the event and why."""
+        if text in ("infinity+00", "-infinity+00"):
+            return datetime.max if text[0] == "i" else datetime.min
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        if text[:4].isdigit() and text[4:5] == "-":
+            problem, fix = "outside the years Python's datetime holds (1 to 9999)", "correct the event's timestamp"
+        else:
+            problem = "not ISO 8601: the session's DateStyle is not ISO"
+            fix = "read through a pool from rehydrate.create_pool, or connect with server_settings={'DateStyle': 'ISO'}"
+        raise UserError(
+            f"source {self.name!r}: the event at position {position} was recorded at {text!r}, {problem}", fix=fix
+        )
 
     def _sql(self, statement: str, **parts: str) -> str:
         return statement.format(**{**self._parts, **parts})
@@ -381,17 +443,20 @@ class EventSource:
             )
         return f"coalesce({self._parts['json']} ->> ${param}, '')"
 
-    def _events(self, rows: Sequence[Sequence[Any]]) -> list[Event]:
+    def _events(self, rows: Sequence[Sequence[Any]], *, bulk: bool = False) -> list[Event]:
+        """Events from rows of the select list (`bulk`: of the bulk reads', `bulk_columns`)."""
         decode = self.mapping.decode
         if decode is None and self.mapping.payload_format != "bytea":
             try:
-                return events_of(rows)
-            except orjson.JSONDecodeError:  # a text payload that is not JSON: named per event below
+                return events_of_iso(rows) if bulk and self._bulk_text_times else events_of(rows)
+            except (ValueError, TypeError):  # a payload that is not JSON, or a recorded_at not ISO: per event below
                 pass
         return [self._decoded(row, decode) for row in rows]
 
     def _decoded(self, row: Sequence[Any], decode: Any) -> Event:
         position, stream_id, version, event_type, schema_version, data, meta, at = row
+        if isinstance(at, str):
+            at = self._instant(at, position)
         payload: dict[str, Any]
         try:
             payload = decode(data, event_type) if decode is not None else orjson.loads(data)
@@ -412,7 +477,7 @@ class EventSource:
             if not rows:
                 return
             for start in range(0, len(rows), SLICE):
-                yield self._events(rows[start : start + SLICE])
+                yield self._events(rows[start : start + SLICE], bulk=True)
 
     @contextlib.asynccontextmanager
     async def reading(self, conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
@@ -554,7 +619,7 @@ class EventSource:
         `from_mark` or held back by it.
         """
         rows = await conn.fetch(self._sql(_READ_DELTA), str(from_mark), str(to_mark), _types(types))
-        return self._events(rows)
+        return self._events(rows, bulk=True)
 
     # -- the gap audit of a settle-window table (see the module docstring) ------------------------------------
 
@@ -573,7 +638,7 @@ class EventSource:
         if not ranges:
             return []
         lows, highs = zip(*ranges, strict=True)
-        return self._events(await conn.fetch(self._sql(_READ_RANGES), list(lows), list(highs)))
+        return self._events(await conn.fetch(self._sql(_READ_RANGES), list(lows), list(highs)), bulk=True)
 
     async def read_keys(
         self, conn: asyncpg.Connection, *, key: KeySpec, keys: Sequence[str], mark: int, types: Sequence[str] | None
@@ -591,7 +656,7 @@ class EventSource:
         )
         rows = await conn.fetch(statement, *args)
         held = await self.held_back(conn, mark)
-        return [e for e in self._events(rows) if not is_held(held, e.stream_id, e.stream_version)]
+        return [e for e in self._events(rows, bulk=True) if not is_held(held, e.stream_id, e.stream_version)]
 
     # -- a replay's plan -------------------------------------------------------------------------------
 

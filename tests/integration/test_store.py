@@ -475,6 +475,52 @@ async def test_recorded_at_reads_the_same_instant_in_utc_whatever_the_sessions_t
             assert all(at.tzinfo is UTC for at in read), (zone, style)
 
 
+async def test_the_bulk_reads_take_recorded_at_as_text_and_give_the_same_instants_in_utc(store: EventStore) -> None:
+    """A replay's, a tail's and a repair's reads take recorded_at as ISO text (cheaper to parse than asyncpg's
+    timestamp): the same instants as a stream's read, in UTC, in any session time zone; an infinity as asyncpg
+    reads it; and, on a session whose DateStyle is not ISO (a pool not made by rehydrate), one clear error."""
+    instants = [
+        datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2024, 3, 1, 0, 0, 0, 120000, tzinfo=UTC),
+        datetime(1890, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC),
+    ]
+    await store.append("t", [NewEvent("T", {}, recorded_at=at) for at in instants])
+    await store.append("t", [NewEvent("T", {})])
+    await store.pool.execute("UPDATE rehydrate.events SET recorded_at = 'infinity' WHERE stream_version = 5")
+    expected = [*instants, datetime.max]
+    async with store.pool.acquire() as conn, conn.transaction():
+        mark = await store.high_water_mark(conn)
+        await conn.execute("SET LOCAL TimeZone = 'America/St_Johns'")
+        by_stream = [
+            e
+            async for b in store.read_streams(conn, low=None, high=None, after=None, mark=mark, types=None, limit=10)
+            for e in b
+        ]
+        by_lane = [
+            e
+            async for b in store.read_lane(
+                conn, after_position=0, mark=mark, types=None, key=KeySpec(), lane=0, lanes=1, limit=10
+            )
+            for e in b
+        ]
+        by_key = await store.read_keys(conn, key=KeySpec(), keys=["t"], mark=mark, types=None)
+        delta = await store.read_delta(conn, from_mark=1, to_mark=mark, types=None)
+        for read in (by_stream, by_lane, by_key, delta):
+            assert [e.recorded_at for e in read] == expected
+            assert all(e.recorded_at.tzinfo is UTC for e in read[:4])
+        await conn.execute("SET LOCAL DateStyle = 'SQL, DMY'")
+        with pytest.raises(UserError, match="DateStyle is not ISO") as failed:
+            await store.read_keys(conn, key=KeySpec(), keys=["t"], mark=mark, types=None)
+        assert "position" in str(failed.value) and "create_pool" in (failed.value.fix or "")
+    async with store.pool.acquire() as conn:  # a pool's RESET ALL returns to the session's ISO
+        await conn.execute("SET DateStyle = 'German'")
+    async with store.pool.acquire() as conn, conn.transaction():
+        assert [
+            e.recorded_at for e in await store.read_keys(conn, key=KeySpec(), keys=["t"], mark=mark, types=None)
+        ] == expected
+
+
 async def test_a_read_by_stream_range_streams_through_the_index_even_when_its_range_exceeds_the_limit(
     store: EventStore,
 ) -> None:
