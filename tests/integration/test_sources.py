@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import replace
+from datetime import UTC
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -398,11 +399,12 @@ async def test_a_uuid_stream_column_and_a_local_timestamp_are_read_by_their_type
     settings: Settings, store: EventStore
 ) -> None:
     """Stream ids in a uuid column are found through its own index (a key's events, a stream's events); a recorded-at
-    column without a time zone is read as UTC, whatever the session's time zone."""
+    column without a time zone (and with a precision) is read as UTC, whatever the session's time zone, by the bulk
+    reads (as text) and a stream's read (as a timestamp) alike."""
     pool = store.pool
     await pool.execute(
         """CREATE TABLE uuid_events (id bigserial PRIMARY KEY, stream uuid NOT NULL, version int NOT NULL,
-           type varchar(40) NOT NULL, data jsonb NOT NULL, at timestamp NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),
+           type varchar(40) NOT NULL, data jsonb NOT NULL, at timestamp(3) NOT NULL DEFAULT (now() AT TIME ZONE 'UTC'),
            UNIQUE (stream, version))"""
     )
     streams = [uuid.uuid4() for _ in range(3)]
@@ -433,6 +435,8 @@ async def test_a_uuid_stream_column_and_a_local_timestamp_are_read_by_their_type
         assert [e.stream_version for e in stream] == [1, 2]
         now = await conn.fetchval("SELECT now()")
         assert all(abs((e.recorded_at - now).total_seconds()) < 60 for e in stream), (stream, now)
+        assert [e.recorded_at for e in found] == [e.recorded_at for e in stream]
+        assert all(e.recorded_at.tzinfo is UTC for e in found + stream)
         assert await source.lane_split(conn, domain.accounts.key, "range") == "hash"  # a range of uuid text: no index
         await conn.execute("ALTER TABLE uuid_events ALTER COLUMN stream TYPE varchar(64)")
         await source.inspect(conn)
