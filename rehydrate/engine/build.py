@@ -28,6 +28,41 @@ from rehydrate.sources.reading import FETCH_SIZE, SLICE, EventSource
 from rehydrate.sources.store import EventStore
 
 
+@dataclass(frozen=True, slots=True)
+class LaneCut:
+    """How a plan splits a projection's events into lanes."""
+
+    split: str  # "range" (by stream id) or "hash" (by the key's hash)
+    lanes: int
+    boundaries: list[str]  # between range lanes (fewer than lanes - 1: too few events to cut; empty for hash)
+    estimated: int  # events below the mark, as the sample counted them (range lanes only)
+
+
+async def cut_lanes(
+    source: EventSource,
+    reading: asyncpg.Connection,
+    projection: Projection,
+    settings: Settings,
+    *,
+    lanes: int | None,
+    mark: int,
+    cutoff: Cutoff | None = None,
+) -> LaneCut:
+    """Split by range or by hash as the source and REHYDRATE_LANE_SPLIT decide, into `lanes` lanes, or (None) the
+    setting's; range lanes not asked for are fewer on a small store (`sized_lanes`). A replay's plan and the dry-run
+    plan both cut here, so that the dry run shows the lanes the replay gets."""
+    split = await source.lane_split(reading, projection.key, settings.lane_split)
+    count = lanes_for(settings, split) if lanes is None else lanes
+    if split != "range":
+        return LaneCut(split, count, [], 0)
+    found, estimated = await source.stream_boundaries(
+        reading, mark=mark, types=projection.event_types, lanes=count, cutoff=cutoff
+    )
+    if lanes is None:
+        found, count = sized_lanes(settings, found, count, estimated)
+    return LaneCut(split, count, found, estimated)
+
+
 async def plan_generation(
     conn: asyncpg.Connection,
     store: EventStore | Sources,
@@ -71,21 +106,16 @@ async def plan_generation(
                 recent = await source.above_older(source.mapping.gap_horizon_seconds, reading)
                 top = mark if input.mark is None else min(mark, input.mark)
                 gaps = await source.gaps(reading, recent, top) if recent < top else []
-            split = await source.lane_split(reading, projection.key, settings.lane_split)
-            asked = lanes
-            lanes = lanes_for(settings, split) if lanes is None else lanes
-            found: list[str] = []
-            estimated = 0
-            if split == "range":
-                found, estimated = await source.stream_boundaries(
-                    reading,
-                    mark=mark if input.mark is None else input.mark,
-                    types=projection.event_types,
-                    lanes=lanes,
-                    cutoff=cutoff,
-                )
-                if asked is None:  # a small store gets fewer lanes
-                    found, lanes = sized_lanes(settings, found, lanes, estimated)
+            cut = await cut_lanes(
+                source,
+                reading,
+                projection,
+                settings,
+                lanes=lanes,
+                mark=mark if input.mark is None else input.mark,
+                cutoff=cutoff,
+            )
+        lanes = cut.lanes
         if input.mark is not None:
             if input.mark > mark:
                 raise UserError(
@@ -94,10 +124,10 @@ async def plan_generation(
                 )
             mark = input.mark
         boundaries = None
-        if split == "range" and len(found) == lanes - 1:  # else too few events to split
-            boundaries = found
+        if cut.split == "range" and len(cut.boundaries) == lanes - 1:  # else too few events to split
+            boundaries = cut.boundaries
             # The boundaries cut the sample into equal parts: the lanes' sizes need no second look.
-            counts = [estimated // lanes + (lane < estimated % lanes) for lane in range(lanes)]
+            counts = [cut.estimated // lanes + (lane < cut.estimated % lanes) for lane in range(lanes)]
         building = await generations.create(
             projection,
             mark=mark,

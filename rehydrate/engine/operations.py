@@ -12,8 +12,9 @@ import asyncpg
 
 from rehydrate.core.errors import SourceUnavailable, UserError
 from rehydrate.core.limits import MAX_LANES, MAX_PARALLEL, check_range
-from rehydrate.core.settings import Settings, lanes_for, sized_lanes
+from rehydrate.core.settings import Settings
 from rehydrate.engine.apply import Folding
+from rehydrate.engine.build import cut_lanes
 from rehydrate.engine.catalog import Catalog
 from rehydrate.engine.generations import Generations
 from rehydrate.engine.projections import Projection, Registry
@@ -256,14 +257,8 @@ async def _sample(
     types = projection.event_types
     async with source.reading(conn) as reading:
         mark = await source.high_water_mark(reading)
-        boundaries: list[str] = []
-        split = await source.lane_split(reading, projection.key, settings.lane_split)  # as the replay's plan decides
-        asked = lanes
-        lanes = lanes_for(settings, split) if lanes is None else lanes
-        if split == "range":
-            boundaries, events = await source.stream_boundaries(reading, mark=mark, types=types, lanes=lanes)
-            if asked is None:  # as the replay's plan sizes them
-                boundaries, lanes = sized_lanes(settings, boundaries, lanes, events)
+        cut = await cut_lanes(source, reading, projection, settings, lanes=lanes, mark=mark)
+        lanes, boundaries = cut.lanes, cut.boundaries
         if len(boundaries) == lanes - 1 and lanes > 1:
             counts = await source.count_ranges(reading, mark=mark, types=types, boundaries=boundaries)
         else:
