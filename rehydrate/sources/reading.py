@@ -188,7 +188,7 @@ SLICE = 5_000
 _TEXT_TYPES = ("text", "character varying", "character", "name")
 _AWARE_TIME, _NAIVE_TIME = "timestamp with time zone", "timestamp without time zone"
 _INTEGER_TYPES = ("bigint", "integer", "smallint")
-_TIME_TYPES = ("timestamp with time zone", "timestamp without time zone")
+_TIME_TYPES = (_AWARE_TIME, _NAIVE_TIME)
 # The types a mapped column may have, by its role (a stream id of another type is read as text).
 _USABLE_TYPES: dict[str, tuple[str, ...]] = {
     "position": _INTEGER_TYPES,
@@ -274,7 +274,7 @@ class EventSource:
         self.table = table.relation
         self._stream_is_text = True
         self._stream_type = "text"
-        self._time_type: str | None = "timestamp with time zone"  # recorded_at's column type (None: an expression)
+        self._time_type: str | None = _AWARE_TIME  # recorded_at's column type (None: an expression, or none)
         self._payload_nullable = False
         self._transaction_is_xid8 = True
         self._is_table = True
