@@ -379,6 +379,9 @@ async def apply_chunk(
                     cutoff=cutoff,
                 )
             else:
+                if position == 0:
+                    # A hash lane's first chunk: each key is one lane's, and nothing of this lane is written yet.
+                    stored_keys = []
                 batches = source.read_lane(
                     reading,
                     after_position=position,
