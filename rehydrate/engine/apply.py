@@ -6,6 +6,7 @@ after a crash between commit and acknowledgement) finds the checkpoint already p
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -404,9 +405,7 @@ async def _name_bad_key(
     table: GenerationTable, projection: Projection, events: Sequence[Event], error: Exception
 ) -> ProjectionError:
     """The keys did not fit the key column: find the first event whose key does not (in savepoints)."""
-    shape = projection.table
     field = projection.key.field
-    source = "the stream id" if field is None else f"field {field!r}"
     checked: set[Any] = set()
     for event in events:
         if event.type not in projection.handlers:
@@ -416,26 +415,39 @@ async def _name_bad_key(
             continue
         checked.add(key)
         try:
-            async with table.conn.transaction():
-                await table.check_key(key)
-        except (asyncpg.DataError, ValueError, TypeError) as key_error:
-            return _fail(
-                projection,
-                event,
-                f"its key {key!r} ({source}) does not fit the key column {shape.key_column!r} "
-                f"({shape.key_sql_type}): {key_error}",
-                "fix the event (or an upcaster), or give the key column a type that fits",
-            )
+            misfit = await _key_misfit(table, projection, event, key)
         except asyncpg.PostgresError:
             break  # the transaction is unusable (the first error was the server's): name the batch instead
+        if misfit is not None:
+            return misfit
     first = next(event for event in events if event.type in projection.handlers)
     return _fail(projection, first, f"the keys of this batch cannot be read: {error}", "check the key column's type")
+
+
+async def _key_misfit(table: GenerationTable, projection: Projection, event: Event, key: Any) -> ProjectionError | None:
+    """The failure naming `event` when its key does not fit the main table's key column (asked in a savepoint);
+    None when it fits."""
+    field = projection.key.field
+    source = "the stream id" if field is None else f"field {field!r}"
+    try:
+        async with table.conn.transaction():
+            await table.check_key(key)
+    except (asyncpg.DataError, ValueError, TypeError) as key_error:
+        return _fail(
+            projection,
+            event,
+            f"its key {key!r} ({source}) does not fit the key column {projection.table.key_column!r} "
+            f"({projection.table.key_sql_type}): {key_error}",
+            "fix the event (or an upcaster), or give the key column a type that fits",
+        )
+    return None
 
 
 async def _name_bad_row(
     table: GenerationTable, projection: Projection, rows: Sequence[tuple[Row, Event]], error: Exception
 ) -> ProjectionError:
-    """A COPY failed: write the rows one by one (in savepoints) to find the event whose row is wrong."""
+    """A COPY failed: write the rows one by one (in savepoints) to find the event whose row is wrong. A key that
+    does not fit the key column is named as such (a chunk that knows no key can have a row looks none up first)."""
     shape = table.shape
     for row, event in rows:
         try:
@@ -445,6 +457,11 @@ async def _name_bad_row(
         except _Rollback:
             continue
         except Exception as row_error:
+            if shape is projection.table:
+                with contextlib.suppress(asyncpg.PostgresError):  # an unusable transaction: the row's error, then
+                    misfit = await _key_misfit(table, projection, event, row.get(shape.key_column))
+                    if misfit is not None:
+                        return misfit
             return _fail(
                 projection,
                 event,
