@@ -300,14 +300,16 @@ async def test_an_event_without_a_usable_key_field_fails_the_replay_naming_the_f
     await assert_failed_generation_is_dropped(store.pool, "buckets", 2, message)
 
 
+# A lane's first chunk looks up no stored rows, so the bad key reaches the COPY; a later chunk's lookup meets it first.
+@pytest.mark.parametrize("tuning", [{}, {"lanes": 1, "chunk_size": 1}], ids=["in-the-copy", "in-the-lookup"])
 async def test_an_event_whose_key_does_not_fit_the_key_column_fails_the_replay_naming_it_and_the_position(
-    client: Client, settings: Settings, store: EventStore
+    client: Client, settings: Settings, store: EventStore, tuning: dict[str, int]
 ) -> None:
     await domain.append_all(store, good_history())
     position = await poison(store, "ledger-2", NewEvent("Added", {"amount": 1, "bucket": 5}))
     events = await domain.all_events(store)
     async with running_worker(settings, REGISTRY, client=client):
-        message = await replay_fails(client, settings, "buckets")
+        message = await replay_fails(client, settings, "buckets", **tuning)
     assert (
         f"projection 'buckets' failed at event {position} (stream 'ledger-2', type 'Added'): "
         "its key 5 (field 'bucket') does not fit the key column 'bucket' (VARCHAR)" in message
