@@ -198,7 +198,7 @@ async def main(args: argparse.Namespace) -> int:
         source = {"kind": "kafka", "bootstrap_servers": bootstrap, "topic": TOPIC, "version_header": "version"}
         conn = await asyncpg.connect(url)
         try:
-            _, events = await ceiling(conn)
+            _, events, _ = await ceiling(conn)
             kinds = {
                 "own store (rehydrate.events)": ("rehydrate.examples.orders", {}),
                 f"Kafka topic ({args.partitions} partitions)": (

@@ -204,7 +204,7 @@ async def main(args: argparse.Namespace) -> int:
         }
         conn = await asyncpg.connect(url)
         try:
-            _, events = await ceiling(conn)
+            _, events, _ = await ceiling(conn)
             own = "own store (rehydrate.events)"
             kinds = {
                 own: ("rehydrate.examples.orders", {}),

@@ -150,7 +150,7 @@ async def main(args: argparse.Namespace) -> int:
         url, _ = await build_store(server_url, args.events, args.reuse)
         conn = await asyncpg.connect(url)
         try:
-            _, events = await ceiling(conn)
+            _, events, _ = await ceiling(conn)
             async with workers(url, client, args.workers, HOME / "repair-worker.log", projections=MODULE) as (
                 settings,
                 _,

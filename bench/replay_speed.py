@@ -172,16 +172,19 @@ async def fresh_table(conn: asyncpg.Connection, table: str) -> None:
     await conn.execute(create)
 
 
-async def ceiling(conn: asyncpg.Connection) -> tuple[float, int]:
+async def ceiling(conn: asyncpg.Connection) -> tuple[float, int, float]:
+    """The ceiling's seconds, the events it read, and the CPU seconds Postgres' processes used for it."""
     await fresh_table(conn, "ceiling")
+    cpu = cpu_seconds([])["postgres"]
     began = time.perf_counter()
     async with conn.transaction():
         await conn.execute(CEILING.format(table="ceiling"), TYPES)
         await conn.execute("CREATE INDEX ON bench.ceiling (customer_id)")
     await conn.execute("ANALYZE bench.ceiling")
     seconds = time.perf_counter() - began
+    cpu = cpu_seconds([])["postgres"] - cpu
     events = await conn.fetchval("SELECT count(*) FROM rehydrate.events WHERE event_type = ANY($1::text[])", TYPES)
-    return seconds, int(events)
+    return seconds, int(events), cpu
 
 
 async def usual_script(conn: asyncpg.Connection, sample: int) -> tuple[float, int]:
@@ -359,11 +362,12 @@ async def main(args: argparse.Namespace) -> int:
         try:
             await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=orjson.dumps, decoder=orjson.loads)
             await conn.fetchval("SELECT count(*) FROM rehydrate.events")  # warm the cache
-            first, events = await ceiling(conn)
+            first, events, first_cpu = await ceiling(conn)
             script_seconds, script_events = await usual_script(conn, args.script_sample)
-            ceilings = [first]  # seconds, each run of it
+            ceilings, ceiling_cpu = [first], [first_cpu]  # seconds and CPU seconds, each run of it
             print(f"events of order_summary's types: {events:,}", flush=True)
-            results: list[tuple[str, float, int, int, float]] = []  # ..., the ceiling's seconds beside the replay
+            # (label, seconds to the swap, events, rows wrong, the ceiling's seconds beside it, its CPU share)
+            results: list[tuple[str, float, int, int, float, float]] = []
             rss: list[float] = []
             runs = [("range", lanes) for lanes in args.lanes]
             if max(args.lanes) > 1:
@@ -376,23 +380,32 @@ async def main(args: argparse.Namespace) -> int:
                     url, client, args.workers, HOME / "worker.log", split, args.activities_per_worker
                 ) as (settings, pids):
                     for lanes in [n for _ in range(args.runs) for n in lane_counts]:
-                        ceilings.append((await ceiling(conn))[0])
+                        seconds, _, cpu = await ceiling(conn)
+                        ceilings.append(seconds)
+                        ceiling_cpu.append(cpu)
                         before = cpu_seconds(pids)
                         took, to_end, applied, spent = await replay(client, settings, lanes, args.chunk_size)
-                        used = cpu_used(before, cpu_seconds(pids))
+                        now = cpu_seconds(pids)
+                        used = cpu_used(before, now)
+                        replay_cpu = sum(now[part] - before[part] for part in ("workers", "postgres", "temporal"))
                         wrong = await differences(conn, PROJECTION.table.name)
-                        after, _ = await ceiling(conn)
+                        after, _, after_cpu = await ceiling(conn)
                         beside = (ceilings[-1] + after) / 2
+                        cpu_share = (ceiling_cpu[-1] + after_cpu) / 2 / replay_cpu
                         ceilings.append(after)
+                        ceiling_cpu.append(after_cpu)
                         label = f"{lanes} lane(s) by {split}"
-                        results.append((label, took, applied, wrong, beside))
+                        results.append((label, took, applied, wrong, beside, cpu_share))
                         print(
                             f"  replay, {label}: {took:.2f} s to the swap, {rate(applied, took)}, rows wrong: {wrong}; "
                             f"the workflow ended {to_end - took:.2f} s later ({rate(applied, to_end).strip()}, "
                             f"{(applied / to_end) / (events / beside):.0%} of the ceiling beside it); ceiling before "
                             f"and after it: {rate(events, ceilings[-2]).strip()}, {rate(events, after).strip()}"
                         )
-                        print(f"    CPU time during it: {used} (this script: not counted)")
+                        print(
+                            f"    CPU time during it: {used} (this script: not counted); the ceiling beside it used "
+                            f"{cpu_share:.0%} of the CPU time of the workers, Postgres and Temporal"
+                        )
                         print(f"    its history: {spent}")
                     rss += [peak_rss_mb(pid) for pid in pids]
         finally:
@@ -407,7 +420,8 @@ async def main(args: argparse.Namespace) -> int:
         print(f"import (rehydrate events import) {import_seconds:7.1f} s  {rate(args.events, import_seconds)}")
     print(
         f"ceiling (INSERT…SELECT…GROUP BY)  {ceiling_seconds:7.1f} s  {rate(events, ceiling_seconds)}  (median of "
-        f"{len(ceilings)} runs, {rate(events, max(ceilings)).strip()} to {rate(events, min(ceilings)).strip()})"
+        f"{len(ceilings)} runs, {rate(events, max(ceilings)).strip()} to {rate(events, min(ceilings)).strip()}); "
+        f"Postgres' CPU {statistics.median(ceiling_cpu):.2f} s ({min(ceiling_cpu):.2f} to {max(ceiling_cpu):.2f})"
     )
     print(
         f"usual script (per-event UPDATE)   {script_seconds:7.1f} s  {rate(script_events, script_seconds)}"
@@ -415,25 +429,28 @@ async def main(args: argparse.Namespace) -> int:
     )
     for label in dict.fromkeys(label for label, *_ in results):  # in the order they ran
         mine = [
-            (applied / took, (applied / took) / (events / beside), wrong)
-            for name, took, applied, wrong, beside in results
+            (applied / took, (applied / took) / (events / beside), wrong, cpu_share)
+            for name, took, applied, wrong, beside, cpu_share in results
             if name == label
         ]
-        speeds = sorted(speed for speed, _, _ in mine)
-        shares = sorted(share for _, share, _ in mine)
+        speeds = sorted(speed for speed, *_ in mine)
+        shares = sorted(share for _, share, *_ in mine)
+        cpu_shares = sorted(cpu_share for *_, cpu_share in mine)
         spread = f" (runs: {len(mine)}, {speeds[0]:,.0f} to {speeds[-1]:,.0f})" if len(mine) > 1 else ""
         share_spread = f" ({shares[0]:.0%} to {shares[-1]:.0%})" if len(mine) > 1 else ""
+        cpu_spread = f" ({cpu_shares[0]:.0%} to {cpu_shares[-1]:.0%})" if len(mine) > 1 else ""
         print(
             f"rehydrate, {label:<17} median {statistics.median(speeds):>10,.0f} events/s{spread}"
             f"  = {statistics.median(shares):4.0%} of the ceiling beside it{share_spread}, "
-            f"{statistics.median(speeds) / script_rate:5.1f}x the script, rows wrong {sum(w for *_, w in mine)}"
+            f"{statistics.median(speeds) / script_rate:5.1f}x the script, rows wrong {sum(w for _, _, w, _ in mine)}; "
+            f"CPU: the ceiling's is {statistics.median(cpu_shares):.0%} of the replay's{cpu_spread}"
         )
     print(f"{args.workers} worker process(es); peak RSS of each: {', '.join(f'{mb:.0f} MB' for mb in rss)}")
     print(
         f"replay of 1,000 events, start to swap: median {statistics.median(small):.2f} s (runs: "
         f"{', '.join(f'{s:.2f}' for s in small)})"
     )
-    return 1 if any(wrong for _, _, _, wrong, _ in results) else 0
+    return 1 if any(wrong for _, _, _, wrong, *_ in results) else 0
 
 
 if __name__ == "__main__":

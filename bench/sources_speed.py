@@ -161,7 +161,7 @@ async def main(args: argparse.Namespace) -> int:
         conn = await asyncpg.connect(url)
         try:
             await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=orjson.dumps, decoder=orjson.loads)
-            _, events = await ceiling(conn)
+            _, events, _ = await ceiling(conn)
             kinds = {
                 "own store (rehydrate.events)": ("rehydrate.examples.orders", {}),
                 "mapped table, same database": (
