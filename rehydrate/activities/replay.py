@@ -172,7 +172,8 @@ class ReplayActivities(Activities):
                         result = await generations.swap(
                             projection, input.generation, allow_dead_letters=input.allow_dead_letters
                         )
-                        metrics.events_applied(input.projection, result.final_delta)
+                        if not result.committed_before:  # else counted by the attempt that applied them
+                            metrics.events_applied(input.projection, result.final_delta)
                         result.dropped_generations = await generations.retire_old(
                             projection, self.settings.retain_generations
                         )

@@ -41,7 +41,7 @@ _BUILDING = """SELECT generation, workflow_id, physical_table, target_xmin::text
 _GENERATION = """SELECT *, checkpoint_xmin::text::bigint AS checkpoint, target_xmin::text::bigint AS target
     FROM {schema}.generations WHERE projection = $1 AND generation = $2"""
 _LOCK_GENERATION = """SELECT state, physical_table, checkpoint_xmin::text::bigint AS checkpoint, sandbox, rows_count,
-        fingerprint, child_tables
+        fingerprint, child_tables, replaced_generation, swap_delta
     FROM {schema}.generations WHERE projection = $1 AND generation = $2 FOR UPDATE"""
 _SET_TOTAL = "UPDATE {schema}.generations SET events_total = $3 WHERE projection = $1 AND generation = $2"
 # The plan's events_total was an estimate; once built, it is what the lanes applied.
@@ -59,7 +59,8 @@ _RETIRE_ACTIVE = """UPDATE {schema}.generations SET state = 'retired', ended_at 
     WHERE projection = $1 AND state = 'active'"""
 # ended_at: when a replay swapped it in; NULL for a generation a rollback made active again (live once more).
 _ACTIVATE = """UPDATE {schema}.generations SET state = 'active', activated_at = now(),
-        ended_at = CASE WHEN $4 THEN now() END, rows_count = coalesce($3, rows_count)
+        ended_at = CASE WHEN $4 THEN now() END, rows_count = coalesce($3, rows_count),
+        replaced_generation = $5, swap_delta = $6
     WHERE projection = $1 AND generation = $2"""
 _RETAINED = """SELECT generation, physical_table, version, fingerprint, child_tables FROM {schema}.generations
     WHERE projection = $1 AND sandbox = '' AND state = 'retired' ORDER BY generation DESC"""
@@ -302,12 +303,22 @@ class Catalog:
         await self.conn.execute(self._sql(_MOVE_CHECKPOINT), projection, generation, str(mark), applied)
 
     async def activate(
-        self, projection: str, generation: int, *, version: int, fingerprint: str, rows: int | None, swapped: bool
+        self,
+        projection: str,
+        generation: int,
+        *,
+        version: int,
+        fingerprint: str,
+        rows: int | None,
+        swapped: bool,
+        replaced: int | None = None,
+        delta: int | None = None,
     ) -> None:
         """Retire the active generation and make `generation` the active one: `swapped` in by its replay (with its
-        row count), or made active again by a rollback."""
+        row count, the generation it `replaced` and the events its swap's `delta` applied), or made active again by a
+        rollback."""
         await self.conn.execute(self._sql(_RETIRE_ACTIVE), projection)
-        await self.conn.execute(self._sql(_ACTIVATE), projection, generation, rows, swapped)
+        await self.conn.execute(self._sql(_ACTIVATE), projection, generation, rows, swapped, replaced, delta)
         await self.conn.execute(self._sql(_SET_ACTIVE), projection, generation, version, fingerprint)
 
     async def retained(self, projection: str) -> list[asyncpg.Record]:

@@ -353,7 +353,15 @@ class Generations:
             row = await self.catalog.lock_generation(projection.name, generation)
             previous = await self.catalog.active_generation_or_none(projection.name)
             if row["state"] == "active":
-                return SwapResult(generation, None, 0, 0.0, row["rows_count"] or 0)
+                # This swap committed in an earlier attempt whose result was lost: report what that attempt did.
+                return SwapResult(
+                    generation,
+                    row["replaced_generation"],
+                    row["swap_delta"] or 0,
+                    0.0,
+                    row["rows_count"] or 0,
+                    committed_before=True,
+                )
             final_delta, _ = await self.catch_up(projection, generation)
             parked = await self.catalog.dead_letter_count(projection.name, generation)
             if parked and not allow_dead_letters:
@@ -380,6 +388,8 @@ class Generations:
                 fingerprint=projection.fingerprint,
                 rows=rows,
                 swapped=True,
+                replaced=previous,
+                delta=final_delta,
             )
         lock_ms = (time.perf_counter() - started) * 1000
         return SwapResult(generation, previous, final_delta, lock_ms, rows)

@@ -151,6 +151,8 @@ class SwapResult:
     lock_ms: float
     rows: int
     dropped_generations: list[int] = field(default_factory=list)
+    # An earlier attempt committed this swap and lost its result: the figures above are that attempt's.
+    committed_before: bool = False
 
 
 @dataclass

@@ -74,6 +74,10 @@ ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS as_of timestamptz;
 ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS partial_history boolean NOT NULL DEFAULT false;
 -- The projection's child tables this generation was built with (their tables are `<name>__g<N>`).
 ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS child_tables text[] NOT NULL DEFAULT '{{}}';
+-- What the swap that made a generation active did: the generation it replaced and the events its last delta applied
+-- (an attempt of the swap run again after the first one committed reports them; NULL for a rollback).
+ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS replaced_generation integer;
+ALTER TABLE {schema}.generations ADD COLUMN IF NOT EXISTS swap_delta bigint;
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = '{schema}.generations'::regclass

@@ -11,8 +11,11 @@ from rehydrate import EventStore
 from rehydrate.core.errors import UserError
 from rehydrate.core.settings import Settings
 from rehydrate.deployment import build_id
+from rehydrate.engine import build
 from rehydrate.engine.aggregates import AggregateRegistry
-from rehydrate.models import ReplayInput
+from rehydrate.engine.generations import Generations
+from rehydrate.models import ChunkInput, PlanInput, ReplayInput
+from rehydrate.sources.pools import Sources
 from rehydrate.starter import cancel_replay, replay_status, start_replay, wait_for_replay
 from rehydrate.worker import running_worker
 from rehydrate.workflows import ReplayWorkflow
@@ -78,6 +81,47 @@ async def test_second_replay_swaps_a_new_generation_and_keeps_the_previous_for_r
     assert any("owner" in r[0] for r in indexes), "secondary index is built after the load"
     events = await domain.all_events(store)
     assert await domain.read_model(store.pool, domain.accounts) == domain.oracle(domain.accounts, events)
+
+
+async def test_a_swap_run_again_after_it_committed_reports_the_generation_it_replaced_and_its_delta(
+    client: Client, settings: Settings, store: EventStore
+) -> None:
+    """A swap's attempt can commit and then lose its result (its worker dies before it reports): Temporal runs the
+    activity again, and that attempt finds the generation active. It reports what the committed attempt did, the
+    generation it replaced and the events its last delta applied, not None and 0."""
+    await domain.append_all(store, domain.random_history(31, streams=12, events=300))
+    async with running_worker(settings, domain.registry(), client=client):
+        first = await replay(client, settings, ReplayInput("accounts"))
+    projection, sources = domain.accounts, Sources(store)
+    try:
+        async with store.pool.acquire() as conn:
+            # Generation 2, built as the workflow's steps build it: plan, every lane's chunks, the indexes.
+            plan = await build.plan_generation(conn, sources, settings, projection, PlanInput("accounts", "w", "r"))
+            for lane in plan.lanes:
+                done = False
+                while not done:
+                    chunk = ChunkInput("accounts", plan.generation, lane.lane, len(plan.lanes), plan.mark, 50)
+                    progress = build.ChunkProgress(heartbeat=lambda position: None, quiet_until=float("inf"))
+                    done = (
+                        await build.apply_chunk(conn, sources, settings.read_model_schema, projection, chunk, progress)
+                    ).done
+            generations = Generations(conn, sources, settings.read_model_schema)
+            await generations.index(projection, plan.generation)
+            await domain.append_all(store, domain.random_history(32, streams=3, events=7))  # after the target
+            swapped = await generations.swap(projection, plan.generation)
+            again = await generations.swap(projection, plan.generation)
+    finally:
+        await sources.close()
+    assert (swapped.previous_generation, swapped.final_delta) == (first.generation, 7)  # type: ignore[attr-defined]
+    assert again.committed_before and not swapped.committed_before  # the retry's metrics count nothing again
+    assert (again.generation, again.previous_generation, again.final_delta, again.rows) == (
+        plan.generation,
+        first.generation,  # type: ignore[attr-defined]
+        7,
+        swapped.rows,
+    )
+    events = await domain.all_events(store)
+    assert await domain.read_model(store.pool, projection) == domain.oracle(projection, events)
 
 
 async def test_events_appended_during_the_replay_are_in_the_read_model_after_the_swap(
