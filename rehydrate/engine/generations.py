@@ -351,7 +351,6 @@ class Generations:
         async with self.conn.transaction():
             await self.catalog.lock_projection(projection.name)
             row = await self.catalog.lock_generation(projection.name, generation)
-            previous = await self.catalog.active_generation_or_none(projection.name)
             if row["state"] == "active":
                 # This swap committed in an earlier attempt whose result was lost: report what that attempt did.
                 return SwapResult(
@@ -362,6 +361,7 @@ class Generations:
                     row["rows_count"] or 0,
                     committed_before=True,
                 )
+            previous = await self.catalog.active_generation_or_none(projection.name)
             final_delta, _ = await self.catch_up(projection, generation)
             parked = await self.catalog.dead_letter_count(projection.name, generation)
             if parked and not allow_dead_letters:

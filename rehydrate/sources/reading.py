@@ -65,7 +65,7 @@ _HELD_BACK = "SELECT {stream}, min({version}) FROM {events} WHERE {tx} >= $1{cas
 _READ_LANE = """SELECT {bulk_columns} FROM {events}
     WHERE {pos} > $1 AND {tx} < $2{cast} AND {kept}{cutoff}
     ORDER BY {pos} LIMIT $4"""
-_LANE_TYPES = "($3::text[] IS NULL OR {type} = ANY($3::text[]))"
+_LANE_TYPES = _TYPES.replace("$2", "$3")  # the lane read passes the types third
 # A hash lane: the key's hash modulo the lanes ($lanes, $lane), 9223372036854775807 clearing the sign bit; its
 # events' types are tested only in the lane. As two conditions, Postgres tests the type of every row first (comparing
 # it with each type the projection reads costs more than the hash: 140 ms against 100 over 1,000,000 rows of 8
